@@ -1,0 +1,34 @@
+# Set-up and checks. `make test` and `make demo` create (or reuse) .venv and install
+# what they need. TORCH_SPEC lets CI pre-select a build (e.g. torch==2.13.0, CPU);
+# left empty, pip installs whatever torch the package's dependency range resolves to.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test lint typecheck check demo clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)")
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check fsm_learner callbacks tests
+	$(BIN)/ruff format --check fsm_learner callbacks tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: test lint typecheck
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""The stock callbacks that come with fsm_learner, one module each."""
+
+__all__: list[str] = []

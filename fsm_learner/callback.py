@@ -1,0 +1,194 @@
+"""The Callback base class, callback validation, and per-fit dispatch resolution.
+
+A callback overrides the hooks it needs; the hook names are the ``Hook`` values of the
+transition table. Besides hooks, one callback per learner may override the two pieces
+of work of a training batch: ``backward`` (default ``learn.loss.backward()``) and
+``step`` (default ``learn.opt.step(); learn.opt.zero_grad()``), which is where
+gradient accumulation, mixed precision and custom optimisation plug in.
+
+Dispatch is resolved once per fit: for every hook, the bound methods of the callbacks
+that implement it, in ascending ``order`` (ties in list order). The hot loop iterates
+those ready tuples; a callback that does not implement a hook costs nothing for it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Final
+
+import attrs
+
+from fsm_learner._compat import StrEnum
+from fsm_learner.exceptions import InvalidCallbackError
+from fsm_learner.machine import Hook
+
+if TYPE_CHECKING:
+    from fsm_learner.learner import Learner
+
+__all__ = ["Callback", "Dispatch", "HookCall", "Override", "resolve_dispatch", "validate_callbacks"]
+
+HookCall = Callable[["Learner"], None]
+"""A bound hook or override: takes the learner, returns nothing."""
+
+
+class Override(StrEnum):
+    """The pieces of a training batch's work that one callback may take over."""
+
+    BACKWARD = "backward"
+    STEP = "step"
+
+
+class Callback:
+    """Base class of callbacks: every hook is a no-op until a subclass overrides it.
+
+    ``order`` sorts callbacks on every hook, ascending; ties keep list order.
+    """
+
+    order: int = 0
+
+    def before_fit(self, learn: Learner) -> None:
+        """Run when the fit starts, before the first epoch."""
+
+    def before_epoch(self, learn: Learner) -> None:
+        """Run when a training or validation pass starts (``learn.training`` says which)."""
+
+    def before_batch(self, learn: Learner) -> None:
+        """Run when a batch starts; may replace ``learn.batch``."""
+
+    def after_predict(self, learn: Learner) -> None:
+        """Run after the forward pass; may replace ``learn.preds``."""
+
+    def after_loss(self, learn: Learner) -> None:
+        """Run after the loss is computed; may replace ``learn.loss``."""
+
+    def after_backward(self, learn: Learner) -> None:
+        """Run after the backward pass of a training batch (gradients are ready)."""
+
+    def after_step(self, learn: Learner) -> None:
+        """Run after the optimizer step of a training batch."""
+
+    def after_batch(self, learn: Learner) -> None:
+        """Run when a batch completes; the batch is still in progress until it returns."""
+
+    def after_epoch(self, learn: Learner) -> None:
+        """Run when a pass completes; the pass is still in progress until it returns."""
+
+    def after_fit(self, learn: Learner) -> None:
+        """Run when the fit completes; the fit is still in progress until it returns."""
+
+    def after_cancel_batch(self, learn: Learner) -> None:
+        """Run after a CancelBatchException abandoned the batch (after_batch does not run)."""
+
+    def after_cancel_epoch(self, learn: Learner) -> None:
+        """Run after a CancelEpochException abandoned the pass (after_epoch does not run)."""
+
+    def after_cancel_fit(self, learn: Learner) -> None:
+        """Run after a CancelFitException abandoned the fit (after_fit does not run)."""
+
+    def after_fail(self, learn: Learner) -> None:
+        """Run after an exception failed the fit; ``learn.failure`` says what and where."""
+
+    def backward(self, learn: Learner) -> None:
+        """Override: compute gradients from ``learn.loss`` (one callback per learner)."""
+
+    def step(self, learn: Learner) -> None:
+        """Override: update the weights and zero the gradients (one callback per learner)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(order={self.order})"
+
+
+_HOOK_NAMES: Final = frozenset(Hook)
+_OVERRIDE_NAMES: Final = frozenset(Override)
+_HOOKLIKE_PREFIXES: Final = ("before_", "after_", "on_")
+
+
+def _own_callables(cb: Callback) -> Iterable[str]:
+    """Names of callables that ``cb``'s class defines itself (not Callback, not object)."""
+    for klass in type(cb).__mro__:
+        if klass in {Callback, object}:
+            continue
+        for name, value in vars(klass).items():
+            if callable(value) and not name.startswith("_"):
+                yield name
+
+
+def _check_hook_names(cb: Callback) -> None:
+    for name in _own_callables(cb):
+        if name in _HOOK_NAMES or name in _OVERRIDE_NAMES:
+            continue
+        close = difflib.get_close_matches(name, sorted(_HOOK_NAMES), n=1, cutoff=0.8)
+        if close or name.startswith(_HOOKLIKE_PREFIXES):
+            hint = f"did you mean {close[0]}? " if close else ""
+            msg = (
+                f"{type(cb).__name__}.{name} looks like a hook but is none: {hint}"
+                f"valid hooks are {', '.join(Hook)}"
+            )
+            raise InvalidCallbackError(msg)
+
+
+def _check_order(cb: Callback) -> None:
+    order = cb.order
+    if not isinstance(order, int) or isinstance(order, bool):
+        msg = (
+            f"{type(cb).__name__}.order must be an int, got {order!r} "
+            f"({type(order).__name__})"
+        )
+        raise InvalidCallbackError(msg)
+
+
+def validate_callbacks(cbs: Iterable[object]) -> list[Callback]:
+    """Return ``cbs`` as a list after checking each is a well-formed Callback."""
+    checked: list[Callback] = []
+    for i, cb in enumerate(cbs):
+        if not isinstance(cb, Callback):
+            hint = " (a class: pass an instance)" if isinstance(cb, type) else ""
+            msg = (
+                f"cbs[{i}] must be an instance of fsm_learner.Callback, "
+                f"got {cb!r} of type {type(cb).__name__}{hint}"
+            )
+            raise InvalidCallbackError(msg)
+        _check_order(cb)
+        _check_hook_names(cb)
+        checked.append(cb)
+    return checked
+
+
+def _implements(cb: Callback, name: str) -> bool:
+    return getattr(type(cb), name) is not getattr(Callback, name)
+
+
+@attrs.frozen
+class Dispatch:
+    """Which callbacks run on each hook, in order, and who overrides backward and step."""
+
+    hooks: Mapping[Hook, tuple[tuple[Callback, HookCall], ...]]
+    overrides: Mapping[Override, Callback]
+
+
+def _single_override(ordered: list[Callback], override: Override) -> Callback | None:
+    owners = [cb for cb in ordered if _implements(cb, override)]
+    if len(owners) > 1:
+        msg = (
+            f"only one callback may override {override}, got "
+            f"{', '.join(repr(cb) for cb in owners)}"
+        )
+        raise InvalidCallbackError(msg)
+    return owners[0] if owners else None
+
+
+def resolve_dispatch(cbs: Iterable[Callback]) -> Dispatch:
+    """Work out, once per fit, the ordered bound hooks and the overrides."""
+    ordered = sorted(cbs, key=lambda cb: cb.order)  # stable: ties keep list order
+    hooks = {
+        hook: tuple((cb, getattr(cb, hook)) for cb in ordered if _implements(cb, hook))
+        for hook in Hook
+    }
+    overrides = {
+        override: owner
+        for override in Override
+        if (owner := _single_override(ordered, override)) is not None
+    }
+    return Dispatch(MappingProxyType(hooks), MappingProxyType(overrides))

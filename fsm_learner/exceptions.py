@@ -1,0 +1,78 @@
+"""Every exception fsm_learner raises or understands, in one place.
+
+Cancels are control flow that a callback raises to abandon a unit of work; each one
+is the guard of a cancel transition in the machine. Errors are failures of ours::
+
+    Exception
+    ├── CancelException                  (control flow, never an error)
+    │   ├── CancelFitException           -> cancel_fit
+    │   ├── CancelEpochException         -> cancel_epoch
+    │   └── CancelBatchException         -> cancel_batch
+    └── FsmLearnerError                  (base of every error of ours)
+        ├── ConfigurationError           (also ValueError)
+        ├── InvalidCallbackError         (also TypeError)
+        ├── InvalidDataLoadersError      (also TypeError)
+        └── InvalidTransitionError       (also RuntimeError)
+            └── IllegalCancelError       a cancel raised where its transition is not allowed
+
+Any other exception raised during a fit is not wrapped: it takes the machine's failure
+transition and is re-raised as the same object, with a note naming where it happened.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CancelBatchException",
+    "CancelEpochException",
+    "CancelException",
+    "CancelFitException",
+    "ConfigurationError",
+    "FsmLearnerError",
+    "IllegalCancelError",
+    "InvalidCallbackError",
+    "InvalidDataLoadersError",
+    "InvalidTransitionError",
+]
+
+
+class CancelException(Exception):  # noqa: N818 (the seed's names, kept for its users)
+    """Base of the cancels: raised by a callback to abandon the rest of a unit of work."""
+
+
+class CancelFitException(CancelException):
+    """Abandon the fit: after_cancel_fit fires and the learner returns to idle."""
+
+
+class CancelEpochException(CancelException):
+    """Abandon the current pass (training or validation): after_cancel_epoch fires."""
+
+
+class CancelBatchException(CancelException):
+    """Abandon the current batch: after_cancel_batch fires and the next batch starts."""
+
+
+class FsmLearnerError(Exception):
+    """Base class of every error fsm_learner raises."""
+
+
+class ConfigurationError(FsmLearnerError, ValueError):
+    """A setting has a value outside what is valid (a negative epoch count, say)."""
+
+
+class InvalidCallbackError(FsmLearnerError, TypeError):
+    """A callback is not a Callback, has a bad order, or a misspelt hook."""
+
+
+class InvalidDataLoadersError(FsmLearnerError, TypeError):
+    """The dls given to a Learner do not have iterable .train and .valid."""
+
+
+class InvalidTransitionError(FsmLearnerError, RuntimeError):
+    """A trigger was fired in a state the transition table does not allow it from."""
+
+
+class IllegalCancelError(InvalidTransitionError):
+    """A cancel was raised where its cancel transition is not allowed.
+
+    Raised ``from`` the cancel itself, naming the hook and the state.
+    """

@@ -1,0 +1,448 @@
+"""The Learner: the loop that drives the machine, and DataLoaders.
+
+Every state change goes through ``Learner._fire``: it looks the trigger up in the
+routes compiled from ``TRANSITION_TABLE`` (an illegal trigger raises), runs the
+transition's hooks in order before or after the change as the table says, and numbers
+the transition. Nothing else changes ``learn.state``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from functools import cache
+from types import MappingProxyType
+from typing import Any, Final, NoReturn
+
+import attrs
+import torch
+import torch.nn.functional as F  # noqa: N812 (the name every PyTorch user knows)
+from torch import nn
+
+from fsm_learner._compat import add_note
+from fsm_learner.callback import (
+    Callback,
+    Dispatch,
+    HookCall,
+    Override,
+    resolve_dispatch,
+    validate_callbacks,
+)
+from fsm_learner.exceptions import (
+    CancelBatchException,
+    CancelEpochException,
+    CancelException,
+    CancelFitException,
+    ConfigurationError,
+    IllegalCancelError,
+    InvalidDataLoadersError,
+    InvalidTransitionError,
+)
+from fsm_learner.machine import (
+    HOOK_OF,
+    TIMING_OF,
+    Hook,
+    HookTiming,
+    State,
+    Trigger,
+    build_machine,
+    cancel_trigger,
+    compile_routes,
+)
+
+__all__ = ["DataLoaders", "Failure", "Learner", "OptimizerFactory"]
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+"""Called as ``opt_func(model.parameters(), lr)``, as in the seed."""
+
+
+@attrs.frozen
+class DataLoaders:
+    """The training and validation iterables of ``(x, y)`` batches."""
+
+    train: Iterable[Any]
+    valid: Iterable[Any]
+
+
+@attrs.frozen
+class Failure:
+    """What failed the last fit, and where: read it in ``after_fail`` or afterwards."""
+
+    exception: BaseException
+    state: State
+    hook: Hook | None = None
+    callback: Callback | None = None
+
+    def describe(self) -> str:
+        """Say where the failure happened, in the words of the exception note."""
+        where = f"in state '{self.state}'"
+        if self.hook is not None:
+            where += f", in hook {self.hook} of {type(self.callback).__name__}"
+        return where
+
+
+@attrs.frozen
+class _Route:
+    """A compiled transition for one fit: where it goes and which hooks it runs."""
+
+    trigger: Trigger
+    dest: State
+    hook: Hook
+    calls: tuple[tuple[Callback, HookCall], ...]
+    hooks_first: bool
+
+
+_Routes = Mapping[State, Mapping[Trigger, _Route]]
+
+
+@cache
+def _table_routes() -> Mapping[bool, Mapping[State, Mapping[Trigger, State]]]:
+    return compile_routes(build_machine())
+
+
+def _compile(dispatch: Dispatch) -> Mapping[bool, _Routes]:
+    """Attach this fit's ordered hooks to the table's routes, for both values of training."""
+
+    def route(trigger: Trigger, dest: State) -> _Route:
+        hook = HOOK_OF[trigger]
+        first = TIMING_OF[trigger] is HookTiming.BEFORE_CHANGE
+        return _Route(trigger, dest, hook, dispatch.hooks[hook], first)
+
+    return MappingProxyType(
+        {
+            training: MappingProxyType(
+                {
+                    state: MappingProxyType({t: route(t, d) for t, d in by_trigger.items()})
+                    for state, by_trigger in routes.items()
+                },
+            )
+            for training, routes in _table_routes().items()
+        },
+    )
+
+
+def _check_dls(dls: object) -> None:
+    for name in ("train", "valid"):
+        part = getattr(dls, name, None)
+        if part is None or not isinstance(part, Iterable):
+            msg = (
+                f"dls must have iterable .train and .valid of (x, y) batches "
+                f"(fsm_learner.DataLoaders(train_dl, valid_dl), say); got {type(dls).__name__} "
+                f"whose .{name} is {type(part).__name__ if part is not None else 'missing'}"
+            )
+            raise InvalidDataLoadersError(msg)
+
+
+def _check_lr(lr: object) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or lr < 0:
+        msg = f"lr must be a number >= 0, got {lr!r}"
+        raise ConfigurationError(msg)
+    return float(lr)
+
+
+def _check_n_epochs(n_epochs: object) -> int:
+    if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 0:
+        msg = f"n_epochs must be an int >= 0, got {n_epochs!r}"
+        raise ConfigurationError(msg)
+    return n_epochs
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+_NAN: Final = float("nan")
+
+
+class Learner:
+    """Trains ``model`` on ``dls`` with ``loss_func``, driving the transition table.
+
+    Readable in a hook: ``model``, ``opt``, ``dls``, ``dl``, ``loss_func``, ``lr``,
+    ``epoch``, ``n_epochs``, ``iter``, ``batch``, ``preds``, ``loss``, ``training``,
+    ``state``. A hook may replace ``batch``, ``preds`` and ``loss``; the counters and the
+    state are read-only and change only on completed transitions.
+    """
+
+    def __init__(  # noqa: PLR0913 (the seed's positional signature)
+        self,
+        model: nn.Module,
+        dls: DataLoaders | Any,
+        loss_func: Callable[[Any, Any], torch.Tensor] = F.mse_loss,
+        lr: float = 0.1,
+        cbs: Iterable[Callback] | None = None,
+        opt_func: OptimizerFactory = torch.optim.SGD,
+    ) -> None:
+        """Check the arguments; nothing runs until ``fit``."""
+        if not isinstance(model, nn.Module):
+            msg = f"model must be a torch.nn.Module, got {type(model).__name__}"
+            raise ConfigurationError(msg)
+        _check_dls(dls)
+        for name, func in (("loss_func", loss_func), ("opt_func", opt_func)):
+            if not callable(func):
+                msg = f"{name} must be callable, got {func!r} of type {type(func).__name__}"
+                raise ConfigurationError(msg)
+        self.model = model
+        self.dls = dls
+        self.loss_func = loss_func
+        self.lr = _check_lr(lr)
+        self.cbs: list[Callback] = validate_callbacks(cbs or ())
+        self.opt_func = opt_func
+        self.opt: torch.optim.Optimizer | None = None
+        self.dl: Iterable[Any] = dls.train
+        self.batch: Any = None
+        self.preds: Any = None
+        self.loss: torch.Tensor = torch.tensor(_NAN)
+        self._state = State.IDLE
+        self._epoch = 0
+        self._n_epochs = 0
+        self._iter = 0
+        self._training = False
+        self._seq = 0
+        self._rank = 0
+        self._failure: Failure | None = None
+        self._origin: Failure | None = None
+        self._compiled: Mapping[bool, _Routes] = _compile(resolve_dispatch(()))
+        self._routes: _Routes = self._compiled[True]
+        self._backward: HookCall = _default_backward
+        self._step: HookCall = _default_step
+
+    # -- read-only loop state -------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """The machine's current state."""
+        return self._state
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch, from 0."""
+        return self._epoch
+
+    @property
+    def n_epochs(self) -> int:
+        """The number of epochs the current (or last) fit was asked for."""
+        return self._n_epochs
+
+    @property
+    def iter(self) -> int:
+        """The index of the current batch within its pass, from 0."""
+        return self._iter
+
+    @property
+    def training(self) -> bool:
+        """True in the training pass, False in the validation pass."""
+        return self._training
+
+    @property
+    def seq(self) -> int:
+        """How many transitions the current (or last) fit has made."""
+        return self._seq
+
+    @property
+    def rank(self) -> int:
+        """This process's rank under torch.distributed; 0 without it."""
+        return self._rank
+
+    @property
+    def failure(self) -> Failure | None:
+        """What failed the last fit, or None when it did not fail."""
+        return self._failure
+
+    # -- the loop --------------------------------------------------------------------
+
+    def fit(self, n_epochs: int) -> None:
+        """Train for ``n_epochs`` epochs, each a training pass then a validation pass.
+
+        The loop, as the machine runs it (``[trigger]`` fires the hooks the table
+        names; every state change goes through ``_fire``)::
+
+            [begin_fit]                                  idle  -> fit     before_fit
+            for epoch in range(n_epochs):
+                for training in (True, False):
+                    [begin_epoch]                        fit   -> epoch   before_epoch
+                    for iter, batch in enumerate(dl):
+                        [begin_batch]                    epoch -> batch   before_batch
+                        preds = model(x);      [predict]           predict after_predict
+                        loss = loss_func(..);  [compute_loss]      loss    after_loss
+                        if training:
+                            backward;          [backward]          backward after_backward
+                            step + zero_grad;  [step]              step    after_step
+                        [end_batch]   after_batch, then        -> epoch
+                    [end_epoch]       after_epoch, then        -> fit
+            [end_fit]                 after_fit, then          -> idle
+
+        A CancelXException takes ``cancel_x`` (after_cancel_x fires, after_x does not);
+        any other exception takes ``fail`` (after_fail fires) and is re-raised with a
+        note saying where it happened.
+        """
+        if self._state is not State.IDLE:
+            msg = f"fit() called in state '{self._state}'; a fit can only start from idle"
+            raise InvalidTransitionError(msg)
+        self._prepare(_check_n_epochs(n_epochs))
+        try:
+            try:
+                self._fit_epochs()
+            except CancelFitException:
+                self._fire(Trigger.CANCEL_FIT)
+        except BaseException as exc:
+            failure = self._as_failure(exc)
+            self._fail(failure)
+            if failure is exc:
+                raise
+            raise failure from exc
+
+    def _prepare(self, n_epochs: int) -> None:
+        self.cbs = validate_callbacks(self.cbs)
+        dispatch = resolve_dispatch(self.cbs)
+        self._compiled = _compile(dispatch)
+        self._backward = _override(dispatch, Override.BACKWARD, _default_backward)
+        self._step = _override(dispatch, Override.STEP, _default_step)
+        self._n_epochs = n_epochs
+        self._epoch = self._iter = self._seq = 0
+        self._training = False
+        self._rank = _rank()
+        self._failure = self._origin = None
+        self._routes = self._compiled[True]
+        self.opt = self.opt_func(self.model.parameters(), self.lr)
+
+    def _fit_epochs(self) -> None:
+        self._fire(Trigger.BEGIN_FIT)
+        for epoch in range(self._n_epochs):
+            self._epoch = epoch
+            self._one_pass(training=True)
+            self._one_pass(training=False)
+        self._fire(Trigger.END_FIT)
+
+    def _one_pass(self, *, training: bool) -> None:
+        self._training = training
+        self._routes = self._compiled[training]
+        self.model.train(training)
+        self.dl = self.dls.train if training else self.dls.valid
+        try:
+            with torch.set_grad_enabled(training):
+                self._fire(Trigger.BEGIN_EPOCH)
+                for i, batch in enumerate(self.dl):
+                    self._iter = i
+                    self.batch = batch
+                    self._one_batch()
+                self._fire(Trigger.END_EPOCH)
+        except CancelEpochException:
+            self._fire(Trigger.CANCEL_EPOCH)
+
+    def _one_batch(self) -> None:
+        fire = self._fire
+        try:
+            fire(Trigger.BEGIN_BATCH)
+            self.preds = self.model(self.batch[0])
+            fire(Trigger.PREDICT)
+            self.loss = self.loss_func(self.preds, self.batch[1])
+            fire(Trigger.COMPUTE_LOSS)
+            if self._training:
+                self._backward(self)
+                fire(Trigger.BACKWARD)
+                self._step(self)
+                fire(Trigger.STEP)
+            fire(Trigger.END_BATCH)
+        except CancelBatchException:
+            fire(Trigger.CANCEL_BATCH)
+
+    # -- the one place where transitions happen ---------------------------------------
+
+    def _fire(self, trigger: Trigger) -> None:
+        route = self._routes[self._state].get(trigger)
+        if route is None:
+            self._refuse(trigger)
+        if route.hooks_first:
+            if route.calls:
+                self._run_hooks(route)
+            self._change(route)
+        else:
+            self._change(route)
+            if route.calls:
+                self._run_hooks(route)
+
+    def _change(self, route: _Route) -> None:
+        self._state = route.dest
+        self._seq += 1
+
+    def _run_hooks(self, route: _Route) -> None:
+        for cb, call in route.calls:
+            try:
+                call(self)
+            except CancelException as exc:
+                self._vet_cancel(exc, route.hook, cb)
+                raise
+            except BaseException as exc:
+                self._origin = Failure(exc, self._state, route.hook, cb)
+                raise
+
+    def _refuse(self, trigger: Trigger) -> NoReturn:
+        allowed = ", ".join(self._routes[self._state]) or "none"
+        msg = (
+            f"trigger '{trigger}' is not allowed in state '{self._state}' "
+            f"(training={self._training}); allowed there: {allowed}"
+        )
+        raise InvalidTransitionError(msg)
+
+    def _vet_cancel(self, exc: CancelException, hook: Hook, cb: Callback) -> None:
+        trigger = cancel_trigger(exc)
+        if trigger in self._routes[self._state]:
+            return
+        msg = (
+            f"{type(exc).__name__} raised in hook {hook} of {type(cb).__name__} in state "
+            f"'{self._state}', where {trigger} is not allowed; "
+            f"allowed there: {', '.join(self._routes[self._state])}"
+        )
+        illegal = IllegalCancelError(msg)
+        self._origin = Failure(illegal, self._state, hook, cb)
+        raise illegal from exc
+
+    # -- the failure path ------------------------------------------------------------
+
+    def _as_failure(self, exc: BaseException) -> BaseException:
+        """A cancel that escaped its unit outside any hook becomes an IllegalCancelError."""
+        if not isinstance(exc, CancelException):
+            return exc
+        msg = (
+            f"{type(exc).__name__} raised outside a hook in state '{self._state}', "
+            f"where {cancel_trigger(exc)} is not allowed"
+        )
+        return IllegalCancelError(msg)
+
+    def _fail(self, exc: BaseException) -> None:
+        origin = self._origin
+        if origin is not None and origin.exception is exc:
+            failure = origin
+        else:
+            failure = Failure(exc, self._state)
+        self._failure = failure
+        add_note(exc, f"fsm_learner: {type(exc).__name__} {failure.describe()}")
+        route = self._routes[self._state][Trigger.FAIL]
+        self._change(route)
+        for cb, call in route.calls:
+            try:
+                call(self)
+            except BaseException as hook_exc:  # noqa: BLE001 (the first failure must win)
+                add_note(
+                    exc,
+                    f"fsm_learner: then {Hook.AFTER_FAIL} of {type(cb).__name__} raised "
+                    f"{type(hook_exc).__name__}: {hook_exc} (ignored)",
+                )
+
+
+def _override(dispatch: Dispatch, override: Override, default: HookCall) -> HookCall:
+    owner = dispatch.overrides.get(override)
+    return default if owner is None else getattr(owner, override)
+
+
+def _default_backward(learn: Learner) -> None:
+    learn.loss.backward()
+
+
+def _default_step(learn: Learner) -> None:
+    opt = learn.opt
+    if opt is None:  # pragma: no cover (fit builds the optimizer before any batch)
+        msg = "no optimizer: fit() builds it from opt_func before the first batch"
+        raise InvalidTransitionError(msg)
+    opt.step()
+    opt.zero_grad()
