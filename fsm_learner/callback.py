@@ -97,6 +97,7 @@ class Callback:
         """Override: update the weights and zero the gradients (one callback per learner)."""
 
     def __repr__(self) -> str:
+        """Name the class and the order, as errors and notes show callbacks."""
         return f"{type(self).__name__}(order={self.order})"
 
 
@@ -132,10 +133,7 @@ def _check_hook_names(cb: Callback) -> None:
 def _check_order(cb: Callback) -> None:
     order = cb.order
     if not isinstance(order, int) or isinstance(order, bool):
-        msg = (
-            f"{type(cb).__name__}.order must be an int, got {order!r} "
-            f"({type(order).__name__})"
-        )
+        msg = f"{type(cb).__name__}.order must be an int, got {order!r} ({type(order).__name__})"
         raise InvalidCallbackError(msg)
 
 
@@ -172,8 +170,7 @@ def _single_override(ordered: list[Callback], override: Override) -> Callback | 
     owners = [cb for cb in ordered if _implements(cb, override)]
     if len(owners) > 1:
         msg = (
-            f"only one callback may override {override}, got "
-            f"{', '.join(repr(cb) for cb in owners)}"
+            f"only one callback may override {override}, got {', '.join(repr(cb) for cb in owners)}"
         )
         raise InvalidCallbackError(msg)
     return owners[0] if owners else None

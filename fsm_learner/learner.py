@@ -15,7 +15,7 @@ from typing import Any, Final, NoReturn
 
 import attrs
 import torch
-import torch.nn.functional as F  # noqa: N812 (the name every PyTorch user knows)
+import torch.nn.functional as F
 from torch import nn
 
 from fsm_learner._compat import add_note
@@ -89,6 +89,7 @@ class _Route:
     hook: Hook
     calls: tuple[tuple[Callback, HookCall], ...]
     hooks_first: bool
+    count_key: tuple[Trigger, bool]
 
 
 _Routes = Mapping[State, Mapping[Trigger, _Route]]
@@ -102,22 +103,28 @@ def _table_routes() -> Mapping[bool, Mapping[State, Mapping[Trigger, State]]]:
 def _compile(dispatch: Dispatch) -> Mapping[bool, _Routes]:
     """Attach this fit's ordered hooks to the table's routes, for both values of training."""
 
-    def route(trigger: Trigger, dest: State) -> _Route:
+    def route(trigger: Trigger, dest: State, training: bool) -> _Route:
         hook = HOOK_OF[trigger]
         first = TIMING_OF[trigger] is HookTiming.BEFORE_CHANGE
-        return _Route(trigger, dest, hook, dispatch.hooks[hook], first)
+        return _Route(trigger, dest, hook, dispatch.hooks[hook], first, (trigger, training))
 
     return MappingProxyType(
         {
             training: MappingProxyType(
                 {
-                    state: MappingProxyType({t: route(t, d) for t, d in by_trigger.items()})
+                    state: MappingProxyType(
+                        {t: route(t, d, training) for t, d in by_trigger.items()},
+                    )
                     for state, by_trigger in routes.items()
                 },
             )
             for training, routes in _table_routes().items()
         },
     )
+
+
+def _zero_counts() -> dict[tuple[Trigger, bool], int]:
+    return {(trigger, training): 0 for trigger in Trigger for training in (True, False)}
 
 
 def _check_dls(dls: object) -> None:
@@ -163,7 +170,7 @@ class Learner:
     state are read-only and change only on completed transitions.
     """
 
-    def __init__(  # noqa: PLR0913 (the seed's positional signature)
+    def __init__(  # noqa: PLR0913, PLR0917 (the seed's positional signature)
         self,
         model: nn.Module,
         dls: DataLoaders | Any,
@@ -199,6 +206,7 @@ class Learner:
         self._training = False
         self._seq = 0
         self._rank = 0
+        self._counts: dict[tuple[Trigger, bool], int] = _zero_counts()
         self._failure: Failure | None = None
         self._origin: Failure | None = None
         self._compiled: Mapping[bool, _Routes] = _compile(resolve_dispatch(()))
@@ -239,8 +247,13 @@ class Learner:
         return self._seq
 
     @property
+    def counts(self) -> Mapping[tuple[Trigger, bool], int]:
+        """Transitions made by the current (or last) fit, per (trigger, training)."""
+        return MappingProxyType(self._counts)
+
+    @property
     def rank(self) -> int:
-        """This process's rank under torch.distributed; 0 without it."""
+        """Return the rank of this process under torch.distributed; 0 without it."""
         return self._rank
 
     @property
@@ -299,6 +312,7 @@ class Learner:
         self._step = _override(dispatch, Override.STEP, _default_step)
         self._n_epochs = n_epochs
         self._epoch = self._iter = self._seq = 0
+        self._counts = _zero_counts()
         self._training = False
         self._rank = _rank()
         self._failure = self._origin = None
@@ -364,6 +378,7 @@ class Learner:
     def _change(self, route: _Route) -> None:
         self._state = route.dest
         self._seq += 1
+        self._counts[route.count_key] += 1
 
     def _run_hooks(self, route: _Route) -> None:
         for cb, call in route.calls:
@@ -400,7 +415,7 @@ class Learner:
     # -- the failure path ------------------------------------------------------------
 
     def _as_failure(self, exc: BaseException) -> BaseException:
-        """A cancel that escaped its unit outside any hook becomes an IllegalCancelError."""
+        """Turn a cancel that escaped its unit outside any hook into an IllegalCancelError."""
         if not isinstance(exc, CancelException):
             return exc
         msg = (
@@ -436,7 +451,7 @@ def _override(dispatch: Dispatch, override: Override, default: HookCall) -> Hook
 
 
 def _default_backward(learn: Learner) -> None:
-    learn.loss.backward()
+    torch.autograd.backward(learn.loss)
 
 
 def _default_step(learn: Learner) -> None:

@@ -221,7 +221,11 @@ def _guard_condition(guard: Guard) -> Callable[[EventData], bool]:
     predicate = GUARDS[guard]
 
     def condition(event: EventData) -> bool:
-        return predicate(bool(event.model.training))
+        model = event.model
+        if not isinstance(model, MachineModel):
+            msg = f"the machine's model must be a MachineModel, got {type(model).__name__}"
+            raise TypeError(msg)
+        return predicate(model.training)
 
     condition.__name__ = str(guard)
     return condition
@@ -278,7 +282,9 @@ def compile_routes(machine: Machine) -> Mapping[bool, Routes]:
     Each (state, trigger) maps to the destination of the first of its transitions whose
     conditions pass, exactly as ``Machine`` resolves it when the trigger fires.
     """
-    return MappingProxyType({training: _routes_for(machine, training) for training in (True, False)})
+    return MappingProxyType(
+        {training: _routes_for(machine, training) for training in (True, False)}
+    )
 
 
 def _routes_for(machine: Machine, training: bool) -> Routes:
@@ -288,6 +294,8 @@ def _routes_for(machine: Machine, training: bool) -> Routes:
         for source, candidates in event.transitions.items():
             data = EventData(machine.get_state(source), event, machine, model, (), {})
             for candidate in candidates:
+                if candidate.dest is None:  # an internal transition: the table declares none
+                    continue
                 if all(cond.check(data) for cond in candidate.conditions):
                     routes[State(source)][Trigger(name)] = State(candidate.dest)
                     break

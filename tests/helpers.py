@@ -1,0 +1,103 @@
+"""Real data and models for the tests: the digits set that ships with scikit-learn."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from functools import cache
+
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fsm_learner import Callback, DataLoaders, Hook, Learner
+
+
+@cache
+def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1,797 8x8 digits, scaled to [0, 1], as (x: float32 [N, 64], y: int64 [N])."""
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    return x, y
+
+
+def digits_dls(batch_size: int = 64, n_train: int = 1400, n_valid: int = 397) -> DataLoaders:
+    """Training and validation DataLoaders over a fixed random split of digits."""
+    x, y = digits_tensors()
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[perm], y[perm]
+    train = TensorDataset(x[:n_train], y[:n_train])
+    valid = TensorDataset(x[n_train : n_train + n_valid], y[n_train : n_train + n_valid])
+    gen = torch.Generator().manual_seed(0)
+    return DataLoaders(
+        DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen),
+        DataLoader(valid, batch_size=batch_size),
+    )
+
+
+def batches_dls(n_train: int, n_valid: int, batch_size: int = 8) -> DataLoaders:
+    """Exactly n_train and n_valid batches of real digits, as lists (fast, deterministic)."""
+    x, y = digits_tensors()
+
+    def cut(start: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (
+                x[start + i * batch_size : start + (i + 1) * batch_size],
+                y[start + i * batch_size : start + (i + 1) * batch_size],
+            )
+            for i in range(n)
+        ]
+
+    return DataLoaders(cut(0, n_train), cut(1000, n_valid))
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    """The tiny MLP 64-32-10, seeded."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+class Boom(Exception):
+    """The error the fault-injection tests raise."""
+
+
+class Raiser(Callback):
+    """Raises ``make()`` at the n-th call (from 1) of each hook named in ``plan``.
+
+    It counts the calls it sees itself, unless given ``calls``: a counter that a callback
+    of lower order keeps for every call (a raiser does not see calls that an earlier
+    callback interrupted).
+    """
+
+    def __init__(
+        self,
+        plan: dict[tuple[Hook, int], Callable[[], BaseException]],
+        order: int = 0,
+        calls: Counter[Hook] | None = None,
+    ):
+        self.plan, self.order = plan, order
+        self.own = calls is None
+        self.seen: Counter[Hook] = Counter() if calls is None else calls
+        self.raised: list[tuple[Hook, int]] = []
+
+    def _maybe(self, hook: Hook) -> None:
+        if self.own:
+            self.seen[hook] += 1
+        make = self.plan.get((hook, self.seen[hook]))
+        if make is not None:
+            self.raised.append((hook, self.seen[hook]))
+            raise make()
+
+
+def _raiser_hook(hook: Hook) -> Callable[[Raiser, Learner], None]:
+    def call(self: Raiser, learn: Learner) -> None:
+        self._maybe(hook)
+
+    call.__name__ = hook.value
+    return call
+
+
+for _hook in Hook:
+    setattr(Raiser, _hook.value, _raiser_hook(_hook))
