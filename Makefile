@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check fsm_learner callbacks tests
 
 typecheck: $(STAMP)
-	$(BIN)/mypy
+	$(BIN)/mypy --strict
 
 check: test lint typecheck
 
