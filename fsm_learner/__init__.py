@@ -1,5 +1,6 @@
 """fsm_learner: a PyTorch training loop that runs as an explicit finite-state machine."""
 
+from fsm_learner.audit.schema import RunStatus
 from fsm_learner.callback import Callback, Override
 from fsm_learner.exceptions import (
     CancelBatchException,
@@ -13,7 +14,7 @@ from fsm_learner.exceptions import (
     InvalidDataLoadersError,
     InvalidTransitionError,
 )
-from fsm_learner.learner import DataLoaders, Failure, Learner
+from fsm_learner.learner import DataLoaders, Failure, FitResult, Learner
 from fsm_learner.machine import (
     TRANSITION_TABLE,
     Guard,
@@ -37,6 +38,7 @@ __all__ = [
     "ConfigurationError",
     "DataLoaders",
     "Failure",
+    "FitResult",
     "FsmLearnerError",
     "Guard",
     "Hook",
@@ -47,6 +49,7 @@ __all__ = [
     "InvalidTransitionError",
     "Learner",
     "Override",
+    "RunStatus",
     "State",
     "TransitionSpec",
     "Trigger",

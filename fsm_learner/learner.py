@@ -8,10 +8,15 @@ the transition. Nothing else changes ``learn.state``.
 
 from __future__ import annotations
 
+import platform
+import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
 from functools import cache
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import attrs
 import torch
@@ -19,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsm_learner._compat import add_note
+from fsm_learner.audit.schema import RunStatus, derive_key
+from fsm_learner.audit.writer import FLUSH_AT, AuditWriter, TransitionKey, emit_run_event
 from fsm_learner.callback import (
     Callback,
     Dispatch,
@@ -47,9 +54,13 @@ from fsm_learner.machine import (
     build_machine,
     cancel_trigger,
     compile_routes,
+    table_digest,
 )
 
-__all__ = ["DataLoaders", "Failure", "Learner", "OptimizerFactory"]
+if TYPE_CHECKING:
+    import os
+
+__all__ = ["DataLoaders", "Failure", "FitResult", "Learner", "OptimizerFactory"]
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 """Called as ``opt_func(model.parameters(), lr)``, as in the seed."""
@@ -81,6 +92,17 @@ class Failure:
 
 
 @attrs.frozen
+class FitResult:
+    """What ``fit`` returns: the run's id and status, and where its audit log went."""
+
+    run_id: str
+    status: RunStatus
+    audit_path: Path | None
+    head: str | None
+    """The audit chain's head (the footer's hash): keep it elsewhere to check the log later."""
+
+
+@attrs.frozen
 class _Route:
     """A compiled transition for one fit: where it goes and which hooks it runs."""
 
@@ -90,6 +112,7 @@ class _Route:
     calls: tuple[tuple[Callback, HookCall], ...]
     hooks_first: bool
     count_key: tuple[Trigger, bool]
+    record: TransitionKey
 
 
 _Routes = Mapping[State, Mapping[Trigger, _Route]]
@@ -103,17 +126,18 @@ def _table_routes() -> Mapping[bool, Mapping[State, Mapping[Trigger, State]]]:
 def _compile(dispatch: Dispatch) -> Mapping[bool, _Routes]:
     """Attach this fit's ordered hooks to the table's routes, for both values of training."""
 
-    def route(trigger: Trigger, dest: State, training: bool) -> _Route:
+    def route(source: State, trigger: Trigger, dest: State, training: bool) -> _Route:
         hook = HOOK_OF[trigger]
         first = TIMING_OF[trigger] is HookTiming.BEFORE_CHANGE
-        return _Route(trigger, dest, hook, dispatch.hooks[hook], first, (trigger, training))
+        record = (trigger.value, source.value, dest.value, training)
+        return _Route(trigger, dest, hook, dispatch.hooks[hook], first, (trigger, training), record)
 
     return MappingProxyType(
         {
             training: MappingProxyType(
                 {
                     state: MappingProxyType(
-                        {t: route(t, d, training) for t, d in by_trigger.items()},
+                        {t: route(state, t, d, training) for t, d in by_trigger.items()},
                     )
                     for state, by_trigger in routes.items()
                 },
@@ -178,8 +202,17 @@ class Learner:
         lr: float = 0.1,
         cbs: Iterable[Callback] | None = None,
         opt_func: OptimizerFactory = torch.optim.SGD,
+        *,
+        audit_log: str | os.PathLike[str] | None = "runs",
+        audit_key: bytes | str | None = None,
     ) -> None:
-        """Check the arguments; nothing runs until ``fit``."""
+        """Check the arguments; nothing runs until ``fit``.
+
+        ``audit_log`` is a directory (each fit writes ``<dir>/<run_id>.jsonl``), a
+        ``.jsonl`` file (each fit appends a run), or None for no log. ``audit_key``
+        (default: the ``FSM_LEARNER_AUDIT_KEY`` environment variable) keys the hash
+        chain; it is never written to the log.
+        """
         if not isinstance(model, nn.Module):
             msg = f"model must be a torch.nn.Module, got {type(model).__name__}"
             raise ConfigurationError(msg)
@@ -213,6 +246,13 @@ class Learner:
         self._routes: _Routes = self._compiled[True]
         self._backward: HookCall = _default_backward
         self._step: HookCall = _default_step
+        self.audit_log = None if audit_log is None else Path(audit_log)
+        self._audit_key = derive_key(audit_key)
+        self._writer: AuditWriter | None = None
+        self._pending: list[Any] | None = None
+        self._run_id = ""
+        self._audit_path: Path | None = None
+        self._audit_head: str | None = None
 
     # -- read-only loop state -------------------------------------------------------
 
@@ -257,13 +297,28 @@ class Learner:
         return self._rank
 
     @property
+    def run_id(self) -> str:
+        """The id of the current (or last) run; empty before the first fit."""
+        return self._run_id
+
+    @property
+    def audit_path(self) -> Path | None:
+        """Where the current (or last) run's audit log went; None when logging is off."""
+        return self._audit_path
+
+    @property
+    def audit_head(self) -> str | None:
+        """The chain head of the last finished run's log (also in its footer)."""
+        return self._audit_head
+
+    @property
     def failure(self) -> Failure | None:
         """What failed the last fit, or None when it did not fail."""
         return self._failure
 
     # -- the loop --------------------------------------------------------------------
 
-    def fit(self, n_epochs: int) -> None:
+    def fit(self, n_epochs: int) -> FitResult:
         """Train for ``n_epochs`` epochs, each a training pass then a validation pass.
 
         The loop, as the machine runs it (``[trigger]`` fires the hooks the table
@@ -286,23 +341,29 @@ class Learner:
 
         A CancelXException takes ``cancel_x`` (after_cancel_x fires, after_x does not);
         any other exception takes ``fail`` (after_fail fires) and is re-raised with a
-        note saying where it happened.
+        note saying where it happened. Every transition is written to the audit log,
+        which the run's footer closes whatever the outcome.
         """
         if self._state is not State.IDLE:
             msg = f"fit() called in state '{self._state}'; a fit can only start from idle"
             raise InvalidTransitionError(msg)
         self._prepare(_check_n_epochs(n_epochs))
+        self._open_run()
+        status = RunStatus.COMPLETED
         try:
             try:
                 self._fit_epochs()
             except CancelFitException:
                 self._fire(Trigger.CANCEL_FIT)
+                status = RunStatus.CANCELLED
         except BaseException as exc:
             failure = self._as_failure(exc)
             self._fail(failure)
+            self._close_run_after_failure(failure)
             if failure is exc:
                 raise
             raise failure from exc
+        return self._close_run(status)
 
     def _prepare(self, n_epochs: int) -> None:
         self.cbs = validate_callbacks(self.cbs)
@@ -316,8 +377,96 @@ class Learner:
         self._training = False
         self._rank = _rank()
         self._failure = self._origin = None
-        self._routes = self._compiled[True]
+        self._routes = self._compiled[False]  # the routes always match learn.training
         self.opt = self.opt_func(self.model.parameters(), self.lr)
+
+    # -- the run's audit log ----------------------------------------------------------
+
+    def note(self, name: str, **fields: Any) -> None:
+        """Add a note record to the audit log (metrics at pass end, say); JSON values only."""
+        if self._writer is not None:
+            self._writer.note(name, fields)
+
+    def _open_run(self) -> None:
+        self._run_id = uuid.uuid4().hex[:12]
+        self._audit_head = None
+        self._writer = self._pending = self._audit_path = None
+        if self.audit_log is not None:
+            path = self._log_path(self.audit_log)
+            self._writer = AuditWriter(
+                path,
+                run_id=self._run_id,
+                key=self._audit_key,
+                rank=self._rank,
+            )
+            self._writer.start(self._header())
+            self._pending, self._audit_path = self._writer.pending, path
+        emit_run_event("run_start", run_id=self._run_id, audit_path=str(self._audit_path))
+
+    def _log_path(self, target: Path) -> Path:
+        if target.suffix == ".jsonl":
+            return target
+        rank = f".rank{self._rank}" if self._rank else ""
+        return target / f"{self._run_id}{rank}.jsonl"
+
+    def _header(self) -> dict[str, Any]:
+        params = list(self.model.parameters())
+        return {
+            "wall": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "table": table_digest(),
+            "fsm_learner": _version(),
+            "cbs": [[type(cb).__name__, cb.order] for cb in self.cbs],
+            "model": type(self.model).__name__,
+            "opt": type(self.opt).__name__,
+            "params": sum(p.numel() for p in params),
+            "n_epochs": self._n_epochs,
+            "lr": self.lr,
+            "device": str(params[0].device) if params else "cpu",
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "rank": self._rank,
+        }
+
+    def _counts_by_trigger(self) -> dict[str, list[int]]:
+        return {
+            str(t): [self._counts[t, True], self._counts[t, False]]
+            for t in Trigger
+            if self._counts[t, True] or self._counts[t, False]
+        }
+
+    def _end_pass(self) -> None:
+        self._flush_log()
+        emit_run_event(
+            "pass_end",
+            run_id=self._run_id,
+            epoch=self._epoch,
+            training=self._training,
+            batches=self._counts[Trigger.END_BATCH, self._training],
+        )
+
+    def _close_run(self, status: RunStatus, failure: dict[str, Any] | None = None) -> FitResult:
+        writer, self._writer, self._pending = self._writer, None, None
+        if writer is not None:
+            self._audit_head = writer.finish(status, self._counts_by_trigger(), failure)
+        emit_run_event("run_end", run_id=self._run_id, status=str(status), head=self._audit_head)
+        return FitResult(self._run_id, status, self._audit_path, self._audit_head)
+
+    def _close_run_after_failure(self, exc: BaseException) -> None:
+        failure = self._failure
+        detail = {
+            "type": type(exc).__name__,
+            "message": str(exc)[:500],
+            "state": str(failure.state) if failure else str(self._state),
+            "hook": str(failure.hook) if failure and failure.hook else None,
+            "callback": type(failure.callback).__name__ if failure and failure.callback else None,
+        }
+        try:
+            self._close_run(RunStatus.FAILED, detail)
+        except Exception as log_exc:  # noqa: BLE001 (the first failure must win)
+            add_note(exc, f"fsm_learner: and the audit log could not be closed: {log_exc!r}")
+        else:
+            if self._audit_path is not None:
+                add_note(exc, f"fsm_learner: audit log {self._audit_path}")
 
     def _fit_epochs(self) -> None:
         self._fire(Trigger.BEGIN_FIT)
@@ -339,9 +488,16 @@ class Learner:
                     self._iter = i
                     self.batch = batch
                     self._one_batch()
+                    if self._pending is not None and len(self._pending) >= FLUSH_AT:
+                        self._flush_log()
                 self._fire(Trigger.END_EPOCH)
         except CancelEpochException:
             self._fire(Trigger.CANCEL_EPOCH)
+        self._end_pass()
+
+    def _flush_log(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
 
     def _one_batch(self) -> None:
         fire = self._fire
@@ -379,6 +535,8 @@ class Learner:
         self._state = route.dest
         self._seq += 1
         self._counts[route.count_key] += 1
+        if self._pending is not None:
+            self._pending.append((time.monotonic_ns(), route.record, self._epoch, self._iter))
 
     def _run_hooks(self, route: _Route) -> None:
         for cb, call in route.calls:
@@ -443,6 +601,13 @@ class Learner:
                     f"fsm_learner: then {Hook.AFTER_FAIL} of {type(cb).__name__} raised "
                     f"{type(hook_exc).__name__}: {hook_exc} (ignored)",
                 )
+
+
+@cache
+def _version() -> str:
+    from fsm_learner import __version__  # noqa: PLC0415 (the package imports this module)
+
+    return __version__
 
 
 def _override(dispatch: Dispatch, override: Override, default: HookCall) -> HookCall:

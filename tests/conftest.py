@@ -14,6 +14,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch):
+    """Each test runs in its own directory, so default audit logs (runs/) land there."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def dls() -> DataLoaders:
     """Three training batches and two validation batches of digits."""

@@ -25,7 +25,7 @@ class TestFailureInACallback:
         cut = NORMAL.index(hook) + 1
         assert [*NORMAL[:cut], H.AFTER_FAIL] == rec.hooks
         failed_in = rec.records[cut - 1].state
-        assert info.value.__notes__ == [
+        assert info.value.__notes__[:1] == [
             f"fsm_learner: Boom in state '{failed_in}', in hook {hook} of Raiser",
         ]
         assert learn.failure is not None
@@ -82,7 +82,7 @@ class TestFailureOutsideCallbacks:
         learn = Learner(Broken(), batches_dls(2, 1), F.cross_entropy, 0.1, [rec])
         with pytest.raises(Boom) as info:
             learn.fit(1)
-        assert info.value.__notes__ == ["fsm_learner: Boom in state 'batch'"]
+        assert info.value.__notes__[:1] == ["fsm_learner: Boom in state 'batch'"]
         assert [*NORMAL[:3], H.AFTER_FAIL] == rec.hooks
         assert learn.failure is not None
         assert (learn.failure.state, learn.failure.hook) == (State.BATCH, None)
@@ -94,7 +94,7 @@ class TestFailureOutsideCallbacks:
         learn = Learner(mlp(), bad, F.cross_entropy, 0.1, [rec])
         with pytest.raises(ValueError, match="batch_size") as info:
             learn.fit(1)
-        assert info.value.__notes__ == ["fsm_learner: ValueError in state 'predict'"]
+        assert info.value.__notes__[:1] == ["fsm_learner: ValueError in state 'predict'"]
 
     def test_in_the_optimizer(self):
         """An optimizer error fails in state backward (the step had not completed)."""
@@ -107,7 +107,7 @@ class TestFailureOutsideCallbacks:
         learn = Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, [rec], BadSGD)
         with pytest.raises(Boom) as info:
             learn.fit(1)
-        assert info.value.__notes__ == ["fsm_learner: Boom in state 'backward'"]
+        assert info.value.__notes__[:1] == ["fsm_learner: Boom in state 'backward'"]
         assert [*NORMAL[:6], H.AFTER_FAIL] == rec.hooks
 
     def test_in_the_dataloader(self):
@@ -121,7 +121,7 @@ class TestFailureOutsideCallbacks:
         learn = Learner(mlp(), DataLoaders(Loader(), []), F.cross_entropy, 0.1)
         with pytest.raises(Boom) as info:
             learn.fit(1)
-        assert info.value.__notes__ == ["fsm_learner: Boom in state 'epoch'"]
+        assert info.value.__notes__[:1] == ["fsm_learner: Boom in state 'epoch'"]
 
 
 class TestAfterAFailure:

@@ -1,0 +1,116 @@
+"""The audit log's record schema and its hash chain, shared by the writer and the reader.
+
+A log is JSON lines. Each run is a ``run_start`` header, then one record per transition
+(and any ``note`` records callbacks add), then a ``run_end`` footer. Every record carries
+the run id, its position ``seq`` in the run (0 for the header), the time since the run
+started in ns, and ``h``: a BLAKE2b hash chained from the previous record's, so editing,
+deleting, inserting or reordering records breaks the chain. With a key, the chain is a
+keyed BLAKE2b (a MAC): without the key nobody can recompute it.
+
+``h`` is always the last field of a line, so the hashed body is the line's exact bytes
+before it: the reader never re-serialises what it checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Final
+
+from fsm_learner._compat import StrEnum
+
+__all__ = [
+    "HASH_BYTES",
+    "KEY_ENV",
+    "SCHEMA_VERSION",
+    "Field",
+    "RecordKind",
+    "RunStatus",
+    "chain_hash",
+    "derive_key",
+    "seal",
+    "unseal",
+]
+
+SCHEMA_VERSION: Final = 1
+HASH_BYTES: Final = 8
+"""Digest size of the chain: 64 bits, 16 hex characters per record."""
+KEY_ENV: Final = "FSM_LEARNER_AUDIT_KEY"
+"""Environment variable holding the chain key, for the learner and for the audit alike."""
+
+
+class Field(StrEnum):
+    """The fields every record has (short, to keep a transition record near 130 bytes)."""
+
+    RUN = "run"
+    SEQ = "seq"
+    TIME_NS = "t"
+    EVENT = "ev"
+    HASH = "h"
+    # transition records also have:
+    SOURCE = "src"
+    DEST = "dst"
+    EPOCH = "ep"
+    ITER = "it"
+    TRAINING = "tr"
+    RANK = "rk"
+
+
+class RecordKind(StrEnum):
+    """Values of ``ev`` that are not triggers."""
+
+    RUN_START = "run_start"
+    NOTE = "note"
+    RUN_END = "run_end"
+
+
+class RunStatus(StrEnum):
+    """How a run ended, as its footer says (``truncated`` is the audit's word for no footer)."""
+
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    TRUNCATED = "truncated"
+
+
+def derive_key(material: bytes | str | None) -> bytes | None:
+    """Turn key material of any length into a 32-byte BLAKE2b key (None: no key).
+
+    ``None`` falls back to the ``FSM_LEARNER_AUDIT_KEY`` environment variable; an empty
+    value means no key.
+    """
+    if material is None:
+        material = os.environ.get(KEY_ENV) or None
+    if material is None or material in {"", b""}:
+        return None
+    raw = material.encode() if isinstance(material, str) else bytes(material)
+    return hashlib.blake2b(raw, digest_size=32, person=b"fsm-learner-key").digest()
+
+
+def chain_hash(prev: bytes, body: bytes, key: bytes | None) -> bytes:
+    """Return the hash of ``body`` chained from ``prev`` (the previous record's hash)."""
+    return hashlib.blake2b(prev + body, digest_size=HASH_BYTES, key=key or b"").digest()
+
+
+_SEAL_OPEN: Final = b',"h":"'
+_SEAL_LEN: Final = len(_SEAL_OPEN) + 2 * HASH_BYTES + len(b'"}')
+
+
+def seal(body: bytes, digest: bytes) -> bytes:
+    """Append the hash field to a rendered JSON object, as its last field, plus a newline."""
+    return body[:-1] + _SEAL_OPEN + digest.hex().encode() + b'"}\n'
+
+
+def unseal(line: bytes) -> tuple[bytes, bytes] | None:
+    """Split a sealed line into (the body that was hashed, the digest); None if malformed."""
+    line = line.rstrip(b"\r\n")
+    if len(line) <= _SEAL_LEN or not line.endswith(b'"}'):
+        return None
+    head, tail = line[:-_SEAL_LEN], line[-_SEAL_LEN:]
+    if not tail.startswith(_SEAL_OPEN):
+        return None
+    try:
+        digest = bytes.fromhex(tail[len(_SEAL_OPEN) : -2].decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return head + b"}", digest
