@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import attrs
 
@@ -83,6 +83,15 @@ def _state_table(report: RunReport) -> Table:
     return Table("time per state", ("state", "ms", "%"), tuple(rows), frozenset({1, 2}))
 
 
+_OUTSIDE_PASSES: Final = frozenset({"idle", "fit"})
+
+
+def _pass_name(source: str, dest: str, *, training: bool) -> str:
+    if source in _OUTSIDE_PASSES and dest in _OUTSIDE_PASSES:
+        return "-"
+    return "train" if training else "valid"
+
+
 def _slow_table(report: RunReport) -> Table:
     rows = tuple(
         (
@@ -92,7 +101,7 @@ def _slow_table(report: RunReport) -> Table:
             f"{s.source} -> {s.dest}",
             str(s.epoch),
             str(s.iter),
-            "train" if s.training else "valid",
+            _pass_name(s.source, s.dest, training=s.training),
         )
         for s in report.slowest
     )
