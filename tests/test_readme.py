@@ -45,7 +45,7 @@ def shape(line: str) -> str:
 
 
 def test_python_blocks_then_commands_run_in_order():
-    """Python blocks run top to bottom in one namespace, then the commands run on what they wrote."""
+    """Python blocks run in one namespace, top to bottom; then the commands run on their output."""
     namespace: dict[str, object] = {"__name__": "readme"}
     assert blocks("python"), "the README has no Python block"
     for block in blocks("python"):
