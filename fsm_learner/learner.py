@@ -460,6 +460,7 @@ class Learner:
             "hook": str(failure.hook) if failure and failure.hook else None,
             "callback": type(failure.callback).__name__ if failure and failure.callback else None,
         }
+        emit_run_event("run_failed", run_id=self._run_id, **detail)
         try:
             self._close_run(RunStatus.FAILED, detail)
         except Exception as log_exc:  # noqa: BLE001 (the first failure must win)
