@@ -1,10 +1,13 @@
 """The Callback base class, callback validation, and per-fit dispatch resolution.
 
 A callback overrides the hooks it needs; the hook names are the ``Hook`` values of the
-transition table. Besides hooks, one callback per learner may override the two pieces
-of work of a training batch: ``backward`` (default ``learn.loss.backward()``) and
-``step`` (default ``learn.opt.step(); learn.opt.zero_grad()``), which is where
-gradient accumulation, mixed precision and custom optimisation plug in.
+transition table. Besides hooks, callbacks may override the two pieces of work of a
+training batch: ``backward`` (default ``learn.loss.backward()``) and ``step`` (default
+``learn.opt.step(); learn.opt.zero_grad()``), which is where gradient accumulation,
+mixed precision and custom optimisation plug in. Overrides compose like middleware: in
+ascending ``order``, each gets a ``proceed`` callable that runs the next override (or
+the default); one that does not call it replaces what comes after. Gradient accumulation
+(order lower) decides *whether* to step, mixed precision (order higher) *how*.
 
 Dispatch is resolved once per fit: for every hook, the bound methods of the callbacks
 that implement it, in ascending ``order`` (ties in list order). The hot loop iterates
@@ -14,6 +17,7 @@ those ready tuples; a callback that does not implement a hook costs nothing for 
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
@@ -27,10 +31,24 @@ from fsm_learner.machine import Hook
 if TYPE_CHECKING:
     from fsm_learner.learner import Learner
 
-__all__ = ["Callback", "Dispatch", "HookCall", "Override", "resolve_dispatch", "validate_callbacks"]
+__all__ = [
+    "Callback",
+    "Dispatch",
+    "HookCall",
+    "Override",
+    "OverrideCall",
+    "Proceed",
+    "chain_overrides",
+    "resolve_dispatch",
+    "validate_callbacks",
+]
 
 HookCall = Callable[["Learner"], None]
-"""A bound hook or override: takes the learner, returns nothing."""
+"""A bound hook: takes the learner, returns nothing."""
+Proceed = Callable[[], None]
+"""Runs the next override of the chain, or the default work."""
+OverrideCall = Callable[["Learner", Proceed], None]
+"""A bound ``backward`` or ``step`` override."""
 
 
 class Override(StrEnum):
@@ -90,11 +108,13 @@ class Callback:
     def after_fail(self, learn: Learner) -> None:
         """Run after an exception failed the fit; ``learn.failure`` says what and where."""
 
-    def backward(self, learn: Learner) -> None:
-        """Override: compute gradients from ``learn.loss`` (one callback per learner)."""
+    def backward(self, learn: Learner, proceed: Proceed) -> None:  # noqa: ARG002 (the signature overrides keep)
+        """Override: compute gradients from ``learn.loss``; ``proceed()`` runs the rest."""
+        proceed()
 
-    def step(self, learn: Learner) -> None:
-        """Override: update the weights and zero the gradients (one callback per learner)."""
+    def step(self, learn: Learner, proceed: Proceed) -> None:  # noqa: ARG002 (the signature overrides keep)
+        """Override: update the weights and zero the gradients; ``proceed()`` runs the rest."""
+        proceed()
 
     def __repr__(self) -> str:
         """Name the class and the order, as errors and notes show callbacks."""
@@ -116,9 +136,25 @@ def _own_callables(cb: Callback) -> Iterable[str]:
                 yield name
 
 
+def _check_signature(cb: Callback, name: str, params: str, n_args: int) -> None:
+    method = getattr(cb, name)
+    try:
+        inspect.signature(method).bind(*range(n_args))
+    except TypeError:
+        msg = (
+            f"{type(cb).__name__}.{name} must accept ({params}), "
+            f"got {name}{inspect.signature(method)}"
+        )
+        raise InvalidCallbackError(msg) from None
+
+
 def _check_hook_names(cb: Callback) -> None:
     for name in _own_callables(cb):
-        if name in _HOOK_NAMES or name in _OVERRIDE_NAMES:
+        if name in _HOOK_NAMES:
+            _check_signature(cb, name, "learn", 1)
+            continue
+        if name in _OVERRIDE_NAMES:
+            _check_signature(cb, name, "learn, proceed", 2)
             continue
         close = difflib.get_close_matches(name, sorted(_HOOK_NAMES), n=1, cutoff=0.8)
         if close or name.startswith(_HOOKLIKE_PREFIXES):
@@ -160,20 +196,29 @@ def _implements(cb: Callback, name: str) -> bool:
 
 @attrs.frozen
 class Dispatch:
-    """Which callbacks run on each hook, in order, and who overrides backward and step."""
+    """Which callbacks run on each hook, in order, and which override backward and step."""
 
     hooks: Mapping[Hook, tuple[tuple[Callback, HookCall], ...]]
-    overrides: Mapping[Override, Callback]
+    overrides: Mapping[Override, tuple[Callback, ...]]
 
 
-def _single_override(ordered: list[Callback], override: Override) -> Callback | None:
-    owners = [cb for cb in ordered if _implements(cb, override)]
-    if len(owners) > 1:
-        msg = (
-            f"only one callback may override {override}, got {', '.join(repr(cb) for cb in owners)}"
-        )
-        raise InvalidCallbackError(msg)
-    return owners[0] if owners else None
+def chain_overrides(
+    callbacks: tuple[Callback, ...],
+    override: Override,
+    default: HookCall,
+) -> HookCall:
+    """Compose the overrides of ``callbacks`` (in order, outermost first) around ``default``."""
+    call = default
+    for cb in reversed(callbacks):
+        call = _link(getattr(cb, override), call)
+    return call
+
+
+def _link(method: OverrideCall, inner: HookCall) -> HookCall:
+    def run(learn: Learner) -> None:
+        method(learn, lambda: inner(learn))
+
+    return run
 
 
 def resolve_dispatch(cbs: Iterable[Callback]) -> Dispatch:
@@ -184,8 +229,6 @@ def resolve_dispatch(cbs: Iterable[Callback]) -> Dispatch:
         for hook in Hook
     }
     overrides = {
-        override: owner
-        for override in Override
-        if (owner := _single_override(ordered, override)) is not None
+        override: tuple(cb for cb in ordered if _implements(cb, override)) for override in Override
     }
     return Dispatch(MappingProxyType(hooks), MappingProxyType(overrides))

@@ -31,6 +31,7 @@ from fsm_learner.callback import (
     Dispatch,
     HookCall,
     Override,
+    chain_overrides,
     resolve_dispatch,
     validate_callbacks,
 )
@@ -369,8 +370,9 @@ class Learner:
         self.cbs = validate_callbacks(self.cbs)
         dispatch = resolve_dispatch(self.cbs)
         self._compiled = _compile(dispatch)
-        self._backward = _override(dispatch, Override.BACKWARD, _default_backward)
-        self._step = _override(dispatch, Override.STEP, _default_step)
+        backward, step = Override.BACKWARD, Override.STEP
+        self._backward = chain_overrides(dispatch.overrides[backward], backward, _default_backward)
+        self._step = chain_overrides(dispatch.overrides[step], step, _default_step)
         self._n_epochs = n_epochs
         self._epoch = self._iter = self._seq = 0
         self._counts = _zero_counts()
@@ -609,11 +611,6 @@ def _version() -> str:
     from fsm_learner import __version__  # noqa: PLC0415 (the package imports this module)
 
     return __version__
-
-
-def _override(dispatch: Dispatch, override: Override, default: HookCall) -> HookCall:
-    owner = dispatch.overrides.get(override)
-    return default if owner is None else getattr(owner, override)
 
 
 def _default_backward(learn: Learner) -> None:

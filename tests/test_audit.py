@@ -243,8 +243,11 @@ class TestRecords:
 
     def test_run_events_reach_structlog_when_configured(self):
         """With structlog configured by the application, events go through its chain."""
-        with structlog.testing.capture_logs() as logs:
-            fit(n_epochs=1)
+        try:
+            with structlog.testing.capture_logs() as logs:
+                fit(n_epochs=1)
+        finally:
+            structlog.reset_defaults()  # capture_logs leaves structlog marked as configured
         assert [e["event"] for e in logs] == ["run_start", "pass_end", "pass_end", "run_end"]
 
 

@@ -82,24 +82,28 @@ class TestRegistration:
             learn.fit(1)
         assert learn.state == "idle"
 
-    def test_two_step_overrides(self):
-        """Only one callback may override step."""
+    def test_override_signature(self):
+        """An override must take (learn, proceed); the message shows what it takes."""
 
-        class A(Callback):
-            def step(self, learn):
-                return None
-
-        class B(Callback):
-            order = 3
-
+        class Old(Callback):
             def step(self, learn):
                 return None
 
         with pytest.raises(
             InvalidCallbackError,
-            match=r"only one callback may override step, got A\(order=0\), B\(order=3\)",
+            match=r"Old.step must accept \(learn, proceed\), got step\(learn\)",
         ):
-            make([A(), B()]).fit(1)
+            make([Old()])
+
+    def test_hook_signature(self):
+        """A hook must take the learner."""
+
+        class NoArg(Callback):
+            def before_fit(self):
+                return None
+
+        with pytest.raises(InvalidCallbackError, match=r"NoArg.before_fit must accept \(learn\)"):
+            make([NoArg()])
 
 
 class TestDispatch:
@@ -126,14 +130,15 @@ class TestDispatch:
         assert all(
             not dispatch.hooks[h] for h in Hook if h not in {Hook.BEFORE_FIT, Hook.AFTER_LOSS}
         )
-        assert dict(dispatch.overrides) == {}
+        assert dict(dispatch.overrides) == {Override.BACKWARD: (), Override.STEP: ()}
 
     def test_overrides_are_found(self):
         """A callback defining backward or step is the override for it."""
 
         class Acc(Callback):
-            def backward(self, learn):
+            def backward(self, learn, proceed):
                 return None
 
         acc = Acc()
-        assert dict(resolve_dispatch([acc]).overrides) == {Override.BACKWARD: acc}
+        overrides = resolve_dispatch([acc]).overrides
+        assert dict(overrides) == {Override.BACKWARD: (acc,), Override.STEP: ()}

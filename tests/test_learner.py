@@ -205,25 +205,49 @@ class TestWhatHooksSee:
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
     def test_step_and_backward_overrides(self):
-        """One callback may take over backward and step; the loop calls it per training batch."""
+        """Overrides run per training batch; proceed() runs the default work."""
         calls: list[tuple[str, int]] = []
 
         class Accumulate(Callback):
-            def backward(self, learn):
+            def backward(self, learn, proceed):
                 calls.append(("backward", learn.iter))
-                (learn.loss / 2).backward()
+                learn.loss = learn.loss / 2
+                proceed()
 
-            def step(self, learn):
+            def step(self, learn, proceed):
                 calls.append(("step", learn.iter))
                 if learn.iter % 2 == 1:
-                    learn.opt.step()
-                    learn.opt.zero_grad()
+                    proceed()
 
         model = mlp()
         learn = Learner(model, batches_dls(2, 1), F.cross_entropy, 0.1, [Accumulate()])
         learn.fit(1)
         assert calls == [("backward", 0), ("step", 0), ("backward", 1), ("step", 1)]
         assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+    def test_overrides_compose_in_order(self):
+        """Lower order is outer: it decides whether the higher-order override runs at all."""
+        calls: list[str] = []
+
+        class Outer(Callback):
+            order = 1
+
+            def step(self, learn, proceed):
+                calls.append(f"outer {learn.iter}")
+                if learn.iter == 1:
+                    proceed()
+
+        class Inner(Callback):
+            order = 5
+
+            def step(self, learn, proceed):
+                calls.append(f"inner {learn.iter}")
+                learn.opt.step()
+                learn.opt.zero_grad()
+
+        learn = Learner(mlp(), batches_dls(2, 0), F.cross_entropy, 0.1, [Inner(), Outer()])
+        learn.fit(1)
+        assert calls == ["outer 0", "outer 1", "inner 1"]
 
     def test_fit_from_a_hook_is_refused(self):
         """fit() inside a running fit is an InvalidTransitionError (and fails the outer fit)."""
