@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from functools import cache
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
@@ -200,6 +201,7 @@ def cancel_trigger(cancel: CancelException) -> Trigger:
     raise TypeError(msg + ", ".join(exc.__name__ for exc, _ in _CANCELS))
 
 
+@cache
 def table_digest() -> str:
     """Return a BLAKE2b digest of the table, so a log can name the machine it ran on."""
     rows = "\n".join(

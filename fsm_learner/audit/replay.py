@@ -21,10 +21,10 @@ import orjson
 
 from fsm_learner.audit.schema import (
     SCHEMA_VERSION,
+    Chain,
     Field,
     RecordKind,
     RunStatus,
-    chain_hash,
     unseal,
 )
 from fsm_learner.machine import State, Trigger, build_machine, compile_routes, table_digest
@@ -164,7 +164,7 @@ class _RunReplay:
 
     def __init__(self, report: RunReport, key: bytes | None) -> None:
         self.report, self.key = report, key
-        self.prev = b""
+        self.chain = Chain(key)
         self.seq = 0
         self.t_prev = 0
         self.state: str = State.IDLE.value
@@ -203,12 +203,11 @@ class _RunReplay:
             raise _Invalid(msg)
 
     def _check_chain(self, body: bytes, digest: bytes) -> None:
-        expected = chain_hash(self.prev, body, self.key)
-        if expected != digest:
+        if self.chain.digest(body) != digest:
             hint = " (or the wrong key)" if self.key is not None else ""
             msg = f"hash chain broken: the record was edited, inserted or reordered{hint}"
             raise _Invalid(msg)
-        self.prev = digest
+        self.chain.head = digest
         self.report.head = digest.hex()
 
     def _transition(self, record: dict[str, Any], seq: int, event: str, dt: int) -> None:

@@ -4,8 +4,8 @@ The learner appends one small tuple per transition to ``AuditWriter.pending`` (a
 read and an append: no dict, no JSON, no tensor, no device sync). At every pass end, on
 failure, at run end, and when ``pending`` grows past ``FLUSH_AT``, the writer hands the
 pending records to a structlog logger it builds itself with ``structlog.wrap_logger``:
-``ExpandRecords`` turns them into record dicts, ``ChainRenderer`` renders each with
-orjson and seals it with the chained hash, and ``JsonlFile`` writes the lines. One
+``RenderRecords`` renders them as JSON bodies, ``ChainRenderer`` seals each with the
+chained hash, and ``JsonlFile`` writes the lines. One
 structlog call per flush rather than per transition: structlog's own cost is several µs
 per call here, more than the 2 µs a transition may cost in all (see the README).
 
@@ -26,11 +26,10 @@ import structlog
 
 from fsm_learner.audit.schema import (
     SCHEMA_VERSION,
+    Chain,
     Field,
     RecordKind,
     RunStatus,
-    chain_hash,
-    seal,
 )
 
 if TYPE_CHECKING:
@@ -43,8 +42,8 @@ __all__ = [
     "FLUSH_AT",
     "AuditWriter",
     "ChainRenderer",
-    "ExpandRecords",
     "JsonlFile",
+    "RenderRecords",
     "TransitionKey",
     "emit_run_event",
 ]
@@ -67,55 +66,62 @@ def emit_run_event(event: str, **fields: Any) -> None:
         logging.getLogger(_APP_LOGGER_NAME).info("%s %s", event, fields, extra=fields)
 
 
-class ExpandRecords:
-    """Processor: turn ``event_dict["records"]`` into full record dicts, numbered in order."""
+class RenderRecords:
+    """Processor: render the pending items of ``event_dict["records"]`` as JSON bodies.
+
+    Records are numbered in order and timed from the run's start. A transition is
+    rendered through a byte template per route (the fields are fixed, only the numbers
+    vary: twice as fast as a dict through orjson, with the same bytes); header, notes
+    and footer are dicts rendered with orjson.
+    """
 
     def __init__(self, run_id: str, rank: int, t0_ns: int) -> None:
         """Start numbering at 0 and timing at ``t0_ns`` (monotonic)."""
         self.run_id, self.rank, self.t0_ns = run_id, rank, t0_ns
         self.seq = 0
+        self._templates: dict[TransitionKey, bytes] = {}
 
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-        """Replace the pending items by record dicts."""
-        event_dict["records"] = [self._expand(item) for item in event_dict["records"]]
+        """Replace the pending items by rendered bodies."""
+        bodies = []
+        seq, t0, templates = self.seq, self.t0_ns, self._templates
+        for item in event_dict["records"]:
+            if isinstance(item, dict):
+                bodies.append(self._render_dict(item, seq))
+            else:  # (t_ns, key, epoch, iter) of a transition: the common case, kept tight
+                t_ns, key, epoch, it = item
+                template = templates.get(key) or self._template(key)
+                bodies.append(template % (seq, t_ns - t0, epoch, it))
+            seq += 1
+        self.seq = seq
+        event_dict["records"] = bodies
         return event_dict
 
-    def _expand(self, item: tuple[int, TransitionKey, int, int] | dict[str, Any]) -> dict[str, Any]:
-        seq, self.seq = self.seq, self.seq + 1
-        if isinstance(item, dict):
-            t_ns = item.pop(Field.TIME_NS)
-            return {"run": self.run_id, "seq": seq, "t": t_ns - self.t0_ns, **item}
-        t_ns, (trigger, source, dest, training), epoch, it = item
-        return {
-            "run": self.run_id,
-            "seq": seq,
-            "t": t_ns - self.t0_ns,
-            "ev": trigger,
-            "src": source,
-            "dst": dest,
-            "ep": epoch,
-            "it": it,
-            "tr": training,
-            "rk": self.rank,
-        }
+    def _template(self, key: TransitionKey) -> bytes:
+        trigger, source, dest, training = key
+        record = {"run": self.run_id, "seq": 0, "t": 0, "ev": trigger, "src": source}
+        record |= {"dst": dest, "ep": 0, "it": 0, "tr": training, "rk": self.rank}
+        body = orjson.dumps(record)
+        for field in (b'"seq":0', b'"t":0', b'"ep":0', b'"it":0'):
+            body = body.replace(field, field[:-1] + b"%d", 1)
+        self._templates[key] = body
+        return body
+
+    def _render_dict(self, item: dict[str, Any], seq: int) -> bytes:
+        t_ns = item.pop(Field.TIME_NS)
+        return orjson.dumps({"run": self.run_id, "seq": seq, "t": t_ns - self.t0_ns, **item})
 
 
 class ChainRenderer:
-    """Processor: render each record with orjson and seal it with the chained hash."""
+    """Processor: seal each rendered body with the chained hash; return the lines."""
 
     def __init__(self, key: bytes | None) -> None:
         """Chain from an empty hash, keyed when ``key`` is given."""
-        self.key = key
-        self.head = b""
+        self.chain = Chain(key)
 
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> bytes:
         """Return the lines to write, one per record."""
-        lines = []
-        for record in event_dict["records"]:
-            body = orjson.dumps(record)
-            self.head = chain_hash(self.head, body, self.key)
-            lines.append(seal(body, self.head))
-        return b"".join(lines)
+        return self.chain.seal_all(event_dict["records"])
 
 
 class JsonlFile:
@@ -164,10 +170,10 @@ class AuditWriter:
         self.pending: list[Any] = []
         self._file = JsonlFile(path.open("ab"))
         self._renderer = ChainRenderer(key)
-        self._expand = ExpandRecords(run_id, rank, self.t0_ns)
+        self._render = RenderRecords(run_id, rank, self.t0_ns)
         self._log = structlog.wrap_logger(
             self._file,
-            processors=[self._expand, self._renderer],
+            processors=[self._render, self._renderer],
             wrapper_class=structlog.BoundLogger,
             context_class=dict,
         ).bind()
@@ -175,12 +181,12 @@ class AuditWriter:
     @property
     def head(self) -> str:
         """The hash of the last record written: the chain head."""
-        return self._renderer.head.hex()
+        return self._renderer.chain.head.hex()
 
     @property
     def records_written(self) -> int:
         """How many records of this run were written so far."""
-        return self._expand.seq
+        return self._render.seq
 
     def start(self, header: Mapping[str, Any]) -> None:
         """Write the header record at once."""
