@@ -7,7 +7,7 @@ TORCH_SPEC ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck check demo clean
+.PHONY: test lint typecheck check demo diagrams clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ typecheck: $(STAMP)
 	$(BIN)/mypy --strict
 
 check: test lint typecheck
+
+# diagrams/ is generated from the transition table; a test fails when it is stale
+diagrams: $(STAMP)
+	$(BIN)/fsm-learner diagram --write
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 from fsm_learner.audit.schema import RunStatus
 from fsm_learner.callback import Callback, Override
+from fsm_learner.diagram import DiagramFormat
 from fsm_learner.exceptions import (
     CancelBatchException,
     CancelEpochException,
@@ -37,6 +38,7 @@ __all__ = [
     "CancelFitException",
     "ConfigurationError",
     "DataLoaders",
+    "DiagramFormat",
     "Failure",
     "FitResult",
     "FsmLearnerError",

@@ -13,10 +13,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import orjson
+import torch
 
 from fsm_learner.audit.replay import Problem, RunReport, audit_file, log_files
 from fsm_learner.audit.schema import KEY_ENV, derive_key
 from fsm_learner.audit.summary import render_reports
+from fsm_learner.diagram import (
+    DiagramFormat,
+    DiagramView,
+    callbacks_view,
+    check_docs,
+    learner_from_factory,
+    render,
+    run_view,
+    table_view,
+    write_docs,
+)
+from fsm_learner.exceptions import FsmLearnerError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -101,6 +114,191 @@ def _run_audit(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def _diagram_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "diagram",
+        help="draw the state machine: the table, a learner's callbacks, or a run's path",
+        description=(
+            "Draw the transition table as Mermaid (the default), DOT, SVG or PNG; SVG and PNG "
+            "need Graphviz's dot. --learner puts a learner's callbacks on the transitions they "
+            "run on; --from-log draws the path an audited run took. --write regenerates the "
+            "committed diagrams, --check compares them with the table. Exit 0 on success, 1 "
+            "when the drawing or a check fails, 2 on a usage error."
+        ),
+    )
+    formats = [f.value for f in DiagramFormat]
+    parser.add_argument("--format", choices=formats, help="default: mermaid")
+    parser.add_argument("--output", type=Path, metavar="PATH", help="default: stdout (text)")
+    view = parser.add_mutually_exclusive_group()
+    view.add_argument(
+        "--learner",
+        metavar="MODULE:FACTORY",
+        help="a function that returns a Learner: label each transition with its callbacks",
+    )
+    view.add_argument(
+        "--from-log",
+        type=Path,
+        metavar="RUN.jsonl",
+        help="an audit log: draw the path its run took, each edge with how often",
+    )
+    view.add_argument("--write", action="store_true", help="regenerate the diagrams folder")
+    view.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when the diagrams folder differs from what the table generates",
+    )
+    parser.add_argument(
+        "--run-id", metavar="ID", help="with --from-log: which run of the file (default: last)"
+    )
+    parser.add_argument(
+        "--key-env",
+        default=KEY_ENV,
+        metavar="VAR",
+        help=f"with --from-log: variable holding a keyed log's key (default {KEY_ENV})",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        metavar="DIR",
+        help="with --write or --check: the diagrams folder (default: the checkout's diagrams/)",
+    )
+    parser.set_defaults(run=_run_diagram)
+
+
+def _diagram_usage(args: argparse.Namespace) -> str | None:
+    """Say what is wrong with the combination of options, if anything."""
+    docs = args.write or args.check
+    if args.run_id is not None and args.from_log is None:
+        return "--run-id goes with --from-log"
+    if args.dir is not None and not docs:
+        return "--dir goes with --write or --check"
+    if docs and (args.format is not None or args.output is not None):
+        return "--write and --check take no --format or --output: they do all of diagrams/"
+    if args.format == DiagramFormat.PNG and args.output is None:
+        return "png is an image, not text for stdout: give --output PATH"
+    if args.from_log is not None and not args.from_log.is_file():
+        return f"{args.from_log}: no such file (--from-log takes one audit log)"
+    return None
+
+
+def _diagram_view(args: argparse.Namespace) -> DiagramView:
+    if args.learner is not None:
+        if str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))  # MODULE may be a file here, as with python -m
+        learn = learner_from_factory(args.learner)
+        return callbacks_view(learn.cbs, f"fsm_learner: what runs where ({args.learner})")
+    if args.from_log is not None:
+        key = derive_key(os.environ.get(args.key_env) or None)
+        return run_view(args.from_log, run_id=args.run_id, key=key)
+    return table_view()
+
+
+def _diagram_docs(args: argparse.Namespace) -> int:
+    if args.write:
+        for path in write_docs(args.dir):
+            print(f"wrote {path}")
+        return EXIT_OK
+    stale, skipped = check_docs(args.dir)
+    for note in skipped:
+        print(f"fsm-learner diagram: {note}", file=sys.stderr)
+    if stale:
+        names = ", ".join(str(path) for path in stale)
+        print(
+            f"fsm-learner diagram: stale: {names} differ from what the transition table "
+            "generates; `make diagrams` (fsm-learner diagram --write) regenerates them",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print("the diagrams are up to date with the transition table")
+    return EXIT_OK
+
+
+def _run_diagram(args: argparse.Namespace) -> int:
+    problem = _diagram_usage(args)
+    if problem is not None:
+        print(f"fsm-learner diagram: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.write or args.check:
+            return _diagram_docs(args)
+        data = render(_diagram_view(args), args.format or DiagramFormat.MERMAID)
+        if args.output is None:
+            sys.stdout.write(data.decode())
+        else:
+            args.output.write_bytes(data)
+    except FsmLearnerError as exc:
+        print(f"fsm-learner diagram: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:
+        print(f"fsm-learner diagram: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        msg = f"must be >= 1, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "bench",
+        help="per-batch cost of the machine and its log against a bare PyTorch loop",
+        description=(
+            "Run a bare PyTorch loop and fsm_learner interleaved on the same model and data, "
+            "time each with the process's CPU time, and report medians of per-pair ratios."
+        ),
+    )
+    parser.add_argument("--config", choices=["tiny", "small", "all"], default="all")
+    parser.add_argument("--pairs", type=_positive, default=30, help="interleaved pairs per case")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured pairs first")
+    parser.add_argument("--epochs", type=_positive, default=5, help="epochs per timed run")
+    parser.add_argument("--threads", type=_positive, default=1, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N] where available")
+    parser.add_argument(
+        "--audit-records",
+        type=_positive,
+        default=1_000_000,
+        help="size of the synthetic log the audit throughput is measured on",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from fsm_learner.bench import render_bench, run_bench  # noqa: PLC0415 (needs scikit-learn)
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        print(f"fsm-learner bench: --device {args.device!r} is not a torch device", file=sys.stderr)
+        return EXIT_USAGE
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(
+            "fsm-learner bench: --device cuda, but torch.cuda.is_available() is False",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    configs = ("tiny", "small") if args.config == "all" else (args.config,)
+    report = run_bench(
+        configs=configs,
+        pairs=args.pairs,
+        warmup=args.warmup,
+        device=args.device,
+        threads=args.threads,
+        epochs=args.epochs,
+        audit_records=args.audit_records,
+    )
+    if args.json:
+        print(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render_bench(report))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of the whole command."""
     parser = argparse.ArgumentParser(
@@ -109,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _audit_parser(sub)
+    _diagram_parser(sub)
+    _bench_parser(sub)
     return parser
 
 

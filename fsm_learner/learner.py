@@ -114,9 +114,13 @@ class _Route:
     hooks_first: bool
     count_key: tuple[Trigger, bool]
     record: TransitionKey
+    next: _Node = attrs.field(eq=False, repr=False)
+    """The routes out of ``dest`` (same value of training): the hot path follows these."""
 
 
-_Routes = Mapping[State, Mapping[Trigger, _Route]]
+_Node = dict[Trigger, _Route]
+"""The routes out of one state, by trigger."""
+_Routes = Mapping[State, _Node]
 
 
 @cache
@@ -126,26 +130,25 @@ def _table_routes() -> Mapping[bool, Mapping[State, Mapping[Trigger, State]]]:
 
 def _compile(dispatch: Dispatch) -> Mapping[bool, _Routes]:
     """Attach this fit's ordered hooks to the table's routes, for both values of training."""
-
-    def route(source: State, trigger: Trigger, dest: State, training: bool) -> _Route:
-        hook = HOOK_OF[trigger]
-        first = TIMING_OF[trigger] is HookTiming.BEFORE_CHANGE
-        record = (trigger.value, source.value, dest.value, training)
-        return _Route(trigger, dest, hook, dispatch.hooks[hook], first, (trigger, training), record)
-
     return MappingProxyType(
-        {
-            training: MappingProxyType(
-                {
-                    state: MappingProxyType(
-                        {t: route(state, t, d, training) for t, d in by_trigger.items()},
-                    )
-                    for state, by_trigger in routes.items()
-                },
-            )
-            for training, routes in _table_routes().items()
-        },
+        {training: _compile_for(dispatch, training) for training in (True, False)},
     )
+
+
+def _compile_for(dispatch: Dispatch, training: bool) -> _Routes:
+    table = _table_routes()[training]
+    nodes: dict[State, _Node] = {state: {} for state in table}
+    for source, by_trigger in table.items():
+        for trigger, dest in by_trigger.items():
+            hook = HOOK_OF[trigger]
+            first = TIMING_OF[trigger] is HookTiming.BEFORE_CHANGE
+            record = (trigger.value, source.value, dest.value, training)
+            # after_fail hooks run in Learner._fail, where their errors become notes
+            calls = () if trigger is Trigger.FAIL else dispatch.hooks[hook]
+            nodes[source][trigger] = _Route(
+                trigger, dest, hook, calls, first, (trigger, training), record, nodes[dest]
+            )
+    return MappingProxyType(nodes)
 
 
 def _zero_counts() -> dict[tuple[Trigger, bool], int]:
@@ -184,6 +187,7 @@ def _rank() -> int:
 
 
 _NAN: Final = float("nan")
+_now_ns: Final = time.monotonic_ns
 
 
 class Learner:
@@ -244,7 +248,9 @@ class Learner:
         self._failure: Failure | None = None
         self._origin: Failure | None = None
         self._compiled: Mapping[bool, _Routes] = _compile(resolve_dispatch(()))
-        self._routes: _Routes = self._compiled[True]
+        self._fail_calls: tuple[tuple[Callback, HookCall], ...] = ()
+        self._dispatch_key: tuple[tuple[Callback, object], ...] | None = None
+        self._node: _Node = self._compiled[False][State.IDLE]
         self._backward: HookCall = _default_backward
         self._step: HookCall = _default_step
         self.audit_log = None if audit_log is None else Path(audit_log)
@@ -317,6 +323,16 @@ class Learner:
         """What failed the last fit, or None when it did not fail."""
         return self._failure
 
+    def diagram(self, fmt: str = "mermaid") -> str:
+        """Draw the machine with this learner's callbacks on the transitions they run on.
+
+        ``fmt`` is ``"mermaid"``, ``"dot"`` or ``"svg"`` (which needs Graphviz's ``dot``);
+        each edge lists the callbacks of its hook in the order they run.
+        """
+        from fsm_learner.diagram import callbacks_view, render_text  # noqa: PLC0415 (graphs stay off the training path)
+
+        return render_text(callbacks_view(self.cbs), fmt)
+
     # -- the loop --------------------------------------------------------------------
 
     def fit(self, n_epochs: int) -> FitResult:
@@ -367,20 +383,30 @@ class Learner:
         return self._close_run(status)
 
     def _prepare(self, n_epochs: int) -> None:
-        self.cbs = validate_callbacks(self.cbs)
-        dispatch = resolve_dispatch(self.cbs)
-        self._compiled = _compile(dispatch)
-        backward, step = Override.BACKWARD, Override.STEP
-        self._backward = chain_overrides(dispatch.overrides[backward], backward, _default_backward)
-        self._step = chain_overrides(dispatch.overrides[step], step, _default_step)
+        self._resolve_callbacks()
         self._n_epochs = n_epochs
         self._epoch = self._iter = self._seq = 0
         self._counts = _zero_counts()
         self._training = False
         self._rank = _rank()
         self._failure = self._origin = None
-        self._routes = self._compiled[False]  # the routes always match learn.training
+        self._node = self._compiled[False][State.IDLE]  # routes always match learn.training
         self.opt = self.opt_func(self.model.parameters(), self.lr)
+
+    def _resolve_callbacks(self) -> None:
+        """Check the callbacks and compile their dispatch, unless they are unchanged."""
+        # a callback's order may change between fits; cbs may hold a non-Callback (refused)
+        key = tuple((cb, getattr(cb, "order", None)) for cb in self.cbs)
+        if key == self._dispatch_key:
+            return
+        self.cbs = validate_callbacks(self.cbs)
+        dispatch = resolve_dispatch(self.cbs)
+        self._compiled = _compile(dispatch)
+        self._fail_calls = dispatch.hooks[Hook.AFTER_FAIL]
+        backward, step = Override.BACKWARD, Override.STEP
+        self._backward = chain_overrides(dispatch.overrides[backward], backward, _default_backward)
+        self._step = chain_overrides(dispatch.overrides[step], step, _default_step)
+        self._dispatch_key = key
 
     # -- the run's audit log ----------------------------------------------------------
 
@@ -481,7 +507,7 @@ class Learner:
 
     def _one_pass(self, *, training: bool) -> None:
         self._training = training
-        self._routes = self._compiled[training]
+        self._node = self._compiled[training][self._state]
         self.model.train(training)
         self.dl = self.dls.train if training else self.dls.valid
         try:
@@ -522,24 +548,22 @@ class Learner:
     # -- the one place where transitions happen ---------------------------------------
 
     def _fire(self, trigger: Trigger) -> None:
-        route = self._routes[self._state].get(trigger)
+        route = self._node.get(trigger)
         if route is None:
             self._refuse(trigger)
-        if route.hooks_first:
-            if route.calls:
-                self._run_hooks(route)
-            self._change(route)
-        else:
-            self._change(route)
-            if route.calls:
-                self._run_hooks(route)
-
-    def _change(self, route: _Route) -> None:
+        calls = route.calls
+        if calls and route.hooks_first:
+            self._run_hooks(route)
+        # the state change, inlined: this runs 5-6 times per batch
         self._state = route.dest
+        self._node = route.next
         self._seq += 1
         self._counts[route.count_key] += 1
-        if self._pending is not None:
-            self._pending.append((time.monotonic_ns(), route.record, self._epoch, self._iter))
+        pending = self._pending
+        if pending is not None:
+            pending.append((_now_ns(), route.record, self._epoch, self._iter))
+        if calls and not route.hooks_first:
+            self._run_hooks(route)
 
     def _run_hooks(self, route: _Route) -> None:
         for cb, call in route.calls:
@@ -553,7 +577,7 @@ class Learner:
                 raise
 
     def _refuse(self, trigger: Trigger) -> NoReturn:
-        allowed = ", ".join(self._routes[self._state]) or "none"
+        allowed = ", ".join(self._node) or "none"
         msg = (
             f"trigger '{trigger}' is not allowed in state '{self._state}' "
             f"(training={self._training}); allowed there: {allowed}"
@@ -562,12 +586,12 @@ class Learner:
 
     def _vet_cancel(self, exc: CancelException, hook: Hook, cb: Callback) -> None:
         trigger = cancel_trigger(exc)
-        if trigger in self._routes[self._state]:
+        if trigger in self._node:
             return
         msg = (
             f"{type(exc).__name__} raised in hook {hook} of {type(cb).__name__} in state "
             f"'{self._state}', where {trigger} is not allowed; "
-            f"allowed there: {', '.join(self._routes[self._state])}"
+            f"allowed there: {', '.join(self._node)}"
         )
         illegal = IllegalCancelError(msg)
         self._origin = Failure(illegal, self._state, hook, cb)
@@ -593,9 +617,8 @@ class Learner:
             failure = Failure(exc, self._state)
         self._failure = failure
         add_note(exc, f"fsm_learner: {type(exc).__name__} {failure.describe()}")
-        route = self._routes[self._state][Trigger.FAIL]
-        self._change(route)
-        for cb, call in route.calls:
+        self._fire(Trigger.FAIL)  # its route runs no hook: after_fail runs here, guarded
+        for cb, call in self._fail_calls:
             try:
                 call(self)
             except BaseException as hook_exc:  # noqa: BLE001 (the first failure must win)

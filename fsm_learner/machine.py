@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from functools import cache
 from collections.abc import Mapping
+from functools import cache
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
