@@ -1,3 +1,41 @@
-"""The stock callbacks that come with fsm_learner, one module each."""
+"""The stock callbacks that come with fsm_learner, one module each.
 
-__all__: list[str] = []
+Their orders, and which force a host-device sync, are in the README's table. Importing
+this package needs the ``callbacks`` extra (torchmetrics, rich, matplotlib):
+``pip install 'fsm-learner[callbacks]'``.
+"""
+
+from callbacks.device import DeviceCB
+from callbacks.early_stopping import EarlyStoppingCB
+from callbacks.grad_accum import GradientAccumulationCB
+from callbacks.grad_clip import GradientClipCB
+from callbacks.lr_finder import LRFinderCB, lr_find
+from callbacks.metrics import MetricsCB, find_metrics, metrics_of
+from callbacks.mixed_precision import MixedPrecisionCB
+from callbacks.progress import ProgressCB
+from callbacks.recorder import Recorder
+from callbacks.save_model import SaveModelCB, load_checkpoint
+from callbacks.schedulers import BatchSchedCB, EpochSchedCB
+from callbacks.single_batch import SingleBatchCB
+from callbacks.terminate_on_nan import TerminateOnNaNCB
+
+__all__ = [
+    "BatchSchedCB",
+    "DeviceCB",
+    "EarlyStoppingCB",
+    "EpochSchedCB",
+    "GradientAccumulationCB",
+    "GradientClipCB",
+    "LRFinderCB",
+    "MetricsCB",
+    "MixedPrecisionCB",
+    "ProgressCB",
+    "Recorder",
+    "SaveModelCB",
+    "SingleBatchCB",
+    "TerminateOnNaNCB",
+    "find_metrics",
+    "load_checkpoint",
+    "lr_find",
+    "metrics_of",
+]

@@ -7,12 +7,21 @@ a test can compare the whole trace at once::
     Learner(model, dls, loss, lr, cbs=[rec]).fit(1)
     assert [r.hook for r in rec.records] == ["before_fit", "before_epoch", ...]
 
+``HostReads`` counts the calls that read a tensor's value back to the host, each a
+device sync on a GPU, so a test can show a callback costs none per batch::
+
+    with HostReads() as reads:
+        learn.fit(1)
+    assert reads.count == 0
+
 Library code never imports this module.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+from torch.overrides import TorchFunctionMode
 
 from fsm_learner.callback import Callback
 from fsm_learner.machine import Hook, State
@@ -20,7 +29,7 @@ from fsm_learner.machine import Hook, State
 if TYPE_CHECKING:
     from fsm_learner.learner import Learner
 
-__all__ = ["HookRecord", "RecordingCallback"]
+__all__ = ["HookRecord", "HostReads", "RecordingCallback"]
 
 
 class HookRecord(NamedTuple):
@@ -104,3 +113,28 @@ class RecordingCallback(Callback):
     def after_fail(self, learn: Learner) -> None:
         """Record after_fail."""
         self._record(Hook.AFTER_FAIL, learn)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts host reads of tensor values (``item``, ``tolist``, ``float(t)``, ...) in a block."""
+
+    READS: ClassVar[frozenset[str]] = frozenset(
+        {"item", "tolist", "__float__", "__int__", "__bool__", "numpy"},
+    )
+
+    def __init__(self) -> None:
+        """Start counting from zero."""
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        """Count the call if it reads a value back, then run it."""
+        if getattr(func, "__name__", "") in self.READS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -39,4 +39,4 @@ def test_issue_exports():
 
 def test_testing_module_exports():
     """fsm_learner.testing exports the recording callback."""
-    assert set(fsm_learner.testing.__all__) == {"HookRecord", "RecordingCallback"}
+    assert set(fsm_learner.testing.__all__) == {"HookRecord", "HostReads", "RecordingCallback"}

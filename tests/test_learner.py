@@ -15,7 +15,7 @@ from fsm_learner import (
     Learner,
     State,
 )
-from fsm_learner.testing import HookRecord, RecordingCallback
+from fsm_learner.testing import HookRecord, HostReads, RecordingCallback
 
 H, S = Hook, State
 
@@ -267,25 +267,24 @@ class TestWhatHooksSee:
 
 
 class TestNoSync:
-    def test_loop_calls_no_item_per_batch(self, monkeypatch):
-        """The loop itself never calls Tensor.item() or float(tensor)."""
-        calls = []
-        real_item = torch.Tensor.item
-        real_float = torch.Tensor.__float__
-
-        def item(self):
-            calls.append("item")
-            return real_item(self)
-
-        def to_float(self):
-            calls.append("float")
-            return real_float(self)
-
+    def test_loop_reads_nothing_back_from_tensors(self):
+        """The loop, with its audit log on, never reads a tensor value back to the host."""
         learn = Learner(mlp(), batches_dls(3, 2), F.cross_entropy, 0.1)
-        monkeypatch.setattr(torch.Tensor, "item", item)
-        monkeypatch.setattr(torch.Tensor, "__float__", to_float)
-        learn.fit(2)
-        assert calls == []
+        with HostReads() as reads:
+            learn.fit(2)
+        assert reads.count == 0
+
+    def test_host_reads_counts_what_a_hook_reads(self):
+        """The counter is live: a hook that calls .item() per batch is counted per batch."""
+
+        class Reader(Callback):
+            def after_loss(self, learn):
+                learn.loss.item()
+
+        learn = Learner(mlp(), batches_dls(3, 2), F.cross_entropy, 0.1, [Reader()])
+        with HostReads() as reads:
+            learn.fit(2)
+        assert reads.count == 2 * (3 + 2)
 
 
 def test_model_other_than_mlp_trains():

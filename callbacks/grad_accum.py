@@ -1,0 +1,85 @@
+"""GradientAccumulationCB: step the optimizer once every ``n_batches`` training batches.
+
+It owns the *whether* of a step, through both overrides (order 5: an outer layer, so the
+step overrides of higher order, GradientClipCB's and MixedPrecisionCB's, run only when it
+steps, and MixedPrecisionCB's backward scales the loss this callback divided):
+
+- ``backward`` divides ``learn.loss`` by the size of the batch's group before the rest
+  of the chain computes gradients, then puts the unscaled loss back, so that the hooks
+  that follow (metrics, recorders) see the loss of the batch itself;
+- ``step`` runs the rest of the chain (the step) only on the last batch of a group.
+
+Groups are the batch indices ``0..k-1``, ``k..2k-1``, ... of each training pass. With a
+data loader that has ``len()``, the last group may be shorter (``n % k`` batches): its
+losses are divided by its own size and it steps at the last batch, so every group's step
+follows the mean gradient of its batches, exactly as one batch of their union would
+(with a mean-reduced loss and equal batch sizes). With a data loader that has no
+``len()``, a short last group cannot be known in advance and its gradients are dropped.
+Gradients are zeroed at the start of every training pass, so nothing left over from a
+short group or a cancelled step leaks into the next pass. A cancelled batch simply
+contributes nothing to its group.
+
+``after_step`` still fires on every training batch (the ``step`` transition is taken);
+the weights change only when a group steps. No host-device sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sized
+from typing import TYPE_CHECKING
+
+from fsm_learner import Callback, ConfigurationError
+
+if TYPE_CHECKING:
+    from fsm_learner import Learner
+    from fsm_learner.callback import Proceed
+
+__all__ = ["GradientAccumulationCB"]
+
+
+class GradientAccumulationCB(Callback):
+    """Accumulate the gradients of ``n_batches`` training batches per optimizer step."""
+
+    order = 5
+
+    def __init__(self, n_batches: int) -> None:
+        """``n_batches`` >= 1 training batches per step (1 steps every batch)."""
+        if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
+            msg = f"n_batches must be an int >= 1 (batches per optimizer step), got {n_batches!r}"
+            raise ConfigurationError(msg)
+        self.n_batches = n_batches
+        self._n_in_pass: int | None = None
+
+    def before_epoch(self, learn: Learner) -> None:
+        """At the start of a training pass: learn its length, if any, and zero the gradients."""
+        if not learn.training:
+            return
+        self._n_in_pass = len(learn.dl) if isinstance(learn.dl, Sized) else None
+        if learn.opt is not None:
+            learn.opt.zero_grad()
+
+    def group_size(self, index: int) -> int:
+        """How many batches share the step of the batch at ``index`` in the pass."""
+        k, n = self.n_batches, self._n_in_pass
+        if n is not None and index >= n - n % k:
+            return n % k
+        return k
+
+    def closes_group(self, index: int) -> bool:
+        """Whether the batch at ``index`` is the last of its group (the one that steps)."""
+        n = self._n_in_pass
+        return (index + 1) % self.n_batches == 0 or (n is not None and index == n - 1)
+
+    def backward(self, learn: Learner, proceed: Proceed) -> None:
+        """Back-propagate the loss divided by the group size; leave the loss unscaled."""
+        loss = learn.loss
+        learn.loss = loss / self.group_size(learn.iter)
+        try:
+            proceed()
+        finally:
+            learn.loss = loss
+
+    def step(self, learn: Learner, proceed: Proceed) -> None:
+        """Run the step (the rest of the chain) only on the last batch of a group."""
+        if self.closes_group(learn.iter):
+            proceed()

@@ -1,0 +1,75 @@
+"""GradientClipCB: clip the gradient norm just before each optimizer step.
+
+It clips in the ``step`` override, not in ``after_backward``: with GradientAccumulationCB
+(order 5, an outer layer) it then runs only when a group steps and clips the accumulated
+gradient, not each partial sum; and it runs before MixedPrecisionCB's step (order 15, an
+inner layer), as ``torch.amp`` wants: gradients scaled by a GradScaler must be unscaled
+before clipping. For that, any callback meeting the ``GradientUnscaler`` protocol (as
+MixedPrecisionCB does) is asked to unscale the gradients first.
+
+``torch.nn.utils.clip_grad_norm_`` returns the total norm as a tensor; it is kept as
+``last_norm`` without ``.item()``, so clipping forces no host-device sync.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+
+from fsm_learner import Callback, ConfigurationError
+
+if TYPE_CHECKING:
+    from fsm_learner import Learner
+    from fsm_learner.callback import Proceed
+
+__all__ = ["GradientClipCB", "GradientUnscaler"]
+
+
+@runtime_checkable
+class GradientUnscaler(Protocol):
+    """A callback whose gradients may be scaled, and which can unscale them before a step."""
+
+    def unscale_gradients(self, learn: Learner) -> None:
+        """Bring ``.grad`` back to true scale; at most once per optimizer step."""
+        ...  # pragma: no cover (protocol)
+
+
+def _check_positive(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        msg = f"{name} must be a number > 0, got {value!r}"
+        raise ConfigurationError(msg)
+    return float(value)
+
+
+class GradientClipCB(Callback):
+    """Clip the total ``norm_type`` norm of the model's gradients to ``max_norm``."""
+
+    order = 8
+
+    def __init__(self, max_norm: float = 1.0, *, norm_type: float = 2.0) -> None:
+        """``max_norm`` > 0 and finite; ``norm_type`` > 0 (``math.inf`` for the max norm)."""
+        self.max_norm = _check_positive("max_norm", max_norm)
+        if not math.isfinite(self.max_norm):
+            msg = f"max_norm must be finite, got {max_norm!r}"
+            raise ConfigurationError(msg)
+        self.norm_type = _check_positive("norm_type", norm_type)
+        self.last_norm: torch.Tensor | None = None
+        self._unscalers: list[GradientUnscaler] = []
+
+    def before_fit(self, learn: Learner) -> None:
+        """Find the callbacks that scale gradients, once per fit."""
+        self._unscalers = [cb for cb in learn.cbs if isinstance(cb, GradientUnscaler)]
+        self.last_norm = None
+
+    def step(self, learn: Learner, proceed: Proceed) -> None:
+        """Unscale if needed, clip, then run the step."""
+        for unscaler in self._unscalers:
+            unscaler.unscale_gradients(learn)
+        self.last_norm = torch.nn.utils.clip_grad_norm_(
+            learn.model.parameters(),
+            self.max_norm,
+            norm_type=self.norm_type,
+        )
+        proceed()

@@ -1,0 +1,289 @@
+"""LRFinderCB and ``lr_find``: an exponential learning-rate sweep that suggests a rate.
+
+Over ``num_it`` training batches the learning rate of every parameter group grows
+exponentially from ``start_lr`` to ``end_lr`` (set in ``before_batch``; order 70, after
+the schedulers, so the sweep wins). After each batch the loss is smoothed (an
+exponential moving average with bias correction) and recorded with its rate in
+``lrs``/``losses``. The sweep ends in one of two ways:
+
+- the smoothed loss exceeds ``div`` times the best so far (or is not finite): a
+  ``lr_finder`` note says so, and ``CancelFitException`` ends the fit, whose audit log
+  then has status ``cancelled``;
+- ``num_it`` batches were recorded: the rest of the training pass is cancelled and every
+  later pass is cancelled as it begins (``CancelEpochException``), so the fit completes.
+
+Validation passes are skipped (cancelled as they begin). Whatever the ending (failure
+included), the model's state dict and the optimizer's state dict (learning rates,
+momentum buffers) taken in ``before_fit`` are loaded back: the sweep leaves no trace but
+``lrs``, ``losses`` and the audit log. The random number generators are not restored.
+
+``lr_find(learn, ...)`` runs a sweep: it fits with the finder added to ``learn.cbs`` for
+as many epochs as ``num_it`` batches need (``ceil(num_it / len(train))``; ``num_it``
+epochs when the training data loader has no ``len()``), then removes it.
+``suggestion()`` proposes a rate, ``plot(path)`` draws the curve (matplotlib, the
+``callbacks`` extra).
+
+Host-device sync: once per training batch, to read the loss. It is inherent: deciding
+after each batch whether the loss diverged needs its value on the host.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sized
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from fsm_learner import (
+    Callback,
+    CancelEpochException,
+    CancelFitException,
+    ConfigurationError,
+    FsmLearnerError,
+)
+
+if TYPE_CHECKING:
+    import os
+
+    import torch
+
+    from fsm_learner import FitResult, Learner
+
+__all__ = ["LRFinderCB", "Suggestion", "lr_find"]
+
+Suggestion = Literal["steepest", "minimum"]
+_SUGGESTIONS: Final = ("steepest", "minimum")
+_EXTRA_HINT: Final = "pip install 'fsm-learner[callbacks]'"
+
+
+def _check_number(name: str, value: object, low: float, *, strict: bool = True) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < low
+        or (strict and value == low)
+    ):
+        msg = f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}"
+        raise ConfigurationError(msg)
+    return float(value)
+
+
+def _check_settings(start_lr: float, end_lr: float, num_it: int, beta: float) -> None:
+    if end_lr <= start_lr:
+        msg = f"end_lr must be above start_lr ({start_lr:g}), got {end_lr!r}"
+        raise ConfigurationError(msg)
+    if isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < 2:
+        msg = f"num_it must be an int >= 2 (batches in the sweep), got {num_it!r}"
+        raise ConfigurationError(msg)
+    if beta >= 1:
+        msg = f"beta must be in [0, 1) (0: no smoothing), got {beta!r}"
+        raise ConfigurationError(msg)
+
+
+class LRFinderCB(Callback):
+    """Sweep the learning rate exponentially over ``num_it`` batches; stop on divergence."""
+
+    order = 70
+
+    def __init__(
+        self,
+        start_lr: float = 1e-7,
+        end_lr: float = 10.0,
+        num_it: int = 100,
+        *,
+        beta: float = 0.98,
+        div: float = 4.0,
+    ) -> None:
+        """Check the settings; ``beta`` smooths the loss, ``div`` says when it diverged."""
+        self.start_lr = _check_number("start_lr", start_lr, 0.0)
+        self.end_lr = _check_number("end_lr", end_lr, 0.0)
+        self.beta = _check_number("beta", beta, 0.0, strict=False)
+        self.div = _check_number("div", div, 1.0)
+        _check_settings(self.start_lr, self.end_lr, num_it, self.beta)
+        self.num_it = num_it
+        self.lrs: list[float] = []
+        self.losses: list[float] = []
+        self.diverged = False
+        self.result: FitResult | None = None
+        self._avg = 0.0
+        self._best = math.inf
+        self._saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the sweep is over: diverged, or ``num_it`` batches recorded."""
+        return self.diverged or len(self.lrs) >= self.num_it
+
+    def lr_at(self, index: int) -> float:
+        """Return the learning rate of the sweep's batch ``index`` (0 to ``num_it - 1``)."""
+        ratio = self.end_lr / self.start_lr
+        return float(self.start_lr * ratio ** (index / (self.num_it - 1)))
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def before_fit(self, learn: Learner) -> None:
+        """Keep the model's and the optimizer's state to load back afterwards."""
+        opt = learn.opt
+        model_state = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+        opt_state = {} if opt is None else copy.deepcopy(opt.state_dict())
+        self._saved = (model_state, opt_state)
+        self.lrs, self.losses = [], []
+        self.diverged = False
+        self._avg, self._best = 0.0, math.inf
+
+    def before_epoch(self, learn: Learner) -> None:
+        """Skip validation passes, and every pass once the sweep is over."""
+        if self.done or not learn.training:
+            msg = "LRFinderCB: sweep over" if self.done else "LRFinderCB: no validation"
+            raise CancelEpochException(msg)
+
+    def before_batch(self, learn: Learner) -> None:
+        """Set the sweep's learning rate for this training batch."""
+        if learn.training and learn.opt is not None:
+            lr = self.lr_at(len(self.lrs))
+            for group in learn.opt.param_groups:
+                group["lr"] = lr
+
+    def after_batch(self, learn: Learner) -> None:
+        """Record the smoothed loss; stop on divergence, end the pass when the sweep is over."""
+        if not learn.training:
+            return
+        smoothed = self._record(float(learn.loss.detach()))  # the inherent sync
+        if not math.isfinite(smoothed) or smoothed > self.div * self._best:
+            self._diverge(learn, smoothed)
+        self._best = min(self._best, smoothed)
+        if self.done:
+            msg = f"LRFinderCB: {self.num_it} batches swept"
+            raise CancelEpochException(msg)
+
+    def after_fit(self, learn: Learner) -> None:
+        """Load the model and optimizer back."""
+        self._restore(learn)
+
+    def after_cancel_fit(self, learn: Learner) -> None:
+        """Load the model and optimizer back after a divergence (or another cancel)."""
+        self._restore(learn)
+
+    def after_fail(self, learn: Learner) -> None:
+        """Load the model and optimizer back after a failure too."""
+        self._restore(learn)
+
+    # -- the sweep ---------------------------------------------------------------------
+
+    def _record(self, loss: float) -> float:
+        self.lrs.append(self.lr_at(len(self.lrs)))
+        self._avg = self.beta * self._avg + (1 - self.beta) * loss
+        smoothed = self._avg / (1 - self.beta ** len(self.lrs))
+        self.losses.append(smoothed)
+        return smoothed
+
+    def _diverge(self, learn: Learner, smoothed: float) -> None:
+        self.diverged = True
+        learn.note(
+            "lr_finder",
+            outcome="diverged",
+            lr=self.lrs[-1],
+            smoothed_loss=str(smoothed),
+            best_loss=self._best,
+            div=self.div,
+            batches=len(self.lrs),
+        )
+        msg = f"LRFinderCB: loss diverged at lr {self.lrs[-1]:.3g} ({smoothed:.4g})"
+        raise CancelFitException(msg)
+
+    def _restore(self, learn: Learner) -> None:
+        saved, self._saved = self._saved, None
+        if saved is None:
+            return
+        model_state, opt_state = saved
+        learn.model.load_state_dict(model_state)
+        if learn.opt is not None and opt_state:
+            learn.opt.load_state_dict(opt_state)
+
+    # -- results -----------------------------------------------------------------------
+
+    def suggestion(self, method: Suggestion = "steepest") -> float:
+        """Propose a learning rate from the recorded curve.
+
+        ``"steepest"``: where the smoothed loss falls fastest against log(lr), before its
+        minimum; ``"minimum"``: a tenth of the rate at the minimum.
+        """
+        if method not in _SUGGESTIONS:
+            msg = f"method must be one of {', '.join(map(repr, _SUGGESTIONS))}, got {method!r}"
+            raise ConfigurationError(msg)
+        self._need_points()
+        lowest = min(range(len(self.losses)), key=self.losses.__getitem__)
+        if method == "minimum":
+            return self.lrs[lowest] / 10
+        return self.lrs[self._steepest(lowest)]
+
+    def _steepest(self, lowest: int) -> int:
+        if lowest == 0:
+            return 0
+        slopes = [
+            (self.losses[i + 1] - self.losses[i])
+            / (math.log(self.lrs[i + 1]) - math.log(self.lrs[i]))
+            for i in range(lowest)
+        ]
+        return min(range(lowest), key=slopes.__getitem__)
+
+    def _need_points(self) -> None:
+        if len(self.losses) < 2:
+            msg = (
+                f"LRFinderCB recorded {len(self.losses)} point(s); at least 2 are needed: "
+                "run a sweep first (lr_find(learn) or a fit with the callback)"
+            )
+            raise FsmLearnerError(msg)
+
+    def plot(self, path: str | os.PathLike[str]) -> Path:
+        """Draw smoothed loss against learning rate (log scale) into ``path``; return it."""
+        self._need_points()
+        try:
+            from matplotlib.figure import Figure  # noqa: PLC0415 (an optional extra)
+        except ImportError as exc:
+            msg = f"LRFinderCB.plot needs matplotlib, an optional extra: {_EXTRA_HINT}"
+            raise ImportError(msg) from exc
+        fig = Figure(figsize=(6, 4))
+        ax = fig.subplots()
+        ax.plot(self.lrs, self.losses)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("smoothed loss")
+        suggested = self.suggestion()
+        ax.axvline(suggested, linestyle="--", color="tab:red", label=f"suggestion {suggested:.2g}")
+        ax.legend()
+        target = Path(path)
+        fig.savefig(target)
+        return target
+
+
+def _epochs_for(train: object, num_it: int) -> int:
+    if not isinstance(train, Sized):
+        return num_it
+    if len(train) == 0:
+        msg = "lr_find needs training batches; learn.dls.train is empty"
+        raise ConfigurationError(msg)
+    return math.ceil(num_it / len(train))
+
+
+def lr_find(  # noqa: PLR0913 (the finder's settings, keyword-only)
+    learn: Learner,
+    *,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_it: int = 100,
+    beta: float = 0.98,
+    div: float = 4.0,
+) -> LRFinderCB:
+    """Sweep the learning rate on ``learn`` and return the finder (see the module doc)."""
+    finder = LRFinderCB(start_lr, end_lr, num_it, beta=beta, div=div)
+    n_epochs = _epochs_for(learn.dls.train, num_it)
+    cbs = learn.cbs
+    learn.cbs = [*cbs, finder]
+    try:
+        finder.result = learn.fit(n_epochs)
+    finally:
+        learn.cbs = cbs
+    return finder

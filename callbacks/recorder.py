@@ -1,0 +1,150 @@
+"""Recorder: the history of a fit (loss and learning rate per batch, metrics per epoch).
+
+This module owns the record of a fit and its plot. Per completed training batch the
+Recorder keeps the learning rate the optimizer step used (a Python float read from the
+param group, no sync) and the loss as a detached device tensor; the losses become Python
+floats only when read (``losses``, ``plot``), in one transfer. Per epoch it keeps
+MetricsCB's values when the learner has one. ``plot`` writes a PNG with matplotlib
+(the ``callbacks`` extra), without touching pyplot's global state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from callbacks.metrics import PASS_PREFIXES, metrics_of
+from fsm_learner import Callback
+
+if TYPE_CHECKING:
+    import os
+
+    from matplotlib.axes import Axes
+
+    from fsm_learner import Learner
+
+__all__ = ["Recorder"]
+
+
+class Recorder(Callback):
+    """Record the loss and learning rate of each training batch, and the metrics per epoch.
+
+    Each fit starts a new record. ``lrs`` and ``losses`` have one entry per completed
+    training batch (a cancelled batch is not recorded); ``epochs`` has one row per epoch
+    with MetricsCB's values (``{"epoch": 0, "train_loss": ..., "valid_accuracy": ...}``),
+    empty without MetricsCB. Order 30: after MetricsCB (20) has computed a pass's values.
+    """
+
+    order = 30
+
+    def __init__(self) -> None:
+        """Start with an empty record."""
+        self._lrs: list[float | torch.Tensor] = []
+        self._chunks: list[torch.Tensor] = []
+        self._pending: list[torch.Tensor] = []
+        self._lr: float | torch.Tensor = float("nan")
+        self._epochs: dict[int, dict[str, float]] = {}
+
+    @property
+    def lrs(self) -> list[float]:
+        """The learning rate of the first param group at each completed training batch."""
+        return [float(lr) for lr in self._lrs]
+
+    @property
+    def losses(self) -> list[float]:
+        """The loss of each completed training batch (read from the device now, at once)."""
+        values: list[float] = self._loss_tensor().tolist()
+        return values
+
+    @property
+    def epochs(self) -> list[dict[str, float]]:
+        """MetricsCB's values per epoch, in epoch order."""
+        return [dict(row) for row in self._epochs.values()]
+
+    def before_fit(self, learn: Learner) -> None:  # noqa: ARG002 (the hook's signature)
+        """Forget the last fit's record."""
+        self._lrs, self._chunks, self._pending, self._epochs = [], [], [], {}
+        self._lr = float("nan")
+
+    def after_backward(self, learn: Learner) -> None:
+        """Note the learning rate the coming optimizer step uses (schedulers step after it)."""
+        if learn.opt is not None:
+            self._lr = learn.opt.param_groups[0]["lr"]
+
+    def after_batch(self, learn: Learner) -> None:
+        """Record a completed training batch: its learning rate and its loss, on the device."""
+        if learn.training:
+            self._lrs.append(self._lr)
+            self._pending.append(learn.loss.detach().float())
+
+    def after_epoch(self, learn: Learner) -> None:
+        """Keep the pass's metrics; pack the pass's losses into one tensor."""
+        self._end_pass(learn)
+
+    def after_cancel_epoch(self, learn: Learner) -> None:
+        """Keep what a cancelled pass recorded, as for a completed one."""
+        self._end_pass(learn)
+
+    def _end_pass(self, learn: Learner) -> None:
+        if self._pending:
+            self._chunks.append(torch.stack(self._pending))  # asynchronous on a device
+            self._pending = []
+        metrics = metrics_of(learn)
+        if metrics is not None and metrics.values:
+            self._epochs[learn.epoch] = {"epoch": learn.epoch, **metrics.values}
+
+    def _loss_tensor(self) -> torch.Tensor:
+        chunks = [*self._chunks, *([torch.stack(self._pending)] if self._pending else [])]
+        if not chunks:
+            return torch.empty(0)
+        device = chunks[0].device
+        return torch.cat([c.to(device) for c in chunks]).cpu()
+
+    def plot(self, path: str | os.PathLike[str], *, dpi: int = 100) -> Path:
+        """Write a PNG of the loss and learning rate per batch, and the metrics per epoch.
+
+        Needs matplotlib (``pip install 'fsm-learner[callbacks]'``); uses its Agg canvas
+        directly, so pyplot's backend and figures are left alone. Returns the path.
+        """
+        try:
+            from matplotlib.figure import Figure  # noqa: PLC0415 (an optional extra)
+        except ImportError as exc:
+            msg = "Recorder.plot needs matplotlib: pip install 'fsm-learner[callbacks]'"
+            raise ModuleNotFoundError(msg) from exc
+        names = self._metric_names()
+        fig = Figure(figsize=(7, 2.6 * (2 + len(names))), layout="constrained")
+        axes = fig.subplots(2 + len(names), 1, squeeze=False)[:, 0]
+        _plot_series(axes[0], self.losses, "training loss", "batch")
+        _plot_series(axes[1], self.lrs, "learning rate", "batch")
+        for ax, name in zip(axes[2:], names, strict=True):
+            self._plot_metric(ax, name)
+        target = Path(path)
+        fig.savefig(target, format="png", dpi=dpi)
+        return target
+
+    def _metric_names(self) -> list[str]:
+        """Return the metric names less their pass prefix (loss, accuracy, ...), as first seen."""
+        names: dict[str, None] = {}
+        for row in self._epochs.values():
+            for key in row:
+                prefix, _, name = key.partition("_")
+                if prefix in PASS_PREFIXES and name:
+                    names[name] = None
+        return list(names)
+
+    def _plot_metric(self, ax: Axes, name: str) -> None:
+        for prefix in PASS_PREFIXES:
+            key = f"{prefix}_{name}"
+            rows = [row for row in self._epochs.values() if key in row]
+            ax.plot([row["epoch"] + 1 for row in rows], [row[key] for row in rows], label=prefix)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.legend()
+
+
+def _plot_series(ax: Axes, values: list[float], title: str, xlabel: str) -> None:
+    ax.plot(range(1, len(values) + 1), values)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)

@@ -1,0 +1,81 @@
+"""TerminateOnNaNCB: a non-finite loss (NaN or infinite) cancels the fit.
+
+The check runs in ``after_loss``, so a non-finite training loss stops the fit *before*
+its backward pass and step: the weights stay those of the last good step. Validation
+losses are checked too (a non-finite loss is one, whichever the pass). Before the
+``CancelFitException``, a ``terminate_on_nan`` note in the audit log says why: the
+reason, the pass, the epoch and batch index, and the loss.
+
+Host-device sync: this callback's job needs one. Deciding on the host whether a loss on
+the device is finite means reading it back, once per check. By default it checks every
+batch (``check_every=1``): that is what keeps the weights finite, and on CPU it costs
+nothing. ``check_every=N`` instead folds the finiteness of each loss into a flag that
+stays on the device (no sync) and reads the flag once every N batches and at the end of
+each pass; the fit then stops up to N - 1 batches late (the note says how many batches
+the flag covered), and those batches may have stepped with non-finite gradients.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from fsm_learner import Callback, CancelFitException, ConfigurationError
+
+if TYPE_CHECKING:
+    from fsm_learner import Learner
+
+__all__ = ["TerminateOnNaNCB"]
+
+
+class TerminateOnNaNCB(Callback):
+    """Cancel the fit at the first non-finite loss, checked every ``check_every`` batches."""
+
+    order = 45
+
+    def __init__(self, *, check_every: int = 1) -> None:
+        """``check_every`` >= 1: batches between two reads of the device-side flag."""
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            msg = f"check_every must be an int >= 1 (batches per check), got {check_every!r}"
+            raise ConfigurationError(msg)
+        self.check_every = check_every
+        self._flag: torch.Tensor | None = None
+        self._unchecked = 0
+
+    def before_fit(self, learn: Learner) -> None:  # noqa: ARG002 (hook signature)
+        """Start with nothing to check."""
+        self._flag, self._unchecked = None, 0
+
+    def after_loss(self, learn: Learner) -> None:
+        """Fold this loss into the flag; read the flag every ``check_every`` batches."""
+        bad = torch.logical_not(torch.isfinite(learn.loss.detach()).all())
+        self._flag = bad if self._flag is None else self._flag | bad
+        self._unchecked += 1
+        if self._unchecked >= self.check_every:
+            self._check(learn)
+
+    def after_epoch(self, learn: Learner) -> None:
+        """Read what is left of the flag at the end of each pass."""
+        if self._flag is not None:
+            self._check(learn)
+
+    def _check(self, learn: Learner) -> None:
+        flag, covered = self._flag, self._unchecked
+        self._flag, self._unchecked = None, 0
+        if flag is None or not bool(flag):  # the one sync per check
+            return
+        learn.note(
+            "terminate_on_nan",
+            reason="non-finite loss",
+            training=learn.training,
+            epoch=learn.epoch,
+            iter=learn.iter,
+            loss=str(float(learn.loss.detach().float().mean())),
+            batches_checked=covered,
+        )
+        msg = (
+            f"non-finite loss in the {'training' if learn.training else 'validation'} pass "
+            f"of epoch {learn.epoch}, at or before batch {learn.iter}"
+        )
+        raise CancelFitException(msg)

@@ -1,0 +1,136 @@
+"""DeviceCB: the model and batches end up on the device, moved without a sync; bad devices fail."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import batches_dls, mlp
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from callbacks.device import DeviceCB, default_device, resolve_device, to_device
+from fsm_learner import Callback, ConfigurationError, Learner
+
+
+class BatchDevices(Callback):
+    """Records the device of each batch's inputs and targets, and of the model, per batch."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, str, str]] = []
+
+    def after_batch(self, learn):
+        x, y = learn.batch
+        param = next(learn.model.parameters())
+        self.seen.append((x.device.type, y.device.type, param.device.type))
+
+
+class ToCalls(TorchFunctionMode):
+    """Records the non_blocking flag of every Tensor.to call."""
+
+    def __init__(self):
+        super().__init__()
+        self.non_blocking: list[bool] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "to":
+            self.non_blocking.append(bool(kwargs.get("non_blocking", False)))
+        return func(*args, **kwargs)
+
+
+class Pair(NamedTuple):
+    x: torch.Tensor
+    y: int
+
+
+class TestMoves:
+    def test_cpu_training_puts_batches_and_model_on_cpu(self):
+        """On 'cpu' every batch and the model are on the CPU, and the model trains."""
+        probe = BatchDevices()
+        learn = Learner(mlp(), batches_dls(3, 2), F.cross_entropy, 0.1, [DeviceCB("cpu"), probe])
+        before = [p.clone() for p in learn.model.parameters()]
+        learn.fit(1)
+        assert probe.seen == [("cpu", "cpu", "cpu")] * 5
+        assert any(
+            not torch.equal(a, b) for a, b in zip(before, learn.model.parameters(), strict=True)
+        )
+
+    def test_meta_device_moves_everything_and_the_optimizer_follows(self):
+        """A move that replaces the parameters ('meta') repoints the fresh optimizer to them."""
+        probe = BatchDevices()
+        learn = Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, [DeviceCB("meta"), probe])
+        learn.fit(1)
+        assert probe.seen == [("meta", "meta", "meta")] * 3
+        params = list(learn.model.parameters())
+        assert learn.opt is not None
+        assert [id(p) for p in learn.opt.param_groups[0]["params"]] == [id(p) for p in params]
+        assert learn.state == "idle"
+
+    def test_loss_module_moves_with_the_model(self):
+        """A loss module with class weights is moved too, so the loss can be computed."""
+        loss = nn.CrossEntropyLoss(weight=torch.ones(10))
+        Learner(mlp(), batches_dls(1, 1), loss, 0.1, [DeviceCB("meta")]).fit(1)
+        assert loss.weight is not None
+        assert loss.weight.device.type == "meta"
+
+    def test_batches_are_moved_non_blocking(self):
+        """Every copy DeviceCB makes is non_blocking: it never waits for the device."""
+        cb = DeviceCB("cpu")
+        learn = Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, [cb])
+        learn.batch = batches_dls(1, 0).train[0]
+        with ToCalls() as calls:
+            cb.before_batch(learn)
+        assert calls.non_blocking == [True, True]
+
+    def test_to_device_rebuilds_containers(self):
+        """Tuples, named tuples, lists and dicts are rebuilt; other values pass through."""
+        batch = {
+            "a": (torch.ones(2), [torch.zeros(1), "label"]),
+            "b": Pair(torch.ones(1), 3),
+        }
+        moved = to_device(batch, torch.device("meta"))
+        assert moved["a"][0].device.type == "meta"
+        assert moved["a"][1][0].device.type == "meta"
+        assert moved["a"][1][1] == "label"
+        assert isinstance(moved["b"], Pair)
+        assert moved["b"].x.device.type == "meta"
+        assert moved["b"].y == 3
+
+
+class TestBadDevices:
+    def test_unknown_device_string_lists_valid_types(self):
+        """A typo is rejected naming what was received, the valid types and what is here."""
+        with pytest.raises(ConfigurationError) as info:
+            DeviceCB("cdua")
+        message = str(info.value)
+        assert message.startswith("unknown device 'cdua'; valid device types: cpu, cuda, mps")
+        assert "available here: cpu" in message
+        assert isinstance(info.value.__cause__, RuntimeError)  # torch's own full list
+
+    def test_cuda_without_cuda_is_rejected(self, monkeypatch):
+        """'cuda' when torch.cuda.is_available() is False says so, and what is available."""
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(ConfigurationError, match=r"'cuda' is not available: torch\.cuda\."):
+            DeviceCB("cuda")
+        with pytest.raises(ConfigurationError, match=r"is_available\(\) is False"):
+            resolve_device("cuda:0")
+
+    def test_device_index_out_of_range(self, monkeypatch):
+        """An index past the devices there are is rejected with the valid range."""
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+        with pytest.raises(ConfigurationError, match="valid indices are 0 to 0"):
+            resolve_device("cuda:3")
+
+    def test_default_is_the_cpu_without_accelerators(self, monkeypatch):
+        """None picks the first available accelerator, else the CPU."""
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+        monkeypatch.setattr(torch.xpu, "is_available", lambda: False)
+        assert default_device() == torch.device("cpu")
+        assert DeviceCB().device == torch.device("cpu")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert default_device() == torch.device("cuda")

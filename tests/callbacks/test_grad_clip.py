@@ -1,0 +1,108 @@
+"""GradientClipCB: the optimizer never sees a gradient norm above max_norm."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import batches_dls, mlp
+
+from callbacks.grad_accum import GradientAccumulationCB
+from callbacks.grad_clip import GradientClipCB
+from callbacks.mixed_precision import MixedPrecisionCB
+from fsm_learner import Callback, ConfigurationError, Learner
+
+
+def grad_norm(model: torch.nn.Module) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    )
+
+
+class NormProbe(Callback):
+    """Records the gradient norm as the step override of its order sees it."""
+
+    def __init__(self, order: int) -> None:
+        self.order = order
+        self.norms: list[float] = []
+
+    def step(self, learn, proceed):
+        self.norms.append(grad_norm(learn.model))
+        proceed()
+
+
+def fit(cbs, *, n_train=6, lr=0.5):
+    learn = Learner(mlp(), batches_dls(n_train, 1), F.cross_entropy, lr, cbs, audit_log=None)
+    learn.fit(2)
+    return learn
+
+
+class TestBound:
+    def test_the_step_sees_at_most_max_norm(self):
+        """Before clipping the norms exceed 0.05; what the optimizer steps with does not."""
+        before, after = NormProbe(order=7), NormProbe(order=9)
+        clip = GradientClipCB(0.05)
+        fit([before, clip, after])
+        assert len(after.norms) == 12
+        assert min(before.norms) > 0.05
+        assert max(after.norms) <= 0.05 * (1 + 1e-5)
+        assert isinstance(clip.last_norm, torch.Tensor)
+        assert clip.last_norm.item() == pytest.approx(before.norms[-1], rel=1e-5)
+
+    def test_small_gradients_are_left_alone(self):
+        before, after = NormProbe(order=7), NormProbe(order=9)
+        fit([before, GradientClipCB(1e6), after])
+        assert after.norms == before.norms
+
+    def test_max_norm_type(self):
+        """norm_type=inf bounds the largest absolute gradient entry."""
+        seen: list[float] = []
+
+        class MaxAbs(Callback):
+            order = 9
+
+            def step(self, learn, proceed):
+                seen.append(max(float(p.grad.abs().max()) for p in learn.model.parameters()))
+                proceed()
+
+        fit([GradientClipCB(0.01, norm_type=math.inf), MaxAbs()])
+        assert max(seen) <= 0.01 * (1 + 1e-5)
+
+    def test_with_accumulation_the_accumulated_gradient_is_clipped_once_per_step(self):
+        """Clipping sits inside accumulation's step: it sees the summed gradient of a group."""
+        before, after = NormProbe(order=7), NormProbe(order=9)
+        fit([GradientAccumulationCB(3), before, GradientClipCB(0.05), after])
+        assert len(after.norms) == 4  # 6 batches / 3, two epochs
+        assert max(after.norms) <= 0.05 * (1 + 1e-5)
+
+    def test_scaled_gradients_are_unscaled_before_clipping(self):
+        """float16 + GradScaler (on CPU here): the clip bounds the true gradient, not the scaled."""
+        after = NormProbe(order=9)
+        fp16 = MixedPrecisionCB(dtype=torch.float16)
+        learn = fit([GradientClipCB(0.05), after, fp16], lr=0.1)
+        assert fp16.scaler is not None
+        assert fp16.scaler.get_scale() > 1000  # the gradients the probe saw were scaled
+        assert max(after.norms) <= 0.05 * (1 + 1e-3)
+        plain = fit([GradientClipCB(0.05)], lr=0.1)
+        for a, b in zip(learn.model.parameters(), plain.model.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+
+
+class TestConfiguration:
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"max_norm": 0}, "max_norm must be a number > 0, got 0"),
+            ({"max_norm": -1.0}, "max_norm must be a number > 0, got -1.0"),
+            ({"max_norm": math.nan}, "max_norm must be a number > 0, got nan"),
+            ({"max_norm": math.inf}, "max_norm must be finite, got inf"),
+            ({"max_norm": True}, "max_norm must be a number > 0, got True"),
+            ({"norm_type": 0}, "norm_type must be a number > 0, got 0"),
+        ],
+    )
+    def test_bad_settings(self, kwargs, match):
+        with pytest.raises(ConfigurationError, match=match):
+            GradientClipCB(**kwargs)

@@ -1,0 +1,197 @@
+"""LRFinderCB and lr_find: a real sweep on digits, exact restoration, suggestion and plot."""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from functools import partial
+
+import orjson
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import Boom, digits_dls, mlp
+
+from callbacks.lr_finder import LRFinderCB, lr_find
+from fsm_learner import (
+    Callback,
+    ConfigurationError,
+    DataLoaders,
+    FsmLearnerError,
+    Learner,
+    RunStatus,
+)
+from fsm_learner.audit.replay import audit_file
+
+SGD_MOMENTUM = partial(torch.optim.SGD, momentum=0.9)
+
+
+class OptAtStart(Callback):
+    """Keeps a copy of the optimizer's state as the fit found it (before the finder's)."""
+
+    order = 0
+
+    def before_fit(self, learn):
+        self.state = copy.deepcopy(learn.opt.state_dict())
+
+
+def learner(cbs=(), lr=0.05):
+    return Learner(mlp(), digits_dls(), F.cross_entropy, lr, list(cbs), SGD_MOMENTUM)
+
+
+def note(result, name):
+    records = [orjson.loads(line) for line in result.audit_path.read_bytes().splitlines()]
+    (found,) = [r for r in records if r["ev"] == "note" and r["name"] == name]
+    return found
+
+
+def assert_same_state(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_state(a[key], b[key])
+    elif isinstance(a, list):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_state(x, y)
+    else:
+        assert a == b
+
+
+class TestSweep:
+    def test_diverging_sweep_cancels_the_fit_and_restores_everything(self):
+        """Up to lr=10 the loss explodes: cancel_fit, a note, then exact model and optimizer."""
+        start = OptAtStart()
+        learn = learner([start])
+        weights = copy.deepcopy(learn.model.state_dict())
+        finder = lr_find(learn, end_lr=10.0, num_it=100)
+        assert finder.diverged
+        assert finder.result is not None
+        assert finder.result.status is RunStatus.CANCELLED
+        report = audit_file(finder.result.audit_path)[0][0]
+        assert report.status is RunStatus.CANCELLED
+        assert report.cancels["cancel_fit"] == 1
+        diverged = note(finder.result, "lr_finder")
+        assert diverged["outcome"] == "diverged"
+        assert diverged["lr"] == finder.lrs[-1]
+        assert len(finder.lrs) < 100
+        assert_same_state(learn.model.state_dict(), weights)
+        assert_same_state(learn.opt.state_dict(), start.state)
+        assert learn.opt.param_groups[0]["lr"] == 0.05
+        assert learn.cbs == [start]  # lr_find took its callback back out
+
+    def test_complete_sweep_ends_the_passes_and_the_fit_completes(self):
+        """30 batches over 22-batch epochs: 2 epochs, no validation, status completed."""
+        applied: list[float] = []
+
+        class SeenLR(Callback):
+            order = 71
+
+            def after_step(self, learn):
+                applied.append(learn.opt.param_groups[0]["lr"])
+
+        learn = learner([SeenLR()])
+        weights = copy.deepcopy(learn.model.state_dict())
+        finder = lr_find(learn, start_lr=1e-4, end_lr=1e-2, num_it=30)
+        assert not finder.diverged
+        assert finder.result.status is RunStatus.COMPLETED
+        report = audit_file(finder.result.audit_path)[0][0]
+        assert report.epochs == 2
+        assert report.batches == (29, 0)  # the 30th ends the sweep: cancelled with its pass
+        assert report.cancels == {"cancel_batch": 0, "cancel_epoch": 3, "cancel_fit": 0}
+        assert applied == finder.lrs
+        assert len(finder.lrs) == 30
+        assert finder.lrs[0] == pytest.approx(1e-4)
+        assert finder.lrs[-1] == pytest.approx(1e-2)
+        ratios = [b / a for a, b in zip(finder.lrs, finder.lrs[1:], strict=False)]
+        assert max(ratios) == pytest.approx(min(ratios))
+        assert_same_state(learn.model.state_dict(), weights)
+
+    def test_restores_after_a_failure_too(self):
+        class Fail(Callback):
+            def after_step(self, learn):
+                if learn.iter == 5:
+                    raise Boom
+
+        learn = learner([Fail()])
+        weights = copy.deepcopy(learn.model.state_dict())
+        with pytest.raises(Boom):
+            lr_find(learn, num_it=50)
+        assert_same_state(learn.model.state_dict(), weights)
+        assert len(learn.cbs) == 1
+
+    def test_as_a_plain_callback_the_sweep_stops_the_fit_it_is_in(self):
+        """Added by hand to a longer fit, later epochs are cancelled as they begin."""
+        finder = LRFinderCB(1e-4, 1e-2, num_it=10)
+        result = learner([finder]).fit(3)
+        assert result.status is RunStatus.COMPLETED
+        assert len(finder.lrs) == 10
+        assert audit_file(result.audit_path)[0][0].cancels["cancel_epoch"] == 6
+
+
+class TestSuggestion:
+    def test_on_a_real_sweep(self):
+        """The suggestions lie inside the sweep, below the rate of the lowest loss."""
+        finder = lr_find(learner(), num_it=100)
+        lowest = finder.lrs[min(range(len(finder.losses)), key=finder.losses.__getitem__)]
+        for method in ("steepest", "minimum"):
+            lr = finder.suggestion(method)
+            assert finder.lrs[0] <= lr <= lowest
+        assert finder.suggestion("minimum") == pytest.approx(lowest / 10)
+
+    def test_steepest_on_a_known_curve(self):
+        finder = LRFinderCB(1e-3, 1.0, num_it=4)
+        finder.lrs = [1e-3, 1e-2, 1e-1, 1.0]
+        finder.losses = [2.0, 1.9, 1.0, 5.0]
+        assert finder.suggestion() == 1e-2  # the biggest fall starts there
+        assert finder.suggestion("minimum") == pytest.approx(1e-2)
+
+    def test_needs_a_sweep(self):
+        with pytest.raises(FsmLearnerError, match="recorded 0 point"):
+            LRFinderCB().suggestion()
+
+    def test_bad_method(self):
+        with pytest.raises(ConfigurationError, match="method must be one of 'steepest'"):
+            LRFinderCB().suggestion("valley")
+
+
+class TestPlot:
+    def test_writes_a_png(self, tmp_path):
+        finder = lr_find(learner(), num_it=40)
+        path = finder.plot(tmp_path / "lr.png")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def test_without_matplotlib_the_error_names_the_extra(self, monkeypatch):
+        finder = LRFinderCB(1e-3, 1.0, num_it=2)
+        finder.lrs, finder.losses = [1e-3, 1.0], [2.0, 1.0]
+        monkeypatch.setitem(sys.modules, "matplotlib", None)
+        monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+        with pytest.raises(ImportError, match=r"fsm-learner\[callbacks\]"):
+            finder.plot("lr.png")
+
+
+class TestConfiguration:
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"start_lr": 0}, "start_lr must be a finite number > 0, got 0"),
+            ({"end_lr": math.inf}, "end_lr must be a finite number > 0, got inf"),
+            ({"start_lr": 1.0, "end_lr": 0.1}, r"end_lr must be above start_lr \(1\), got 0.1"),
+            ({"num_it": 1}, "num_it must be an int >= 2.*got 1"),
+            ({"num_it": 10.0}, "num_it must be an int >= 2.*got 10.0"),
+            ({"beta": 1.0}, r"beta must be in \[0, 1\)"),
+            ({"beta": -0.1}, "beta must be a finite number >= 0, got -0.1"),
+            ({"div": 1}, "div must be a finite number > 1, got 1"),
+        ],
+    )
+    def test_bad_settings(self, kwargs, match):
+        with pytest.raises(ConfigurationError, match=match):
+            LRFinderCB(**kwargs)
+
+    def test_empty_training_data(self):
+        learn = Learner(mlp(), DataLoaders([], []), F.cross_entropy, 0.1)
+        with pytest.raises(ConfigurationError, match=r"learn\.dls\.train is empty"):
+            lr_find(learn)

@@ -1,0 +1,232 @@
+"""MetricsCB: values agree with a hand computation, reach the audit log, cost no sync per batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import batches_dls, digits_dls, mlp
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.regression import MeanSquaredError
+
+from callbacks.metrics import MetricsCB, RunningMean, find_metrics, metrics_of
+from fsm_learner import Callback, CancelEpochException, ConfigurationError, Learner
+from fsm_learner.testing import HostReads
+
+
+class BatchLosses(Callback):
+    """Reads each completed batch's loss and size (a test-only sync), per pass."""
+
+    order = 25
+
+    def __init__(self):
+        self.seen: list[tuple[int, bool, float, int]] = []
+
+    def after_batch(self, learn):
+        self.seen.append((learn.epoch, learn.training, learn.loss.item(), len(learn.batch[1])))
+
+    def mean(self, epoch: int, training: bool) -> float:
+        rows = [(loss, n) for e, t, loss, n in self.seen if e == epoch and t == training]
+        return sum(loss * n for loss, n in rows) / sum(n for _, n in rows)
+
+
+def hand_evaluation(model, dl) -> dict[str, float]:
+    """Mean loss over samples, micro and macro accuracy of ``model`` on ``dl``, by hand."""
+    model.eval()
+    loss_sum, n, correct = 0.0, 0, 0
+    per_class_hits, per_class_total = [0] * 10, [0] * 10
+    with torch.no_grad():
+        for x, y in dl:
+            out = model(x)
+            loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+            hits = out.argmax(1) == y
+            correct += int(hits.sum())
+            n += len(y)
+            for label, hit in zip(y.tolist(), hits.tolist(), strict=True):
+                per_class_total[label] += 1
+                per_class_hits[label] += hit
+    recalls = [h / t for h, t in zip(per_class_hits, per_class_total, strict=True) if t]
+    return {"loss": loss_sum / n, "accuracy": correct / n, "macro": sum(recalls) / len(recalls)}
+
+
+def metrics_cb() -> MetricsCB:
+    return MetricsCB(
+        MulticlassAccuracy(num_classes=10, average="micro"),
+        macro=MulticlassAccuracy(num_classes=10),
+    )
+
+
+class TestValues:
+    def test_agree_with_a_hand_computation(self):
+        """Validation loss and accuracy equal a by-hand pass of the trained model; train loss
+        equals the sample-weighted mean of the batch losses."""
+        dls, model, metrics, losses = digits_dls(batch_size=64), mlp(), metrics_cb(), BatchLosses()
+        Learner(model, dls, F.cross_entropy, 0.5, [metrics, losses]).fit(2)
+        hand = hand_evaluation(model, dls.valid)
+        assert metrics.values["valid_loss"] == pytest.approx(hand["loss"], rel=1e-5)
+        assert metrics.values["valid_accuracy"] == pytest.approx(hand["accuracy"], abs=1e-6)
+        assert metrics.values["valid_macro"] == pytest.approx(hand["macro"], abs=1e-6)
+        assert metrics.values["train_loss"] == pytest.approx(losses.mean(1, True), rel=1e-5)
+        assert metrics.history[0]["valid_loss"] == pytest.approx(losses.mean(0, False), rel=1e-5)
+        assert metrics.values["valid_accuracy"] > 0.8
+
+    def test_values_keys_and_history(self):
+        """Keys are <pass>_<name> in names() order; history has one row per epoch."""
+        metrics = metrics_cb()
+        Learner(mlp(), batches_dls(3, 2), F.cross_entropy, 0.1, [metrics]).fit(2)
+        assert metrics.names() == [
+            "train_loss",
+            "train_accuracy",
+            "train_macro",
+            "valid_loss",
+            "valid_accuracy",
+            "valid_macro",
+        ]
+        assert list(metrics.values) == metrics.names()
+        assert [row["epoch"] for row in metrics.history] == [0, 1]
+        assert metrics.history[-1] == {"epoch": 1, **metrics.values}
+        assert all(isinstance(v, float) for v in metrics.values.values())
+
+    def test_values_are_written_to_the_audit_log_once_per_pass(self):
+        """Each pass end writes a 'metrics' note with the pass's values, as floats."""
+        metrics = metrics_cb()
+        learn = Learner(mlp(), batches_dls(3, 2), F.cross_entropy, 0.1, [metrics])
+        result = learn.fit(2)
+        assert result.audit_path is not None
+        records = [json.loads(line) for line in result.audit_path.read_text().splitlines()]
+        notes = [r for r in records if r["ev"] == "note" and r["name"] == "metrics"]
+        assert [(n["epoch"], n["training"], n["batches"]) for n in notes] == [
+            (0, True, 3),
+            (0, False, 2),
+            (1, True, 3),
+            (1, False, 2),
+        ]
+        last = notes[-1]
+        assert last["complete"] is True
+        assert last["valid_loss"] == metrics.values["valid_loss"]
+        assert last["valid_accuracy"] == metrics.values["valid_accuracy"]
+        assert "train_loss" not in last
+
+    def test_a_cancelled_pass_reports_its_completed_batches(self):
+        """A pass cancelled after two batches gives their mean, noted as not complete."""
+
+        class CancelThirdTrainingBatch(Callback):
+            order = 30
+
+            def before_batch(self, learn):
+                if learn.training and learn.iter == 2:
+                    raise CancelEpochException
+
+        metrics, losses = metrics_cb(), BatchLosses()
+        learn = Learner(
+            mlp(),
+            batches_dls(4, 2),
+            F.cross_entropy,
+            0.1,
+            [metrics, losses, CancelThirdTrainingBatch()],
+        )
+        result = learn.fit(1)
+        assert metrics.values["train_loss"] == pytest.approx(losses.mean(0, True), rel=1e-6)
+        assert sum(1 for e, t, _, _ in losses.seen if t) == 2
+        records = [json.loads(x) for x in result.audit_path.read_text().splitlines()]
+        notes = [r for r in records if r["ev"] == "note"]
+        assert [(n["training"], n["batches"], n["complete"]) for n in notes] == [
+            (True, 2, False),
+            (False, 2, True),
+        ]
+
+    def test_a_pass_without_batches_gives_nan(self):
+        """An empty validation set gives NaN values rather than a torchmetrics warning."""
+        metrics = metrics_cb()
+        dls = batches_dls(2, 0)
+        Learner(mlp(), dls, F.cross_entropy, 0.1, [metrics]).fit(1)
+        assert metrics.values["train_loss"] > 0
+        assert torch.isnan(torch.tensor(metrics.values["valid_loss"]))
+        assert torch.isnan(torch.tensor(metrics.values["valid_accuracy"]))
+
+    def test_no_host_read_per_batch(self):
+        """With metrics that skip input validation, reads happen per pass, not per batch."""
+
+        def reads(n_train: int) -> int:
+            metrics = MetricsCB(MulticlassAccuracy(10, average="micro", validate_args=False))
+            learn = Learner(mlp(), batches_dls(n_train, 2), F.cross_entropy, 0.1, [metrics])
+            with HostReads() as counter:
+                learn.fit(2)
+            return counter.count
+
+        assert reads(2) == reads(6)
+
+
+class TestNames:
+    def test_names_derive_from_the_class(self):
+        """The task prefix goes and the rest becomes lower snake case."""
+        metrics = MetricsCB(MulticlassAccuracy(10), MulticlassF1Score(10), MeanSquaredError())
+        assert list(metrics.metrics) == ["accuracy", "f1_score", "mean_squared_error"]
+
+    def test_two_metrics_with_one_name_are_rejected(self):
+        """Two accuracies need names of their own; the message says how."""
+        with pytest.raises(ConfigurationError, match=r"two metrics are named 'accuracy'"):
+            MetricsCB(MulticlassAccuracy(10), MulticlassAccuracy(10, average="micro"))
+
+    @pytest.mark.parametrize("name", ["loss", "Accuracy", "valid accuracy"])
+    def test_bad_names_are_rejected(self, name):
+        """'loss' is MetricsCB's own; names are lower_snake_case identifiers."""
+        with pytest.raises(ConfigurationError, match="invalid metric name"):
+            MetricsCB(**{name: MulticlassAccuracy(10)})
+
+    def test_a_non_metric_is_rejected(self):
+        """A function is not a torchmetrics Metric: the message says what would be."""
+        with pytest.raises(ConfigurationError, match=r"must be a torchmetrics\.Metric instance"):
+            MetricsCB(acc=F.cross_entropy)  # type: ignore[arg-type]
+
+    def test_a_vector_metric_fails_at_pass_end(self):
+        """average=None computes one value per class: MetricsCB asks for a scalar."""
+        metrics = MetricsCB(MulticlassAccuracy(10, average="none"))
+        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [metrics])
+        with pytest.raises(ConfigurationError, match=r"computed \[10\], not a scalar"):
+            learn.fit(1)
+        assert learn.state == "idle"
+
+
+class TestFindMetrics:
+    def test_finds_the_callback_and_checks_the_monitor(self):
+        """find_metrics returns the MetricsCB; a known monitor passes."""
+        metrics = metrics_cb()
+        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [metrics])
+        assert find_metrics(learn, "valid_accuracy") is metrics
+        assert metrics_of(learn) is metrics
+
+    def test_unknown_monitor_lists_the_valid_names(self):
+        """The message names the monitor received, a close match and every valid name."""
+        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [metrics_cb()])
+        with pytest.raises(ConfigurationError) as info:
+            find_metrics(learn, "valid_acuracy")
+        assert str(info.value) == (
+            "unknown monitor 'valid_acuracy'; did you mean 'valid_accuracy'? valid: train_loss, "
+            "train_accuracy, train_macro, valid_loss, valid_accuracy, valid_macro"
+        )
+
+    def test_no_metrics_callback(self):
+        """Without MetricsCB the error says which callback to add."""
+        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1)
+        assert metrics_of(learn) is None
+        with pytest.raises(ConfigurationError, match=r"no MetricsCB .* to read 'valid_loss'"):
+            find_metrics(learn, "valid_loss")
+
+
+class TestRunningMean:
+    def test_weighted_mean_and_empty(self):
+        """Values are weighted by their counts; nothing added gives NaN."""
+        mean = RunningMean()
+        assert torch.isnan(mean.mean())
+        mean.add(torch.tensor(1.0), 3)
+        mean.add(torch.tensor(3.0), 1)
+        assert mean.mean().item() == pytest.approx(1.5)
+        assert mean.count == 4
+
+    def test_a_loss_that_is_not_scalar_is_rejected(self):
+        """reduction='none' gives a vector: the message says to use a mean."""
+        with pytest.raises(ConfigurationError, match="reduction='mean'"):
+            RunningMean().add(torch.ones(4), 4)

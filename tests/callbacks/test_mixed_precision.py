@@ -1,0 +1,184 @@
+"""MixedPrecisionCB: autocast where it belongs, accumulation composes, skipped steps cancel."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import Boom, batches_dls, mlp
+
+from callbacks.grad_accum import GradientAccumulationCB
+from callbacks.mixed_precision import MixedPrecisionCB
+from fsm_learner import (
+    Callback,
+    CancelBatchException,
+    ConfigurationError,
+    DataLoaders,
+    Learner,
+    RunStatus,
+)
+from fsm_learner.audit.replay import audit_file
+
+
+def autocast_on() -> bool:
+    return torch.is_autocast_enabled("cpu")
+
+
+class Look(Callback):
+    """Where autocast is on, and in which dtype the predictions come."""
+
+    order = 30
+
+    def __init__(self) -> None:
+        self.seen: dict[str, set[object]] = {"predict": set(), "backward": set(), "preds": set()}
+
+    def after_predict(self, learn):
+        self.seen["predict"].add(autocast_on())
+        self.seen["preds"].add(learn.preds.dtype)
+
+    def after_backward(self, learn):
+        self.seen["backward"].add(autocast_on())
+
+
+def learner(cbs, *, n_train=4, lr=0.5, **kwargs):
+    return Learner(mlp(), batches_dls(n_train, 2), F.cross_entropy, lr, cbs, **kwargs)
+
+
+class TestAutocastRegion:
+    def test_bfloat16_on_cpu_for_forward_and_loss_only(self):
+        look, mp = Look(), MixedPrecisionCB()
+        learner([mp, look]).fit(1)
+        assert look.seen == {"predict": {True}, "backward": {False}, "preds": {torch.bfloat16}}
+        assert mp.scaler is None
+        assert not autocast_on()
+
+    def test_training_still_learns(self):
+        """bf16 forward passes train the model: the training loss falls over 3 epochs."""
+        losses: list[float] = []
+
+        class Loss(Callback):
+            def after_epoch(self, learn):
+                if learn.training:
+                    losses.append(float(learn.loss.detach()))
+
+        learner([MixedPrecisionCB(), Loss()], n_train=20, lr=0.5, audit_log=None).fit(3)
+        assert losses[-1] < losses[0]
+
+    @pytest.mark.parametrize("cancel", [CancelBatchException, Boom])
+    def test_a_batch_ended_inside_the_region_leaves_it(self, cancel):
+        """A cancel or a failure between before_batch and after_loss does not leak autocast."""
+
+        class Raise(Callback):
+            def after_predict(self, learn):
+                assert autocast_on()
+                raise cancel
+
+        learn = learner([MixedPrecisionCB(), Raise()], audit_log=None)
+        if cancel is Boom:
+            with pytest.raises(Boom):
+                learn.fit(1)
+        else:
+            learn.fit(1)
+        assert not autocast_on()
+
+
+def one_step(cbs, k=4) -> dict[str, torch.Tensor]:
+    """Weights after k accumulated batches of 8 digits: one SGD step."""
+    cbs = [GradientAccumulationCB(k), *cbs]
+    learn = Learner(mlp(), batches_dls(k, 1), F.cross_entropy, 0.5, cbs, audit_log=None)
+    learn.fit(1)
+    return learn.model.state_dict()
+
+
+class TestWithAccumulation:
+    def test_bf16_with_accumulation_matches_accumulation_alone(self):
+        """Accumulation decides whether to step, MP how: same step within bf16 tolerance."""
+        start = mlp().state_dict()
+        alone, mixed = one_step([]), one_step([MixedPrecisionCB()])
+        for name in alone:
+            update, mixed_update = alone[name] - start[name], mixed[name] - start[name]
+            assert update.abs().max() > 1e-3
+            torch.testing.assert_close(mixed_update, update, rtol=0, atol=2e-2 * update.abs().max())
+
+    def test_fp16_scaler_with_accumulation_matches_accumulation_alone(self):
+        """With a GradScaler, the scaled accumulated gradient steps like the plain one."""
+        alone = one_step([])
+        mp = MixedPrecisionCB(dtype=torch.float16)
+        mixed = one_step([mp])
+        assert mp.skipped == 0
+        for name in alone:
+            torch.testing.assert_close(mixed[name], alone[name], rtol=0, atol=5e-5)
+
+
+def notes(path, name):
+    records = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    return [r for r in records if r["ev"] == "note" and r["name"] == name]
+
+
+class TestSkippedStep:
+    def test_a_skipped_step_takes_the_cancel_path(self):
+        """Inf gradients at batch 1: GradScaler skips the step; the log shows cancel_batch."""
+        weights: list[torch.Tensor] = []  # before each training batch
+
+        class Poison(Callback):
+            def before_batch(self, learn):
+                if learn.training:
+                    weights.append(learn.model[0].weight.detach().clone())
+
+            def after_backward(self, learn):
+                if learn.iter == 1:
+                    learn.model[0].weight.grad[0, 0] = float("inf")
+
+        mp = MixedPrecisionCB(dtype=torch.float16)
+        learn = learner([mp, Poison()])
+        result = learn.fit(1)
+        assert result.status is RunStatus.COMPLETED
+        assert mp.skipped == 1
+        report = audit_file(result.audit_path)[0][0]
+        assert report.cancels["cancel_batch"] == 1
+        assert report.batches == (3, 2)
+        (note,) = notes(result.audit_path, "mixed_precision_skip")
+        assert note["new_scale"] == note["scale"] / 2
+        assert (note["epoch"], note["iter"]) == (0, 1)
+        assert not torch.equal(weights[1], weights[0])  # batch 0 stepped
+        assert torch.equal(weights[2], weights[1])  # batch 1 did not
+        assert not torch.equal(weights[3], weights[2])  # batch 2 stepped, from clean gradients
+        assert torch.isfinite(learn.model[0].weight).all()
+
+
+class TestConfiguration:
+    def test_defaults_follow_the_device_and_dtype(self):
+        learn = learner([], audit_log=None)
+        for cb, scaled in (
+            (MixedPrecisionCB(), False),
+            (MixedPrecisionCB(dtype=torch.float16), True),
+            (MixedPrecisionCB(dtype=torch.float16, scaler=False), False),
+            (MixedPrecisionCB(dtype=torch.bfloat16, scaler=True), True),
+        ):
+            cb.before_fit(learn)
+            assert (cb.scaler is not None) is scaled
+
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"dtype": torch.float32}, "dtype must be torch.float16, torch.bfloat16 or None"),
+            ({"dtype": "bf16"}, "got 'bf16'"),
+            ({"scaler": "yes"}, "scaler must be True, False or None.*got 'yes'"),
+        ],
+    )
+    def test_bad_settings(self, kwargs, match):
+        with pytest.raises(ConfigurationError, match=match):
+            MixedPrecisionCB(**kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_float16_with_scaler():
+    """On CUDA the defaults are float16 and a GradScaler, and the model trains."""
+    x, y = batches_dls(4, 1).train[0]
+    batches = [(x.cuda(), y.cuda())] * 4
+    mp = MixedPrecisionCB()
+    learn = Learner(mlp().cuda(), DataLoaders(batches, batches[:1]), F.cross_entropy, 0.5, [mp])
+    learn.fit(1)
+    assert mp.scaler is not None
+    assert mp.skipped == 0

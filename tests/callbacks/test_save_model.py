@@ -1,0 +1,185 @@
+"""SaveModelCB and load_checkpoint: real checkpoints round-trip through weights_only loading."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import orjson
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import batches_dls, mlp
+
+from callbacks.save_model import SaveModelCB, load_checkpoint
+from fsm_learner import Callback, ConfigurationError, Learner
+
+LR = 1.0  # the validation loss goes up and down on 32 training digits (see early stopping)
+
+
+class PassMetrics(Callback):
+    """A stand-in metrics provider: the mean loss of each pass, one sync per pass."""
+
+    order = 20
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+        self.valid_history: list[float] = []
+
+    def names(self) -> list[str]:
+        return ["train_loss", "valid_loss"]
+
+    def before_epoch(self, learn):
+        self._sum, self._n = torch.zeros(()), 0
+
+    def after_batch(self, learn):
+        self._sum += learn.loss.detach() * len(learn.batch[1])
+        self._n += len(learn.batch[1])
+
+    def after_epoch(self, learn):
+        key = "train_loss" if learn.training else "valid_loss"
+        self.values[key] = float(self._sum / self._n)
+        if not learn.training:
+            self.valid_history.append(self.values[key])
+
+
+def assert_same(a: object, b: object) -> None:
+    """Nested state dicts are equal, tensors exactly."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor)
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple)
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def notes(path: Path | None, name: str) -> list[dict[str, object]]:
+    assert path is not None
+    records = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    return [r for r in records if r["ev"] == "note" and r["name"] == name]
+
+
+def adam_learner(cbs, lr=0.01):
+    return Learner(mlp(), batches_dls(4, 4), F.cross_entropy, lr, cbs, torch.optim.Adam)
+
+
+class TestRoundTrip:
+    def test_save_load_into_fresh_model_and_optimizer(self):
+        """Identical state dicts (Adam's moments included) and identical predictions."""
+        learn = adam_learner([SaveModelCB("ckpt.pt")])
+        learn.fit(2)
+        model, opt = mlp(seed=1), None
+        opt = torch.optim.Adam(model.parameters(), lr=0.5)
+        epoch = load_checkpoint("ckpt.pt", model, opt)
+        assert epoch == 1
+        assert_same(learn.model.state_dict(), model.state_dict())
+        assert_same(learn.opt.state_dict(), opt.state_dict())
+        x = batches_dls(1, 4).valid[0][0]
+        learn.model.eval()
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(learn.model(x), model(x))
+
+    def test_training_resumes_identically(self):
+        """A loaded optimizer steps exactly as the original would have."""
+        learn = adam_learner([SaveModelCB("ckpt.pt")])
+        learn.fit(1)
+        model = mlp(seed=1)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        load_checkpoint("ckpt.pt", model, opt)
+        x, y = batches_dls(1, 1).train[0]
+        for m, o in ((learn.model, learn.opt), (model, opt)):
+            m.train()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+        assert_same(learn.model.state_dict(), model.state_dict())
+
+    def test_loading_refuses_arbitrary_objects(self):
+        """weights_only=True: a pickle of anything else is refused, not executed."""
+        torch.save({"model": {}, "opt": {}, "epoch": 0, "x": Path("evil")}, "bad.pt")
+        with pytest.raises(pickle.UnpicklingError):
+            load_checkpoint("bad.pt", mlp())
+
+    def test_loading_something_else_names_the_missing_keys(self):
+        torch.save({"state_dict": {}}, "other.pt")
+        with pytest.raises(ConfigurationError, match=r"lacks \['epoch', 'model', 'opt'\]"):
+            load_checkpoint("other.pt", mlp())
+
+
+class TestWhatIsSaved:
+    def test_best_only(self):
+        """With a monitor, only improving epochs are saved; the file holds the best one."""
+        metrics = PassMetrics()
+        cb = SaveModelCB("best/model.pt", monitor="valid_loss")
+        learn = Learner(mlp(), batches_dls(4, 4), F.cross_entropy, LR, [metrics, cb])
+        result = learn.fit(8)
+        history = metrics.valid_history
+        improving = [e for e in range(8) if history[e] < min(history[:e], default=float("inf"))]
+        assert len(improving) < 8  # the trajectory has epochs that do not improve
+        written = notes(result.audit_path, "checkpoint")
+        assert [n["epoch"] for n in written] == improving
+        assert [n["value"] for n in written] == [history[e] for e in improving]
+        best = min(range(8), key=history.__getitem__)
+        assert cb.monitor is not None
+        assert cb.monitor.best_epoch == best
+        model = mlp(seed=1)
+        assert load_checkpoint("best/model.pt", model) == best
+        assert not Path("best/.model.pt.partial").exists()
+
+    def test_every_epoch(self):
+        cb = SaveModelCB("ckpts", every_epoch=True)
+        learn = adam_learner([cb])
+        learn.fit(3)
+        assert cb.saved == [Path("ckpts") / f"epoch_{n}.pt" for n in range(3)]
+        assert sorted(p.name for p in Path("ckpts").iterdir()) == [
+            f"epoch_{n}.pt" for n in range(3)
+        ]
+        model = mlp(seed=1)
+        assert load_checkpoint("ckpts/epoch_2.pt", model) == 2
+        assert_same(learn.model.state_dict(), model.state_dict())
+
+    def test_latest_is_overwritten(self):
+        cb = SaveModelCB("latest.pt")
+        adam_learner([cb]).fit(2)
+        assert cb.saved == [Path("latest.pt")] * 2
+        assert load_checkpoint("latest.pt", mlp()) == 1
+
+
+class TestConfiguration:
+    def test_monitor_and_every_epoch_exclude_each_other(self):
+        with pytest.raises(ConfigurationError, match="not both"):
+            SaveModelCB("d", monitor="valid_loss", every_epoch=True)
+
+    @pytest.mark.parametrize("path", ["", None, 3])
+    def test_bad_path(self, path):
+        with pytest.raises(ConfigurationError, match="path must be a file path"):
+            SaveModelCB(path)
+
+    def test_bad_mode(self):
+        with pytest.raises(ConfigurationError, match="mode must be one of"):
+            SaveModelCB("m.pt", monitor="valid_loss", mode="best")
+
+    def test_unknown_monitor(self):
+        learn = adam_learner([PassMetrics(), SaveModelCB("m.pt", monitor="valid_acc")])
+        with pytest.raises(ConfigurationError, match=r"unknown monitor 'valid_acc'.*'valid_loss'"):
+            learn.fit(1)
+
+
+def test_best_checkpoint_with_the_stock_metrics_callback():
+    """With MetricsCB, the saved checkpoint is the epoch of the lowest valid_loss."""
+    from callbacks.metrics import MetricsCB
+
+    metrics = MetricsCB()
+    cbs = [metrics, SaveModelCB("best.pt", monitor="valid_loss")]
+    Learner(mlp(), batches_dls(4, 4), F.cross_entropy, LR, cbs).fit(6)
+    losses = [row["valid_loss"] for row in metrics.history]
+    assert load_checkpoint("best.pt", mlp(seed=1)) == losses.index(min(losses))

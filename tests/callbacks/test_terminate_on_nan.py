@@ -1,0 +1,110 @@
+"""TerminateOnNaNCB: a non-finite loss cancels the fit, with the reason in the audit log."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import batches_dls, mlp
+
+from callbacks.terminate_on_nan import TerminateOnNaNCB
+from fsm_learner import Callback, ConfigurationError, DataLoaders, Learner, RunStatus
+from fsm_learner.audit.replay import audit_file
+
+
+def poisoned(batches, index: int, value: float = float("nan")):
+    """Real digits batches with one pixel of batch ``index`` corrupted."""
+    out = list(batches)
+    x, y = out[index]
+    x = x.clone()
+    x[0, 0] = value
+    out[index] = (x, y)
+    return out
+
+
+def fit(dls, cbs, lr=0.5, loss_func=F.cross_entropy, n_epochs=3):
+    learn = Learner(mlp(), dls, loss_func, lr, cbs if isinstance(cbs, list) else [cbs])
+    result = learn.fit(n_epochs)
+    report = audit_file(result.audit_path)[0][0]
+    records = [orjson.loads(line) for line in result.audit_path.read_bytes().splitlines()]
+    (note,) = [r for r in records if r["ev"] == "note" and r["name"] == "terminate_on_nan"]
+    return learn, result, report, note
+
+
+class TestCancelsTheFit:
+    @pytest.mark.parametrize("value", [float("nan"), float("inf")])
+    def test_a_corrupt_training_batch_stops_before_its_step(self, value):
+        """The bad batch never steps: the weights are those after the batches before it."""
+        clean = batches_dls(4, 1)
+        dls = DataLoaders(poisoned(clean.train, 2, value), clean.valid)
+        learn, result, report, note = fit(dls, TerminateOnNaNCB())
+        assert result.status is RunStatus.CANCELLED
+        assert report.cancels["cancel_fit"] == 1
+        assert report.batches == (2, 0)
+        assert note["reason"] == "non-finite loss"
+        assert (note["training"], note["epoch"], note["iter"]) == (True, 0, 2)
+        assert note["loss"] in {"nan", "inf"}
+        assert note["batches_checked"] == 1
+        reference = Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.5, audit_log=None)
+        reference.fit(1)
+        for a, b in zip(learn.model.parameters(), reference.model.parameters(), strict=True):
+            assert torch.equal(a, b)
+
+    def test_a_diverging_fit_stops(self):
+        """No corrupt data: SGD at lr=100 on a one-hot MSE loss overflows within 3 epochs."""
+        losses: list[float] = []
+
+        class Losses(Callback):
+            def after_loss(self, learn):
+                losses.append(float(learn.loss.detach()))
+
+        def one_hot_mse(preds, y):
+            return F.mse_loss(preds, F.one_hot(y, 10).float())
+
+        cbs = [Losses(), TerminateOnNaNCB()]
+        _, result, _, note = fit(batches_dls(8, 1), cbs, loss_func=one_hot_mse, lr=100.0)
+        assert result.status is RunStatus.CANCELLED
+        assert all(math.isfinite(v) for v in losses[:-1])
+        assert note["loss"] == str(losses[-1])
+
+    def test_a_corrupt_validation_batch_stops_the_fit(self):
+        clean = batches_dls(2, 3)
+        dls = DataLoaders(clean.train, poisoned(clean.valid, 1))
+        _, result, report, note = fit(dls, TerminateOnNaNCB())
+        assert result.status is RunStatus.CANCELLED
+        assert report.batches == (2, 1)
+        assert (note["training"], note["epoch"], note["iter"]) == (False, 0, 1)
+
+    def test_finite_losses_complete(self):
+        learn = Learner(mlp(), batches_dls(3, 2), F.cross_entropy, 0.5, [TerminateOnNaNCB()])
+        assert learn.fit(2).status is RunStatus.COMPLETED
+
+
+class TestCheckEvery:
+    def test_the_flag_is_read_every_n_batches(self):
+        """check_every=3, bad batch 0: detected at batch 2, covering 3 batches."""
+        clean = batches_dls(6, 1)
+        dls = DataLoaders(poisoned(clean.train, 0), clean.valid)
+        _, result, report, note = fit(dls, TerminateOnNaNCB(check_every=3))
+        assert result.status is RunStatus.CANCELLED
+        assert (note["iter"], note["batches_checked"]) == (2, 3)
+        assert report.batches == (2, 0)
+
+    def test_and_at_the_end_of_each_pass(self):
+        """check_every=8 over 4 batches: the pass end reads the flag (cancel in after_epoch)."""
+        clean = batches_dls(4, 1)
+        dls = DataLoaders(poisoned(clean.train, 1), clean.valid)
+        _, result, report, note = fit(dls, TerminateOnNaNCB(check_every=8))
+        assert result.status is RunStatus.CANCELLED
+        assert (note["training"], note["iter"], note["batches_checked"]) == (True, 3, 4)
+        assert report.batches == (4, 0)
+
+
+class TestConfiguration:
+    @pytest.mark.parametrize("n", [0, -1, 2.0, True])
+    def test_bad_check_every(self, n):
+        with pytest.raises(ConfigurationError, match=f"check_every must be an int >= 1.*got {n!r}"):
+            TerminateOnNaNCB(check_every=n)
