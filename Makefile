@@ -6,6 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: test lint typecheck check demo diagrams clean
 
@@ -17,6 +18,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)")
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+# the demo needs only the `demo` extra; `make test` installs it too (dev includes it)
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)")
+	$(BIN)/python -m pip install --quiet -e ".[demo]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	$(BIN)/fsm-learner demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -299,6 +299,61 @@ def _run_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        msg = f"must be > 0, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "demo",
+        help="train a small CNN on scikit-learn's digits, then audit and draw the run",
+        description=(
+            "Train a small CNN on the digits data set that ships with scikit-learn, with "
+            "DeviceCB, MetricsCB, ProgressCB and Recorder; write the audit log, a plot and the "
+            "run's diagram to --out, audit the log and print where each file went."
+        ),
+    )
+    parser.add_argument("--epochs", type=_positive, default=8)
+    parser.add_argument("--lr", type=_positive_float, default=1e-2, help="Adam's learning rate")
+    parser.add_argument("--batch-size", type=_positive, default=64)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs"), help="where files go")
+    parser.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from fsm_learner.exceptions import ConfigurationError  # noqa: PLC0415
+
+    try:
+        from callbacks.device import resolve_device  # noqa: PLC0415 (demo extra)
+        from fsm_learner.demo import DemoSettings, run_demo  # noqa: PLC0415 (demo extra)
+    except ImportError as exc:
+        print(f"fsm-learner demo: {exc}; pip install 'fsm-learner[demo]'", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.device != "auto":
+            resolve_device(args.device)
+        args.out.mkdir(parents=True, exist_ok=True)
+    except (ConfigurationError, OSError) as exc:
+        print(f"fsm-learner demo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    settings = DemoSettings(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        out=args.out,
+    )
+    result = run_demo(settings)
+    return EXIT_OK if result.report.verified else EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of the whole command."""
     parser = argparse.ArgumentParser(
@@ -309,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     _audit_parser(sub)
     _diagram_parser(sub)
     _bench_parser(sub)
+    _demo_parser(sub)
     return parser
 
 
