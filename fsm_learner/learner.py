@@ -8,6 +8,7 @@ the transition. Nothing else changes ``learn.state``.
 
 from __future__ import annotations
 
+import math
 import platform
 import time
 import uuid
@@ -25,7 +26,13 @@ from torch import nn
 
 from fsm_learner._compat import add_note
 from fsm_learner.audit.schema import RunStatus, derive_key
-from fsm_learner.audit.writer import FLUSH_AT, AuditWriter, TransitionKey, emit_run_event
+from fsm_learner.audit.writer import (
+    FLUSH_AT,
+    AuditWriter,
+    TransitionKey,
+    emit_run_event,
+    note_record,
+)
 from fsm_learner.callback import (
     Callback,
     Dispatch,
@@ -52,10 +59,10 @@ from fsm_learner.machine import (
     HookTiming,
     State,
     Trigger,
-    build_machine,
+    cancel_names,
     cancel_trigger,
-    compile_routes,
     table_digest,
+    table_routes,
 )
 
 if TYPE_CHECKING:
@@ -123,11 +130,6 @@ _Node = dict[Trigger, _Route]
 _Routes = Mapping[State, _Node]
 
 
-@cache
-def _table_routes() -> Mapping[bool, Mapping[State, Mapping[Trigger, State]]]:
-    return compile_routes(build_machine())
-
-
 def _compile(dispatch: Dispatch) -> Mapping[bool, _Routes]:
     """Attach this fit's ordered hooks to the table's routes, for both values of training."""
     return MappingProxyType(
@@ -136,7 +138,7 @@ def _compile(dispatch: Dispatch) -> Mapping[bool, _Routes]:
 
 
 def _compile_for(dispatch: Dispatch, training: bool) -> _Routes:
-    table = _table_routes()[training]
+    table = table_routes()[training]
     nodes: dict[State, _Node] = {state: {} for state in table}
     for source, by_trigger in table.items():
         for trigger, dest in by_trigger.items():
@@ -168,8 +170,8 @@ def _check_dls(dls: object) -> None:
 
 
 def _check_lr(lr: object) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or lr < 0:
-        msg = f"lr must be a number >= 0, got {lr!r}"
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 <= lr < math.inf:
+        msg = f"lr must be a finite number >= 0, got {lr!r}"
         raise ConfigurationError(msg)
     return float(lr)
 
@@ -245,11 +247,13 @@ class Learner:
         self._seq = 0
         self._rank = 0
         self._counts: dict[tuple[Trigger, bool], int] = _zero_counts()
+        self._fitting = False
         self._failure: Failure | None = None
         self._origin: Failure | None = None
         self._compiled: Mapping[bool, _Routes] = _compile(resolve_dispatch(()))
         self._fail_calls: tuple[tuple[Callback, HookCall], ...] = ()
-        self._dispatch_key: tuple[tuple[Callback, object], ...] | None = None
+        self._dispatch_key: tuple[tuple[int, object], ...] | None = None
+        self._dispatch_cbs: tuple[Callback, ...] = ()
         self._node: _Node = self._compiled[False][State.IDLE]
         self._backward: HookCall = _default_backward
         self._step: HookCall = _default_step
@@ -361,10 +365,20 @@ class Learner:
         note saying where it happened. Every transition is written to the audit log,
         which the run's footer closes whatever the outcome.
         """
-        if self._state is not State.IDLE:
-            msg = f"fit() called in state '{self._state}'; a fit can only start from idle"
+        if self._fitting or self._state is not State.IDLE:
+            msg = (
+                f"fit() called in state '{self._state}' while a fit is running; a fit can "
+                "only start from idle, once the previous one has closed its log"
+            )
             raise InvalidTransitionError(msg)
-        self._prepare(_check_n_epochs(n_epochs))
+        self._fitting = True
+        try:
+            return self._run(_check_n_epochs(n_epochs))
+        finally:
+            self._fitting = False
+
+    def _run(self, n_epochs: int) -> FitResult:
+        self._prepare(n_epochs)
         self._open_run()
         status = RunStatus.COMPLETED
         try:
@@ -374,12 +388,12 @@ class Learner:
                 self._fire(Trigger.CANCEL_FIT)
                 status = RunStatus.CANCELLED
         except BaseException as exc:
-            failure = self._as_failure(exc)
-            self._fail(failure)
-            self._close_run_after_failure(failure)
-            if failure is exc:
+            failed = self._as_failure(exc)
+            self._fail(failed)
+            self._close_run_after_failure(failed)
+            if failed is exc:
                 raise
-            raise failure from exc
+            raise failed from exc
         return self._close_run(status)
 
     def _prepare(self, n_epochs: int) -> None:
@@ -395,9 +409,12 @@ class Learner:
 
     def _resolve_callbacks(self) -> None:
         """Check the callbacks and compile their dispatch, unless they are unchanged."""
-        # a callback's order may change between fits; cbs may hold a non-Callback (refused)
-        key = tuple((cb, getattr(cb, "order", None)) for cb in self.cbs)
-        if key == self._dispatch_key:
+        # the same objects (identity, not ==) with the same orders; cbs may hold a
+        # non-Callback, which validation refuses
+        key = tuple((id(cb), getattr(cb, "order", None)) for cb in self.cbs)
+        if key == self._dispatch_key and all(
+            a is b for a, b in zip(self.cbs, self._dispatch_cbs, strict=True)
+        ):
             return
         self.cbs = validate_callbacks(self.cbs)
         dispatch = resolve_dispatch(self.cbs)
@@ -406,14 +423,21 @@ class Learner:
         backward, step = Override.BACKWARD, Override.STEP
         self._backward = chain_overrides(dispatch.overrides[backward], backward, _default_backward)
         self._step = chain_overrides(dispatch.overrides[step], step, _default_step)
-        self._dispatch_key = key
+        self._dispatch_key, self._dispatch_cbs = key, tuple(self.cbs)
 
     # -- the run's audit log ----------------------------------------------------------
 
     def note(self, name: str, **fields: Any) -> None:
-        """Add a note record to the audit log (metrics at pass end, say); JSON values only."""
+        """Add a note record to the audit log (metrics at pass end, say); JSON values only.
+
+        Checked the same way whether the log is on or off; only a fit has a log to note in.
+        """
+        if not self._fitting:
+            msg = f"note({name!r}) outside a fit: notes belong to a run (call it from a hook)"
+            raise InvalidTransitionError(msg)
+        record = note_record(name, fields)
         if self._writer is not None:
-            self._writer.note(name, fields)
+            self._writer.note(record)
 
     def _open_run(self) -> None:
         self._run_id = uuid.uuid4().hex[:12]
@@ -421,14 +445,13 @@ class Learner:
         self._writer = self._pending = self._audit_path = None
         if self.audit_log is not None:
             path = self._log_path(self.audit_log)
-            self._writer = AuditWriter(
-                path,
-                run_id=self._run_id,
-                key=self._audit_key,
-                rank=self._rank,
-            )
-            self._writer.start(self._header())
-            self._pending, self._audit_path = self._writer.pending, path
+            writer = AuditWriter(path, run_id=self._run_id, key=self._audit_key, rank=self._rank)
+            try:
+                writer.start(self._header())
+            except BaseException:
+                writer.close()
+                raise
+            self._writer, self._pending, self._audit_path = writer, writer.pending, path
         emit_run_event("run_start", run_id=self._run_id, audit_path=str(self._audit_path))
 
     def _log_path(self, target: Path) -> Path:
@@ -507,6 +530,7 @@ class Learner:
 
     def _one_pass(self, *, training: bool) -> None:
         self._training = training
+        self._iter = 0
         self._node = self._compiled[training][self._state]
         self.model.train(training)
         self.dl = self.dls.train if training else self.dls.valid
@@ -586,14 +610,10 @@ class Learner:
 
     def _vet_cancel(self, exc: CancelException, hook: Hook, cb: Callback) -> None:
         trigger = cancel_trigger(exc)
-        if trigger in self._node:
+        if trigger is not None and trigger in self._node:
             return
-        msg = (
-            f"{type(exc).__name__} raised in hook {hook} of {type(cb).__name__} in state "
-            f"'{self._state}', where {trigger} is not allowed; "
-            f"allowed there: {', '.join(self._node)}"
-        )
-        illegal = IllegalCancelError(msg)
+        where = f"raised in hook {hook} of {type(cb).__name__} in state '{self._state}'"
+        illegal = IllegalCancelError(_illegal_cancel_message(exc, trigger, where, self._node))
         self._origin = Failure(illegal, self._state, hook, cb)
         raise illegal from exc
 
@@ -603,11 +623,8 @@ class Learner:
         """Turn a cancel that escaped its unit outside any hook into an IllegalCancelError."""
         if not isinstance(exc, CancelException):
             return exc
-        msg = (
-            f"{type(exc).__name__} raised outside a hook in state '{self._state}', "
-            f"where {cancel_trigger(exc)} is not allowed"
-        )
-        return IllegalCancelError(msg)
+        where = f"raised outside a hook in state '{self._state}'"
+        return IllegalCancelError(_illegal_cancel_message(exc, cancel_trigger(exc), where))
 
     def _fail(self, exc: BaseException) -> None:
         origin = self._origin
@@ -627,6 +644,20 @@ class Learner:
                     f"fsm_learner: then {Hook.AFTER_FAIL} of {type(cb).__name__} raised "
                     f"{type(hook_exc).__name__}: {hook_exc} (ignored)",
                 )
+
+
+def _illegal_cancel_message(
+    exc: CancelException,
+    trigger: Trigger | None,
+    where: str,
+    allowed: Iterable[Trigger] = (),
+) -> str:
+    name = type(exc).__name__
+    if trigger is None:
+        return f"{name} {where} is not a cancel the machine knows; raise one of {cancel_names()}"
+    allowed_there = ", ".join(allowed)
+    tail = f"; allowed there: {allowed_there}" if allowed_there else ""
+    return f"{name} {where}, where {trigger} is not allowed{tail}"
 
 
 @cache

@@ -48,9 +48,11 @@ __all__ = [
     "TransitionSpec",
     "Trigger",
     "build_machine",
+    "cancel_names",
     "cancel_trigger",
     "compile_routes",
     "table_digest",
+    "table_routes",
 ]
 
 
@@ -192,13 +194,26 @@ TIMING_OF: Final[Mapping[Trigger, HookTiming]] = MappingProxyType(
 _CANCELS: Final = tuple((spec.cancel, spec.trigger) for spec in TRANSITION_TABLE if spec.cancel)
 
 
-def cancel_trigger(cancel: CancelException) -> Trigger:
-    """Return the cancel transition that ``cancel`` asks for (subclasses included)."""
+def cancel_trigger(cancel: CancelException) -> Trigger | None:
+    """Return the cancel transition ``cancel`` asks for (subclasses included), or None.
+
+    None for the base class itself, or a subclass of it that is none of the three.
+    """
     for exc_type, trigger in _CANCELS:
         if isinstance(cancel, exc_type):
             return trigger
-    msg = f"{type(cancel).__name__} is a CancelException of no cancel transition; valid: "
-    raise TypeError(msg + ", ".join(exc.__name__ for exc, _ in _CANCELS))
+    return None
+
+
+def cancel_names() -> str:
+    """Name the cancel exceptions that take a transition, for error messages."""
+    return ", ".join(exc.__name__ for exc, _ in _CANCELS)
+
+
+@cache
+def table_routes() -> Mapping[bool, Routes]:
+    """Return the routes compiled off the machine built from the table, built once."""
+    return compile_routes(build_machine())
 
 
 @cache

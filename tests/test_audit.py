@@ -496,3 +496,69 @@ def test_reader_never_raises_on_mutated_logs(ops, pristine, tmp_path):
     assert problem is not None or reports
     if bytes(data) != pristine:
         assert problem is not None or not all(r.verified for r in reports)
+
+
+class TestReviewFindings:
+    def test_keyed_log_rewritten_unkeyed_fails_with_the_key(self, capsys, monkeypatch):
+        """Given a key, an unkeyed chain does not verify (else a keyed log could be downgraded)."""
+        from fsm_learner.audit.schema import chain_hash, seal, unseal
+
+        learn, _ = fit(audit_key="s3cret")
+        prev, out = b"", []
+        for line in lines(learn.audit_path):
+            body, _ = unseal(line)
+            body = body.replace(b'"keyed":true', b'"keyed":false')
+            prev = chain_hash(prev, body, None)
+            out.append(seal(body, prev))
+        learn.audit_path.write_bytes(b"".join(out))
+        assert audit(str(learn.audit_path), capsys=capsys)[0] == 0  # without a key: a plain chain
+        monkeypatch.setenv("FSM_LEARNER_AUDIT_KEY", "s3cret")
+        code, _, err = audit(str(learn.audit_path), capsys=capsys)
+        assert code == 1
+        assert "a key was given but this run's chain is not keyed" in err
+
+    def test_appending_after_a_cut_off_line_keeps_the_next_run(self, tmp_path, capsys):
+        """A run appended to a .jsonl whose last line was cut verifies on its own line."""
+        log = tmp_path / "all.jsonl"
+        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, audit_log=log)
+        learn.fit(1)
+        log.write_bytes(log.read_bytes()[:-30])  # the footer, cut
+        learn.fit(1)
+        reports, problem = audit_file(log)
+        assert problem is None
+        assert [r.verified for r in reports] == [False, True]
+        assert "a record cut off by a killed run, or damage" in reports[0].problem.reason
+
+    @pytest.mark.parametrize(
+        "edit",
+        [
+            lambda line: line.replace(b'"}\n', b'"}\r\n'),
+            lambda line: line[:-19] + line[-19:].upper(),
+        ],
+        ids=["crlf", "upper-hex"],
+    )
+    def test_line_bytes_must_be_the_writers(self, edit, capsys):
+        """CR line ends or upper-case hashes are not what the writer wrote: rejected."""
+        learn, _ = fit()
+        content = lines(learn.audit_path)
+        content[3] = edit(content[3])
+        learn.audit_path.write_bytes(b"".join(content))
+        code, _, err = audit(str(learn.audit_path), capsys=capsys)
+        assert code == 1
+        assert ":4: no hash" in err
+
+    def test_odd_paths_are_usage_errors(self, tmp_path, capsys):
+        """A name too long for the OS, or a FIFO: one line each, exit 2, no traceback."""
+        fifo = tmp_path / "pipe.jsonl"
+        os.mkfifo(fifo)
+        code, _, err = audit("a" * 5000, str(fifo), capsys=capsys)
+        assert code == 2
+        assert "File name too long" in err
+        assert f"{fifo}: not a regular file" in err
+
+    def test_one_line_of_not_json_without_newline(self, tmp_path, capsys):
+        """A file that is one line of text is not JSON, not a truncated run."""
+        bad = tmp_path / "x.jsonl"
+        bad.write_bytes(b"hello")
+        code, _, err = audit(str(bad), capsys=capsys)
+        assert (code, err) == (1, f"fsm-learner audit: {bad}:1: not JSON\n")

@@ -9,7 +9,15 @@ from helpers import Boom, Raiser, batches_dls, mlp
 from test_cancels import NORMAL, SECOND_TRAIN_BATCH, run
 from torch import nn
 
-from fsm_learner import Callback, CancelBatchException, DataLoaders, Hook, Learner, State
+from fsm_learner import (
+    Callback,
+    CancelBatchException,
+    CancelFitException,
+    DataLoaders,
+    Hook,
+    Learner,
+    State,
+)
 from fsm_learner.testing import RecordingCallback
 
 H = Hook
@@ -150,3 +158,85 @@ class TestAfterAFailure:
             learn.fit(1)
         assert seen == [(State.IDLE, State.BATCH, Boom)]
         assert NORMAL[SECOND_TRAIN_BATCH] == H.BEFORE_BATCH
+
+
+class TestReviewFindings:
+    def test_a_bare_cancel_exception_from_the_model_fails_cleanly(self):
+        """The base CancelException is no cancel: IllegalCancelError; the learner stays usable."""
+        from fsm_learner import CancelException, IllegalCancelError
+        from fsm_learner.audit.replay import audit_file
+
+        class Odd(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = nn.Linear(64, 10)
+
+            def forward(self, x):
+                raise CancelException
+
+        learn = Learner(Odd(), batches_dls(1, 1), F.cross_entropy, 0.1)
+        with pytest.raises(IllegalCancelError, match="is not a cancel the machine knows"):
+            learn.fit(1)
+        assert learn.state == "idle"
+        [report], _ = audit_file(learn.audit_path)
+        assert (report.verified, report.status) == (True, "failed")
+
+    def test_fit_cannot_start_while_the_last_one_closes(self):
+        """fit() from after_cancel_fit is refused: the outer run keeps its own, complete log."""
+        from fsm_learner import InvalidTransitionError
+        from fsm_learner.audit.replay import audit_file
+
+        class Again(Callback):
+            def after_cancel_fit(self, learn):
+                learn.fit(1)
+
+        learn, _, _ = run({(H.BEFORE_FIT, 1): CancelFitException})
+        learn.cbs.append(Again())
+        with pytest.raises(InvalidTransitionError, match="while a fit is running"):
+            learn.fit(1)
+        [report], _ = audit_file(learn.audit_path)
+        assert report.verified
+        assert report.status == "failed"
+
+    def test_note_outside_a_fit_is_refused(self):
+        """Notes belong to a run."""
+        from fsm_learner import InvalidTransitionError
+
+        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1)
+        with pytest.raises(InvalidTransitionError, match=r"note\('x'\) outside a fit"):
+            learn.note("x", a=1)
+
+    def test_note_checked_when_the_log_is_off_and_for_json(self):
+        """A note JSON cannot hold fails in the hook that made it, log on or off."""
+
+        class Big(Callback):
+            def before_fit(self, learn):
+                learn.note("big", value=2**70)
+
+        for log in (None, "runs"):
+            learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [Big()], audit_log=log)
+            with pytest.raises(TypeError, match="cannot be written as JSON") as info:
+                learn.fit(1)
+            assert "in hook before_fit of Big" in info.value.__notes__[0]
+
+    def test_equal_but_new_callbacks_are_dispatched(self):
+        """The dispatch cache compares identity: a new, equal callback object runs."""
+        import attrs
+
+        calls = []
+
+        @attrs.define
+        class Tagged(Callback):
+            tag: str = "x"
+
+            def before_fit(self, learn):
+                calls.append(id(self))
+
+        first = Tagged()
+        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [first])
+        learn.fit(0)
+        second = Tagged()
+        assert first == second
+        learn.cbs[0] = second
+        learn.fit(0)
+        assert calls == [id(first), id(second)]

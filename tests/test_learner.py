@@ -48,12 +48,12 @@ class TestNormalPath:
         learn.fit(2)
         expected = [HookRecord(H.BEFORE_FIT, S.FIT, 0, 0, False)]
         for epoch in range(2):
-            # iter keeps the index of the last batch until the next batch starts
+            # iter is 0 when a pass starts, then the index of the current batch
             expected += [HookRecord(H.BEFORE_EPOCH, S.EPOCH, epoch, 0, True)]
             expected += train_batch(epoch, 0) + train_batch(epoch, 1)
             expected += [
                 HookRecord(H.AFTER_EPOCH, S.EPOCH, epoch, 1, True),
-                HookRecord(H.BEFORE_EPOCH, S.EPOCH, epoch, 1, False),
+                HookRecord(H.BEFORE_EPOCH, S.EPOCH, epoch, 0, False),
             ]
             expected += valid_batch(epoch, 0)
             expected += [HookRecord(H.AFTER_EPOCH, S.EPOCH, epoch, 0, False)]

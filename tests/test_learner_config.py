@@ -30,10 +30,12 @@ class TestLearnerArguments:
         with pytest.raises(InvalidDataLoadersError, match=shown):
             Learner(mlp(), dls)
 
-    @pytest.mark.parametrize("lr", [-0.1, "0.1", True])
+    @pytest.mark.parametrize("lr", [-0.1, "0.1", True, float("nan"), float("inf")])
     def test_lr(self, lr):
-        """lr is a number >= 0."""
-        with pytest.raises(ConfigurationError, match=f"lr must be a number >= 0, got {lr!r}"):
+        """lr is a finite number >= 0."""
+        with pytest.raises(
+            ConfigurationError, match=f"lr must be a finite number >= 0, got {lr!r}"
+        ):
             Learner(mlp(), batches_dls(1, 1), F.cross_entropy, lr)
 
     def test_loss_func_must_be_callable(self):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import pytest
 import transitions
 import transitions.core
 from hypothesis import given, settings
@@ -50,8 +49,7 @@ class TestTable:
         class Stray(CancelException):
             pass
 
-        with pytest.raises(TypeError, match="valid: CancelBatchException"):
-            cancel_trigger(Stray())
+        assert cancel_trigger(Stray()) is None
 
     def test_digest_is_stable_and_hex(self):
         """The table digest names the table; computing it twice gives the same value."""

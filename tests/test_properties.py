@@ -82,6 +82,7 @@ class Oracle:
 
     def one_pass(self, *, training: bool) -> None:
         self.training = training
+        self.iter = 0
         try:
             self.call(H.BEFORE_EPOCH, S.EPOCH)
             for i in range(self.sizes[0 if training else 1]):

@@ -27,7 +27,7 @@ from fsm_learner.audit.schema import (
     RunStatus,
     unseal,
 )
-from fsm_learner.machine import State, Trigger, build_machine, compile_routes, table_digest
+from fsm_learner.machine import State, Trigger, table_digest, table_routes
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -57,7 +57,7 @@ def _plain_routes() -> dict[bool, dict[str, dict[str, str]]]:
             state.value: {trigger.value: dest.value for trigger, dest in by_trigger.items()}
             for state, by_trigger in routes.items()
         }
-        for training, routes in compile_routes(build_machine()).items()
+        for training, routes in table_routes().items()
     }
 
 
@@ -198,9 +198,6 @@ class _RunReplay:
             report.notes += 1
         elif event == _RUN_END:
             self._footer(record)
-        elif seq != 0:  # a run_start in the middle of a run
-            msg = f"a second run_start inside run {report.run_id}"
-            raise _Invalid(msg)
 
     def _check_chain(self, body: bytes, digest: bytes) -> None:
         if self.chain.digest(body) != digest:
@@ -253,11 +250,14 @@ class _RunReplay:
         if status not in _STATUSES:
             msg = f"run_end status {status!r}, expected one of {sorted(_STATUSES)}"
             raise _Invalid(msg)
-        if record.get("records") != self.seq - 1:
-            msg = f"run_end says {record.get('records')} records, replayed {self.seq - 1}"
+        records = record.get("records")
+        if type(records) is not int or records != self.seq - 1:
+            msg = f"run_end says {records!r} records, replayed {self.seq - 1}"
             raise _Invalid(msg)
         replayed = {t: [report.counts[t, True], report.counts[t, False]] for t, _ in report.counts}
-        if record.get("counts") != replayed:
+        # compare as JSON so that 5.0 or true cannot stand for 5 or 1
+        sort = orjson.OPT_SORT_KEYS
+        if orjson.dumps(record.get("counts"), option=sort) != orjson.dumps(replayed, option=sort):
             msg = f"run_end counts {record.get('counts')} differ from the replayed {replayed}"
             raise _Invalid(msg)
         if self.state != State.IDLE:
@@ -341,7 +341,7 @@ def audit_file(path: Path, *, key: bytes | None = None) -> tuple[list[RunReport]
     try:
         with path.open("rb") as fh:
             for number, raw in enumerate(fh, start=1):
-                if not raw.endswith(b"\n"):
+                if not raw.endswith(b"\n") and audit.replay is not None:
                     _truncated(audit.reports, audit.replay, audit.name, number)
                     break
                 audit.line(number, raw)
@@ -375,7 +375,13 @@ class _FileAudit:
             if replay.report.problem is None:
                 replay.feed(body, digest, record)
         except _Invalid as exc:
-            problem = Problem(self.name, number, str(exc))
+            reason = str(exc)
+            if replay is not None and reason.startswith("not JSON") and not replay.finished:
+                reason = (
+                    f"{reason}: a record cut off by a killed run, or damage; the "
+                    f"{replay.report.records} records before it verify"
+                )
+            problem = Problem(self.name, number, reason)
             if replay is None:
                 self.problem = problem
             elif replay.report.problem is None:
@@ -415,8 +421,6 @@ def _start_run(  # noqa: PLR0913, PLR0917 (a private step of _FileAudit.line)
     reason = _header_problem(record, key)
     if reason is not None:
         report.problem = Problem(name, number, reason)
-    if record.get("keyed") is False:
-        key = None
     return _RunReplay(report, key)
 
 
@@ -428,8 +432,12 @@ def _header_problem(record: dict[str, Any], key: bytes | None) -> str | None:
             f"written by a machine whose table digest is {record.get('table')!r}; this "
             f"fsm_learner's table is {table_digest()!r}, so its transitions cannot be replayed"
         )
-    if record.get("keyed") is True and key is None:
+    keyed = record.get("keyed")
+    if keyed is True and key is None:
         return "this run's chain is keyed: give the key (FSM_LEARNER_AUDIT_KEY or --key-env VAR)"
+    if keyed is not True and key is not None:
+        # a keyed log rewritten as unkeyed would otherwise verify: with a key, demand one
+        return "a key was given but this run's chain is not keyed (rewritten without the key?)"
     return None
 
 
@@ -454,13 +462,22 @@ def log_files(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
     files: list[Path] = []
     errors: list[str] = []
     for path in paths:
-        if path.is_dir():
-            found = sorted(path.rglob("*.jsonl"))
-            if not found:
-                errors.append(f"{path}: a directory with no *.jsonl audit log in it")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            errors.append(f"{path}: no such file or directory")
+        try:
+            found, error = _expand(path)
+        except OSError as exc:
+            found, error = [], f"{str(path)[:80]}: {exc.strerror or exc}"
+        files.extend(found)
+        if error:
+            errors.append(error)
     return files, errors
+
+
+def _expand(path: Path) -> tuple[list[Path], str | None]:
+    if path.is_dir():
+        found = sorted(path.rglob("*.jsonl"))
+        return found, None if found else f"{path}: a directory with no *.jsonl audit log in it"
+    if path.is_file():
+        return [path], None
+    if path.exists():
+        return [], f"{path}: not a regular file (a log is a file or a directory of them)"
+    return [], f"{path}: no such file or directory"

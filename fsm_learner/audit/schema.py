@@ -97,8 +97,8 @@ def chain_hash(prev: bytes, body: bytes, key: bytes | None) -> bytes:
 class Chain:
     """The running hash chain of one run, as the writer extends it and the reader checks it.
 
-    Equal to folding ``chain_hash`` over the bodies; copying a primed BLAKE2b state is
-    cheaper than keying a new one for every record.
+    Equal to folding ``chain_hash`` over the bodies (a test checks it); copying a primed
+    BLAKE2b state is cheaper than keying a new one for every record.
     """
 
     def __init__(self, key: bytes | None) -> None:
@@ -111,11 +111,6 @@ class Chain:
         hasher = self._base.copy()
         hasher.update(self.head + body)
         return hasher.digest()
-
-    def extend(self, body: bytes) -> bytes:
-        """Append ``body`` to the chain and return the new head."""
-        self.head = self.digest(body)
-        return self.head
 
     def seal_all(self, bodies: list[bytes]) -> bytes:
         """Extend the chain by each body and return the sealed lines (``seal``, looped tight)."""
@@ -140,14 +135,11 @@ def seal(body: bytes, digest: bytes) -> bytes:
 
 def unseal(line: bytes) -> tuple[bytes, bytes] | None:
     """Split a sealed line into (the body that was hashed, the digest); None if malformed."""
-    line = line.rstrip(b"\r\n")
+    line = line.removesuffix(b"\n")  # only LF: the writer's bytes exactly, no CR
     if len(line) <= _SEAL_LEN or not line.endswith(b'"}'):
         return None
     head, tail = line[:-_SEAL_LEN], line[-_SEAL_LEN:]
-    if not tail.startswith(_SEAL_OPEN):
-        return None
-    try:
-        digest = bytes.fromhex(tail[len(_SEAL_OPEN) : -2].decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return head + b"}", digest
+    hexdigest = tail[len(_SEAL_OPEN) : -2]
+    if not tail.startswith(_SEAL_OPEN) or hexdigest.strip(b"0123456789abcdef"):
+        return None  # lower-case hex only, as the writer writes it
+    return head + b"}", binascii.unhexlify(hexdigest)

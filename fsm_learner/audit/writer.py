@@ -46,6 +46,7 @@ __all__ = [
     "RenderRecords",
     "TransitionKey",
     "emit_run_event",
+    "note_record",
 ]
 
 FLUSH_AT: Final = 8192
@@ -159,6 +160,39 @@ def _json_value(name: str, value: object) -> object:
     raise TypeError(msg)
 
 
+def _open_for_append(path: Path) -> IO[bytes]:
+    """Open for appending; end a cut-off last line first, so the new run starts a line."""
+    fh = path.open("ab")
+    if fh.tell() > 0:
+        with path.open("rb") as tail:
+            tail.seek(-1, os.SEEK_END)
+            if tail.read(1) != b"\n":
+                fh.write(b"\n")
+    return fh
+
+
+_RESERVED: Final = frozenset({f.value for f in Field} | {"name"})
+
+
+def note_record(name: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a note and return its record (without time); raise on what JSON cannot hold."""
+    clash = sorted(_RESERVED & set(fields))
+    if clash:
+        msg = f"audit note fields may not use the reserved names {clash}; rename them"
+        raise ValueError(msg)
+    record = {
+        Field.EVENT.value: RecordKind.NOTE.value,
+        "name": str(name),
+        **{k: _json_value(k, v) for k, v in fields.items()},
+    }
+    try:
+        orjson.dumps(record)
+    except orjson.JSONEncodeError as exc:
+        msg = f"audit note {name!r} cannot be written as JSON: {exc}"
+        raise TypeError(msg) from None
+    return record
+
+
 class AuditWriter:
     """One run's audit log: header, buffered transitions and notes, footer."""
 
@@ -168,7 +202,7 @@ class AuditWriter:
         self.path, self.run_id, self.keyed = path, run_id, key is not None
         self.t0_ns = time.monotonic_ns()
         self.pending: list[Any] = []
-        self._file = JsonlFile(path.open("ab"))
+        self._file = JsonlFile(_open_for_append(path))
         self._renderer = ChainRenderer(key)
         self._render = RenderRecords(run_id, rank, self.t0_ns)
         self._log = structlog.wrap_logger(
@@ -200,20 +234,13 @@ class AuditWriter:
         self.pending.append(_json_value("header", record))
         self.flush()
 
-    def note(self, name: str, fields: Mapping[str, Any]) -> None:
-        """Queue a note record (metrics at pass end, a reason for a cancel, ...)."""
-        reserved = {f.value for f in Field} | {"name"}
-        clash = sorted(reserved & set(fields))
-        if clash:
-            msg = f"audit note fields may not use the reserved names {clash}; rename them"
-            raise ValueError(msg)
-        record = {
-            Field.TIME_NS.value: time.monotonic_ns(),
-            Field.EVENT.value: RecordKind.NOTE.value,
-            "name": name,
-            **{k: _json_value(k, v) for k, v in fields.items()},
-        }
-        self.pending.append(record)
+    def note(self, record: dict[str, Any]) -> None:
+        """Queue a note record made by ``note_record``, timed now."""
+        self.pending.append({Field.TIME_NS.value: time.monotonic_ns(), **record})
+
+    def close(self) -> None:
+        """Close the file without a footer (a run that could not start)."""
+        self._file.close()
 
     def flush(self) -> None:
         """Render, chain and write whatever is pending."""
