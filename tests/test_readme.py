@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
-HEX_OR_NUMBER = re.compile(r"[0-9a-f]{12,}|\d+(\.\d+)?")
+HEX_OR_NUMBER = re.compile(r"[0-9a-f]{12,}|\d[\d,]*(\.\d+)?")
 
 
 def blocks(lang: str) -> list[str]:
