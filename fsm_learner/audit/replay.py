@@ -318,7 +318,7 @@ def _parse(raw: bytes) -> tuple[bytes, bytes, dict[str, Any]]:
         raise _Invalid(msg)
     sealed = unseal(raw)
     try:
-        record = orjson.loads(sealed[0] if sealed else raw)
+        record = orjson.loads(sealed[0] + b"}" if sealed else raw)
     except orjson.JSONDecodeError:
         msg = "not JSON" if sealed is None else "not JSON (the body before the hash is broken)"
         raise _Invalid(msg) from None

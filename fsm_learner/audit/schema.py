@@ -7,8 +7,9 @@ started in ns, and ``h``: a BLAKE2b hash chained from the previous record's, so 
 deleting, inserting or reordering records breaks the chain. With a key, the chain is a
 keyed BLAKE2b (a MAC): without the key nobody can recompute it.
 
-``h`` is always the last field of a line, so the hashed body is the line's exact bytes
-before it: the reader never re-serialises what it checks.
+``h`` is always the last field of a line, and what is hashed is the line's exact bytes
+before it (the record's JSON without its closing brace, up to ``,"h":"``): the reader
+never re-serialises what it checks.
 """
 
 from __future__ import annotations
@@ -129,12 +130,15 @@ _SEAL_LEN: Final = len(_SEAL_OPEN) + 2 * HASH_BYTES + len(b'"}')
 
 
 def seal(body: bytes, digest: bytes) -> bytes:
-    """Append the hash field to a rendered JSON object, as its last field, plus a newline."""
-    return body[:-1] + _SEAL_OPEN + binascii.hexlify(digest) + b'"}\n'
+    """Close an open JSON object (no final brace) with the hash field, and end the line."""
+    return body + _SEAL_OPEN + binascii.hexlify(digest) + b'"}\n'
 
 
 def unseal(line: bytes) -> tuple[bytes, bytes] | None:
-    """Split a sealed line into (the body that was hashed, the digest); None if malformed."""
+    """Split a sealed line into (the bytes that were hashed, the digest); None if malformed.
+
+    The hashed bytes are the record's JSON without its closing brace: add ``b"}"`` to parse.
+    """
     line = line.removesuffix(b"\n")  # only LF: the writer's bytes exactly, no CR
     if len(line) <= _SEAL_LEN or not line.endswith(b'"}'):
         return None
@@ -142,4 +146,4 @@ def unseal(line: bytes) -> tuple[bytes, bytes] | None:
     hexdigest = tail[len(_SEAL_OPEN) : -2]
     if not tail.startswith(_SEAL_OPEN) or hexdigest.strip(b"0123456789abcdef"):
         return None  # lower-case hex only, as the writer writes it
-    return head + b"}", binascii.unhexlify(hexdigest)
+    return head, binascii.unhexlify(hexdigest)

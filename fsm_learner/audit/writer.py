@@ -68,7 +68,7 @@ def emit_run_event(event: str, **fields: Any) -> None:
 
 
 class RenderRecords:
-    """Processor: render the pending items of ``event_dict["records"]`` as JSON bodies.
+    """Processor: render the pending items of ``event_dict["records"]`` as open JSON bodies.
 
     Records are numbered in order and timed from the run's start. A transition is
     rendered through a byte template per route (the fields are fixed, only the numbers
@@ -102,7 +102,7 @@ class RenderRecords:
         trigger, source, dest, training = key
         record = {"run": self.run_id, "seq": 0, "t": 0, "ev": trigger, "src": source}
         record |= {"dst": dest, "ep": 0, "it": 0, "tr": training, "rk": self.rank}
-        body = orjson.dumps(record)
+        body = orjson.dumps(record)[:-1]  # open: the hash field closes it
         for field in (b'"seq":0', b'"t":0', b'"ep":0', b'"it":0'):
             body = body.replace(field, field[:-1] + b"%d", 1)
         self._templates[key] = body
@@ -110,7 +110,8 @@ class RenderRecords:
 
     def _render_dict(self, item: dict[str, Any], seq: int) -> bytes:
         t_ns = item.pop(Field.TIME_NS)
-        return orjson.dumps({"run": self.run_id, "seq": seq, "t": t_ns - self.t0_ns, **item})
+        record = {"run": self.run_id, "seq": seq, "t": t_ns - self.t0_ns, **item}
+        return orjson.dumps(record)[:-1]  # open: the hash field closes it
 
 
 class ChainRenderer:
