@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import orjson
-import torch
 
 from fsm_learner.audit.replay import Problem, RunReport, audit_file, log_files
 from fsm_learner.audit.schema import KEY_ENV, derive_key
@@ -29,7 +28,7 @@ from fsm_learner.diagram import (
     table_view,
     write_docs,
 )
-from fsm_learner.exceptions import FsmLearnerError
+from fsm_learner.exceptions import ConfigurationError, FsmLearnerError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -268,19 +267,27 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.set_defaults(run=_run_bench)
 
 
+def _device_error(command: str, device: str) -> str | None:
+    """Check ``--device`` as DeviceCB does; return the one-line error, if any."""
+    if device == "auto":
+        return None
+    try:
+        from callbacks.device import resolve_device  # noqa: PLC0415 (the callbacks extra)
+    except ImportError as exc:
+        return f"fsm-learner {command}: {exc}; pip install 'fsm-learner[demo]'"
+    try:
+        resolve_device(device)
+    except ConfigurationError as exc:
+        return f"fsm-learner {command}: {exc}"
+    return None
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from fsm_learner.bench import render_bench, run_bench  # noqa: PLC0415 (needs scikit-learn)
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        print(f"fsm-learner bench: --device {args.device!r} is not a torch device", file=sys.stderr)
-        return EXIT_USAGE
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(
-            "fsm-learner bench: --device cuda, but torch.cuda.is_available() is False",
-            file=sys.stderr,
-        )
+    error = _device_error("bench", args.device)
+    if error is not None:
+        print(error, file=sys.stderr)
         return EXIT_USAGE
     configs = ("tiny", "small") if args.config == "all" else (args.config,)
     report = run_bench(
@@ -327,20 +334,19 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from fsm_learner.exceptions import ConfigurationError  # noqa: PLC0415
-
     try:
-        from callbacks.device import resolve_device  # noqa: PLC0415 (demo extra)
         from fsm_learner.demo import DemoSettings, run_demo  # noqa: PLC0415 (demo extra)
     except ImportError as exc:
         print(f"fsm-learner demo: {exc}; pip install 'fsm-learner[demo]'", file=sys.stderr)
         return EXIT_USAGE
+    error = _device_error("demo", args.device)
+    if error is not None:
+        print(error, file=sys.stderr)
+        return EXIT_USAGE
     try:
-        if args.device != "auto":
-            resolve_device(args.device)
         args.out.mkdir(parents=True, exist_ok=True)
-    except (ConfigurationError, OSError) as exc:
-        print(f"fsm-learner demo: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"fsm-learner demo: cannot create --out {args.out}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
     settings = DemoSettings(
         epochs=args.epochs,

@@ -101,3 +101,20 @@ def _raiser_hook(hook: Hook) -> Callable[[Raiser, Learner], None]:
 
 for _hook in Hook:
     setattr(Raiser, _hook.value, _raiser_hook(_hook))
+
+
+class BatchLosses(Callback):
+    """Reads each completed batch's loss and size (a test-only sync), per pass."""
+
+    order = 25
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool, float, int]] = []
+
+    def after_batch(self, learn: Learner) -> None:
+        self.seen.append((learn.epoch, learn.training, learn.loss.item(), len(learn.batch[1])))
+
+    def mean(self, epoch: int, training: bool) -> float:
+        """The sample-weighted mean loss of one pass."""
+        rows = [(loss, n) for e, t, loss, n in self.seen if e == epoch and t == training]
+        return sum(loss * n for loss, n in rows) / sum(n for _, n in rows)

@@ -83,12 +83,15 @@ def test_cli_bad_options(args, message, capsys):
 @pytest.mark.parametrize(
     ("device", "message"),
     [
-        ("gpu", "--device 'gpu' is not a torch device"),
-        ("cuda", "--device cuda, but torch.cuda.is_available() is False"),
+        ("gpu", "unknown device 'gpu'"),
+        ("cuda", "torch.cuda.is_available() is False"),
     ],
 )
 def test_cli_bad_device(device, message, capsys, monkeypatch):
     """A device torch does not know, or CUDA where there is none: exit 2, one line."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert main(["bench", "--device", device]) == 2
-    assert capsys.readouterr().err.strip() == f"fsm-learner bench: {message}"
+    err = capsys.readouterr().err
+    assert err.startswith("fsm-learner bench: ")
+    assert message in err
+    assert len(err.strip().splitlines()) == 1

@@ -7,29 +7,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batches_dls, digits_dls, mlp
+from helpers import BatchLosses, batches_dls, digits_dls, mlp
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.regression import MeanSquaredError
 
 from callbacks.metrics import MetricsCB, RunningMean, find_metrics, metrics_of
 from fsm_learner import Callback, CancelEpochException, ConfigurationError, Learner
 from fsm_learner.testing import HostReads
-
-
-class BatchLosses(Callback):
-    """Reads each completed batch's loss and size (a test-only sync), per pass."""
-
-    order = 25
-
-    def __init__(self):
-        self.seen: list[tuple[int, bool, float, int]] = []
-
-    def after_batch(self, learn):
-        self.seen.append((learn.epoch, learn.training, learn.loss.item(), len(learn.batch[1])))
-
-    def mean(self, epoch: int, training: bool) -> float:
-        rows = [(loss, n) for e, t, loss, n in self.seen if e == epoch and t == training]
-        return sum(loss * n for loss, n in rows) / sum(n for _, n in rows)
 
 
 def hand_evaluation(model, dl) -> dict[str, float]:

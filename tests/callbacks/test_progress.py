@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch.nn.functional as F
-from helpers import Boom, batches_dls, mlp
+from helpers import BatchLosses, Boom, batches_dls, mlp
 from rich.console import Console
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -17,20 +17,6 @@ from fsm_learner import Callback, CancelEpochException, ConfigurationError, Lear
 from fsm_learner.testing import HostReads
 
 SECONDS = re.compile(r"\d+\.\ds")
-
-
-class BatchLosses(Callback):
-    """Reads each batch's loss and size (a test-only sync)."""
-
-    def __init__(self):
-        self.seen: list[tuple[int, bool, float, int]] = []
-
-    def after_batch(self, learn):
-        self.seen.append((learn.epoch, learn.training, learn.loss.item(), len(learn.batch[1])))
-
-    def mean(self, epoch: int, training: bool) -> float:
-        rows = [(loss, n) for e, t, loss, n in self.seen if e == epoch and t == training]
-        return sum(loss * n for loss, n in rows) / sum(n for _, n in rows)
 
 
 def plain_lines(text: str) -> list[str]:
