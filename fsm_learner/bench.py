@@ -89,6 +89,8 @@ class BenchReport:
     epochs_per_run: int
     fit_fixed_us_log_off: float
     fit_fixed_us_log_on: float
+    writer_us_per_record_batched: float
+    writer_us_per_record_one_call_each: float
     bytes_per_transition: float
     audit_records: int
     audit_records_per_s: float
@@ -278,6 +280,29 @@ def write_synthetic_log(path: Path, n_records: int) -> None:
     writer.finish(RunStatus.COMPLETED, {t: counts[t] for t in order if t in counts})
 
 
+_WRITER_RECORDS: Final = 20_000
+
+
+def writer_cost_us(directory: Path, *, flush_every: int) -> float:
+    """CPU µs per transition record through the audit writer, flushing every ``flush_every``.
+
+    ``flush_every=1`` is one structlog call per record; the learner flushes per pass.
+    """
+    writer = AuditWriter(
+        directory / f"writer-{flush_every}.jsonl", run_id="0" * 12, key=None, rank=0
+    )
+    key = ("compute_loss", "predict", "loss", True)
+    start = time.process_time()
+    for i in range(_WRITER_RECORDS):
+        writer.pending.append((writer.t0_ns + i, key, 0, i))
+        if len(writer.pending) >= flush_every:
+            writer.flush()
+    writer.flush()
+    elapsed = time.process_time() - start
+    writer.close()
+    return elapsed / _WRITER_RECORDS * 1e6
+
+
 def audit_throughput(n_records: int, directory: Path) -> float:
     """Audit a synthetic log of ``n_records``; return records per second of CPU time."""
     path = directory / "synthetic.jsonl"
@@ -312,6 +337,8 @@ def run_bench(  # noqa: PLR0913 (each knob is a command-line option)
         per_transition = _bytes_per_transition(log_dir)
         fixed_off = _fixed_cost_us(None, pairs=pairs)
         fixed_on = _fixed_cost_us(Path(tmp) / "fixed", pairs=pairs)
+        batched = writer_cost_us(Path(tmp), flush_every=170)  # about one tiny pass
+        one_each = writer_cost_us(Path(tmp), flush_every=1)
         throughput = audit_throughput(audit_records, Path(tmp))
     return BenchReport(
         torch_version=torch.__version__,
@@ -322,6 +349,8 @@ def run_bench(  # noqa: PLR0913 (each knob is a command-line option)
         epochs_per_run=epochs,
         fit_fixed_us_log_off=fixed_off,
         fit_fixed_us_log_on=fixed_on,
+        writer_us_per_record_batched=batched,
+        writer_us_per_record_one_call_each=one_each,
         bytes_per_transition=per_transition,
         audit_records=audit_records,
         audit_records_per_s=throughput,
@@ -356,6 +385,11 @@ def render_bench(report: BenchReport) -> str:
     lines.append(
         f"once per fit: {report.fit_fixed_us_log_off:.0f} µs with the log off, "
         f"{report.fit_fixed_us_log_on:.0f} µs with it on (open, header, footer, fsync)",
+    )
+    lines.append(
+        f"audit writer alone: {report.writer_us_per_record_batched:.2f} µs per record flushed "
+        f"per pass, {report.writer_us_per_record_one_call_each:.2f} µs with one structlog "
+        "call per record",
     )
     lines.append(f"audit log: {report.bytes_per_transition:.1f} bytes per transition record")
     lines.append(
