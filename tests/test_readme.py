@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()
-HEX_OR_NUMBER = re.compile(r"[0-9a-f]{12,}|\d[\d,]*(\.\d+)?")
+# versions (torch 2.13.0+cpu, 2.14.1+cu130), ids and numbers vary from run to run
+HEX_OR_NUMBER = re.compile(r"\d+\.\d+\.\d+(\+\w+)?|[0-9a-f]{12,}|\d[\d,]*(\.\d+)?")
 
 
 def blocks(lang: str) -> list[str]:
