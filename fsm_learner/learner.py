@@ -244,7 +244,6 @@ class Learner:
         self._n_epochs = 0
         self._iter = 0
         self._training = False
-        self._seq = 0
         self._rank = 0
         self._counts: dict[tuple[Trigger, bool], int] = _zero_counts()
         self._fitting = False
@@ -295,7 +294,7 @@ class Learner:
     @property
     def seq(self) -> int:
         """How many transitions the current (or last) fit has made."""
-        return self._seq
+        return sum(self._counts.values())
 
     @property
     def counts(self) -> Mapping[tuple[Trigger, bool], int]:
@@ -399,7 +398,7 @@ class Learner:
     def _prepare(self, n_epochs: int) -> None:
         self._resolve_callbacks()
         self._n_epochs = n_epochs
-        self._epoch = self._iter = self._seq = 0
+        self._epoch = self._iter = 0
         self._counts = _zero_counts()
         self._training = False
         self._rank = _rank()
@@ -581,7 +580,6 @@ class Learner:
         # the state change, inlined: this runs 5-6 times per batch
         self._state = route.dest
         self._node = route.next
-        self._seq += 1
         self._counts[route.count_key] += 1
         pending = self._pending
         if pending is not None:
