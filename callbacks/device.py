@@ -164,10 +164,15 @@ class DeviceCB(Callback):
         self.device = resolve_device(device)
 
     def before_fit(self, learn: Learner) -> None:
-        """Move the model, and the loss function when it is a module (class weights)."""
+        """Move the model, and the loss function when it is a module (class weights).
+
+        The run's header names the device the model had when the fit started; a ``device``
+        note in the audit log records where it trains.
+        """
         _move_model(learn, self.device)
         if isinstance(learn.loss_func, nn.Module):
             learn.loss_func.to(self.device)
+        learn.note("device", device=str(self.device))
 
     def before_batch(self, learn: Learner) -> None:
         """Replace ``learn.batch`` by the same batch on the device."""

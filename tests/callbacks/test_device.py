@@ -134,3 +134,17 @@ class TestBadDevices:
         assert DeviceCB().device == torch.device("cpu")
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         assert default_device() == torch.device("cuda")
+
+
+def test_the_device_is_noted_in_the_audit_log():
+    """The header predates the move; a `device` note says where the run trained."""
+    import orjson
+
+    learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [DeviceCB("cpu")])
+    learn.fit(1)
+    notes = [
+        orjson.loads(line)
+        for line in learn.audit_path.read_bytes().splitlines()
+        if b'"ev":"note"' in line
+    ]
+    assert [(n["name"], n["device"]) for n in notes] == [("device", "cpu")]
