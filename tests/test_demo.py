@@ -16,7 +16,7 @@ def test_defaults_reach_95_percent_and_write_every_file(tmp_path):
     result = run_demo(DemoSettings(out=tmp_path / "runs"), file=out)
     assert result.valid_accuracy >= 0.95
     assert result.report.verified
-    assert result.report.notes == 16  # a metrics note per pass, 8 epochs
+    assert result.report.notes == 17  # a metrics note per pass (8 epochs), and the device
     assert set(result.files) == {"audit log", "plot", "diagram"}
     assert all(path.is_file() and path.stat().st_size > 0 for path in result.files.values())
     assert result.files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
