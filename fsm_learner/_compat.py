@@ -16,13 +16,21 @@ else:  # pragma: no cover (exercised only on 3.10)
             return str(self.value)
 
 
-def add_note(exc: BaseException, note: str) -> None:
-    """Attach ``note`` to ``exc`` as PEP 678 does (``__notes__`` on 3.10)."""
-    if sys.version_info >= (3, 11):
-        exc.add_note(note)
-    else:  # pragma: no cover (exercised only on 3.10)
-        notes = list(getattr(exc, "__notes__", ()))
-        exc.__notes__ = [*notes, note]
+def add_note(exc: BaseException, note: str) -> bool:
+    """Attach ``note`` to ``exc`` as PEP 678 does (``__notes__`` on 3.10); never raises.
+
+    Return False when the exception refuses notes (a frozen dataclass or attrs
+    exception cannot take the ``__notes__`` attribute): the exception itself matters more.
+    """
+    try:
+        if sys.version_info >= (3, 11):
+            exc.add_note(note)
+        else:  # pragma: no cover (exercised only on 3.10)
+            notes = list(getattr(exc, "__notes__", ()))
+            exc.__notes__ = [*notes, note]
+    except Exception:  # noqa: BLE001 (a note is never worth losing the exception)
+        return False
+    return True
 
 
 __all__ = ["StrEnum", "add_note"]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Final
 import attrs
 
 from fsm_learner._compat import StrEnum
+from fsm_learner._safe import safe_text
 from fsm_learner.exceptions import InvalidCallbackError
 from fsm_learner.machine import Hook
 
@@ -173,15 +174,29 @@ def _check_order(cb: Callback) -> None:
         raise InvalidCallbackError(msg)
 
 
-def validate_callbacks(cbs: Iterable[object]) -> list[Callback]:
-    """Return ``cbs`` as a list after checking each is a well-formed Callback."""
+def validate_callbacks(cbs: object) -> list[Callback]:
+    """Return ``cbs`` as a new list after checking each is a well-formed Callback.
+
+    ``cbs`` is an iterable of callbacks (a list, a tuple, a generator: read once), one
+    callback alone (as fastai takes it), or None for none.
+    """
+    if cbs is None:
+        return []
+    if isinstance(cbs, Callback):
+        cbs = [cbs]
+    if isinstance(cbs, str | bytes | Mapping) or not isinstance(cbs, Iterable):
+        msg = (
+            f"cbs must be a list (or other iterable) of fsm_learner.Callback instances, one "
+            f"Callback, or None; got {type(cbs).__name__}"
+        )
+        raise InvalidCallbackError(msg)
     checked: list[Callback] = []
     for i, cb in enumerate(cbs):
         if not isinstance(cb, Callback):
             hint = " (a class: pass an instance)" if isinstance(cb, type) else ""
             msg = (
                 f"cbs[{i}] must be an instance of fsm_learner.Callback, "
-                f"got {cb!r} of type {type(cb).__name__}{hint}"
+                f"got {safe_text(cb, 80)} of type {type(cb).__name__}{hint}"
             )
             raise InvalidCallbackError(msg)
         _check_order(cb)

@@ -9,7 +9,9 @@ the transition. Nothing else changes ``learn.state``.
 from __future__ import annotations
 
 import math
+import os
 import platform
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -17,7 +19,7 @@ from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import Any, Final, NoReturn
 
 import attrs
 import torch
@@ -25,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsm_learner._compat import add_note
-from fsm_learner.audit.schema import RunStatus, derive_key
+from fsm_learner._safe import exception_text, safe_text
+from fsm_learner.audit.schema import KEY_ENV, RunStatus, derive_key
 from fsm_learner.audit.writer import (
     FLUSH_AT,
     AuditWriter,
@@ -65,9 +68,6 @@ from fsm_learner.machine import (
     table_routes,
 )
 
-if TYPE_CHECKING:
-    import os
-
 __all__ = ["DataLoaders", "Failure", "FitResult", "Learner", "OptimizerFactory"]
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -95,8 +95,20 @@ class Failure:
         """Say where the failure happened, in the words of the exception note."""
         where = f"in state '{self.state}'"
         if self.hook is not None:
-            where += f", in hook {self.hook} of {type(self.callback).__name__}"
+            where += f", in hook {self.hook} of {safe_text(type(self.callback).__name__, 200)}"
         return where
+
+    def detail(self) -> dict[str, Any]:
+        """Return what the footer and the ``run_failed`` event say of it (never raises)."""
+        return {
+            "type": safe_text(type(self.exception).__name__, 200),
+            "message": safe_text(self.exception),
+            "state": str(self.state),
+            "hook": None if self.hook is None else str(self.hook),
+            "callback": None
+            if self.callback is None
+            else safe_text(type(self.callback).__name__, 200),
+        }
 
 
 @attrs.frozen
@@ -170,10 +182,76 @@ def _check_dls(dls: object) -> None:
 
 
 def _check_lr(lr: object) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 <= lr < math.inf:
-        msg = f"lr must be a finite number >= 0, got {lr!r}"
+    value = math.nan
+    if not isinstance(lr, bool) and isinstance(lr, int | float):
+        try:
+            value = float(lr)
+        except OverflowError:  # an int beyond any float: 10**400
+            value = math.inf
+    if not 0 <= value < math.inf:
+        msg = f"lr must be a finite number >= 0, got {_shown(lr)} (a float or an int is valid)"
         raise ConfigurationError(msg)
-    return float(lr)
+    return value
+
+
+def _shown(value: object) -> str:
+    """Show a received setting: its repr when it is a number or a string, else its type."""
+    if isinstance(value, int | float | str):
+        try:
+            text = repr(value)
+        except ValueError:  # an int too long to print
+            return "an int of more than 4,300 digits"
+        return text if len(text) <= 60 else f"{text[:57]}..."
+    return f"a {safe_text(type(value).__name__, 80)}"
+
+
+def _check_audit_key(key: object) -> bytes | None:
+    if key is None or isinstance(key, str | bytes | bytearray):
+        return derive_key(key if not isinstance(key, bytearray) else bytes(key))
+    msg = (
+        f"audit_key must be a str or bytes of any length (it is stretched with BLAKE2b), or "
+        f"None to read ${KEY_ENV}; got {type(key).__name__}"
+    )
+    raise ConfigurationError(msg)
+
+
+def _check_audit_log(audit_log: object) -> Path | None:
+    if audit_log is None:
+        return None
+    if not isinstance(audit_log, str | os.PathLike):
+        msg = (
+            f"audit_log must be a directory, a path ending in .jsonl, or None for no log; "
+            f"got {type(audit_log).__name__}"
+        )
+        raise ConfigurationError(msg)
+    path = Path(audit_log)
+    if not str(audit_log):
+        msg = (
+            "audit_log is the empty path; give a directory (each fit writes <run_id>.jsonl "
+            "into it), a path ending in .jsonl (each fit appends its run), or None for no log"
+        )
+        raise ConfigurationError(msg)
+    _check_log_kind(path)
+    return path
+
+
+def _check_log_kind(path: Path) -> None:
+    """Refuse at once an existing path that is neither a directory nor a regular file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # created when the first fit writes
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        msg = (
+            f"audit_log {safe_text(path, 200)} exists and is neither a directory nor a "
+            "regular file (a FIFO or a device, say); give a directory, a .jsonl file or None"
+        )
+        raise ConfigurationError(msg)
+
+
+def _is_log_file(path: Path) -> bool:
+    """Say whether ``path`` is one file of runs: .jsonl (any case) and not a directory."""
+    return path.suffix.lower() == ".jsonl" and not path.is_dir()
 
 
 def _check_n_epochs(n_epochs: object) -> int:
@@ -207,7 +285,7 @@ class Learner:
         dls: DataLoaders | Any,
         loss_func: Callable[[Any, Any], torch.Tensor] = F.mse_loss,
         lr: float = 0.1,
-        cbs: Iterable[Callback] | None = None,
+        cbs: Iterable[Callback] | Callback | None = None,
         opt_func: OptimizerFactory = torch.optim.SGD,
         *,
         audit_log: str | os.PathLike[str] | None = "runs",
@@ -231,8 +309,8 @@ class Learner:
         self.model = model
         self.dls = dls
         self.loss_func = loss_func
-        self.lr = _check_lr(lr)
-        self.cbs: list[Callback] = validate_callbacks(cbs or ())
+        self._lr = _check_lr(lr)
+        self._cbs: list[Callback] = validate_callbacks(cbs)
         self.opt_func = opt_func
         self.opt: torch.optim.Optimizer | None = None
         self.dl: Iterable[Any] = dls.train
@@ -256,13 +334,42 @@ class Learner:
         self._node: _Node = self._compiled[False][State.IDLE]
         self._backward: HookCall = _default_backward
         self._step: HookCall = _default_step
-        self.audit_log = None if audit_log is None else Path(audit_log)
-        self._audit_key = derive_key(audit_key)
+        self._audit_log = _check_audit_log(audit_log)
+        self._audit_key = _check_audit_key(audit_key)
         self._writer: AuditWriter | None = None
         self._pending: list[Any] | None = None
         self._run_id = ""
         self._audit_path: Path | None = None
         self._audit_head: str | None = None
+
+    # -- settings, checked whenever they are set ------------------------------------
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the optimizer is built with: a finite number >= 0."""
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = _check_lr(value)
+
+    @property
+    def cbs(self) -> list[Callback]:
+        """The callbacks (a list: append to it, or assign any iterable, one Callback or None)."""
+        return self._cbs
+
+    @cbs.setter
+    def cbs(self, value: Iterable[Callback] | Callback | None) -> None:
+        self._cbs = validate_callbacks(value)
+
+    @property
+    def audit_log(self) -> Path | None:
+        """Where fits write their audit log: a directory, a .jsonl file, or None for none."""
+        return self._audit_log
+
+    @audit_log.setter
+    def audit_log(self, value: str | os.PathLike[str] | None) -> None:
+        self._audit_log = _check_audit_log(value)
 
     # -- read-only loop state -------------------------------------------------------
 
@@ -362,7 +469,8 @@ class Learner:
         A CancelXException takes ``cancel_x`` (after_cancel_x fires, after_x does not);
         any other exception takes ``fail`` (after_fail fires) and is re-raised with a
         note saying where it happened. Every transition is written to the audit log,
-        which the run's footer closes whatever the outcome.
+        which the run's footer closes whatever the outcome: after any exception, even one
+        that interrupts the failure handling itself, the learner is idle and reusable.
         """
         if self._fitting or self._state is not State.IDLE:
             msg = (
@@ -370,30 +478,38 @@ class Learner:
                 "only start from idle, once the previous one has closed its log"
             )
             raise InvalidTransitionError(msg)
+        n_epochs = _check_n_epochs(n_epochs)
         self._fitting = True
         try:
-            return self._run(_check_n_epochs(n_epochs))
+            return self._run(n_epochs)
+        except BaseException as exc:
+            self._settle(exc)
+            raise
         finally:
+            if self._state is not State.IDLE:  # pragma: no cover (_settle saw to it)
+                self._go_idle()
             self._fitting = False
 
     def _run(self, n_epochs: int) -> FitResult:
         self._prepare(n_epochs)
         self._open_run()
-        status = RunStatus.COMPLETED
         try:
-            try:
-                self._fit_epochs()
-            except CancelFitException:
-                self._fire(Trigger.CANCEL_FIT)
-                status = RunStatus.CANCELLED
+            emit_run_event("run_start", run_id=self._run_id, audit_path=str(self._audit_path))
+            return self._close_run(self._train())
         except BaseException as exc:
             failed = self._as_failure(exc)
-            self._fail(failed)
-            self._close_run_after_failure(failed)
+            self._handle_failure(failed)
             if failed is exc:
                 raise
             raise failed from exc
-        return self._close_run(status)
+
+    def _train(self) -> RunStatus:
+        try:
+            self._fit_epochs()
+        except CancelFitException:
+            self._fire(Trigger.CANCEL_FIT)
+            return RunStatus.CANCELLED
+        return RunStatus.COMPLETED
 
     def _prepare(self, n_epochs: int) -> None:
         self._resolve_callbacks()
@@ -439,22 +555,23 @@ class Learner:
             self._writer.note(record)
 
     def _open_run(self) -> None:
+        """Start the run's log; a log that cannot start raises here, before any transition."""
         self._run_id = uuid.uuid4().hex[:12]
         self._audit_head = None
         self._writer = self._pending = self._audit_path = None
-        if self.audit_log is not None:
-            path = self._log_path(self.audit_log)
-            writer = AuditWriter(path, run_id=self._run_id, key=self._audit_key, rank=self._rank)
-            try:
-                writer.start(self._header())
-            except BaseException:
-                writer.close()
-                raise
-            self._writer, self._pending, self._audit_path = writer, writer.pending, path
-        emit_run_event("run_start", run_id=self._run_id, audit_path=str(self._audit_path))
+        if self._audit_log is None:
+            return
+        path = self._log_path(self._audit_log)
+        header = self._header()
+        # one statement: from here on, _settle closes it whatever happens
+        self._writer = writer = AuditWriter(
+            path, run_id=self._run_id, key=self._audit_key, rank=self._rank
+        )
+        writer.start(header)
+        self._pending, self._audit_path = writer.pending, path
 
     def _log_path(self, target: Path) -> Path:
-        if target.suffix == ".jsonl":
+        if _is_log_file(target):
             return target
         rank = f".rank{self._rank}" if self._rank else ""
         return target / f"{self._run_id}{rank}.jsonl"
@@ -477,13 +594,6 @@ class Learner:
             "rank": self._rank,
         }
 
-    def _counts_by_trigger(self) -> dict[str, list[int]]:
-        return {
-            str(t): [self._counts[t, True], self._counts[t, False]]
-            for t in Trigger
-            if self._counts[t, True] or self._counts[t, False]
-        }
-
     def _end_pass(self) -> None:
         self._flush_log()
         emit_run_event(
@@ -494,30 +604,13 @@ class Learner:
             batches=self._counts[Trigger.END_BATCH, self._training],
         )
 
-    def _close_run(self, status: RunStatus, failure: dict[str, Any] | None = None) -> FitResult:
-        writer, self._writer, self._pending = self._writer, None, None
+    def _close_run(self, status: RunStatus) -> FitResult:
+        writer = self._writer
         if writer is not None:
-            self._audit_head = writer.finish(status, self._counts_by_trigger(), failure)
+            self._audit_head = writer.finish(status)
+            self._writer = self._pending = None
         emit_run_event("run_end", run_id=self._run_id, status=str(status), head=self._audit_head)
         return FitResult(self._run_id, status, self._audit_path, self._audit_head)
-
-    def _close_run_after_failure(self, exc: BaseException) -> None:
-        failure = self._failure
-        detail = {
-            "type": type(exc).__name__,
-            "message": str(exc)[:500],
-            "state": str(failure.state) if failure else str(self._state),
-            "hook": str(failure.hook) if failure and failure.hook else None,
-            "callback": type(failure.callback).__name__ if failure and failure.callback else None,
-        }
-        emit_run_event("run_failed", run_id=self._run_id, **detail)
-        try:
-            self._close_run(RunStatus.FAILED, detail)
-        except Exception as log_exc:  # noqa: BLE001 (the first failure must win)
-            add_note(exc, f"fsm_learner: and the audit log could not be closed: {log_exc!r}")
-        else:
-            if self._audit_path is not None:
-                add_note(exc, f"fsm_learner: audit log {self._audit_path}")
 
     def _fit_epochs(self) -> None:
         self._fire(Trigger.BEGIN_FIT)
@@ -578,12 +671,14 @@ class Learner:
         if calls and route.hooks_first:
             self._run_hooks(route)
         # the state change, inlined: this runs 5-6 times per batch
-        self._state = route.dest
-        self._node = route.next
-        self._counts[route.count_key] += 1
+        # the record first: an interrupt before the state change leaves the log one step
+        # ahead, and the failure path takes the log's state (see _fail_transition)
         pending = self._pending
         if pending is not None:
             pending.append((_now_ns(), route.record, self._epoch, self._iter))
+        self._state = route.dest
+        self._node = route.next
+        self._counts[route.count_key] += 1
         if calls and not route.hooks_first:
             self._run_hooks(route)
 
@@ -624,24 +719,108 @@ class Learner:
         where = f"raised outside a hook in state '{self._state}'"
         return IllegalCancelError(_illegal_cancel_message(exc, cancel_trigger(exc), where))
 
-    def _fail(self, exc: BaseException) -> None:
+    def _handle_failure(self, exc: BaseException) -> None:
+        """Take the fail transition, run after_fail, close the log: each step guarded.
+
+        Whatever a step raises (an after_fail hook, the disk, a second Ctrl-C) becomes a
+        note on ``exc`` and the next step still runs: the first failure wins.
+        """
+        steps = (
+            ("recording it", self._record_failure),
+            ("the fail transition", self._fail_transition),
+            (f"{Hook.AFTER_FAIL}", self._run_fail_hooks),
+            ("closing the audit log", self._log_failure),
+        )
+        for what, step in steps:
+            try:
+                step(exc)
+            except BaseException as later:  # noqa: BLE001 (the first failure must win)
+                add_note(
+                    exc,
+                    f"fsm_learner: then {exception_text(later, 200)} while {what} "
+                    "(ignored: the first failure wins)",
+                )
+
+    def _record_failure(self, exc: BaseException) -> None:
         origin = self._origin
-        if origin is not None and origin.exception is exc:
-            failure = origin
-        else:
-            failure = Failure(exc, self._state)
-        self._failure = failure
-        add_note(exc, f"fsm_learner: {type(exc).__name__} {failure.describe()}")
-        self._fire(Trigger.FAIL)  # its route runs no hook: after_fail runs here, guarded
+        failure = origin if origin is not None and origin.exception is exc else None
+        self._failure = failure or Failure(exc, self._state)
+        add_note(exc, f"fsm_learner: {type(exc).__name__} {self._failure.describe()}")
+
+    def _fail_transition(self, _exc: BaseException | None = None) -> None:
+        """Fire ``fail`` from the log's state; the learner ends idle.
+
+        After an interrupt inside ``_fire`` the log may be one step ahead of the
+        learner: firing from the log's state keeps the log replayable.
+        """
+        writer = self._writer
+        if writer is not None and writer.footed:  # the run ended before the failure
+            self._go_idle()
+            return
+        state = self._state if writer is None else State(writer.log_state())
+        self._state, self._node = state, self._compiled[self._training][state]
+        self._fire(Trigger.FAIL)  # its route runs no hook: after_fail runs guarded, next
+
+    def _run_fail_hooks(self, exc: BaseException) -> None:
         for cb, call in self._fail_calls:
             try:
                 call(self)
             except BaseException as hook_exc:  # noqa: BLE001 (the first failure must win)
                 add_note(
                     exc,
-                    f"fsm_learner: then {Hook.AFTER_FAIL} of {type(cb).__name__} raised "
-                    f"{type(hook_exc).__name__}: {hook_exc} (ignored)",
+                    f"fsm_learner: then {Hook.AFTER_FAIL} of {safe_text(type(cb).__name__, 200)} "
+                    f"raised {exception_text(hook_exc, 300)} (ignored)",
                 )
+
+    def _log_failure(self, exc: BaseException) -> None:
+        detail = (self._failure or Failure(exc, self._state)).detail()
+        writer = self._writer
+        if writer is not None:
+            if writer.started:
+                self._audit_head = writer.finish(RunStatus.FAILED, detail)
+                add_note(exc, f"fsm_learner: audit log {self._audit_path}")
+            else:
+                writer.abandon()
+            self._writer = self._pending = None
+        emit_run_event("run_failed", run_id=self._run_id, **detail)
+
+    def _go_idle(self) -> None:
+        self._state, self._training = State.IDLE, False
+        self._node = self._compiled[False][State.IDLE]
+
+    def _settle(self, current: BaseException) -> None:
+        """Whatever ended the fit, leave the learner idle and the log closed.
+
+        On every path that completed, this finds nothing to do. It acts when an exception
+        cut the failure handling short: the log gets its fail record and footer (or, if
+        its header never made it, is closed), and the learner is made idle.
+        """
+        try:
+            writer = self._writer
+            if writer is not None:
+                if writer.started and not writer.footed:
+                    if writer.log_state() != State.IDLE:
+                        self._fail_transition()
+                    failure = self._failure
+                    writer.finish(RunStatus.FAILED, failure.detail() if failure else _INTERRUPTED)
+                else:
+                    writer.abandon()
+        except BaseException as exc:  # noqa: BLE001 (an exception is already on its way out)
+            add_note(current, f"fsm_learner: then {exception_text(exc, 200)} closing the log")
+        finally:
+            writer, self._writer, self._pending = self._writer, None, None
+            if writer is not None:
+                writer.close()
+            self._go_idle()
+
+
+_INTERRUPTED: Final = {
+    "type": "Interrupted",
+    "message": "the fit was interrupted before its failure was recorded",
+    "state": None,
+    "hook": None,
+    "callback": None,
+}
 
 
 def _illegal_cancel_message(

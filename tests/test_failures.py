@@ -68,7 +68,7 @@ class TestFailureInACallback:
         with pytest.raises(Boom) as info:
             learn.fit(1)
         assert info.value.__notes__[1] == (
-            "fsm_learner: then after_fail of Raiser raised ValueError:  (ignored)"
+            "fsm_learner: then after_fail of Raiser raised ValueError (ignored)"
         )
         assert late.hooks == [*NORMAL[:3], H.AFTER_FAIL]
         assert rec.hooks == [*NORMAL[:4], H.AFTER_FAIL]

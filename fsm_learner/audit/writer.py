@@ -5,32 +5,51 @@ read and an append: no dict, no JSON, no tensor, no device sync). At every pass 
 failure, at run end, and when ``pending`` grows past ``FLUSH_AT``, the writer hands the
 pending records to a structlog logger it builds itself with ``structlog.wrap_logger``:
 ``RenderRecords`` renders them as JSON bodies, ``ChainRenderer`` seals each with the
-chained hash, and ``JsonlFile`` writes the lines. One
-structlog call per flush rather than per transition: structlog's own cost is several µs
-per call here, more than the 2 µs a transition may cost in all (see the README).
+chained hash, and ``JsonlFile`` writes the block. One structlog call per flush rather
+than per transition: structlog's own cost is several µs per call here, more than the
+2 µs a transition may cost in all (see the README).
+
+A flush is a transaction. The processors compute the block from the last committed
+``_Mark`` without changing it; only when the whole block is in the file does the writer
+commit, in one attribute store, the new mark (file size, records written, chain head,
+transition counts). Pending records stay in ``pending`` until then, so an interrupt
+(Ctrl-C) anywhere in a flush loses nothing: the next flush cuts the file back to the
+committed size and writes the block again. The footer's counts are those of the records
+written, so the log always agrees with itself, whatever was interrupted.
 
 The library never calls ``structlog.configure()``. Run-level events also go to the
 ``fsm_learner`` logger (structlog's when the application configured structlog, the
-standard library's otherwise), which prints nothing unless the application asks.
+standard library's otherwise), which prints nothing unless the application asks; an
+event that cannot be emitted never disturbs the fit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
+import stat
+import sys
 import time
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import orjson
 import structlog
 
+from fsm_learner._safe import safe_text
 from fsm_learner.audit.schema import (
+    MAX_LINE_BYTES,
+    PREV_FIELD,
     SCHEMA_VERSION,
     Chain,
     Field,
     RecordKind,
     RunStatus,
+    unseal,
 )
+from fsm_learner.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -59,43 +78,118 @@ _APP_LOGGER_NAME: Final = "fsm_learner"
 logging.getLogger(_APP_LOGGER_NAME).addHandler(logging.NullHandler())
 
 
+_LOG_RECORD_NAMES: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+"""Attributes a LogRecord has or gets: an ``extra`` field by one of these names would clash."""
+
+
 def emit_run_event(event: str, **fields: Any) -> None:
-    """Emit a run-level event on the ``fsm_learner`` logger the application may route."""
-    if structlog.is_configured():
-        structlog.get_logger(_APP_LOGGER_NAME).info(event, **fields)
-    else:
-        logging.getLogger(_APP_LOGGER_NAME).info("%s %s", event, fields, extra=fields)
+    """Emit a run-level event on the ``fsm_learner`` logger the application may route.
+
+    On the standard library's logger the fields travel as ``extra`` attributes
+    (``record.run_id``, ``record.status``); one whose name a LogRecord already uses is
+    prefixed ``fsm_`` (the failure's ``message`` is ``record.fsm_message``). An event that
+    cannot be emitted (a broken handler or processor) is reported on stderr, as the
+    logging module reports its own errors, and never raises.
+    """
+    try:
+        if structlog.is_configured():
+            structlog.get_logger(_APP_LOGGER_NAME).info(event, **fields)
+        else:
+            extra = {
+                f"fsm_{name}" if name in _LOG_RECORD_NAMES else name: value
+                for name, value in fields.items()
+            }
+            logging.getLogger(_APP_LOGGER_NAME).info("%s %s", event, fields, extra=extra)
+    except Exception as exc:  # noqa: BLE001 (logging must never abort a fit or its failure path)
+        _report_emit_error(event, exc)
+
+
+def _report_emit_error(event: str, exc: Exception) -> None:
+    with contextlib.suppress(Exception):  # no stderr to tell: nothing more to do
+        sys.stderr.write(
+            f"fsm_learner: could not emit the {event} event on the "
+            f"{_APP_LOGGER_NAME!r} logger: {safe_text(exc)}\n"
+        )
+
+
+@attrs.frozen
+class _Mark:
+    """What of the run is in the file: everything a flush commits, in one object."""
+
+    size: int
+    """The file's size after the last committed block."""
+    seq: int = 0
+    """Records written (the next record's ``seq``)."""
+    head: bytes = b""
+    """The chain head after them."""
+    tally: Mapping[TransitionKey, int] = attrs.field(factory=dict)
+    """Transition records written, per route."""
+    state: str = "idle"
+    """The destination of the last transition written: the log's state."""
+    footed: bool = False
+    """Whether the footer is written."""
+    done: int = 0
+    """How many items at the front of ``pending`` this commit wrote (trimmed lazily)."""
+    last: object = None
+    """The last of those items, to recognise them in ``pending``."""
+
+
+@attrs.define
+class _Block:
+    """One flush in the making: the processors fill it in, the commit reads it."""
+
+    items: list[Any]
+    mark: _Mark
+    bodies: list[bytes] = attrs.Factory(list)
+    seq: int = 0
+    tally: dict[TransitionKey, int] = attrs.Factory(dict)
+    state: str = "idle"
+    footed: bool = False
+    data: bytes = b""
+    head: bytes = b""
+    size: int = 0
 
 
 class RenderRecords:
-    """Processor: render the pending items of ``event_dict["records"]`` as open JSON bodies.
+    """Processor: render the block's items as open JSON bodies, numbered from its mark.
 
     Records are numbered in order and timed from the run's start. A transition is
     rendered through a byte template per route (the fields are fixed, only the numbers
     vary: twice as fast as a dict through orjson, with the same bytes); header, notes
-    and footer are dicts rendered with orjson.
+    and footer are dicts rendered with orjson. The processor keeps no count of its own:
+    what it computes lands in the block, and only a completed write commits it.
     """
 
     def __init__(self, run_id: str, rank: int, t0_ns: int) -> None:
-        """Start numbering at 0 and timing at ``t0_ns`` (monotonic)."""
+        """Time records from ``t0_ns`` (monotonic)."""
         self.run_id, self.rank, self.t0_ns = run_id, rank, t0_ns
-        self.seq = 0
         self._templates: dict[TransitionKey, bytes] = {}
 
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-        """Replace the pending items by rendered bodies."""
-        bodies = []
-        seq, t0, templates = self.seq, self.t0_ns, self._templates
-        for item in event_dict["records"]:
-            if isinstance(item, dict):
-                bodies.append(self._render_dict(item, seq))
-            else:  # (t_ns, key, epoch, iter) of a transition: the common case, kept tight
+        """Fill in the block's bodies, count and state."""
+        block: _Block = event_dict["block"]
+        mark = block.mark
+        bodies: list[bytes] = []
+        tally = dict(mark.tally)
+        seq, t0, templates, state, footed = mark.seq, self.t0_ns, self._templates, mark.state, False
+        for item in block.items:
+            if type(item) is tuple:  # (t_ns, key, epoch, iter) of a transition: kept tight
                 t_ns, key, epoch, it = item
                 template = templates.get(key) or self._template(key)
                 bodies.append(template % (seq, t_ns - t0, epoch, it))
+                tally[key] = tally.get(key, 0) + 1
+                state = key[2]
+            else:
+                bodies.append(self._render_dict(item, seq))
+                footed = footed or item.get(Field.EVENT.value) == RecordKind.RUN_END.value
             seq += 1
-        self.seq = seq
-        event_dict["records"] = bodies
+        block.bodies, block.seq, block.tally, block.state, block.footed = (
+            bodies,
+            seq,
+            tally,
+            state,
+            footed or mark.footed,
+        )
         return event_dict
 
     def _template(self, key: TransitionKey) -> bytes:
@@ -109,51 +203,177 @@ class RenderRecords:
         return body
 
     def _render_dict(self, item: dict[str, Any], seq: int) -> bytes:
-        t_ns = item.pop(Field.TIME_NS)
-        record = {"run": self.run_id, "seq": seq, "t": t_ns - self.t0_ns, **item}
+        fields = {k: v for k, v in item.items() if k != Field.TIME_NS}
+        record = {"run": self.run_id, "seq": seq, "t": item[Field.TIME_NS] - self.t0_ns, **fields}
         return orjson.dumps(record)[:-1]  # open: the hash field closes it
 
 
 class ChainRenderer:
-    """Processor: seal each rendered body with the chained hash; return the lines."""
+    """Processor: seal each rendered body with the hash chained from the block's mark."""
 
     def __init__(self, key: bytes | None) -> None:
-        """Chain from an empty hash, keyed when ``key`` is given."""
+        """Chain keyed when ``key`` is given."""
         self.chain = Chain(key)
 
-    def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> bytes:
-        """Return the lines to write, one per record."""
-        return self.chain.seal_all(event_dict["records"])
+    def __call__(
+        self, _logger: WrappedLogger, _method: str, event_dict: EventDict
+    ) -> dict[str, _Block]:
+        """Put the block's lines and new head in it; hand the block to the file."""
+        block: _Block = event_dict["block"]
+        chain = self.chain
+        chain.head = block.mark.head  # scratch: the mark, not the chain, holds the truth
+        block.data = chain.seal_all(block.bodies)
+        block.head = chain.head
+        return {"block": block}
+
+
+_OPEN_FLAGS: Final = (
+    os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC
+)
+_TAIL_SCAN: Final = 2 * MAX_LINE_BYTES + 2
+"""How far back from the end of a log the writer looks for the last sealed line."""
+
+
+def _file_kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def _not_regular(path: Path, mode: int) -> ConfigurationError:
+    return ConfigurationError(
+        f"audit log {safe_text(path)} is {_file_kind(mode)}; an audit log is a regular "
+        "file (a path ending in .jsonl) or a directory to write <run_id>.jsonl files into"
+    )
+
+
+def open_log_file(path: Path) -> int:
+    """Open ``path`` for appending and return the descriptor; refuse what is not a file.
+
+    Opened non-blocking, so a FIFO cannot hang the fit, and checked with ``fstat`` on
+    the open descriptor, so what is checked is what is written.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS, 0o644)
+    except OSError as exc:
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            raise exc from None
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode) from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular(path, mode)
+    return fd
+
+
+def last_seal(data: bytes) -> bytes:
+    """Return the digest of the last whole line of ``data`` that carries a seal, or b"".
+
+    ``data`` is the end of a log; a first line that may be cut by the window is skipped
+    unless the window is the whole file.
+    """
+    lines = data.split(b"\n")[:-1]  # whole lines only: what follows the last LF is not one
+    for line in reversed(lines):
+        sealed = unseal(line)
+        if sealed is not None:
+            return sealed[1]
+    return b""
 
 
 class JsonlFile:
-    """The wrapped logger: writes rendered lines to a file and hands them to the OS."""
+    """The wrapped logger: appends blocks to one log file, all or nothing."""
 
-    def __init__(self, fh: IO[bytes]) -> None:
-        """Write to ``fh``, an open binary file."""
-        self.fh = fh
+    def __init__(self, path: Path) -> None:
+        """Open ``path`` (a regular file, created if missing); end a cut-off last line.
 
-    def msg(self, data: bytes) -> None:
-        """Write ``data`` and flush Python's buffer, so a killed process leaves whole lines."""
-        self.fh.write(data)
-        self.fh.flush()
+        ``prev`` is the digest of the last sealed line already in the file (b"" for a
+        new file): the next run's header binds to it.
+        """
+        self.fd = open_log_file(path)
+        try:
+            self.size, self.prev = self._prepare_end()
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._in_flight: int | None = None
+
+    def _prepare_end(self) -> tuple[int, bytes]:
+        size = os.fstat(self.fd).st_size
+        if size == 0:
+            return 0, b""
+        start = max(size - _TAIL_SCAN, 0)
+        tail = os.pread(self.fd, size - start, start)
+        if not tail.endswith(b"\n"):
+            self._write_all(b"\n")  # a killed run's cut line: the next run starts a line
+            size += 1
+            tail += b"\n"
+        if start > 0:  # the window may cut its first line: never take that one
+            tail = tail[tail.find(b"\n") + 1 :]
+        return size, last_seal(tail)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def msg(self, block: _Block) -> None:
+        """Write the block after the committed size; its new size goes in the block."""
+        size = block.mark.size
+        if self._in_flight == size:  # a write from this mark never committed: cut it off
+            os.ftruncate(self.fd, size)
+        self._in_flight = size
+        self._write_all(block.data)
+        block.size = size + len(block.data)
+
+    def abandon(self, size: int) -> None:
+        """Close, first cutting off a write from ``size`` that never committed."""
+        try:
+            if self.fd >= 0 and self._in_flight == size:
+                os.ftruncate(self.fd, size)
+        finally:
+            self.close()
 
     def sync(self) -> None:
         """Ask the OS to put the file on disk."""
-        os.fsync(self.fh.fileno())
+        os.fsync(self.fd)
 
     def close(self) -> None:
-        """Close the file."""
-        self.fh.close()
+        """Close the file (again: nothing)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
-def _json_value(name: str, value: object) -> object:
-    if isinstance(value, bool | int | float | str) or value is None:
+_MAX_DEPTH: Final = 32
+"""Nesting a note field may have (orjson refuses beyond 254; the audit's reports stay small)."""
+_NON_FINITE: Final = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def _json_value(name: str, value: object, depth: int = 0) -> object:
+    """Return ``value`` as JSON data; NaN and infinities become "NaN", "Infinity", "-Infinity"."""
+    if isinstance(value, bool | int | str) or value is None:
         return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else _NON_FINITE.get(value, "NaN")
+    if depth >= _MAX_DEPTH:
+        msg = (
+            f"audit note field {name!r} nests deeper than {_MAX_DEPTH} levels (or holds "
+            "itself); notes hold plain JSON values: flatten it"
+        )
+        raise TypeError(msg)
     if isinstance(value, list | tuple):
-        return [_json_value(name, v) for v in value]
+        return [_json_value(name, v, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {str(k): _json_value(f"{name}.{k}", v) for k, v in value.items()}
+        return {str(k): _json_value(f"{name}.{k}", v, depth + 1) for k, v in value.items()}
     msg = (
         f"audit note field {name!r} must be a JSON value (bool, int, float, str, None, "
         f"list, dict), got {type(value).__name__}; convert tensors yourself, once per pass"
@@ -161,36 +381,38 @@ def _json_value(name: str, value: object) -> object:
     raise TypeError(msg)
 
 
-def _open_for_append(path: Path) -> IO[bytes]:
-    """Open for appending; end a cut-off last line first, so the new run starts a line."""
-    fh = path.open("ab")
-    if fh.tell() > 0:
-        with path.open("rb") as tail:
-            tail.seek(-1, os.SEEK_END)
-            if tail.read(1) != b"\n":
-                fh.write(b"\n")
-    return fh
-
-
 _RESERVED: Final = frozenset({f.value for f in Field} | {"name"})
 
 
 def note_record(name: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a note and return its record (without time); raise on what JSON cannot hold."""
+    """Check a note and return its record (without time); raise on what JSON cannot hold.
+
+    Floats that are not finite are written as the strings "NaN", "Infinity" and
+    "-Infinity" (JSON has no such numbers); a note longer than a log line may be is refused.
+    """
+    if not isinstance(name, str):
+        msg = f"a note's name must be a str, got {type(name).__name__}"
+        raise TypeError(msg)
     clash = sorted(_RESERVED & set(fields))
     if clash:
         msg = f"audit note fields may not use the reserved names {clash}; rename them"
         raise ValueError(msg)
     record = {
         Field.EVENT.value: RecordKind.NOTE.value,
-        "name": str(name),
+        "name": name,
         **{k: _json_value(k, v) for k, v in fields.items()},
     }
     try:
-        orjson.dumps(record)
+        size = len(orjson.dumps(record))
     except orjson.JSONEncodeError as exc:
-        msg = f"audit note {name!r} cannot be written as JSON: {exc}"
+        msg = f"audit note {safe_text(name)!r} cannot be written as JSON: {exc}"
         raise TypeError(msg) from None
+    if size > MAX_LINE_BYTES // 2:
+        msg = (
+            f"audit note {safe_text(name)!r} is {size:,} bytes as JSON; a note may be at most "
+            f"{MAX_LINE_BYTES // 2:,} (a log line at most {MAX_LINE_BYTES:,}): note a summary"
+        )
+        raise ValueError(msg)
     return record
 
 
@@ -203,33 +425,62 @@ class AuditWriter:
         self.path, self.run_id, self.keyed = path, run_id, key is not None
         self.t0_ns = time.monotonic_ns()
         self.pending: list[Any] = []
-        self._file = JsonlFile(_open_for_append(path))
-        self._renderer = ChainRenderer(key)
-        self._render = RenderRecords(run_id, rank, self.t0_ns)
-        self._log = structlog.wrap_logger(
-            self._file,
-            processors=[self._render, self._renderer],
-            wrapper_class=structlog.BoundLogger,
-            context_class=dict,
-        ).bind()
+        self._file = JsonlFile(path)
+        try:
+            self._mark = _Mark(self._file.size)
+            self._log = structlog.wrap_logger(
+                self._file,
+                processors=[RenderRecords(run_id, rank, self.t0_ns), ChainRenderer(key)],
+                wrapper_class=structlog.BoundLogger,
+                context_class=dict,
+            ).bind()
+        except BaseException:
+            self._file.close()
+            raise
 
     @property
     def head(self) -> str:
         """The hash of the last record written: the chain head."""
-        return self._renderer.chain.head.hex()
+        return self._mark.head.hex()
 
     @property
     def records_written(self) -> int:
         """How many records of this run were written so far."""
-        return self._render.seq
+        return self._mark.seq
+
+    @property
+    def started(self) -> bool:
+        """Whether the header is in the file (without it, nothing else may be written)."""
+        return self._mark.seq > 0
+
+    @property
+    def footed(self) -> bool:
+        """Whether the footer is in the file."""
+        return self._mark.footed
+
+    def log_state(self) -> str:
+        """Return the state the log leaves the machine in, pending transitions included."""
+        for item in reversed(self.pending):
+            if type(item) is tuple:
+                state: str = item[1][2]
+                return state
+        return self._mark.state
+
+    def counts(self) -> dict[str, list[int]]:
+        """Transition records written per trigger, as ``[training, validation]``."""
+        counts: dict[str, list[int]] = {}
+        for (trigger, _, _, training), n in self._mark.tally.items():
+            counts.setdefault(trigger, [0, 0])[0 if training else 1] += n
+        return counts
 
     def start(self, header: Mapping[str, Any]) -> None:
-        """Write the header record at once."""
+        """Write the header record at once, bound to the file's last sealed line."""
         record = {
             Field.TIME_NS.value: self.t0_ns,
             Field.EVENT.value: RecordKind.RUN_START.value,
             "schema": SCHEMA_VERSION,
             "keyed": self.keyed,
+            PREV_FIELD: self._file.prev.hex(),
             **header,
         }
         self.pending.append(_json_value("header", record))
@@ -240,35 +491,58 @@ class AuditWriter:
         self.pending.append({Field.TIME_NS.value: time.monotonic_ns(), **record})
 
     def close(self) -> None:
-        """Close the file without a footer (a run that could not start)."""
+        """Close the file, footer or not (again: nothing)."""
         self._file.close()
 
-    def flush(self) -> None:
-        """Render, chain and write whatever is pending."""
-        if self.pending:
-            records = self.pending[:]
-            self.pending.clear()
-            self._log.msg("records", records=records)
+    def abandon(self) -> None:
+        """Close without a footer, cutting off a block whose write was interrupted."""
+        self._file.abandon(self._mark.size)
 
-    def finish(
-        self,
-        status: RunStatus,
-        counts: Mapping[str, list[int]],
-        failure: Mapping[str, Any] | None = None,
-    ) -> str:
-        """Write the footer, fsync and close; return the chain head."""
-        self.flush()
-        footer: dict[str, Any] = {
-            Field.TIME_NS.value: time.monotonic_ns(),
-            Field.EVENT.value: RecordKind.RUN_END.value,
-            "status": status.value,
-            "records": self.records_written,
-            "counts": dict(counts),
-        }
-        if failure is not None:
-            footer["failure"] = dict(failure)
-        self.pending.append(footer)
-        self.flush()
-        self._file.sync()
-        self._file.close()
+    def flush(self, footer: dict[str, Any] | None = None) -> None:
+        """Render, chain and write whatever is pending, and ``footer`` last, as one transaction.
+
+        The footer never enters ``pending``: a footer whose write was interrupted is gone,
+        and the failure path writes its own after the fail record.
+        """
+        pending, mark = self.pending, self._mark
+        if mark.done and len(pending) >= mark.done and pending[mark.done - 1] is mark.last:
+            del pending[: mark.done]  # what the last commit wrote (one C call: atomic)
+        count = len(pending)
+        if not count and footer is None:
+            return
+        items = pending[:count]
+        block = _Block([*items, footer] if footer is not None else items, mark)
+        self._log.msg("records", block=block)
+        self._mark = _Mark(
+            block.size,
+            block.seq,
+            block.head,
+            block.tally,
+            block.state,
+            block.footed,
+            count,
+            items[-1] if items else None,
+        )
+        del pending[:count]  # an interrupt just before this is undone at the next flush
+
+    def finish(self, status: RunStatus, failure: Mapping[str, Any] | None = None) -> str:
+        """Write the footer (unless written), fsync and close; return the chain head.
+
+        The footer counts the transition records written, so it agrees with the log
+        whatever happened to the learner.
+        """
+        if not self.footed:
+            self.flush()
+            footer: dict[str, Any] = {
+                Field.TIME_NS.value: time.monotonic_ns(),
+                Field.EVENT.value: RecordKind.RUN_END.value,
+                "status": status.value,
+                "records": self.records_written,
+                "counts": self.counts(),
+            }
+            if failure is not None:
+                footer["failure"] = _json_value("failure", dict(failure))
+            self.flush(footer)
+            self._file.sync()
+        self.close()
         return self.head
