@@ -24,6 +24,8 @@ from fsm_learner._compat import StrEnum
 __all__ = [
     "HASH_BYTES",
     "KEY_ENV",
+    "MAX_LINE_BYTES",
+    "PREV_FIELD",
     "SCHEMA_VERSION",
     "Chain",
     "Field",
@@ -40,6 +42,12 @@ HASH_BYTES: Final = 8
 """Digest size of the chain: 64 bits, 16 hex characters per record."""
 KEY_ENV: Final = "FSM_LEARNER_AUDIT_KEY"
 """Environment variable holding the chain key, for the learner and for the audit alike."""
+MAX_LINE_BYTES: Final = 1 << 20
+"""The longest line a log may hold (newline included): the writer refuses a longer record
+(a note, say) and the reader calls a longer line malformed without holding it in memory."""
+PREV_FIELD: Final = "prev"
+"""Header field binding a run to what came before it in its file: the ``h`` of the last
+line before the header that carries a well-formed seal, or "" when there is none."""
 
 
 class Field(StrEnum):
