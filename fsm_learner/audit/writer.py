@@ -232,6 +232,7 @@ _OPEN_FLAGS: Final = (
 )
 _TAIL_SCAN: Final = 2 * MAX_LINE_BYTES + 2
 """How far back from the end of a log the writer looks for the last sealed line."""
+_FIRST_WINDOW: Final = 4096
 
 
 def _file_kind(mode: int) -> str:
@@ -310,15 +311,24 @@ class JsonlFile:
         size = os.fstat(self.fd).st_size
         if size == 0:
             return 0, b""
-        start = max(size - _TAIL_SCAN, 0)
-        tail = os.pread(self.fd, size - start, start)
-        if not tail.endswith(b"\n"):
+        if os.pread(self.fd, 1, size - 1) != b"\n":
             self._write_all(b"\n")  # a killed run's cut line: the next run starts a line
             size += 1
-            tail += b"\n"
-        if start > 0:  # the window may cut its first line: never take that one
-            tail = tail[tail.find(b"\n") + 1 :]
-        return size, last_seal(tail)
+        return size, self._last_seal(size)
+
+    def _last_seal(self, size: int) -> bytes:
+        """Look back from the end, in growing windows, for the last sealed line."""
+        window = _FIRST_WINDOW
+        while True:
+            start = max(size - window, 0)
+            tail = os.pread(self.fd, size - start, start)
+            if start > 0:  # the window may cut its first line: never take that one
+                cut = tail.find(b"\n")
+                tail = tail[cut + 1 :] if cut >= 0 else b""
+            digest = last_seal(tail)
+            if digest or start == 0 or window >= _TAIL_SCAN:
+                return digest
+            window *= 8
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
