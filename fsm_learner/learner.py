@@ -486,9 +486,9 @@ class Learner:
             self._settle(exc)
             raise
         finally:
+            self._fitting = False
             if self._state is not State.IDLE:  # pragma: no cover (_settle saw to it)
                 self._go_idle()
-            self._fitting = False
 
     def _run(self, n_epochs: int) -> FitResult:
         self._prepare(n_epochs)
@@ -777,6 +777,8 @@ class Learner:
         writer = self._writer
         if writer is not None:
             if writer.started:
+                if not writer.footed and writer.log_state() != State.IDLE:
+                    self._fail_transition()  # an interrupt kept it from the log: again
                 self._audit_head = writer.finish(RunStatus.FAILED, detail)
                 add_note(exc, f"fsm_learner: audit log {self._audit_path}")
             else:
@@ -808,6 +810,7 @@ class Learner:
         except BaseException as exc:  # noqa: BLE001 (an exception is already on its way out)
             add_note(current, f"fsm_learner: then {exception_text(exc, 200)} closing the log")
         finally:
+            self._fitting = False
             writer, self._writer, self._pending = self._writer, None, None
             if writer is not None:
                 writer.close()

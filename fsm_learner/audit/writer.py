@@ -26,6 +26,7 @@ event that cannot be emitted never disturbs the fit.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
@@ -253,14 +254,15 @@ def _not_regular(path: Path, mode: int) -> ConfigurationError:
     )
 
 
-def open_log_file(path: Path) -> int:
-    """Open ``path`` for appending and return the descriptor; refuse what is not a file.
+def open_log_file(path: Path) -> io.FileIO:
+    """Open ``path`` for appending (and reading); refuse what is not a regular file.
 
     Opened non-blocking, so a FIFO cannot hang the fit, and checked with ``fstat`` on
-    the open descriptor, so what is checked is what is written.
+    the open descriptor, so what is checked is what is written. A ``FileIO`` closes in
+    one call, whatever interrupts it, and never twice.
     """
     try:
-        fd = os.open(path, _OPEN_FLAGS, 0o644)
+        fh = io.FileIO(path, "a+", opener=_open_flags)
     except OSError as exc:
         try:
             mode = path.stat().st_mode
@@ -269,11 +271,19 @@ def open_log_file(path: Path) -> int:
         if not stat.S_ISREG(mode):
             raise _not_regular(path, mode) from None
         raise
-    mode = os.fstat(fd).st_mode
+    try:
+        mode = os.fstat(fh.fileno()).st_mode
+    except BaseException:
+        fh.close()
+        raise
     if not stat.S_ISREG(mode):
-        os.close(fd)
+        fh.close()
         raise _not_regular(path, mode)
-    return fd
+    return fh
+
+
+def _open_flags(path: str, _flags: int) -> int:
+    return os.open(path, _OPEN_FLAGS, 0o644)
 
 
 def last_seal(data: bytes) -> bytes:
@@ -299,11 +309,12 @@ class JsonlFile:
         ``prev`` is the digest of the last sealed line already in the file (b"" for a
         new file): the next run's header binds to it.
         """
-        self.fd = open_log_file(path)
+        self._fh = open_log_file(path)
         try:
+            self.fd = self._fh.fileno()
             self.size, self.prev = self._prepare_end()
         except BaseException:
-            os.close(self.fd)
+            self._fh.close()
             raise
         self._in_flight: int | None = None
 
@@ -347,7 +358,7 @@ class JsonlFile:
     def abandon(self, size: int) -> None:
         """Close, first cutting off a write from ``size`` that never committed."""
         try:
-            if self.fd >= 0 and self._in_flight == size:
+            if not self._fh.closed and self._in_flight == size:
                 os.ftruncate(self.fd, size)
         finally:
             self.close()
@@ -358,9 +369,7 @@ class JsonlFile:
 
     def close(self) -> None:
         """Close the file (again: nothing)."""
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        self._fh.close()
 
 
 _MAX_DEPTH: Final = 32
@@ -435,17 +444,20 @@ class AuditWriter:
         self.path, self.run_id, self.keyed = path, run_id, key is not None
         self.t0_ns = time.monotonic_ns()
         self.pending: list[Any] = []
-        self._file = JsonlFile(path)
-        try:
-            self._mark = _Mark(self._file.size)
+        file = None
+        try:  # whatever interrupts the set-up, the file is closed
+            file = JsonlFile(path)
+            self._mark = _Mark(file.size)
             self._log = structlog.wrap_logger(
-                self._file,
+                file,
                 processors=[RenderRecords(run_id, rank, self.t0_ns), ChainRenderer(key)],
                 wrapper_class=structlog.BoundLogger,
                 context_class=dict,
             ).bind()
+            self._file = file
         except BaseException:
-            self._file.close()
+            if file is not None:
+                file.close()
             raise
 
     @property
