@@ -777,7 +777,7 @@ class Learner:
         writer = self._writer
         if writer is not None:
             if writer.started:
-                if not writer.footed and writer.log_state() != State.IDLE:
+                if not writer.footed and not writer.has(Trigger.FAIL):
                     self._fail_transition()  # an interrupt kept it from the log: again
                 self._audit_head = writer.finish(RunStatus.FAILED, detail)
                 add_note(exc, f"fsm_learner: audit log {self._audit_path}")
@@ -793,37 +793,34 @@ class Learner:
     def _settle(self, current: BaseException) -> None:
         """Whatever ended the fit, leave the learner idle and the log closed.
 
-        On every path that completed, this finds nothing to do. It acts when an exception
-        cut the failure handling short: the log gets its fail record and footer (or, if
-        its header never made it, is closed), and the learner is made idle.
+        After a failure that was handled, this finds nothing to do. It acts when an
+        exception cut the start of the log or the failure handling short: the log gets
+        its header (written again), a fail record and a footer; what cannot be written is
+        noted on ``current``, and a block whose write was cut short is cut off the file.
         """
+        writer = self._writer
         try:
-            writer = self._writer
-            if writer is not None:
-                if writer.started and not writer.footed:
-                    if writer.log_state() != State.IDLE:
-                        self._fail_transition()
-                    failure = self._failure
-                    writer.finish(RunStatus.FAILED, failure.detail() if failure else _INTERRUPTED)
-                else:
-                    writer.abandon()
+            if writer is not None and not writer.footed:
+                self._close_cut_short(writer, current)
         except BaseException as exc:  # noqa: BLE001 (an exception is already on its way out)
             add_note(current, f"fsm_learner: then {exception_text(exc, 200)} closing the log")
         finally:
             self._fitting = False
             writer, self._writer, self._pending = self._writer, None, None
             if writer is not None:
-                writer.close()
+                writer.abandon()  # closes; cuts off only a write that never committed
             self._go_idle()
 
-
-_INTERRUPTED: Final = {
-    "type": "Interrupted",
-    "message": "the fit was interrupted before its failure was recorded",
-    "state": None,
-    "hook": None,
-    "callback": None,
-}
+    def _close_cut_short(self, writer: AuditWriter, current: BaseException) -> None:
+        self._pending, self._audit_path = writer.pending, writer.path
+        if not writer.started:
+            writer.flush()  # the header's write was interrupted: once more
+            if not writer.started:  # the header never was queued: this run has no log
+                return
+        if not writer.has(Trigger.FAIL):
+            self._fail_transition()
+        failure = self._failure or Failure(current, self._state)
+        self._audit_head = writer.finish(RunStatus.FAILED, failure.detail())
 
 
 def _illegal_cancel_message(

@@ -488,6 +488,11 @@ class AuditWriter:
                 return state
         return self._mark.state
 
+    def has(self, trigger: str) -> bool:
+        """Say whether a transition by ``trigger`` is written or pending."""
+        pending = (item[1][0] for item in self.pending if type(item) is tuple)
+        return trigger in pending or any(key[0] == trigger for key in self._mark.tally)
+
     def counts(self) -> dict[str, list[int]]:
         """Transition records written per trigger, as ``[training, validation]``."""
         counts: dict[str, list[int]] = {}
