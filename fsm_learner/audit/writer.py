@@ -490,8 +490,10 @@ class AuditWriter:
 
     def has(self, trigger: str) -> bool:
         """Say whether a transition by ``trigger`` is written or pending."""
-        pending = (item[1][0] for item in self.pending if type(item) is tuple)
-        return trigger in pending or any(key[0] == trigger for key in self._mark.tally)
+        for item in self.pending:  # a loop, not a generator: nothing left to finalise
+            if type(item) is tuple and item[1][0] == trigger:
+                return True
+        return trigger in {key[0] for key in self._mark.tally}
 
     def counts(self) -> dict[str, list[int]]:
         """Transition records written per trigger, as ``[training, validation]``."""
