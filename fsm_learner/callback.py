@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Final
 import attrs
 
 from fsm_learner._compat import StrEnum
-from fsm_learner._safe import safe_text
+from fsm_learner._display import safe_text
 from fsm_learner.exceptions import InvalidCallbackError
 from fsm_learner.machine import Hook
 

@@ -1,22 +1,27 @@
 """The ``fsm-learner`` command: one sub-command per entry point.
 
 Exit codes: 0 success, 1 a check failed (a run that does not verify, ...), 2 a usage
-error (argparse's own convention). Errors are one line on stderr, never a traceback.
+error (argparse's own convention). Errors are one line on stderr, never a traceback;
+what they quote of a log or a file name is made printable first.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TextIO
 
 import orjson
 
-from fsm_learner.audit.replay import Problem, RunReport, audit_file, log_files
+from fsm_learner._display import file_name, printable
+from fsm_learner.audit.files import file_kind, log_files
+from fsm_learner.audit.replay import FileAudit, Problem, RunReport, RunSet
 from fsm_learner.audit.schema import KEY_ENV, derive_key
-from fsm_learner.audit.summary import render_reports
+from fsm_learner.audit.summary import render_report, render_totals
 from fsm_learner.diagram import (
     DiagramFormat,
     DiagramView,
@@ -58,7 +63,12 @@ def _audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="append",
         default=[],
         metavar="HASH",
-        help="the chain head fit() returned; every run must end on one of these (repeatable)",
+        help=(
+            "a chain head fit() returned (repeatable): each must end exactly one audited run, "
+            "and every run must end on one of them. A run's header binds it to the run before "
+            "it in its file, so only an expected head vouches for the last run of a file: "
+            "removed whole, that run leaves no other trace"
+        ),
     )
     parser.add_argument(
         "--key-env",
@@ -69,48 +79,122 @@ def _audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.set_defaults(run=_run_audit)
 
 
-def _check_heads(reports: Sequence[RunReport], heads: Sequence[str]) -> None:
-    expected = {h.lower() for h in heads}
-    for report in reports:
-        if report.problem is None and report.head not in expected:
-            report.problem = Problem(
-                report.path,
-                report.first_line + max(report.records - 1, 0),
-                f"chain head {report.head} is not the expected {', '.join(sorted(expected))}",
-            )
+def _write(stream: TextIO, text: str) -> None:
+    """Write text; a stream that cannot encode a character gets it as an escape."""
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        encoding = stream.encoding or "ascii"
+        stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+
+
+class _TextSummary:
+    """The audit's human summary: each run as soon as it is replayed, one problem on stderr.
+
+    The problem named is the first of a file (it shows nowhere else), else of a run (its
+    summary shows it too), else of the runs taken together (an expected head not found).
+    """
+
+    def __init__(self) -> None:
+        self.runs = self.verified = 0
+        self.of_file: Problem | None = None
+        self.of_run: Problem | None = None
+        self.of_all: Problem | None = None
+
+    def run(self, report: RunReport) -> None:
+        self.runs += 1
+        self.verified += report.verified
+        _write(sys.stdout, render_report(report) + "\n\n")
+        self.of_run = self.of_run or report.problem
+
+    def problem(self, problem: Problem) -> None:
+        if problem.path:
+            self.of_file = self.of_file or problem
+        else:
+            self.of_all = self.of_all or problem
+
+    def finish(self) -> int:
+        if self.runs:
+            _write(sys.stdout, render_totals(self.runs, self.verified) + "\n")
+        first = self.of_file or self.of_run or self.of_all
+        if first is None:
+            return EXIT_OK
+        _write(sys.stderr, f"fsm-learner audit: {printable(str(first))}\n")
+        return EXIT_FAILED
+
+
+_JSON_UNSAFE: Final = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+"""DEL, the C1 controls and the line separators, as UTF-8: orjson writes them raw."""
+
+
+def _json(value: object) -> str:
+    """Indented JSON with every control character escaped, for a terminal as for a parser."""
+    data = orjson.dumps(value, option=orjson.OPT_INDENT_2)
+    data = _JSON_UNSAFE.sub(lambda m: b"\\u%04x" % ord(m[0].decode()), data)
+    return data.decode()
+
+
+class _JsonSummary:
+    """The audit as one JSON document, written run by run: runs, problems, verified.
+
+    Problems are held in a spooled temporary file until the runs are written, so memory
+    does not grow with the number of runs that fail.
+    """
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.verified = True
+        self.problems = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in finish)
+            max_size=1 << 20, mode="w+", encoding="utf-8"
+        )
+        self.problem_count = 0
+        _write(sys.stdout, '{\n  "runs": [')
+
+    def run(self, report: RunReport) -> None:
+        separator = "," if self.runs else ""
+        _write(sys.stdout, f"{separator}\n    " + _json(report.to_json()).replace("\n", "\n    "))
+        self.runs += 1
+        self.verified = self.verified and report.verified
+        if report.problem is not None:
+            self.problem(report.problem)
+
+    def problem(self, problem: Problem) -> None:
+        separator = "," if self.problem_count else ""
+        self.problems.write(f"{separator}\n    {_json(str(problem))}")
+        self.problem_count += 1
+        self.verified = False
+
+    def finish(self) -> int:
+        _write(sys.stdout, "\n  ]," if self.runs else "],")
+        _write(sys.stdout, '\n  "problems": [')
+        with self.problems:
+            self.problems.seek(0)
+            while chunk := self.problems.read(1 << 16):
+                _write(sys.stdout, chunk)
+        _write(sys.stdout, "\n  ]," if self.problem_count else "],")
+        _write(sys.stdout, f'\n  "verified": {"true" if self.verified else "false"}\n}}\n')
+        return EXIT_OK if self.verified else EXIT_FAILED
 
 
 def _run_audit(args: argparse.Namespace) -> int:
     files, errors = log_files(args.paths)
     if errors:
         for error in errors:
-            print(f"fsm-learner audit: {error}", file=sys.stderr)
+            _write(sys.stderr, f"fsm-learner audit: {printable(error)}\n")
         return EXIT_USAGE
     key = derive_key(os.environ.get(args.key_env) or None)
-    reports: list[RunReport] = []
-    problems: list[Problem] = []
+    runs = RunSet(args.expect_head)
+    summary = _JsonSummary() if args.json else _TextSummary()
     for path in files:
-        found, problem = audit_file(path, key=key)
-        reports.extend(found)
-        if problem is not None:
-            problems.append(problem)
-    if args.expect_head:
-        _check_heads(reports, args.expect_head)
-    problems += [r.problem for r in reports if r.problem is not None]
-    ok = not problems and all(r.verified for r in reports)
-    if args.json:
-        payload = {
-            "verified": ok,
-            "runs": [r.to_json() for r in reports],
-            "problems": [str(p) for p in problems],
-        }
-        print(orjson.dumps(payload, option=orjson.OPT_INDENT_2).decode())
-    else:
-        if reports:
-            print(render_reports(reports))
-        if problems:
-            print(f"fsm-learner audit: {problems[0]}", file=sys.stderr)
-    return EXIT_OK if ok else EXIT_FAILED
+        audit = FileAudit(path, key=key)
+        for report in audit:
+            runs.add(report)
+            summary.run(report)
+        if audit.problem is not None:
+            summary.problem(audit.problem)
+    for problem in runs.missing():
+        summary.problem(problem)
+    return summary.finish()
 
 
 def _diagram_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -175,9 +259,22 @@ def _diagram_usage(args: argparse.Namespace) -> str | None:
         return "--write and --check take no --format or --output: they do all of diagrams/"
     if args.format == DiagramFormat.PNG and args.output is None:
         return "png is an image, not text for stdout: give --output PATH"
-    if args.from_log is not None and not args.from_log.is_file():
-        return f"{args.from_log}: no such file (--from-log takes one audit log)"
+    if args.from_log is not None:
+        return _log_file_problem(args.from_log)
     return None
+
+
+def _log_file_problem(path: Path) -> str | None:
+    """Say why ``path`` cannot be the one log --from-log reads, if it cannot."""
+    try:
+        kind = file_kind(path)
+    except FileNotFoundError:
+        return f"{file_name(path)}: no such file (--from-log takes one audit log)"
+    except OSError as exc:
+        return f"{file_name(path)[:80]}: {exc.strerror or exc}"
+    if kind is None:
+        return None
+    return f"{file_name(path)}: not a regular file ({kind}); --from-log takes one audit log"
 
 
 def _diagram_view(args: argparse.Namespace) -> DiagramView:
@@ -226,7 +323,7 @@ def _run_diagram(args: argparse.Namespace) -> int:
         else:
             args.output.write_bytes(data)
     except FsmLearnerError as exc:
-        print(f"fsm-learner diagram: {' '.join(str(exc).split())}", file=sys.stderr)
+        _write(sys.stderr, f"fsm-learner diagram: {printable(' '.join(str(exc).split()))}\n")
         return EXIT_FAILED
     except OSError as exc:
         print(f"fsm-learner diagram: cannot write {exc.filename}: {exc.strerror}", file=sys.stderr)
@@ -377,8 +474,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; return its exit code."""
     args = build_parser().parse_args(argv)
-    code: int = args.run(args)
+    try:
+        code: int = args.run(args)
+    except BrokenPipeError:  # `fsm-learner audit ... | head`: the reader has seen enough
+        _silence_stdout()
+        return EXIT_FAILED
     return code
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush cannot raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # a stdout without a descriptor (a test's capture)
+        pass
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

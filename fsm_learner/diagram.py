@@ -21,6 +21,12 @@ Views: ``table_view()`` labels each edge with its trigger, guard and hook;
 ``callbacks_view(cbs)`` adds the callbacks that run on it, in order; ``run_view(log)``
 labels it with how many times one audited run took it, greys what the run never took,
 and marks the failure edge.
+
+Text from outside the table (a callback's class name, a run id or failure read from a
+log, a title) is escaped: control characters become visible escapes, so a newline
+cannot start a forged line nor an ANSI sequence reach a terminal; in Mermaid, the
+characters its lexer acts on inside a label (``: ; # %`` and the like) are written as
+its entity codes (``#59;``).
 """
 
 from __future__ import annotations
@@ -29,16 +35,15 @@ import importlib
 import re
 import shutil
 import subprocess
-from collections import Counter
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import attrs
-import orjson
 
 from fsm_learner import machine
 from fsm_learner._compat import StrEnum
+from fsm_learner._display import printable, shown
 from fsm_learner.callback import resolve_dispatch, validate_callbacks
 from fsm_learner.exceptions import ConfigurationError
 from fsm_learner.machine import Hook, State, TransitionSpec, Trigger
@@ -272,51 +277,62 @@ def run_view(path: Path, *, run_id: str | None = None, key: bytes | None = None)
     report = _verified_run(path, run_id, key)
     failed_in = None if report.failed_at is None else State(report.failed_at["state"])
     return DiagramView(
-        f"fsm_learner: run {report.run_id} ({report.status})",
-        counts=_edge_counts(path, report),
+        f"fsm_learner: run {_clip(report.run_id, _RUN_ID_SHOWN)} ({report.status})",
+        counts={
+            (Trigger(trigger), State(source), State(dest)): n
+            for (trigger, source, dest), n in report.edges.items()
+        },
         failed_in=failed_in,
         failure=_failure_text(report),
     )
 
 
+_RUN_ID_SHOWN: Final = 64
+_RUN_IDS_LISTED: Final = 8
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _verified_run(path: Path, run_id: str | None, key: bytes | None) -> RunReport:
-    from fsm_learner.audit.replay import audit_file  # noqa: PLC0415 (only this view needs it)
+    from fsm_learner.audit.replay import FileAudit, RunSet  # noqa: PLC0415 (only this view)
 
-    reports, problem = audit_file(path, key=key)
-    if problem is not None:
-        msg = f"{problem} (fsm-learner audit does not verify it)"
+    audit, runs = FileAudit(path, key=key), RunSet()
+    chosen: RunReport | None = None
+    ids: list[str] = []
+    count = 0
+    for report in audit:  # streamed: only the chosen run is kept
+        runs.add(report)
+        count += 1
+        if len(ids) < _RUN_IDS_LISTED:
+            ids.append(_clip(report.run_id, _RUN_ID_SHOWN))
+        if run_id is None or (chosen is None and report.run_id == run_id):
+            chosen = report
+    if audit.problem is not None:
+        msg = f"{audit.problem} (fsm-learner audit does not verify it)"
         raise ConfigurationError(msg)
-    ids = [r.run_id for r in reports]
-    if run_id is not None and run_id not in ids:
-        msg = f"{path} has no run {run_id!r}; its runs: {', '.join(ids)}"
+    if chosen is None:
+        more = f" and {count - len(ids)} more" if count > len(ids) else ""
+        msg = f"{audit.name} has no run {shown(run_id)}; its runs: {', '.join(ids)}{more}"
         raise ConfigurationError(msg)
-    report = reports[ids.index(run_id)] if run_id is not None else reports[-1]
-    if not report.verified:
-        msg = f"run {report.run_id} does not verify: {report.problem}"
+    if not chosen.verified:
+        msg = f"run {_clip(chosen.run_id, _RUN_ID_SHOWN)} does not verify: {chosen.problem}"
         raise ConfigurationError(msg)
-    return report
-
-
-def _edge_counts(path: Path, report: RunReport) -> dict[tuple[Trigger, State, State], int]:
-    """Count each (trigger, source, dest) of a verified run, reading its lines again."""
-    counts: Counter[tuple[Trigger, State, State]] = Counter()
-    lines = range(report.first_line, report.first_line + report.records)
-    triggers = frozenset(Trigger)
-    with path.open("rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            if number in lines:
-                record = orjson.loads(raw)
-                if record["ev"] in triggers:
-                    counts[Trigger(record["ev"]), State(record["src"]), State(record["dst"])] += 1
-    return dict(counts)
+    return chosen
 
 
 def _failure_text(report: RunReport) -> str:
     failure = report.failure or {}
-    text = str(failure.get("type", ""))
+    text = _field_text(failure.get("type", ""))
     if failure.get("hook"):
-        text += f" in {failure['hook']} of {failure.get('callback')}"
+        text += f" in {_field_text(failure['hook'])} of {_field_text(failure.get('callback'))}"
     return text
+
+
+def _field_text(value: object) -> str:
+    """Show a field of a log's failure record as short text, whatever the log put there."""
+    return _clip(value, 80) if isinstance(value, str) else shown(value)
 
 
 # -- labels --------------------------------------------------------------------------------
@@ -350,20 +366,36 @@ def _dot_label(view: DiagramView, edge: Edge) -> list[str]:
     spec = edge.spec
     first = f"{spec.trigger}{_guard(spec, cancels=True)}"
     if view.counts is not None:
-        failed = [f"failed in {view.failed_in}: {view.failure}"] if _is_failure(view, edge) else []
+        failure = printable(view.failure)
+        failed = [f"failed in {view.failed_in}: {failure}"] if _is_failure(view, edge) else []
         return [f"{first} {_TIMES}{_count(view, edge)}", *failed]
-    calls = view.calls[spec.hook] if view.calls is not None else ()
+    calls = [printable(call) for call in view.calls[spec.hook]] if view.calls is not None else []
     # two lines at most: taller labels of a row's edges overlap the box around the row
     return [first, f"/ {spec.hook}" + (f": {', '.join(calls)}" if calls else "")]
+
+
+_MERMAID_ENTITIES: Final = str.maketrans({c: f"#{ord(c)};" for c in '#:;%{}<>"|`'})
+_MERMAID_DIRECTION: Final = re.compile(r"(direction) ", re.IGNORECASE)
+
+
+def _mermaid_text(text: str) -> str:
+    """Make outside text inert in a Mermaid label: one line, no character its lexer acts on.
+
+    Inside a transition's label Mermaid's state-diagram lexer stops at ``:``, ``;`` and
+    a newline, and reads a whole line with ``direction`` and a space in it as a
+    direction statement; its entity codes (``#59;``) are decoded only when drawing.
+    """
+    return _MERMAID_DIRECTION.sub(r"\1#32;", printable(text).translate(_MERMAID_ENTITIES))
 
 
 def _mermaid_label(view: DiagramView, edge: Edge) -> str:
     spec = edge.spec
     text = f"{spec.trigger}{_guard(spec, cancels=False)}"
     if view.counts is not None:
-        failed = f" (failed here, {view.failure})" if _is_failure(view, edge) else ""
+        failure = _mermaid_text(view.failure)
+        failed = f" (failed here, {failure})" if _is_failure(view, edge) else ""
         return f"{text} {_TIMES}{_count(view, edge)}{failed}"
-    calls = view.calls[spec.hook] if view.calls is not None else ()
+    calls = [_mermaid_text(c) for c in view.calls[spec.hook]] if view.calls is not None else []
     return f"{text} / {', '.join(calls)}" if calls else text
 
 
@@ -371,7 +403,8 @@ def _mermaid_label(view: DiagramView, edge: Edge) -> str:
 
 
 def _mermaid(view: DiagramView) -> str:
-    lines = ["stateDiagram-v2", f"    %% {view.title}", *(f"    {s}" for s in State)]
+    title = printable(view.title)  # a comment to the end of its line
+    lines = ["stateDiagram-v2", f"    %% {title}", *(f"    {s}" for s in State)]
     lines.append(f"    [*] --> {State.IDLE}")
     for src, dst, edges in mermaid_edges():
         label = " | ".join(_mermaid_label(view, edge) for edge in edges)
@@ -477,7 +510,7 @@ def _dot_scope(view: DiagramView, scope: frozenset[State], found: Sequence[Clust
 def _dot(view: DiagramView) -> str:
     lines = [
         "digraph fsm_learner {",
-        f"    graph [{_attrs(_GRAPH)}, label={_quote(view.title)}];",
+        f"    graph [{_attrs(_GRAPH)}, label={_quote(printable(view.title))}];",
         f"    node [{_attrs(_NODE)}];",
         f"    edge [{_attrs(_EDGE)}];",
         *(f"    {line}" for line in _dot_scope(view, frozenset(State), clusters())),

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fsm_learner._compat import add_note
-from fsm_learner._safe import exception_text, safe_text
+from fsm_learner._display import exception_text, safe_text
 from fsm_learner.audit.schema import KEY_ENV, RunStatus, derive_key
 from fsm_learner.audit.writer import (
     FLUSH_AT,

@@ -39,7 +39,7 @@ import attrs
 import orjson
 import structlog
 
-from fsm_learner._safe import safe_text
+from fsm_learner._display import safe_text
 from fsm_learner.audit.schema import (
     MAX_LINE_BYTES,
     PREV_FIELD,
