@@ -4,6 +4,7 @@ from fsm_learner.audit.schema import RunStatus
 from fsm_learner.callback import Callback, Override
 from fsm_learner.diagram import DiagramFormat
 from fsm_learner.exceptions import (
+    AuditLogInUseError,
     CancelBatchException,
     CancelEpochException,
     CancelException,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TRANSITION_TABLE",
+    "AuditLogInUseError",
     "Callback",
     "CancelBatchException",
     "CancelEpochException",

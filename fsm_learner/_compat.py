@@ -28,7 +28,7 @@ def add_note(exc: BaseException, note: str) -> bool:
         else:  # pragma: no cover (exercised only on 3.10)
             notes = list(getattr(exc, "__notes__", ()))
             exc.__notes__ = [*notes, note]
-    except Exception:  # noqa: BLE001 (a note is never worth losing the exception)
+    except BaseException:  # noqa: BLE001 (a note is never worth losing the exception)
         return False
     return True
 

@@ -80,12 +80,10 @@ def safe_text(obj: object, limit: int = _LIMIT) -> str:
     When ``str`` itself raises, say so with the type's name instead.
     """
     try:
-        text = str(obj)
-        if not isinstance(text, str):  # pragma: no cover (str() enforces it)
-            text = object.__repr__(obj)
+        text = str.__str__(str(obj))  # an exact str: a subclass's len() or slicing may raise
+        return text if len(text) <= limit else text[: limit - 3] + "..."
     except BaseException as exc:  # noqa: BLE001 (a description must not fail)
-        text = f"<{_type_name(obj)} whose str() raised {_type_name(exc)}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        return f"<{_type_name(obj)} whose str() raised {_type_name(exc)}>"
 
 
 def exception_text(exc: BaseException, limit: int = _LIMIT) -> str:

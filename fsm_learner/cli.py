@@ -319,7 +319,7 @@ def _run_diagram(args: argparse.Namespace) -> int:
             return _diagram_docs(args)
         data = render(_diagram_view(args), args.format or DiagramFormat.MERMAID)
         if args.output is None:
-            sys.stdout.write(data.decode())
+            _write(sys.stdout, data.decode())  # an ASCII terminal gets escapes, not a traceback
         else:
             args.output.write_bytes(data)
     except FsmLearnerError as exc:

@@ -43,7 +43,7 @@ import attrs
 
 from fsm_learner import machine
 from fsm_learner._compat import StrEnum
-from fsm_learner._display import printable, shown
+from fsm_learner._display import exception_text, printable, shown
 from fsm_learner.callback import resolve_dispatch, validate_callbacks
 from fsm_learner.exceptions import ConfigurationError
 from fsm_learner.machine import Hook, State, TransitionSpec, Trigger
@@ -255,7 +255,7 @@ def learner_from_factory(spec: str) -> Learner:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 (whatever the user's module raises, say it in one line)
-        msg = f"cannot import {module_name!r}: {type(exc).__name__}: {exc}"
+        msg = f"cannot import {module_name!r}: {exception_text(exc, 300)}"
         raise ConfigurationError(msg) from None
     factory = getattr(module, name, None)
     if not callable(factory):
@@ -264,7 +264,7 @@ def learner_from_factory(spec: str) -> Learner:
     try:
         learn = factory()
     except Exception as exc:  # noqa: BLE001 (the same: one line, no traceback)
-        msg = f"{spec} raised {type(exc).__name__}: {exc}"
+        msg = f"{spec} raised {exception_text(exc, 300)}"
         raise ConfigurationError(msg) from None
     if not isinstance(learn, Learner):
         msg = f"{spec} returned {type(learn).__name__}, not a fsm_learner.Learner"
@@ -403,7 +403,8 @@ def _mermaid_label(view: DiagramView, edge: Edge) -> str:
 
 
 def _mermaid(view: DiagramView) -> str:
-    title = printable(view.title)  # a comment to the end of its line
+    # a comment to the end of its line; Mermaid scans even comments for %%{...}%% directives
+    title = printable(view.title).replace("%", "#37;").replace("{", "#123;").replace("}", "#125;")
     lines = ["stateDiagram-v2", f"    %% {title}", *(f"    {s}" for s in State)]
     lines.append(f"    [*] --> {State.IDLE}")
     for src, dst, edges in mermaid_edges():

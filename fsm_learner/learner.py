@@ -239,6 +239,9 @@ def _check_log_kind(path: Path) -> None:
     """Refuse at once an existing path that is neither a directory nor a regular file."""
     try:
         mode = path.stat().st_mode
+    except ValueError:  # a NUL byte: no file system takes it
+        msg = f"audit_log {safe_text(path, 200)!r} holds a NUL byte; no file can have that name"
+        raise ConfigurationError(msg) from None
     except OSError:
         return  # created when the first fit writes
     if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
@@ -571,9 +574,10 @@ class Learner:
         self._pending, self._audit_path = writer.pending, path
 
     def _log_path(self, target: Path) -> Path:
-        if _is_log_file(target):
-            return target
+        """One file per writer: under torch.distributed, rank N > 0 writes ``*.rankN.jsonl``."""
         rank = f".rank{self._rank}" if self._rank else ""
+        if _is_log_file(target):
+            return target.with_name(f"{target.stem}{rank}{target.suffix}")
         return target / f"{self._run_id}{rank}.jsonl"
 
     def _header(self) -> dict[str, Any]:

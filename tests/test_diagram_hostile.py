@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from audit_logs import runs_file, tiny_run
 
@@ -94,4 +98,50 @@ class TestRunView:
         assert capsys.readouterr().err == (
             f"fsm-learner diagram: {tmp_path}/x.jsonl has no run 'n\\x1bo'; its runs: "
             f"{', '.join(ids[:8])} and 12 more\n"
+        )
+
+    def test_a_forged_run_id_cannot_be_a_mermaid_directive(self, tmp_path, capsys):
+        """Mermaid reads %%{...}%% even in a comment: the title encodes %, { and }."""
+        data, _ = tiny_run('%%{init: {"theme": "dark"}}%%')
+        log = tmp_path / "x.jsonl"
+        log.write_bytes(data)
+        assert main(["diagram", "--from-log", str(log)]) == 0
+        drawn = diagram_lines(capsys.readouterr().out)
+        assert drawn[1] == (
+            '%% fsm_learner: run #37;#37;#123;init: #123;"theme": "dark"#125;#125;#37;#37; '
+            "(completed)"
+        )
+        assert not any("%%{" in line for line in drawn)
+
+    def test_a_terminal_that_cannot_encode_the_diagram(self, tmp_path):
+        """An ASCII stdout used to get a UnicodeEncodeError traceback (the counts' x sign)."""
+        data, _ = tiny_run("0123456789ab")
+        log = tmp_path / "x.jsonl"
+        log.write_bytes(data)
+        done = subprocess.run(
+            [sys.executable, "-m", "fsm_learner.cli", "diagram", "--from-log", str(log)],
+            capture_output=True,
+            env={**os.environ, "PYTHONIOENCODING": "ascii"},
+            timeout=120,
+            check=False,
+        )
+        assert (done.returncode, done.stderr) == (0, b"")
+        assert b"idle --> fit : begin_fit \\xd71" in done.stdout
+
+
+class TestLearnerFactory:
+    def test_a_factory_raising_an_unprintable_exception(self, tmp_path, capsys, monkeypatch):
+        """Its str() raising used to print a traceback; now one line, exit 1."""
+        (tmp_path / "facs.py").write_text(
+            "class Unprintable(Exception):\n"
+            "    def __str__(self):\n"
+            "        raise RuntimeError('no')\n"
+            "def bad():\n"
+            "    raise Unprintable\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        assert main(["diagram", "--learner", "facs:bad"]) == 1
+        assert capsys.readouterr().err == (
+            "fsm-learner diagram: facs:bad raised Unprintable: "
+            "<Unprintable whose str() raised RuntimeError>\n"
         )

@@ -118,6 +118,26 @@ class TestLoggingSetups:
         assert (failed.fsm_message, failed.type, failed.hook) == ("why", "ValueError", "after_loss")
         assert failed.run_id == learn.run_id
 
+    def test_structlog_bridged_to_stdlib(self, tmp_path, caplog):
+        """structlog's render_to_log_kwargs bridge: the failure's message used to clash."""
+        structlog.configure(
+            processors=[structlog.stdlib.render_to_log_kwargs],
+            logger_factory=structlog.stdlib.LoggerFactory(),
+            wrapper_class=structlog.stdlib.BoundLogger,
+        )
+        try:
+            learn = learner({(H.AFTER_LOSS, 1): lambda: ValueError("why")}, log=tmp_path / "r")
+            with caplog.at_level(logging.INFO, logger="fsm_learner"), pytest.raises(ValueError):
+                learn.fit(1)
+        finally:
+            structlog.reset_defaults()
+        failed = next(r for r in caplog.records if r.getMessage() == "run_failed")
+        assert (failed.fsm_message, failed.type, failed.run_id) == (
+            "why",
+            "ValueError",
+            learn.run_id,
+        )
+
     def test_a_logging_filter_that_raises(self, tmp_path, capsys):
         """A filter's error propagates out of logger.info: it must not replace the failure."""
         logger = logging.getLogger("fsm_learner")
@@ -180,7 +200,53 @@ class Unprintable(Exception):
         raise RuntimeError("no str for you")
 
 
+class WeirdText(str):
+    """A str whose len() and slicing raise."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        raise RuntimeError("no len")
+
+    def __getitem__(self, item):
+        raise RuntimeError("no slicing")
+
+
+class OddText(Exception):
+    """An exception whose str() is a str subclass that fights back."""
+
+    def __str__(self) -> str:
+        return WeirdText("odd message")
+
+
+class ExitOnSetattr(Exception):
+    """An exception whose __setattr__ (and so add_note) raises SystemExit."""
+
+    def __setattr__(self, name, value):
+        raise SystemExit("cannot set " + name)
+
+
 class TestExceptionsThatFightBack:
+    def test_a_str_subclass_that_fights_back(self, tmp_path, capsys):
+        """Its len() used to raise in the description: the records and footer were lost."""
+        raised = OddText()
+        log = tmp_path / "runs.jsonl"
+        learn = learner({(H.BEFORE_BATCH, 2): lambda: raised}, log=log)
+        with pytest.raises(OddText) as info:
+            learn.fit(1)
+        assert info.value is raised
+        assert_failed_and_reusable(learn, log, capsys, message="odd message")
+
+    def test_add_note_raising_a_base_exception(self, tmp_path, capsys):
+        """SystemExit from __setattr__ used to replace the user's exception."""
+        raised = ExitOnSetattr("mine")
+        log = tmp_path / "runs.jsonl"
+        learn = learner({(H.AFTER_LOSS, 1): lambda: raised}, log=log)
+        with pytest.raises(ExitOnSetattr) as info:
+            learn.fit(1)
+        assert info.value is raised
+        assert_failed_and_reusable(learn, log, capsys, message="mine")
+
     @pytest.mark.parametrize("kind", [FrozenError, AttrsError])
     def test_exception_refusing_notes(self, kind, tmp_path, capsys):
         """The same object is re-raised without its note; the learner is idle, the log whole."""

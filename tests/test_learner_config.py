@@ -149,6 +149,11 @@ class TestAuditLogTargets:
         with pytest.raises(ConfigurationError, match="audit_log is the empty path"):
             Learner(mlp(), batches_dls(1, 1), audit_log="")
 
+    def test_a_nul_byte(self):
+        """A NUL byte in the path used to escape as a raw ValueError."""
+        with pytest.raises(ConfigurationError, match="holds a NUL byte; no file can have"):
+            Learner(mlp(), batches_dls(1, 1), audit_log="x\x00.jsonl")
+
     @pytest.mark.parametrize("name", ["RUNS.JSONL", "runs.Jsonl"])
     def test_jsonl_in_any_case_is_a_file(self, name, tmp_path):
         """A .JSONL path collects runs in one file, as .jsonl does (not a directory)."""

@@ -1,13 +1,18 @@
-"""The audit writer: each run's header binds to the line before it in its file."""
+"""The audit writer: one writer per file, no empty logs, each run bound to the line before it."""
 
 from __future__ import annotations
 
+import sys
+
 import orjson
+import pytest
 import torch.nn.functional as F
 from helpers import batches_dls, mlp
 
-from fsm_learner import Callback, Learner
+from fsm_learner import AuditLogInUseError, Callback, Learner
+from fsm_learner.audit.replay import audit_file
 from fsm_learner.audit.schema import PREV_FIELD, unseal
+from fsm_learner.audit.writer import AuditWriter
 
 
 def headers(path) -> list[dict]:
@@ -68,3 +73,61 @@ class TestPrev:
         assert expected is not None
         learner(path).fit(1)
         assert headers(path)[1][PREV_FIELD] == expected[1].hex()
+
+
+class TestOneWriterPerFile:
+    def test_a_second_fit_on_a_file_being_written_is_refused(self, tmp_path):
+        """Two writers used to interleave runs that then read as tampered; now one waits out."""
+        path = tmp_path / "runs.jsonl"
+        refused: list[BaseException] = []
+
+        class SecondFit(Callback):
+            def before_fit(self, learn: Learner) -> None:
+                other = learner(path)
+                try:
+                    other.fit(1)
+                except AuditLogInUseError as exc:
+                    refused.append(exc)
+                assert other.state == "idle"
+
+        first = learner(path, [SecondFit()])
+        result = first.fit(1)
+        expected = (
+            f"audit log {path} is being written by another fit (another process, or another "
+            "learner in this one); give each its own .jsonl file, or a directory"
+        )
+        assert [str(e) for e in refused] == [expected]
+        reports, problem = audit_file(path)
+        assert problem is None
+        assert [(r.run_id, r.verified) for r in reports] == [(result.run_id, True)]
+        assert learner(path).fit(1).status == "completed"  # released when the fit ended
+
+    def test_a_rank_writes_its_own_file(self, tmp_path, monkeypatch):
+        """Under torch.distributed, rank 1 of a .jsonl target writes <stem>.rank1.jsonl."""
+        import fsm_learner.learner as learner_module
+
+        monkeypatch.setattr(learner_module, "_rank", lambda: 1)
+        result = learner(tmp_path / "runs.jsonl").fit(1)
+        assert result.audit_path == tmp_path / "runs.rank1.jsonl"
+        assert [p.name for p in tmp_path.iterdir()] == ["runs.rank1.jsonl"]
+
+
+class TestNoEmptyLogs:
+    def test_a_ctrl_c_before_the_header_leaves_no_empty_file(self, tmp_path):
+        """An empty <run_id>.jsonl used to stay behind and fail every later audit."""
+        start = AuditWriter.start.__code__
+
+        def tracer(frame, event, arg):
+            if frame.f_code is start and event == "call":
+                raise KeyboardInterrupt
+
+        learn = learner(tmp_path / "logs")
+        sys.settrace(tracer)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                learn.fit(1)
+        finally:
+            sys.settrace(None)
+        assert learn.state == "idle"
+        assert list((tmp_path / "logs").iterdir()) == []
+        assert learn.fit(1).status == "completed"

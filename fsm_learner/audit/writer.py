@@ -39,7 +39,10 @@ import attrs
 import orjson
 import structlog
 
-from fsm_learner._display import safe_text
+if sys.platform != "win32":
+    import fcntl
+
+from fsm_learner._display import file_name, safe_text
 from fsm_learner.audit.schema import (
     MAX_LINE_BYTES,
     PREV_FIELD,
@@ -50,7 +53,7 @@ from fsm_learner.audit.schema import (
     RunStatus,
     unseal,
 )
-from fsm_learner.exceptions import ConfigurationError
+from fsm_learner.exceptions import AuditLogInUseError, ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -86,21 +89,22 @@ _LOG_RECORD_NAMES: Final = frozenset(vars(logging.makeLogRecord({}))) | {"messag
 def emit_run_event(event: str, **fields: Any) -> None:
     """Emit a run-level event on the ``fsm_learner`` logger the application may route.
 
-    On the standard library's logger the fields travel as ``extra`` attributes
-    (``record.run_id``, ``record.status``); one whose name a LogRecord already uses is
-    prefixed ``fsm_`` (the failure's ``message`` is ``record.fsm_message``). An event that
-    cannot be emitted (a broken handler or processor) is reported on stderr, as the
-    logging module reports its own errors, and never raises.
+    The fields are structlog's key-value pairs, or on the standard library's logger
+    ``extra`` attributes (``record.run_id``, ``record.status``); one whose name a LogRecord
+    already uses is prefixed ``fsm_`` on both (the failure's ``message`` is
+    ``fsm_message``), so that structlog's bridges to the standard library cannot clash
+    either. An event that cannot be emitted (a broken handler or processor) is reported on
+    stderr, as the logging module reports its own errors, and never raises.
     """
     try:
+        named = {
+            f"fsm_{name}" if name in _LOG_RECORD_NAMES else name: value
+            for name, value in fields.items()
+        }
         if structlog.is_configured():
-            structlog.get_logger(_APP_LOGGER_NAME).info(event, **fields)
+            structlog.get_logger(_APP_LOGGER_NAME).info(event, **named)
         else:
-            extra = {
-                f"fsm_{name}" if name in _LOG_RECORD_NAMES else name: value
-                for name, value in fields.items()
-            }
-            logging.getLogger(_APP_LOGGER_NAME).info("%s %s", event, fields, extra=extra)
+            logging.getLogger(_APP_LOGGER_NAME).info("%s %s", event, fields, extra=named)
     except Exception as exc:  # noqa: BLE001 (logging must never abort a fit or its failure path)
         _report_emit_error(event, exc)
 
@@ -286,6 +290,20 @@ def _open_flags(path: str, _flags: int) -> int:
     return os.open(path, _OPEN_FLAGS, 0o644)
 
 
+def _lock(fd: int, path: Path) -> None:
+    """Hold an exclusive lock on the log while it is open: one writer per file."""
+    if sys.platform == "win32":  # pragma: no cover (no advisory locks through fcntl)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        msg = (
+            f"audit log {file_name(path)} is being written by another fit (another process, "
+            "or another learner in this one); give each its own .jsonl file, or a directory"
+        )
+        raise AuditLogInUseError(msg) from None
+
+
 def last_seal(data: bytes) -> bytes:
     """Return the digest of the last whole line of ``data`` that carries a seal, or b"".
 
@@ -309,9 +327,12 @@ class JsonlFile:
         ``prev`` is the digest of the last sealed line already in the file (b"" for a
         new file): the next run's header binds to it.
         """
+        self.path = path
+        self._created = not os.path.lexists(path)
         self._fh = open_log_file(path)
         try:
             self.fd = self._fh.fileno()
+            _lock(self.fd, path)
             self.size, self.prev = self._prepare_end()
         except BaseException:
             self._fh.close()
@@ -356,12 +377,28 @@ class JsonlFile:
         block.size = size + len(block.data)
 
     def abandon(self, size: int) -> None:
-        """Close, first cutting off a write from ``size`` that never committed."""
+        """Close, first cutting off a write from ``size`` that never committed.
+
+        A file this writer created and left empty (the run's header never made it) is
+        removed: an empty log would read as "no run in it" forever.
+        """
         try:
-            if not self._fh.closed and self._in_flight == size:
-                os.ftruncate(self.fd, size)
+            if not self._fh.closed:
+                if self._in_flight == size:
+                    os.ftruncate(self.fd, size)
+                if self._created and size == 0:
+                    self._remove_if_empty()
         finally:
             self.close()
+
+    def _remove_if_empty(self) -> None:
+        mine = os.fstat(self.fd)
+        try:
+            there = self.path.stat()
+        except OSError:
+            return
+        if mine.st_size == 0 and (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+            self.path.unlink()
 
     def sync(self) -> None:
         """Ask the OS to put the file on disk."""
