@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import orjson
 import pytest
 import torch.nn.functional as F
@@ -52,6 +53,12 @@ class TestValuesJsonLacks:
         assert float(note["loss"]) != float(note["loss"])  # float() reads the names back
         [report], _ = audit_file(learn.audit_path)
         assert report.verified
+
+    def test_numpy_floats(self):
+        """numpy.float64 is a float: it is written as one (orjson used to refuse it)."""
+        learn = fit_with(Noter(score=np.float64(0.25), scores=[np.float64(math.inf)]))
+        [note] = notes_in(learn)
+        assert (note["score"], note["scores"]) == (0.25, ["Infinity"])
 
 
 def failing_fit(noter: Noter) -> tuple[Learner, BaseException]:

@@ -418,8 +418,8 @@ def _json_value(name: str, value: object, depth: int = 0) -> object:
     """Return ``value`` as JSON data; NaN and infinities become "NaN", "Infinity", "-Infinity"."""
     if isinstance(value, bool | int | str) or value is None:
         return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else _NON_FINITE.get(value, "NaN")
+    if isinstance(value, float):  # numpy's float64 too: orjson takes only exact floats
+        return float(value) if math.isfinite(value) else _NON_FINITE.get(value, "NaN")
     if depth >= _MAX_DEPTH:
         msg = (
             f"audit note field {name!r} nests deeper than {_MAX_DEPTH} levels (or holds "
