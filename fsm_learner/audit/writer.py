@@ -155,6 +155,15 @@ class _Block:
     size: int = 0
 
 
+def _last_state(items: list[Any], before: str) -> str:
+    """Return the destination of the last transition among ``items`` (``before`` if none)."""
+    for item in reversed(items):
+        if type(item) is tuple:
+            state: str = item[1][2]
+            return state
+    return before
+
+
 class RenderRecords:
     """Processor: render the block's items as open JSON bodies, numbered from its mark.
 
@@ -176,25 +185,20 @@ class RenderRecords:
         mark = block.mark
         bodies: list[bytes] = []
         tally = dict(mark.tally)
-        seq, t0, templates, state, footed = mark.seq, self.t0_ns, self._templates, mark.state, False
+        seq, t0, templates, footed = mark.seq, self.t0_ns, self._templates, False
         for item in block.items:
             if type(item) is tuple:  # (t_ns, key, epoch, iter) of a transition: kept tight
                 t_ns, key, epoch, it = item
                 template = templates.get(key) or self._template(key)
                 bodies.append(template % (seq, t_ns - t0, epoch, it))
                 tally[key] = tally.get(key, 0) + 1
-                state = key[2]
             else:
                 bodies.append(self._render_dict(item, seq))
                 footed = footed or item.get(Field.EVENT.value) == RecordKind.RUN_END.value
             seq += 1
-        block.bodies, block.seq, block.tally, block.state, block.footed = (
-            bodies,
-            seq,
-            tally,
-            state,
-            footed or mark.footed,
-        )
+        block.bodies, block.seq, block.tally = bodies, seq, tally
+        block.footed = footed or mark.footed
+        block.state = _last_state(block.items, mark.state)
         return event_dict
 
     def _template(self, key: TransitionKey) -> bytes:
@@ -519,11 +523,7 @@ class AuditWriter:
 
     def log_state(self) -> str:
         """Return the state the log leaves the machine in, pending transitions included."""
-        for item in reversed(self.pending):
-            if type(item) is tuple:
-                state: str = item[1][2]
-                return state
-        return self._mark.state
+        return _last_state(self.pending, self._mark.state)
 
     def has(self, trigger: str) -> bool:
         """Say whether a transition by ``trigger`` is written or pending."""
