@@ -15,7 +15,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from fsm_learner.exceptions import ConfigurationError
 from fsm_learner.learner import DataLoaders
 
-__all__ = ["N_VALID", "digits_dataloaders", "digits_tensors", "small_cnn", "tiny_mlp"]
+__all__ = [
+    "N_VALID",
+    "digits_dataloaders",
+    "digits_tensors",
+    "small_cnn",
+    "tiny_mlp",
+    "wide_mlp",
+]
 
 N_VALID = 397
 """Digits held out for validation (the rest, 1,400, train)."""
@@ -65,6 +72,12 @@ def tiny_mlp(seed: int = 0) -> nn.Module:
     """Build the MLP 64-32-10, seeded: the case where per-batch overhead shows."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def wide_mlp(seed: int = 0) -> nn.Module:
+    """Build the MLP 64-128-10, seeded: on batches of 256, a fit has few batches."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
 def small_cnn(seed: int = 0) -> nn.Module:

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import stat
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timezone
-from functools import cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, NoReturn
@@ -28,14 +24,7 @@ from torch import nn
 
 from fsm_learner._compat import add_note
 from fsm_learner._display import exception_text, safe_text
-from fsm_learner.audit.schema import KEY_ENV, RunStatus, derive_key
-from fsm_learner.audit.writer import (
-    FLUSH_AT,
-    AuditWriter,
-    TransitionKey,
-    emit_run_event,
-    note_record,
-)
+from fsm_learner.audit.codec import KEY_ENV, FailureField, Field, RouteKey, RunStatus, derive_key
 from fsm_learner.callback import (
     Callback,
     Dispatch,
@@ -64,9 +53,9 @@ from fsm_learner.machine import (
     Trigger,
     cancel_names,
     cancel_trigger,
-    table_digest,
     table_routes,
 )
+from fsm_learner.run import Run
 
 __all__ = ["DataLoaders", "Failure", "FitResult", "Learner", "OptimizerFactory"]
 
@@ -98,14 +87,14 @@ class Failure:
             where += f", in hook {self.hook} of {safe_text(type(self.callback).__name__, 200)}"
         return where
 
-    def detail(self) -> dict[str, Any]:
+    def detail(self) -> dict[FailureField, object]:
         """Return what the footer and the ``run_failed`` event say of it (never raises)."""
         return {
-            "type": safe_text(type(self.exception).__name__, 200),
-            "message": safe_text(self.exception),
-            "state": str(self.state),
-            "hook": None if self.hook is None else str(self.hook),
-            "callback": None
+            FailureField.TYPE: safe_text(type(self.exception).__name__, 200),
+            FailureField.MESSAGE: safe_text(self.exception),
+            FailureField.STATE: str(self.state),
+            FailureField.HOOK: None if self.hook is None else str(self.hook),
+            FailureField.CALLBACK: None
             if self.callback is None
             else safe_text(type(self.callback).__name__, 200),
         }
@@ -132,7 +121,7 @@ class _Route:
     calls: tuple[tuple[Callback, HookCall], ...]
     hooks_first: bool
     count_key: tuple[Trigger, bool]
-    record: TransitionKey
+    record: RouteKey
     next: _Node = attrs.field(eq=False, repr=False)
     """The routes out of ``dest`` (same value of training): the hot path follows these."""
 
@@ -252,11 +241,6 @@ def _check_log_kind(path: Path) -> None:
         raise ConfigurationError(msg)
 
 
-def _is_log_file(path: Path) -> bool:
-    """Say whether ``path`` is one file of runs: .jsonl (any case) and not a directory."""
-    return path.suffix.lower() == ".jsonl" and not path.is_dir()
-
-
 def _check_n_epochs(n_epochs: object) -> int:
     if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 0:
         msg = f"n_epochs must be an int >= 0, got {n_epochs!r}"
@@ -327,7 +311,7 @@ class Learner:
         self._training = False
         self._rank = 0
         self._counts: dict[tuple[Trigger, bool], int] = _zero_counts()
-        self._fitting = False
+        self._hook_ns: dict[tuple[Trigger, bool], int] = _zero_counts()
         self._failure: Failure | None = None
         self._origin: Failure | None = None
         self._compiled: Mapping[bool, _Routes] = _compile(resolve_dispatch(()))
@@ -339,11 +323,10 @@ class Learner:
         self._step: HookCall = _default_step
         self._audit_log = _check_audit_log(audit_log)
         self._audit_key = _check_audit_key(audit_key)
-        self._writer: AuditWriter | None = None
+        self._run: Run | None = None
+        """The current (or last) fit's run."""
+        self._fitting = False
         self._pending: list[Any] | None = None
-        self._run_id = ""
-        self._audit_path: Path | None = None
-        self._audit_head: str | None = None
 
     # -- settings, checked whenever they are set ------------------------------------
 
@@ -419,17 +402,17 @@ class Learner:
     @property
     def run_id(self) -> str:
         """The id of the current (or last) run; empty before the first fit."""
-        return self._run_id
+        return "" if self._run is None else self._run.run_id
 
     @property
     def audit_path(self) -> Path | None:
         """Where the current (or last) run's audit log went; None when logging is off."""
-        return self._audit_path
+        return None if self._run is None else self._run.path
 
     @property
     def audit_head(self) -> str | None:
-        """The chain head of the last finished run's log (also in its footer)."""
-        return self._audit_head
+        """The chain head of the last finished run's log (its last seal's digest)."""
+        return None if self._run is None else self._run.head
 
     @property
     def failure(self) -> Failure | None:
@@ -484,7 +467,7 @@ class Learner:
         n_epochs = _check_n_epochs(n_epochs)
         self._fitting = True
         try:
-            return self._run(n_epochs)
+            return self._run_fit(n_epochs)
         except BaseException as exc:
             self._settle(exc)
             raise
@@ -493,11 +476,10 @@ class Learner:
             if self._state is not State.IDLE:  # pragma: no cover (_settle saw to it)
                 self._go_idle()
 
-    def _run(self, n_epochs: int) -> FitResult:
+    def _run_fit(self, n_epochs: int) -> FitResult:
         self._prepare(n_epochs)
         self._open_run()
         try:
-            emit_run_event("run_start", run_id=self._run_id, audit_path=str(self._audit_path))
             return self._close_run(self._train())
         except BaseException as exc:
             failed = self._as_failure(exc)
@@ -519,6 +501,7 @@ class Learner:
         self._n_epochs = n_epochs
         self._epoch = self._iter = 0
         self._counts = _zero_counts()
+        self._hook_ns = _zero_counts()
         self._training = False
         self._rank = _rank()
         self._failure = self._origin = None
@@ -546,75 +529,58 @@ class Learner:
     # -- the run's audit log ----------------------------------------------------------
 
     def note(self, name: str, **fields: Any) -> None:
-        """Add a note record to the audit log (metrics at pass end, say); JSON values only.
+        """Add a note to the audit log (metrics at pass end, say); JSON values only.
 
-        Checked the same way whether the log is on or off; only a fit has a log to note in.
+        The run stamps it with the loop counters (epoch, batch index, pass). Checked the
+        same way whether the log is on or off; only a fit has a log to note in.
         """
-        if not self._fitting:
+        run = self._run
+        if not self._fitting or run is None:
             msg = f"note({name!r}) outside a fit: notes belong to a run (call it from a hook)"
             raise InvalidTransitionError(msg)
-        record = note_record(name, fields)
-        if self._writer is not None:
-            self._writer.note(record)
+        run.note(name, fields, epoch=self._epoch, it=self._iter, training=self._training)
 
     def _open_run(self) -> None:
-        """Start the run's log; a log that cannot start raises here, before any transition."""
-        self._run_id = uuid.uuid4().hex[:12]
-        self._audit_head = None
-        self._writer = self._pending = self._audit_path = None
-        if self._audit_log is None:
-            return
-        path = self._log_path(self._audit_log)
-        header = self._header()
-        # one statement: from here on, _settle closes it whatever happens
-        self._writer = writer = AuditWriter(
-            path, run_id=self._run_id, key=self._audit_key, rank=self._rank
-        )
-        writer.start(header)
-        self._pending, self._audit_path = writer.pending, path
+        """Start the run and its log; a log that cannot start raises here, before any transition."""
+        self._pending = None
+        self._run = run = Run()  # from here on, _settle closes it whatever happens
+        run.open(self._audit_log, key=self._audit_key, rank=self._rank, settings=self._settings)
+        run.start()
+        self._pending = run.pending
 
-    def _log_path(self, target: Path) -> Path:
-        """One file per writer: under torch.distributed, rank N > 0 writes ``*.rankN.jsonl``."""
-        rank = f".rank{self._rank}" if self._rank else ""
-        if _is_log_file(target):
-            return target.with_name(f"{target.stem}{rank}{target.suffix}")
-        return target / f"{self._run_id}{rank}.jsonl"
-
-    def _header(self) -> dict[str, Any]:
+    def _settings(self) -> dict[Field, Any]:
+        """Return what the run's header says of this learner and this fit."""
         params = list(self.model.parameters())
         return {
-            "wall": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "table": table_digest(),
-            "fsm_learner": _version(),
-            "cbs": [[type(cb).__name__, cb.order] for cb in self.cbs],
-            "model": type(self.model).__name__,
-            "opt": type(self.opt).__name__,
-            "params": sum(p.numel() for p in params),
-            "n_epochs": self._n_epochs,
-            "lr": self.lr,
-            "device": str(params[0].device) if params else "cpu",
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "rank": self._rank,
+            Field.CALLBACKS: [[type(cb).__name__, cb.order] for cb in self.cbs],
+            Field.MODEL: type(self.model).__name__,
+            Field.OPTIMIZER: type(self.opt).__name__,
+            Field.PARAMS: sum(p.numel() for p in params),
+            Field.N_EPOCHS: self._n_epochs,
+            Field.LR: self.lr,
+            Field.DEVICE: str(params[0].device) if params else "cpu",
+            Field.TORCH: torch.__version__,
         }
 
+    def _the_run(self) -> Run:
+        run = self._run
+        if run is None:  # pragma: no cover (fit opens the run before any transition)
+            msg = "no run: fit() opens one before the first transition"
+            raise InvalidTransitionError(msg)
+        return run
+
     def _end_pass(self) -> None:
-        self._flush_log()
-        emit_run_event(
-            "pass_end",
-            run_id=self._run_id,
+        self._the_run().end_pass(
             epoch=self._epoch,
             training=self._training,
             batches=self._counts[Trigger.END_BATCH, self._training],
         )
 
     def _close_run(self, status: RunStatus) -> FitResult:
-        writer = self._writer
-        if writer is not None:
-            self._audit_head = writer.finish(status)
-            self._writer = self._pending = None
-        emit_run_event("run_end", run_id=self._run_id, status=str(status), head=self._audit_head)
-        return FitResult(self._run_id, status, self._audit_path, self._audit_head)
+        run = self._the_run()
+        run.finish(status, self._hook_ns)
+        self._pending = None
+        return FitResult(run.run_id, status, run.path, run.head)
 
     def _fit_epochs(self) -> None:
         self._fire(Trigger.BEGIN_FIT)
@@ -637,16 +603,12 @@ class Learner:
                     self._iter = i
                     self.batch = batch
                     self._one_batch()
-                    if self._pending is not None and len(self._pending) >= FLUSH_AT:
-                        self._flush_log()
+                    if self._pending is not None:
+                        self._the_run().flush_if_due()
                 self._fire(Trigger.END_EPOCH)
         except CancelEpochException:
             self._fire(Trigger.CANCEL_EPOCH)
         self._end_pass()
-
-    def _flush_log(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
 
     def _one_batch(self) -> None:
         fire = self._fire
@@ -687,15 +649,19 @@ class Learner:
             self._run_hooks(route)
 
     def _run_hooks(self, route: _Route) -> None:
-        for cb, call in route.calls:
-            try:
-                call(self)
-            except CancelException as exc:
-                self._vet_cancel(exc, route.hook, cb)
-                raise
-            except BaseException as exc:
-                self._origin = Failure(exc, self._state, route.hook, cb)
-                raise
+        start = _now_ns()
+        try:
+            for cb, call in route.calls:
+                try:
+                    call(self)
+                except CancelException as exc:
+                    self._vet_cancel(exc, route.hook, cb)
+                    raise
+                except BaseException as exc:
+                    self._origin = Failure(exc, self._state, route.hook, cb)
+                    raise
+        finally:
+            self._hook_ns[route.count_key] += _now_ns() - start
 
     def _refuse(self, trigger: Trigger) -> NoReturn:
         allowed = ", ".join(self._node) or "none"
@@ -731,7 +697,7 @@ class Learner:
         """
         steps = (
             ("recording it", self._record_failure),
-            ("the fail transition", self._fail_transition),
+            ("the fail transition", self._fail_step),
             (f"{Hook.AFTER_FAIL}", self._run_fail_hooks),
             ("closing the audit log", self._log_failure),
         )
@@ -751,19 +717,24 @@ class Learner:
         self._failure = failure or Failure(exc, self._state)
         add_note(exc, f"fsm_learner: {type(exc).__name__} {self._failure.describe()}")
 
-    def _fail_transition(self, _exc: BaseException | None = None) -> None:
+    def _fail_transition(self) -> None:
         """Fire ``fail`` from the log's state; the learner ends idle.
 
         After an interrupt inside ``_fire`` the log may be one step ahead of the
         learner: firing from the log's state keeps the log replayable.
         """
-        writer = self._writer
-        if writer is not None and writer.footed:  # the run ended before the failure
+        run = self._run
+        if run is not None:
+            run.settle()
+        if run is not None and run.footed:  # the run ended before the failure
             self._go_idle()
             return
-        state = self._state if writer is None else State(writer.log_state())
+        state = self._state if run is None else run.log_state(self._state)
         self._state, self._node = state, self._compiled[self._training][state]
         self._fire(Trigger.FAIL)  # its route runs no hook: after_fail runs guarded, next
+
+    def _fail_step(self, _exc: BaseException) -> None:
+        self._fail_transition()
 
     def _run_fail_hooks(self, exc: BaseException) -> None:
         for cb, call in self._fail_calls:
@@ -778,17 +749,12 @@ class Learner:
 
     def _log_failure(self, exc: BaseException) -> None:
         detail = (self._failure or Failure(exc, self._state)).detail()
-        writer = self._writer
-        if writer is not None:
-            if writer.started:
-                if not writer.footed and not writer.has(Trigger.FAIL):
-                    self._fail_transition()  # an interrupt kept it from the log: again
-                self._audit_head = writer.finish(RunStatus.FAILED, detail)
-                add_note(exc, f"fsm_learner: audit log {self._audit_path}")
-            else:
-                writer.abandon()
-            self._writer = self._pending = None
-        emit_run_event("run_failed", run_id=self._run_id, **detail)
+        run = self._run
+        if run is not None:
+            run.fail(detail, self._hook_ns, self._fail_transition)
+            if run.head is not None:
+                add_note(exc, f"fsm_learner: audit log {run.path}")
+        self._pending = None
 
     def _go_idle(self) -> None:
         self._state, self._training = State.IDLE, False
@@ -802,29 +768,20 @@ class Learner:
         its header (written again), a fail record and a footer; what cannot be written is
         noted on ``current``, and a block whose write was cut short is cut off the file.
         """
-        writer = self._writer
+        run = self._run
         try:
-            if writer is not None and not writer.footed:
-                self._close_cut_short(writer, current)
+            if run is not None and not run.closed:
+                self._pending = run.pending
+                failure = self._failure or Failure(current, self._state)
+                run.fail(failure.detail(), self._hook_ns, self._fail_transition)
         except BaseException as exc:  # noqa: BLE001 (an exception is already on its way out)
             add_note(current, f"fsm_learner: then {exception_text(exc, 200)} closing the log")
         finally:
             self._fitting = False
-            writer, self._writer, self._pending = self._writer, None, None
-            if writer is not None:
-                writer.abandon()  # closes; cuts off only a write that never committed
+            self._pending = None
+            if run is not None:
+                run.abandon()  # closes; cuts off only a write that never committed
             self._go_idle()
-
-    def _close_cut_short(self, writer: AuditWriter, current: BaseException) -> None:
-        self._pending, self._audit_path = writer.pending, writer.path
-        if not writer.started:
-            writer.flush()  # the header's write was interrupted: once more
-            if not writer.started:  # the header never was queued: this run has no log
-                return
-        if not writer.has(Trigger.FAIL):
-            self._fail_transition()
-        failure = self._failure or Failure(current, self._state)
-        self._audit_head = writer.finish(RunStatus.FAILED, failure.detail())
 
 
 def _illegal_cancel_message(
@@ -839,13 +796,6 @@ def _illegal_cancel_message(
     allowed_there = ", ".join(allowed)
     tail = f"; allowed there: {allowed_there}" if allowed_there else ""
     return f"{name} {where}, where {trigger} is not allowed{tail}"
-
-
-@cache
-def _version() -> str:
-    from fsm_learner import __version__  # noqa: PLC0415 (the package imports this module)
-
-    return __version__
 
 
 def _default_backward(learn: Learner) -> None:

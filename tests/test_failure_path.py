@@ -363,17 +363,18 @@ class TestInterruptsInsideTheLibrary:
         assert (run["status"], run["verified"]) == ("failed", True), run["problem"]
         assert learn.fit(1).status is RunStatus.COMPLETED
 
-    def test_every_line_of_the_writer(self, tmp_path, capsys, monkeypatch):
-        """Ctrl-C at each line the log writer runs, with a flush every 4 records.
+    @pytest.mark.parametrize("module", ["writer", "run"])
+    def test_every_line_of_the_writer(self, tmp_path, capsys, monkeypatch, module):
+        """Ctrl-C at each line the log writer (or the run object) runs, a flush every 4 records.
 
         The log then verifies as failed, or (where the interrupt cut the footer's own
         write) reports a truncated run; it never reads as tampered, and nothing is lost.
         """
         import fsm_learner.audit.writer as writer_module
-        import fsm_learner.learner as learner_module
+        import fsm_learner.run as run_module
 
-        monkeypatch.setattr(learner_module, "FLUSH_AT", 4)
-        writer_file = writer_module.__file__
+        monkeypatch.setattr(writer_module, "FLUSH_AT", 4)
+        writer_file = (writer_module if module == "writer" else run_module).__file__
         outcomes: dict[str, int] = {}
         for k in range(1, 1500, 6):
             log = tmp_path / f"run{k}.jsonl"
@@ -397,7 +398,7 @@ class TestInterruptsInsideTheLibrary:
                     assert "truncated" in reason, (k, reason)
                 outcomes[run["status"]] = outcomes.get(run["status"], 0) + 1
         assert counter.fired is False, "raise the range: the writer ran more lines"
-        assert outcomes.get("failed", 0) > 20, outcomes
+        assert outcomes.get("failed", 0) > (20 if module == "writer" else 10), outcomes
 
 
 class _CountLines:

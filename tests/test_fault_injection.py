@@ -60,8 +60,8 @@ from fsm_learner import (
     RunStatus,
     State,
 )
+from fsm_learner.audit.codec import derive_key
 from fsm_learner.audit.replay import Problem, RunReport, audit_file
-from fsm_learner.audit.schema import derive_key
 
 H, S = Hook, State
 # a log file left open is reported by the trial that left it (open_under), not when the

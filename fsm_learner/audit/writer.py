@@ -1,21 +1,23 @@
 """Writing a run's audit log: a structlog processor chain over a JSON-lines file.
 
 The learner appends one small tuple per transition to ``AuditWriter.pending`` (a clock
-read and an append: no dict, no JSON, no tensor, no device sync). At every pass end, on
-failure, at run end, and when ``pending`` grows past ``FLUSH_AT``, the writer hands the
-pending records to a structlog logger it builds itself with ``structlog.wrap_logger``:
-``RenderRecords`` renders them as JSON bodies, ``ChainRenderer`` seals each with the
-chained hash, and ``JsonlFile`` writes the block. One structlog call per flush rather
-than per transition: structlog's own cost is several µs per call here, more than the
-2 µs a transition may cost in all (see the README).
+read and an append: no dict, no JSON, no tensor, no device sync); notes are rendered when
+they are made. At every pass end, on failure, at run end, and when ``pending`` grows past
+``FLUSH_AT``, the writer hands the pending records to a structlog logger it builds itself
+with ``structlog.wrap_logger``: ``RenderBlock`` renders them as the codec's lines,
+``SealBlock`` appends the block's seal, and ``JsonlFile`` appends the block to the file in
+one write, under an exclusive ``flock``, so that several writers (threads or processes) may
+share one file: blocks of different runs follow one another, never mix. One structlog call
+per block rather than per record: structlog's own cost is several µs per call, more than a
+transition may cost in all.
 
 A flush is a transaction. The processors compute the block from the last committed
-``_Mark`` without changing it; only when the whole block is in the file does the writer
-commit, in one attribute store, the new mark (file size, records written, chain head,
-transition counts). Pending records stay in ``pending`` until then, so an interrupt
-(Ctrl-C) anywhere in a flush loses nothing: the next flush cuts the file back to the
-committed size and writes the block again. The footer's counts are those of the records
-written, so the log always agrees with itself, whatever was interrupted.
+``_Mark`` without changing it; only when the block is in the file does the writer commit,
+in one attribute store, the new mark (records written, seal head, transition counts). A
+block whose commit was interrupted (Ctrl-C) is found in the file at the next flush and
+committed then; one whose write was cut short is cut off the file. Pending records stay
+in ``pending`` until their block commits, so an interrupt anywhere loses nothing, and the
+footer's counts are those of the records written.
 
 The library never calls ``structlog.configure()``. Run-level events also go to the
 ``fsm_learner`` logger (structlog's when the application configured structlog, the
@@ -28,58 +30,65 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import os
 import stat
 import sys
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-import orjson
 import structlog
 
 if sys.platform != "win32":
     import fcntl
 
-from fsm_learner._display import file_name, safe_text
-from fsm_learner.audit.schema import (
+from fsm_learner._display import safe_text
+from fsm_learner.audit.codec import (
     MAX_LINE_BYTES,
-    PREV_FIELD,
-    SCHEMA_VERSION,
-    Chain,
+    Encoder,
+    FailureField,
     Field,
-    RecordKind,
+    RecordError,
+    RouteKey,
     RunStatus,
-    unseal,
+    Seal,
+    SealChain,
+    decode,
+    is_seal_line,
+    note_fields,
 )
-from fsm_learner.exceptions import AuditLogInUseError, ConfigurationError
+from fsm_learner.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
     from pathlib import Path
 
-    from structlog.typing import EventDict, WrappedLogger
+    from structlog.typing import EventDict, Processor, WrappedLogger
 
 __all__ = [
     "FLUSH_AT",
     "AuditWriter",
-    "ChainRenderer",
     "JsonlFile",
-    "RenderRecords",
-    "TransitionKey",
+    "PendingRecord",
+    "RenderBlock",
+    "SealBlock",
     "emit_run_event",
-    "note_record",
 ]
 
 FLUSH_AT: Final = 8192
 """Pending records that trigger a flush inside a long pass (bounds memory)."""
+FLUSH_EVERY_NS: Final = 1_000_000_000
+"""Pending records are written when the last write is this long ago (checked after each
+batch and at each pass end): the log is never more than about a second behind the loop,
+and a fit of a few short passes costs two writes (header, and end)."""
 
-TransitionKey = tuple[str, str, str, bool]
-"""(trigger, source, destination, training) of a compiled route, as plain values."""
+PendingRecord = tuple[int, RouteKey, int, int] | bytes
+"""A transition as (monotonic ns, route, epoch, batch index), or a note already rendered."""
 
 _APP_LOGGER_NAME: Final = "fsm_learner"
-logging.getLogger(_APP_LOGGER_NAME).addHandler(logging.NullHandler())
+_APP_LOGGER: Final = logging.getLogger(_APP_LOGGER_NAME)
+_APP_LOGGER.addHandler(logging.NullHandler())
 
 
 _LOG_RECORD_NAMES: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -97,14 +106,17 @@ def emit_run_event(event: str, **fields: Any) -> None:
     stderr, as the logging module reports its own errors, and never raises.
     """
     try:
+        configured = structlog.is_configured()
+        if not configured and not _APP_LOGGER.isEnabledFor(logging.INFO):
+            return  # nobody listens: a fit with the log on emits four of these
         named = {
             f"fsm_{name}" if name in _LOG_RECORD_NAMES else name: value
             for name, value in fields.items()
         }
-        if structlog.is_configured():
+        if configured:
             structlog.get_logger(_APP_LOGGER_NAME).info(event, **named)
         else:
-            logging.getLogger(_APP_LOGGER_NAME).info("%s %s", event, fields, extra=named)
+            _APP_LOGGER.info("%s %s", event, fields, extra=named)
     except Exception as exc:  # noqa: BLE001 (logging must never abort a fit or its failure path)
         _report_emit_error(event, exc)
 
@@ -121,13 +133,11 @@ def _report_emit_error(event: str, exc: Exception) -> None:
 class _Mark:
     """What of the run is in the file: everything a flush commits, in one object."""
 
-    size: int
-    """The file's size after the last committed block."""
-    seq: int = 0
-    """Records written (the next record's ``seq``)."""
+    records: int = 0
+    """Records written (header, transitions, notes; the footer and the seals not counted)."""
     head: bytes = b""
-    """The chain head after them."""
-    tally: Mapping[TransitionKey, int] = attrs.field(factory=dict)
+    """The digest of the run's last seal."""
+    tally: Mapping[RouteKey, int] = attrs.field(factory=dict)
     """Transition records written, per route."""
     state: str = "idle"
     """The destination of the last transition written: the log's state."""
@@ -139,100 +149,114 @@ class _Mark:
     """The last of those items, to recognise them in ``pending``."""
 
 
+@attrs.frozen
+class _Closing:
+    """What the footer says besides the counts: the block that carries it computes those."""
+
+    status: RunStatus
+    hook_ns: Mapping[str, list[int]]
+    failure: Mapping[FailureField, object] | None
+    t_ns: int
+
+
 @attrs.define
 class _Block:
-    """One flush in the making: the processors fill it in, the commit reads it."""
+    """One flush in the making: the processors fill it in, the file writes it."""
 
-    items: list[Any]
+    items: list[PendingRecord]
     mark: _Mark
-    bodies: list[bytes] = attrs.Factory(list)
-    seq: int = 0
-    tally: dict[TransitionKey, int] = attrs.Factory(dict)
-    state: str = "idle"
-    footed: bool = False
+    closing: _Closing | None = None
+    prev: bytes | None = None
+    """For the run's first block: the file's last seal, which the header binds to."""
     data: bytes = b""
     head: bytes = b""
-    size: int = 0
+    tally: dict[RouteKey, int] = attrs.Factory(dict)
+    state: str = "idle"
+    start: int | None = None
+    """Where in the file the write began (None: not begun)."""
 
 
-def _last_state(items: list[Any], before: str) -> str:
+def _last_state(items: list[PendingRecord], before: str) -> str:
     """Return the destination of the last transition among ``items`` (``before`` if none)."""
     for item in reversed(items):
         if type(item) is tuple:
-            state: str = item[1][2]
-            return state
+            return item[1][2]
     return before
 
 
-class RenderRecords:
-    """Processor: render the block's items as open JSON bodies, numbered from its mark.
+class RenderBlock:
+    """Processor: render the block's records as lines, the header first in a run's first block.
 
-    Records are numbered in order and timed from the run's start. A transition is
-    rendered through a byte template per route (the fields are fixed, only the numbers
-    vary: twice as fast as a dict through orjson, with the same bytes); header, notes
-    and footer are dicts rendered with orjson. The processor keeps no count of its own:
-    what it computes lands in the block, and only a completed write commits it.
+    A transition is rendered through its route's byte template (the fields are fixed, only
+    the numbers vary: twice as fast as a dict through orjson, with the same bytes). The
+    processor keeps no count of its own: what it computes lands in the block, and only a
+    completed write commits it.
     """
 
-    def __init__(self, run_id: str, rank: int, t0_ns: int) -> None:
-        """Time records from ``t0_ns`` (monotonic)."""
-        self.run_id, self.rank, self.t0_ns = run_id, rank, t0_ns
-        self._templates: dict[TransitionKey, bytes] = {}
+    def __init__(self, encoder: Encoder, header: Mapping[Field, Any], *, keyed: bool) -> None:
+        """Render with ``encoder``; ``header`` are the run's header fields."""
+        self.encoder, self.header, self.keyed = encoder, header, keyed
+        self.t0_ns = 0
 
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-        """Fill in the block's bodies, count and state."""
+        """Fill in the block's lines, transition counts and state."""
         block: _Block = event_dict["block"]
-        mark = block.mark
-        bodies: list[bytes] = []
-        tally = dict(mark.tally)
-        seq, t0, templates, footed = mark.seq, self.t0_ns, self._templates, False
-        for item in block.items:
-            if type(item) is tuple:  # (t_ns, key, epoch, iter) of a transition: kept tight
-                t_ns, key, epoch, it = item
-                template = templates.get(key) or self._template(key)
-                bodies.append(template % (seq, t_ns - t0, epoch, it))
-                tally[key] = tally.get(key, 0) + 1
+        lines: list[bytes] = []
+        if block.prev is not None:
+            lines.append(self.encoder.header(self.header, keyed=self.keyed, prev=block.prev))
+        append, template, t0 = lines.append, self.encoder.template, self.t0_ns
+        keys: list[RouteKey] = []
+        add_key = keys.append
+        for item in block.items:  # the writer's hot loop: kept tight
+            if isinstance(item, bytes):  # a note, rendered when it was made
+                append(item)
             else:
-                bodies.append(self._render_dict(item, seq))
-                footed = footed or item.get(Field.EVENT.value) == RecordKind.RUN_END.value
-            seq += 1
-        block.bodies, block.seq, block.tally = bodies, seq, tally
-        block.footed = footed or mark.footed
-        block.state = _last_state(block.items, mark.state)
+                t_ns, key, epoch, it = item
+                append(template(key) % (epoch, it, t_ns - t0))
+                add_key(key)
+        tally = Counter(keys)
+        for key, n in block.mark.tally.items():
+            tally[key] += n
+        block.tally = dict(tally)
+        block.state = _last_state(block.items, block.mark.state)
+        if block.closing is not None:
+            lines.append(self._footer(block, len(lines)))
+        block.data = b"".join(lines)
         return event_dict
 
-    def _template(self, key: TransitionKey) -> bytes:
-        trigger, source, dest, training = key
-        record = {"run": self.run_id, "seq": 0, "t": 0, "ev": trigger, "src": source}
-        record |= {"dst": dest, "ep": 0, "it": 0, "tr": training, "rk": self.rank}
-        body = orjson.dumps(record)[:-1]  # open: the hash field closes it
-        for field in (b'"seq":0', b'"t":0', b'"ep":0', b'"it":0'):
-            body = body.replace(field, field[:-1] + b"%d", 1)
-        self._templates[key] = body
-        return body
+    def _footer(self, block: _Block, lines: int) -> bytes:
+        closing = block.closing
+        if closing is None:  # pragma: no cover (called for a closing block)
+            msg = "no footer to render"
+            raise ValueError(msg)
+        counts: dict[str, list[int]] = {}
+        for (trigger, _, _, training), n in block.tally.items():
+            counts.setdefault(trigger, [0, 0])[0 if training else 1] += n
+        return self.encoder.footer(
+            t_ns=closing.t_ns - self.t0_ns,
+            status=closing.status,
+            records=block.mark.records + lines,
+            counts=counts,
+            hook_ns=closing.hook_ns,
+            failure=closing.failure,
+        )
 
-    def _render_dict(self, item: dict[str, Any], seq: int) -> bytes:
-        fields = {k: v for k, v in item.items() if k != Field.TIME_NS}
-        record = {"run": self.run_id, "seq": seq, "t": item[Field.TIME_NS] - self.t0_ns, **fields}
-        return orjson.dumps(record)[:-1]  # open: the hash field closes it
 
+class SealBlock:
+    """Processor: append the block's seal, chained from the run's last seal."""
 
-class ChainRenderer:
-    """Processor: seal each rendered body with the hash chained from the block's mark."""
-
-    def __init__(self, key: bytes | None) -> None:
-        """Chain keyed when ``key`` is given."""
-        self.chain = Chain(key)
+    def __init__(self, encoder: Encoder, key: bytes | None) -> None:
+        """Seal with ``key`` (None: an unkeyed chain)."""
+        self.encoder, self.chain = encoder, SealChain(key)
 
     def __call__(
         self, _logger: WrappedLogger, _method: str, event_dict: EventDict
     ) -> dict[str, _Block]:
-        """Put the block's lines and new head in it; hand the block to the file."""
+        """Hand the sealed block to the file."""
         block: _Block = event_dict["block"]
-        chain = self.chain
-        chain.head = block.mark.head  # scratch: the mark, not the chain, holds the truth
-        block.data = chain.seal_all(block.bodies)
-        block.head = chain.head
+        count = len(block.items) + (block.prev is not None) + (block.closing is not None)
+        block.head = self.chain.digest(block.mark.head, block.data)
+        block.data += self.encoder.seal(count, block.head)
         return {"block": block}
 
 
@@ -240,7 +264,7 @@ _OPEN_FLAGS: Final = (
     os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC
 )
 _TAIL_SCAN: Final = 2 * MAX_LINE_BYTES + 2
-"""How far back from the end of a log the writer looks for the last sealed line."""
+"""How far back from the end of a log the writer looks for the last seal."""
 _FIRST_WINDOW: Final = 4096
 
 
@@ -290,72 +314,67 @@ def open_log_file(path: Path) -> io.FileIO:
     return fh
 
 
+def _open_making_dirs(path: Path) -> io.FileIO:
+    try:
+        return open_log_file(path)
+    except FileNotFoundError:  # the first run in a new directory
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open_log_file(path)
+
+
 def _open_flags(path: str, _flags: int) -> int:
     return os.open(path, _OPEN_FLAGS, 0o644)
 
 
-def _lock(fd: int, path: Path) -> None:
-    """Hold an exclusive lock on the log while it is open: one writer per file."""
-    if sys.platform == "win32":  # pragma: no cover (no advisory locks through fcntl)
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        msg = (
-            f"audit log {file_name(path)} is being written by another fit (another process, "
-            "or another learner in this one); give each its own .jsonl file, or a directory"
-        )
-        raise AuditLogInUseError(msg) from None
-
-
 def last_seal(data: bytes) -> bytes:
-    """Return the digest of the last whole line of ``data`` that carries a seal, or b"".
+    """Return the digest of the last whole seal line in ``data``, or b"".
 
     ``data`` is the end of a log; a first line that may be cut by the window is skipped
     unless the window is the whole file.
     """
     lines = data.split(b"\n")[:-1]  # whole lines only: what follows the last LF is not one
     for line in reversed(lines):
-        sealed = unseal(line)
-        if sealed is not None:
-            return sealed[1]
+        if is_seal_line(line):
+            with contextlib.suppress(RecordError):
+                record = decode(line)
+                if isinstance(record, Seal):
+                    return record.digest
     return b""
 
 
 class JsonlFile:
-    """The wrapped logger: appends blocks to one log file, all or nothing."""
+    """The wrapped logger: appends blocks to one log file, each in one write under a lock."""
 
     def __init__(self, path: Path) -> None:
-        """Open ``path`` (a regular file, created if missing); end a cut-off last line.
-
-        ``prev`` is the digest of the last sealed line already in the file (b"" for a
-        new file): the next run's header binds to it.
-        """
+        """Open ``path`` (a regular file, created if missing)."""
         self.path = path
         self._created = not os.path.lexists(path)
-        self._fh = open_log_file(path)
-        try:
-            self.fd = self._fh.fileno()
-            _lock(self.fd, path)
-            self.size, self.prev = self._prepare_end()
+        self._end = -1
+        """The file's size after this writer's last block (it ends a line)."""
+        try:  # the last statement: an interrupt after it cannot leave the file open
+            self._fh = fh = _open_making_dirs(path)
+            self.fd = fh.fileno()
         except BaseException:
-            self._fh.close()
+            with contextlib.suppress(AttributeError):
+                self._fh.close()
             raise
-        self._in_flight: int | None = None
 
-    def _prepare_end(self) -> tuple[int, bytes]:
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the file's exclusive lock: writers of one file append one at a time."""
+        if sys.platform != "win32":
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if sys.platform != "win32":
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def last_seal(self) -> bytes:
+        """Look back from the end, in growing windows, for the last seal (under the lock)."""
         size = os.fstat(self.fd).st_size
-        if size == 0:
-            return 0, b""
-        if os.pread(self.fd, 1, size - 1) != b"\n":
-            self._write_all(b"\n")  # a killed run's cut line: the next run starts a line
-            size += 1
-        return size, self._last_seal(size)
-
-    def _last_seal(self, size: int) -> bytes:
-        """Look back from the end, in growing windows, for the last sealed line."""
         window = _FIRST_WINDOW
-        while True:
+        while size:
             start = max(size - window, 0)
             tail = os.pread(self.fd, size - start, start)
             if start > 0:  # the window may cut its first line: never take that one
@@ -365,6 +384,7 @@ class JsonlFile:
             if digest or start == 0 or window >= _TAIL_SCAN:
                 return digest
             window *= 8
+        return b""
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -372,30 +392,38 @@ class JsonlFile:
             view = view[os.write(self.fd, view) :]
 
     def msg(self, block: _Block) -> None:
-        """Write the block after the committed size; its new size goes in the block."""
-        size = block.mark.size
-        if self._in_flight == size:  # a write from this mark never committed: cut it off
-            os.ftruncate(self.fd, size)
-        self._in_flight = size
+        """Append the block (under the lock), after ending a line another writer cut short."""
+        size = os.fstat(self.fd).st_size
+        if size and size != self._end and os.pread(self.fd, 1, size - 1) != b"\n":
+            self._write_all(b"\n")  # a killed writer's cut line: ours starts a line
+            size += 1
+        block.start = size
         self._write_all(block.data)
-        block.size = size + len(block.data)
+        self._end = size + len(block.data)
 
-    def abandon(self, size: int) -> None:
-        """Close, first cutting off a write from ``size`` that never committed.
+    def holds(self, block: _Block) -> bool | None:
+        """Say whether ``block`` is in the file: True, False, or None when partly (under lock).
 
-        A file this writer created and left empty (the run's header never made it) is
-        removed: an empty log would read as "no run in it" forever.
+        A part of it at the end of the file (nothing written after) is cut off, so that
+        it can be written again; a part another writer wrote after is left, and reads as
+        a cut line.
         """
-        try:
-            if not self._fh.closed:
-                if self._in_flight == size:
-                    os.ftruncate(self.fd, size)
-                if self._created and size == 0:
-                    self._remove_if_empty()
-        finally:
-            self.close()
+        start = block.start
+        if start is None:
+            return False
+        size = os.fstat(self.fd).st_size
+        written = os.pread(self.fd, len(block.data), start)
+        if written == block.data:
+            return True
+        if written and size == start + len(written) and block.data.startswith(written):
+            os.ftruncate(self.fd, start)
+            return False
+        return None if written else False
 
-    def _remove_if_empty(self) -> None:
+    def remove_if_empty(self) -> None:
+        """Remove the file if this writer created it and nothing was written to it."""
+        if not self._created or self._fh.closed:
+            return
         mine = os.fstat(self.fd)
         try:
             there = self.path.stat()
@@ -408,113 +436,66 @@ class JsonlFile:
         """Ask the OS to put the file on disk."""
         os.fsync(self.fd)
 
+    @property
+    def closed(self) -> bool:
+        """Whether the file is closed."""
+        return self._fh.closed
+
     def close(self) -> None:
-        """Close the file (again: nothing)."""
+        """Close the file (again: nothing); closing releases any lock still held."""
         self._fh.close()
 
 
-_MAX_DEPTH: Final = 32
-"""Nesting a note field may have (orjson refuses beyond 254; the audit's reports stay small)."""
-_NON_FINITE: Final = {math.inf: "Infinity", -math.inf: "-Infinity"}
-
-
-def _json_value(name: str, value: object, depth: int = 0) -> object:
-    """Return ``value`` as JSON data; NaN and infinities become "NaN", "Infinity", "-Infinity"."""
-    if isinstance(value, bool | int | str) or value is None:
-        return value
-    if isinstance(value, float):  # numpy's float64 too: orjson takes only exact floats
-        return float(value) if math.isfinite(value) else _NON_FINITE.get(value, "NaN")
-    if depth >= _MAX_DEPTH:
-        msg = (
-            f"audit note field {name!r} nests deeper than {_MAX_DEPTH} levels (or holds "
-            "itself); notes hold plain JSON values: flatten it"
-        )
-        raise TypeError(msg)
-    if isinstance(value, list | tuple):
-        return [_json_value(name, v, depth + 1) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _json_value(f"{name}.{k}", v, depth + 1) for k, v in value.items()}
-    msg = (
-        f"audit note field {name!r} must be a JSON value (bool, int, float, str, None, "
-        f"list, dict), got {type(value).__name__}; convert tensors yourself, once per pass"
-    )
-    raise TypeError(msg)
-
-
-_RESERVED: Final = frozenset({f.value for f in Field} | {"name"})
-
-
-def note_record(name: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a note and return its record (without time); raise on what JSON cannot hold.
-
-    Floats that are not finite are written as the strings "NaN", "Infinity" and
-    "-Infinity" (JSON has no such numbers); a note longer than a log line may be is refused.
-    """
-    if not isinstance(name, str):
-        msg = f"a note's name must be a str, got {type(name).__name__}"
-        raise TypeError(msg)
-    clash = sorted(_RESERVED & set(fields))
-    if clash:
-        msg = f"audit note fields may not use the reserved names {clash}; rename them"
-        raise ValueError(msg)
-    record = {
-        Field.EVENT.value: RecordKind.NOTE.value,
-        "name": name,
-        **{k: _json_value(k, v) for k, v in fields.items()},
-    }
-    try:
-        size = len(orjson.dumps(record))
-    except orjson.JSONEncodeError as exc:
-        msg = f"audit note {safe_text(name)!r} cannot be written as JSON: {exc}"
-        raise TypeError(msg) from None
-    if size > MAX_LINE_BYTES // 2:
-        msg = (
-            f"audit note {safe_text(name)!r} is {size:,} bytes as JSON; a note may be at most "
-            f"{MAX_LINE_BYTES // 2:,} (a log line at most {MAX_LINE_BYTES:,}): note a summary"
-        )
-        raise ValueError(msg)
-    return record
-
-
 class AuditWriter:
-    """One run's audit log: header, buffered transitions and notes, footer."""
+    """One run's audit log: header, buffered transitions and notes, footer, in sealed blocks."""
 
-    def __init__(self, path: Path, *, run_id: str, key: bytes | None, rank: int) -> None:
-        """Open ``path`` for appending (a .jsonl file may hold several runs)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.run_id, self.keyed = path, run_id, key is not None
+    def __init__(
+        self,
+        path: Path,
+        *,
+        run_id: str,
+        key: bytes | None,
+        header: Mapping[Field, Any],
+    ) -> None:
+        """Open ``path`` for appending (a .jsonl file may hold several runs, of several writers).
+
+        The header is written with the first block (``start``), bound to the file's last seal.
+        """
+        self.path, self.run_id = path, run_id
         self.t0_ns = time.monotonic_ns()
-        self.pending: list[Any] = []
-        file = None
-        try:  # whatever interrupts the set-up, the file is closed
-            file = JsonlFile(path)
-            self._mark = _Mark(file.size)
+        self.pending: list[PendingRecord] = []
+        self._mark = _Mark()
+        self._attempt: _Block | None = None
+        self._due_ns = self.t0_ns + FLUSH_EVERY_NS
+        self._encoder = encoder = Encoder(run_id)
+        render = RenderBlock(encoder, header, keyed=key is not None)
+        render.t0_ns = self.t0_ns
+        processors: list[Processor] = [render, SealBlock(encoder, key)]
+        try:  # the last statement: whatever interrupts the set-up, the file is closed
+            self._file = file = JsonlFile(path)
             self._log = structlog.wrap_logger(
-                file,
-                processors=[RenderRecords(run_id, rank, self.t0_ns), ChainRenderer(key)],
-                wrapper_class=structlog.BoundLogger,
-                context_class=dict,
+                file, processors=processors, wrapper_class=structlog.BoundLogger, context_class=dict
             ).bind()
-            self._file = file
         except BaseException:
-            if file is not None:
-                file.close()
+            with contextlib.suppress(AttributeError):
+                self._file.remove_if_empty()
+                self._file.close()
             raise
 
     @property
     def head(self) -> str:
-        """The hash of the last record written: the chain head."""
+        """The digest of the run's last seal: the chain head."""
         return self._mark.head.hex()
 
     @property
     def records_written(self) -> int:
-        """How many records of this run were written so far."""
-        return self._mark.seq
+        """How many records of this run were written so far (header included)."""
+        return self._mark.records
 
     @property
     def started(self) -> bool:
         """Whether the header is in the file (without it, nothing else may be written)."""
-        return self._mark.seq > 0
+        return self._mark.records > 0
 
     @property
     def footed(self) -> bool:
@@ -532,83 +513,106 @@ class AuditWriter:
                 return True
         return trigger in {key[0] for key in self._mark.tally}
 
-    def counts(self) -> dict[str, list[int]]:
-        """Transition records written per trigger, as ``[training, validation]``."""
-        counts: dict[str, list[int]] = {}
-        for (trigger, _, _, training), n in self._mark.tally.items():
-            counts.setdefault(trigger, [0, 0])[0 if training else 1] += n
-        return counts
-
-    def start(self, header: Mapping[str, Any]) -> None:
-        """Write the header record at once, bound to the file's last sealed line."""
-        record = {
-            Field.TIME_NS.value: self.t0_ns,
-            Field.EVENT.value: RecordKind.RUN_START.value,
-            "schema": SCHEMA_VERSION,
-            "keyed": self.keyed,
-            PREV_FIELD: self._file.prev.hex(),
-            **header,
-        }
-        self.pending.append(_json_value("header", record))
+    def start(self) -> None:
+        """Write the header at once (a log that cannot be written fails the fit first)."""
         self.flush()
 
-    def note(self, record: dict[str, Any]) -> None:
-        """Queue a note record made by ``note_record``, timed now."""
-        self.pending.append({Field.TIME_NS.value: time.monotonic_ns(), **record})
+    def note(self, name: str, fields: Mapping[str, Any], *, epoch: int, it: int, tr: bool) -> None:
+        """Check a note, render it timed now, and queue it."""
+        values = note_fields(name, fields)
+        t_ns = time.monotonic_ns() - self.t0_ns
+        line = self._encoder.note(name, values, epoch=epoch, it=it, training=tr, t_ns=t_ns)
+        self.pending.append(line)
+
+    def flush_if_due(self) -> None:
+        """Flush when the last flush is ``FLUSH_EVERY_NS`` ago, or ``FLUSH_AT`` records wait."""
+        if len(self.pending) >= FLUSH_AT or time.monotonic_ns() >= self._due_ns:
+            self.flush()
+
+    def flush(self, closing: _Closing | None = None) -> None:
+        """Render, seal and append whatever is pending, and ``footer`` last, as one transaction.
+
+        The footer never enters ``pending``: a footer whose write was interrupted is gone,
+        and the failure path writes its own after the fail record.
+        """
+        with self._file.locked():
+            self._settle_attempt()
+            pending, mark = self.pending, self._mark
+            if mark.done and len(pending) >= mark.done and pending[mark.done - 1] is mark.last:
+                del pending[: mark.done]  # what the last commit wrote (one C call: atomic)
+            if mark.footed:  # nothing follows a footer (one whose commit was cut short)
+                return
+            count = len(pending)
+            first = not mark.records
+            if not count and closing is None and not first:
+                return
+            block = _Block(pending[:count], mark, closing)
+            if first:
+                block.prev = self._file.last_seal()
+            self._attempt = block
+            self._log.msg("block", block=block)
+            self._commit(block)
+        self._due_ns = time.monotonic_ns() + FLUSH_EVERY_NS
+
+    def settle(self) -> None:
+        """Commit a block whose commit an interrupt cut short, if it is in the file."""
+        if not self._file.closed:
+            with self._file.locked():
+                self._settle_attempt()
+
+    def _commit(self, block: _Block) -> None:
+        items = block.items
+        records = block.mark.records + len(items) + (block.prev is not None)
+        self._mark = _Mark(
+            records,
+            block.head,
+            block.tally,
+            block.state,
+            block.mark.footed or block.closing is not None,
+            len(items),
+            items[-1] if items else None,
+        )
+        self._attempt = None
+        del self.pending[: len(items)]  # an interrupt just before this is undone next flush
+
+    def _settle_attempt(self) -> None:
+        """Commit a block whose commit was interrupted, if it is in the file (under the lock)."""
+        block = self._attempt
+        if block is not None and block.mark is self._mark and self._file.holds(block):
+            self._commit(block)
+        self._attempt = None
+
+    def finish(
+        self,
+        status: RunStatus,
+        *,
+        hook_ns: Mapping[str, list[int]],
+        failure: Mapping[FailureField, object] | None = None,
+    ) -> str:
+        """Write the footer (unless written) and close; return the chain head.
+
+        The footer counts the transition records written, so it agrees with the log
+        whatever happened to the learner.
+        """
+        if not self.footed:
+            self.flush(_Closing(status, hook_ns, failure, time.monotonic_ns()))
+        self.close()
+        return self.head
 
     def close(self) -> None:
         """Close the file, footer or not (again: nothing)."""
         self._file.close()
 
     def abandon(self) -> None:
-        """Close without a footer, cutting off a block whose write was interrupted."""
-        self._file.abandon(self._mark.size)
+        """Close without a footer: settle a block whose write or commit was interrupted.
 
-    def flush(self, footer: dict[str, Any] | None = None) -> None:
-        """Render, chain and write whatever is pending, and ``footer`` last, as one transaction.
-
-        The footer never enters ``pending``: a footer whose write was interrupted is gone,
-        and the failure path writes its own after the fail record.
+        A file this writer created and left empty (the run's header never made it) is
+        removed: an empty log would read as "no run in it" forever.
         """
-        pending, mark = self.pending, self._mark
-        if mark.done and len(pending) >= mark.done and pending[mark.done - 1] is mark.last:
-            del pending[: mark.done]  # what the last commit wrote (one C call: atomic)
-        count = len(pending)
-        if not count and footer is None:
-            return
-        items = pending[:count]
-        block = _Block([*items, footer] if footer is not None else items, mark)
-        self._log.msg("records", block=block)
-        self._mark = _Mark(
-            block.size,
-            block.seq,
-            block.head,
-            block.tally,
-            block.state,
-            block.footed,
-            count,
-            items[-1] if items else None,
-        )
-        del pending[:count]  # an interrupt just before this is undone at the next flush
-
-    def finish(self, status: RunStatus, failure: Mapping[str, Any] | None = None) -> str:
-        """Write the footer (unless written), fsync and close; return the chain head.
-
-        The footer counts the transition records written, so it agrees with the log
-        whatever happened to the learner.
-        """
-        if not self.footed:
-            self.flush()
-            footer: dict[str, Any] = {
-                Field.TIME_NS.value: time.monotonic_ns(),
-                Field.EVENT.value: RecordKind.RUN_END.value,
-                "status": status.value,
-                "records": self.records_written,
-                "counts": self.counts(),
-            }
-            if failure is not None:
-                footer["failure"] = _json_value("failure", dict(failure))
-            self.flush(footer)
-            self._file.sync()
-        self.close()
-        return self.head
+        try:
+            if not self._file.closed:
+                with self._file.locked():
+                    self._settle_attempt()
+                    self._file.remove_if_empty()
+        finally:
+            self.close()

@@ -1,0 +1,197 @@
+"""One fit's run: its id and its audit log, apart from the loop that drives the machine.
+
+The learner opens a ``Run`` when a fit starts, appends each transition to ``run.pending``
+(the hot path: one tuple), and hands it notes, pass ends and the outcome; the run owns
+everything about the log: the run id, the header, the writer, flushing, the footer, the
+failure detail it records and the chain head. It knows the record format only through
+the codec (``fsm_learner.audit.codec``); the learner does not know it at all.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import uuid
+from datetime import datetime, timezone
+from functools import cache
+from typing import TYPE_CHECKING, Any, Final
+
+from fsm_learner.audit.codec import FailureField, Field, RunStatus, note_fields
+from fsm_learner.audit.writer import AuditWriter, PendingRecord, emit_run_event
+from fsm_learner.machine import State, Trigger, table_digest
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from pathlib import Path
+
+__all__ = ["Run", "log_path"]
+
+
+def _is_log_file(path: Path) -> bool:
+    """Say whether ``path`` is one file of runs: .jsonl (any case) and not a directory."""
+    return path.suffix.lower() == ".jsonl" and not path.is_dir()
+
+
+def log_path(target: Path, run_id: str, rank: int) -> Path:
+    """Where a run writes: ``target`` itself (a .jsonl file) or ``<target>/<run_id>.jsonl``.
+
+    Under torch.distributed, rank N > 0 writes ``*.rankN.jsonl``: one file per process.
+    """
+    suffix = f".rank{rank}" if rank else ""
+    if _is_log_file(target):
+        return target.with_name(f"{target.stem}{suffix}{target.suffix}")
+    return target / f"{run_id}{suffix}.jsonl"
+
+
+@cache
+def _version() -> str:
+    from fsm_learner import __version__  # noqa: PLC0415 (the package imports this module)
+
+    return __version__
+
+
+_HOOK_PAIR: Final = 2
+
+
+class Run:
+    """One fit's run: created by ``Run.open`` when the fit starts, closed when it ends."""
+
+    def __init__(self) -> None:
+        """Start a run with a new id and no log yet (``open`` opens it)."""
+        self.run_id = uuid.uuid4().hex[:12]
+        self.path: Path | None = None
+        self.head: str | None = None
+        self.status: RunStatus | None = None
+        self._writer: AuditWriter | None = None
+        self.pending: list[PendingRecord] | None = None
+
+    def open(
+        self,
+        target: Path | None,
+        *,
+        key: bytes | None,
+        rank: int,
+        settings: Callable[[], Mapping[Field, Any]],
+    ) -> None:
+        """Open the run's log under ``target`` (None: no log); the header goes with its first block.
+
+        ``settings()`` returns the learner's header fields (asked only when there is a
+        log); the run adds the rest.
+        """
+        if target is None:
+            return
+        header = {
+            Field.WALL: datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            Field.TABLE: table_digest(),
+            Field.VERSION: _version(),
+            Field.PYTHON: platform.python_version(),
+            Field.RANK: rank,
+            **settings(),
+        }
+        path = log_path(target, self.run_id, rank)
+        # one statement: from here on, whatever interrupts, abandon() closes the file
+        self._writer = AuditWriter(path, run_id=self.run_id, key=key, header=header)
+        self.pending, self.path = self._writer.pending, path
+
+    def start(self) -> None:
+        """Say the run started; its header goes out with its first block (within a second)."""
+        path = None if self.path is None else os.fspath(self.path)
+        emit_run_event("run_start", run_id=self.run_id, audit_path=path)
+
+    def note(
+        self, name: str, fields: Mapping[str, Any], *, epoch: int, it: int, training: bool
+    ) -> None:
+        """Add a note stamped with the loop counters (checked even when there is no log)."""
+        writer = self._writer
+        if writer is None:
+            note_fields(name, fields)
+            return
+        writer.note(name, fields, epoch=epoch, it=it, tr=training)
+
+    def flush(self) -> None:
+        """Write what is pending (at a pass end, or when ``pending`` is long)."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def flush_if_due(self) -> None:
+        """Write what is pending if the last write is a second ago, or ``pending`` is long."""
+        if self._writer is not None:
+            self._writer.flush_if_due()
+
+    def end_pass(self, *, epoch: int, training: bool, batches: int) -> None:
+        """Write the pass's records if the last write is a second ago; say so on the logger."""
+        self.flush_if_due()
+        emit_run_event(
+            "pass_end", run_id=self.run_id, epoch=epoch, training=training, batches=batches
+        )
+
+    def log_state(self, fallback: State) -> State:
+        """Return the state the log leaves the machine in (``fallback`` without a log)."""
+        writer = self._writer
+        return fallback if writer is None else State(writer.log_state())
+
+    def settle(self) -> None:
+        """Take in a write whose commit an interrupt cut short (the failure path asks first)."""
+        if self._writer is not None:
+            self._writer.settle()
+
+    @property
+    def closed(self) -> bool:
+        """Whether the run's log is closed (or there never was one)."""
+        return self._writer is None
+
+    @property
+    def footed(self) -> bool:
+        """Whether the run's footer is written (its log is complete)."""
+        return self._writer is not None and self._writer.footed
+
+    def finish(self, status: RunStatus, hook_ns: Mapping[tuple[Trigger, bool], int]) -> None:
+        """Close the run as ``status``: footer, then the file; emit ``run_end``."""
+        writer, self.status = self._writer, status
+        if writer is not None:
+            self.head = writer.finish(status, hook_ns=_per_trigger(hook_ns))
+            self._detach()
+        emit_run_event("run_end", run_id=self.run_id, status=str(status), head=self.head)
+
+    def fail(
+        self,
+        detail: Mapping[FailureField, object],
+        hook_ns: Mapping[tuple[Trigger, bool], int],
+        fire_fail: Callable[[], None],
+    ) -> None:
+        """Close the run as failed: fail record (``fire_fail``) unless logged, footer, file.
+
+        A header whose write was cut short is written again. Interrupted, the run stays
+        open, so that the learner can call this again (and ``abandon`` it at last).
+        """
+        self.status = RunStatus.FAILED
+        writer = self._writer
+        if writer is not None and not writer.footed:
+            if not writer.started:
+                writer.flush()  # the header's write was interrupted: once more
+            if not writer.has(Trigger.FAIL):
+                fire_fail()
+            self.head = writer.finish(
+                RunStatus.FAILED, hook_ns=_per_trigger(hook_ns), failure=detail
+            )
+        self.abandon()
+        emit_run_event("run_failed", run_id=self.run_id, **{str(k): v for k, v in detail.items()})
+
+    def abandon(self) -> None:
+        """Close the log as it is (again: nothing); cut off only a write that never committed."""
+        writer = self._writer
+        self._detach()
+        if writer is not None:
+            writer.abandon()
+
+    def _detach(self) -> None:
+        self._writer = self.pending = None
+
+
+def _per_trigger(hook_ns: Mapping[tuple[Trigger, bool], int]) -> dict[str, list[int]]:
+    """Time per (trigger, training) as the footer writes it: ``{trigger: [train, valid]}``."""
+    out: dict[str, list[int]] = {}
+    for (trigger, training), ns in hook_ns.items():
+        if ns:
+            out.setdefault(trigger.value, [0] * _HOOK_PAIR)[0 if training else 1] += ns
+    return out
