@@ -1,10 +1,11 @@
 """fsm_learner: a PyTorch training loop that runs as an explicit finite-state machine."""
 
-from fsm_learner.audit.schema import RunStatus
+import importlib
+import typing
+
+from fsm_learner.audit.codec import RunStatus
 from fsm_learner.callback import Callback, Override
-from fsm_learner.diagram import DiagramFormat
 from fsm_learner.exceptions import (
-    AuditLogInUseError,
     CancelBatchException,
     CancelEpochException,
     CancelException,
@@ -16,7 +17,6 @@ from fsm_learner.exceptions import (
     InvalidDataLoadersError,
     InvalidTransitionError,
 )
-from fsm_learner.learner import DataLoaders, Failure, FitResult, Learner
 from fsm_learner.machine import (
     TRANSITION_TABLE,
     Guard,
@@ -28,11 +28,14 @@ from fsm_learner.machine import (
     build_machine,
 )
 
+if typing.TYPE_CHECKING:
+    from fsm_learner.diagram import DiagramFormat
+    from fsm_learner.learner import DataLoaders, Failure, FitResult, Learner
+
 __version__ = "0.1.0"
 
 __all__ = [
     "TRANSITION_TABLE",
-    "AuditLogInUseError",
     "Callback",
     "CancelBatchException",
     "CancelEpochException",
@@ -60,3 +63,30 @@ __all__ = [
     "__version__",
     "build_machine",
 ]
+
+# The learner's names need torch, and importing torch takes about a second: they are
+# imported on first use (PEP 562), so that `fsm-learner audit` and `fsm-learner diagram
+# --from-log`, which read logs only, start without it. The diagrams are drawn on demand.
+_LAZY: typing.Final = {
+    "DataLoaders": "fsm_learner.learner",
+    "Failure": "fsm_learner.learner",
+    "FitResult": "fsm_learner.learner",
+    "Learner": "fsm_learner.learner",
+    "DiagramFormat": "fsm_learner.diagram",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import a lazily exported name from its module, once."""
+    module = _LAZY.get(name)
+    if module is None:
+        msg = f"module 'fsm_learner' has no attribute {name!r}"
+        raise AttributeError(msg)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # from now on a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    """List the module's names, the lazily imported ones included."""
+    return sorted({*globals(), *_LAZY})

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Final, TextIO
 import orjson
 
 from fsm_learner._display import file_name, printable
+from fsm_learner.audit.codec import KEY_ENV, derive_key
 from fsm_learner.audit.files import file_kind, log_files
 from fsm_learner.audit.replay import FileAudit, Problem, RunReport, RunSet
-from fsm_learner.audit.schema import KEY_ENV, derive_key
 from fsm_learner.audit.summary import render_report, render_totals
 from fsm_learner.diagram import (
     DiagramFormat,
@@ -51,9 +51,9 @@ def _audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="verify audit logs and summarise their runs",
         description=(
             "Replay each run of the given logs (files or directories of *.jsonl) against the "
-            "transition table: every transition legal, sequence numbers without gaps, hash "
-            "chain intact, header and footer present and agreeing. Exit 0 when every run "
-            "verifies, 1 when one does not, 2 on a usage error."
+            "transition table: every block of records matching its seal, every transition "
+            "legal, header and footer present and agreeing; print where each run's time went. "
+            "Exit 0 when every run verifies, 1 when one does not, 2 on a usage error."
         ),
     )
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH")
@@ -72,11 +72,32 @@ def _audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     parser.add_argument(
         "--key-env",
-        default=KEY_ENV,
         metavar="VAR",
-        help=f"environment variable holding the chain key of keyed logs (default {KEY_ENV})",
+        help=(
+            "environment variable holding the chain key of keyed logs; it must be set (default: "
+            f"{KEY_ENV}, where unset means no key)"
+        ),
     )
     parser.set_defaults(run=_run_audit)
+
+
+class _KeyError(Exception):
+    """--key-env names a variable that holds no key; the message says which."""
+
+
+def _key(name: str | None) -> bytes | None:
+    """Return the chain key: --key-env's variable must hold one; the default may not."""
+    if name is None:
+        return derive_key(os.environ.get(KEY_ENV) or None)
+    value = os.environ.get(name)
+    if not value:
+        state = "empty" if value is not None else "not set"
+        msg = (
+            f"--key-env {printable(name)}: the environment variable {printable(name)!r} is "
+            f"{state}; set it to the chain key, or leave --key-env out for logs without one"
+        )
+        raise _KeyError(msg)
+    return derive_key(value)
 
 
 def _write(stream: TextIO, text: str) -> None:
@@ -178,11 +199,14 @@ class _JsonSummary:
 
 def _run_audit(args: argparse.Namespace) -> int:
     files, errors = log_files(args.paths)
+    try:
+        key = _key(args.key_env)
+    except _KeyError as exc:
+        errors.append(str(exc))
     if errors:
         for error in errors:
             _write(sys.stderr, f"fsm-learner audit: {printable(error)}\n")
         return EXIT_USAGE
-    key = derive_key(os.environ.get(args.key_env) or None)
     runs = RunSet(args.expect_head)
     summary = _JsonSummary() if args.json else _TextSummary()
     for path in files:
@@ -235,7 +259,6 @@ def _diagram_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument(
         "--key-env",
-        default=KEY_ENV,
         metavar="VAR",
         help=f"with --from-log: variable holding a keyed log's key (default {KEY_ENV})",
     )
@@ -251,8 +274,11 @@ def _diagram_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _diagram_usage(args: argparse.Namespace) -> str | None:
     """Say what is wrong with the combination of options, if anything."""
     docs = args.write or args.check
-    if args.run_id is not None and args.from_log is None:
-        return "--run-id goes with --from-log"
+    if args.from_log is None:
+        given = {"--run-id": args.run_id, "--key-env": args.key_env}
+        alone = [option for option, value in given.items() if value is not None]
+        if alone:
+            return f"{alone[0]} goes with --from-log"
     if args.dir is not None and not docs:
         return "--dir goes with --write or --check"
     if docs and (args.format is not None or args.output is not None):
@@ -260,7 +286,16 @@ def _diagram_usage(args: argparse.Namespace) -> str | None:
     if args.format == DiagramFormat.PNG and args.output is None:
         return "png is an image, not text for stdout: give --output PATH"
     if args.from_log is not None:
-        return _log_file_problem(args.from_log)
+        return _key_problem(args.key_env) or _log_file_problem(args.from_log)
+    return None
+
+
+def _key_problem(name: str | None) -> str | None:
+    """Say why --key-env's variable holds no key, if it does not."""
+    try:
+        _key(name)
+    except _KeyError as exc:
+        return str(exc)
     return None
 
 
@@ -284,8 +319,7 @@ def _diagram_view(args: argparse.Namespace) -> DiagramView:
         learn = learner_from_factory(args.learner)
         return callbacks_view(learn.cbs, f"fsm_learner: what runs where ({args.learner})")
     if args.from_log is not None:
-        key = derive_key(os.environ.get(args.key_env) or None)
-        return run_view(args.from_log, run_id=args.run_id, key=key)
+        return run_view(args.from_log, run_id=args.run_id, key=_key(args.key_env))
     return table_view()
 
 
@@ -348,7 +382,7 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "time each with the process's CPU time, and report medians of per-pair ratios."
         ),
     )
-    parser.add_argument("--config", choices=["tiny", "small", "all"], default="all")
+    parser.add_argument("--config", choices=["tiny", "small", "few", "all"], default="all")
     parser.add_argument("--pairs", type=_positive, default=30, help="interleaved pairs per case")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured pairs first")
     parser.add_argument("--epochs", type=_positive, default=5, help="epochs per timed run")
@@ -386,7 +420,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     if error is not None:
         print(error, file=sys.stderr)
         return EXIT_USAGE
-    configs = ("tiny", "small") if args.config == "all" else (args.config,)
+    configs = ("tiny", "small", "few") if args.config == "all" else (args.config,)
     report = run_bench(
         configs=configs,
         pairs=args.pairs,

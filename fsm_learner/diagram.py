@@ -44,6 +44,7 @@ import attrs
 from fsm_learner import machine
 from fsm_learner._compat import StrEnum
 from fsm_learner._display import exception_text, printable, shown
+from fsm_learner.audit.codec import FailureField
 from fsm_learner.callback import resolve_dispatch, validate_callbacks
 from fsm_learner.exceptions import ConfigurationError
 from fsm_learner.machine import Hook, State, TransitionSpec, Trigger
@@ -324,9 +325,11 @@ def _verified_run(path: Path, run_id: str | None, key: bytes | None) -> RunRepor
 
 def _failure_text(report: RunReport) -> str:
     failure = report.failure or {}
-    text = _field_text(failure.get("type", ""))
-    if failure.get("hook"):
-        text += f" in {_field_text(failure['hook'])} of {_field_text(failure.get('callback'))}"
+    text = _field_text(failure.get(FailureField.TYPE.value, ""))
+    hook = failure.get(FailureField.HOOK.value)
+    if hook:
+        callback = failure.get(FailureField.CALLBACK.value)
+        text += f" in {_field_text(hook)} of {_field_text(callback)}"
     return text
 
 

@@ -9,7 +9,6 @@ is the guard of a cancel transition in the machine. Errors are failures of ours:
     │   ├── CancelEpochException         -> cancel_epoch
     │   └── CancelBatchException         -> cancel_batch
     └── FsmLearnerError                  (base of every error of ours)
-        ├── AuditLogInUseError           (also RuntimeError) another fit writes that log
         ├── ConfigurationError           (also ValueError)
         ├── InvalidCallbackError         (also TypeError)
         ├── InvalidDataLoadersError      (also TypeError)
@@ -23,7 +22,6 @@ transition and is re-raised as the same object, with a note naming where it happ
 from __future__ import annotations
 
 __all__ = [
-    "AuditLogInUseError",
     "CancelBatchException",
     "CancelEpochException",
     "CancelException",
@@ -55,13 +53,6 @@ class CancelBatchException(CancelException):
 
 class FsmLearnerError(Exception):
     """Base class of every error fsm_learner raises."""
-
-
-class AuditLogInUseError(FsmLearnerError, RuntimeError):
-    """The audit log file is being written by another fit (another process, say).
-
-    One file has one writer at a time: two writers would interleave their runs.
-    """
 
 
 class ConfigurationError(FsmLearnerError, ValueError):

@@ -1,26 +1,60 @@
-"""Audit logs built record by record and sealed with the schema's own chain, for reader tests.
+"""Audit logs built with the codec and sealed as the writer seals them, for reader tests.
 
-A tiny run is a header, ``begin_fit``, ``end_fit`` and a footer: four lines that verify.
-Runs built one after another in a file bind to it as the writer binds them: each header's
-``prev`` is the hash of the last line before it.
+A tiny run is one block: a header, ``begin_fit``, ``end_fit`` (or ``fail``) and a footer,
+then its seal: five lines. Runs built one after another in a file bind to it as the
+writer binds them: each header's ``prev`` is the digest of the last seal before it.
+``training_run`` builds a longer run (one training pass, then validation) in blocks.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import orjson
 
-from fsm_learner.audit.schema import PREV_FIELD, SCHEMA_VERSION, Chain
+from fsm_learner.audit.codec import (
+    Encoder,
+    Field,
+    RecordError,
+    RunStatus,
+    Seal,
+    SealChain,
+    decode,
+    is_seal_line,
+)
 from fsm_learner.machine import table_digest
 
+BATCH = [
+    ("begin_batch", "epoch", "batch"),
+    ("predict", "batch", "predict"),
+    ("compute_loss", "predict", "loss"),
+    ("backward", "loss", "backward"),
+    ("step", "backward", "step"),
+    ("end_batch", "step", "epoch"),
+]
+VALID_BATCH = [*BATCH[:3], ("end_batch", "loss", "epoch")]
 
-def body(record: dict) -> bytes:
-    """A record as the bytes the chain hashes: its JSON without the closing brace."""
-    return orjson.dumps(record)[:-1]
+
+def transitions_of(run_id: str) -> Encoder:
+    """An encoder of the run's transition lines, as the writer writes them."""
+    return Encoder(run_id)
 
 
-def run_bodies(
+def header_line(
+    encoder: Encoder,
+    *,
+    prev: str = "",
+    rank: int = 0,
+    keyed: bool = False,
+    header: dict | None = None,
+) -> bytes:
+    fields = {Field.TABLE: table_digest(), Field.RANK: rank, Field.N_EPOCHS: 1}
+    fields |= header or {}
+    return encoder.header(fields, keyed=keyed, prev=bytes.fromhex(prev))
+
+
+def run_lines(
     run_id: str,
     *,
     prev: str = "",
@@ -28,37 +62,51 @@ def run_bodies(
     keyed: bool = False,
     header: dict | None = None,
     failure: dict | None = None,
+    hook_ns: dict | None = None,
 ) -> list[bytes]:
-    """The bodies of a tiny run; ``failure`` makes it end failed in ``fit``."""
-    start = {"run": run_id, "seq": 0, "t": 0, "ev": "run_start", "schema": SCHEMA_VERSION}
-    start |= {"keyed": keyed, "table": table_digest(), "rank": rank, PREV_FIELD: prev}
-    start |= header or {}
-    common = {"ep": 0, "it": 0, "tr": False, "rk": rank}
-    last = ("fail", "fit", "idle") if failure else ("end_fit", "fit", "idle")
-    footer = {"run": run_id, "seq": 3, "t": 30, "ev": "run_end"}
-    footer |= {"status": "failed" if failure else "completed", "records": 3}
-    footer |= {"counts": {"begin_fit": [0, 1], last[0]: [0, 1]}}
-    if failure:
-        footer["failure"] = failure
-    begin = {"run": run_id, "seq": 1, "t": 10, "ev": "begin_fit", "src": "idle", "dst": "fit"}
-    end = {"run": run_id, "seq": 2, "t": 20, "ev": last[0], "src": last[1], "dst": last[2]}
-    return [body(start), body(begin | common), body(end | common), body(footer)]
+    """The lines of a tiny run (no seal); ``failure`` makes it end failed in ``fit``."""
+    enc = Encoder(run_id)
+    last = "fail" if failure else "end_fit"
+    footer = enc.footer(
+        t_ns=30,
+        status=RunStatus.FAILED if failure else RunStatus.COMPLETED,
+        records=3,
+        counts={"begin_fit": [0, 1], last: [0, 1]},
+        hook_ns=hook_ns or {},
+        failure=failure,
+    )
+    return [
+        header_line(enc, prev=prev, rank=rank, keyed=keyed, header=header),
+        transitions_of(run_id).transition(("begin_fit", "idle", "fit", False), 0, 0, 10),
+        transitions_of(run_id).transition((last, "fit", "idle", False), 0, 0, 20),
+        footer,
+    ]
 
 
-def seal_run(bodies: list[bytes], key: bytes | None = None) -> tuple[bytes, str]:
-    """Seal a run's bodies: its lines, and its head (the last hash, hex)."""
-    chain = Chain(key)
-    data = chain.seal_all(bodies)
-    return data, chain.head.hex()
+def seal_blocks(
+    run_id: str, blocks: list[list[bytes]], key: bytes | None = None, head: bytes = b""
+) -> tuple[list[bytes], bytes]:
+    """Seal each block as the writer does; return each block with its seal, and the head."""
+    enc, chain = Encoder(run_id), SealChain(key)
+    sealed = []
+    for block in blocks:
+        head = chain.digest(head, b"".join(block))
+        sealed.append(b"".join(block) + enc.seal(len(block), head))
+    return sealed, head
 
 
-def tiny_run(run_id: str, *, prev: str = "", **kwargs) -> tuple[bytes, str]:
-    """A tiny run's lines and head."""
-    return seal_run(run_bodies(run_id, prev=prev, **kwargs))
+def tiny_run(
+    run_id: str, *, prev: str = "", key: bytes | None = None, **kwargs
+) -> tuple[bytes, str]:
+    """A tiny run's bytes (one sealed block) and its head (hex)."""
+    [data], head = seal_blocks(
+        run_id, [run_lines(run_id, prev=prev, keyed=key is not None, **kwargs)], key
+    )
+    return data, head.hex()
 
 
 def runs_file(path: Path, run_ids: list[str], *, prev: str = "") -> list[str]:
-    """Write runs bound one to the next, as the writer appends them; return their heads."""
+    """Write tiny runs bound one to the next, as the writer appends them; return their heads."""
     heads, chunks = [], []
     for run_id in run_ids:
         data, prev = tiny_run(run_id, prev=prev)
@@ -68,6 +116,84 @@ def runs_file(path: Path, run_ids: list[str], *, prev: str = "") -> list[str]:
     return heads
 
 
+def training_blocks(
+    run_id: str,
+    batches: int,
+    *,
+    valid: int = 0,
+    prev: str = "",
+    block: int = 8192,
+    start_ns: int = 0,
+    step_ns: int = 1000,
+) -> list[list[bytes]]:
+    """A run of one epoch (``batches`` training, ``valid`` validation), in blocks of records."""
+    enc, moves = Encoder(run_id), transitions_of(run_id)
+    lines = [header_line(enc, prev=prev)]
+    t = start_ns
+    counts: dict[str, list[int]] = {}
+
+    def add(trigger: str, source: str, dest: str, training: bool, it: int = 0) -> None:
+        nonlocal t
+        t += step_ns
+        lines.append(moves.transition((trigger, source, dest, training), 0, it, t))
+        counts.setdefault(trigger, [0, 0])[0 if training else 1] += 1
+
+    add("begin_fit", "idle", "fit", True)
+    for training, n, path in ((True, batches, BATCH), (False, valid, VALID_BATCH)):
+        if training or n:
+            add("begin_epoch", "fit", "epoch", training)
+            for it in range(n):
+                for trigger, source, dest in path:
+                    add(trigger, source, dest, training, it)
+            add("end_epoch", "epoch", "fit", training)
+    add("end_fit", "fit", "idle", False)
+    lines.append(
+        enc.footer(
+            t_ns=t + step_ns,
+            status=RunStatus.COMPLETED,
+            records=len(lines),
+            counts=counts,
+            hook_ns={},
+        )
+    )
+    return [lines[i : i + block] for i in range(0, len(lines), block)]
+
+
+def training_run(run_id: str, batches: int, **kwargs) -> tuple[bytes, str]:
+    """A longer run's bytes, sealed in blocks, and its head (hex)."""
+    sealed, head = seal_blocks(run_id, training_blocks(run_id, batches, **kwargs))
+    return b"".join(sealed), head.hex()
+
+
 def lines(path: Path) -> list[bytes]:
     """A file's lines, each with its newline."""
     return path.read_bytes().splitlines(keepends=True)
+
+
+def spaced(line: bytes) -> bytes:
+    """The same record in other bytes: JSON with spaces after its commas and colons."""
+    return json.dumps(orjson.loads(line), separators=(", ", ": ")).encode() + b"\n"
+
+
+def reseal(data: bytes, key: bytes | None = None) -> bytes:
+    """Recompute every seal of a log, as a forger without the key (or with it) would.
+
+    A seal keeps its run and its style (the writer's bytes, or spaced); its count and
+    digest become those of the lines before it, chained per run.
+    """
+    heads: dict[str, bytes] = {}
+    chain = SealChain(key)
+    out, block = [], []
+    for line in data.splitlines(keepends=True):
+        try:
+            record = decode(line)
+        except RecordError:  # an edited line is no seal
+            record = None
+        if not isinstance(record, Seal):
+            block.append(line)
+            continue
+        head = heads[record.run] = chain.digest(heads.get(record.run, b""), b"".join(block))
+        seal = Encoder(record.run).seal(len(block), head)
+        out += [*block, seal if is_seal_line(line) else spaced(seal)]
+        block = []
+    return b"".join(out + block)

@@ -588,7 +588,7 @@ class TestRunView:
         assert out == ""
         assert err.count("\n") == 1
         assert "does not verify" in err
-        assert "hash chain broken" in err
+        assert "the seal does not match the lines" in err
 
     def test_unknown_run_id(self, log, capsys):
         """A run id the file does not hold: exit 1, naming the ones it does."""

@@ -33,10 +33,8 @@ import hashlib
 import math
 import os
 import re
-from collections.abc import Mapping
 from functools import cache
-from operator import itemgetter, methodcaller
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import attrs
 import orjson
@@ -44,6 +42,9 @@ import orjson
 from fsm_learner._compat import StrEnum
 from fsm_learner._display import safe_text, shown
 from fsm_learner.machine import State, Trigger, table_routes
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 __all__ = [
     "DIGEST_BYTES",
@@ -67,9 +68,7 @@ __all__ = [
     "SealChain",
     "Transition",
     "TransitionReader",
-    "TransitionScan",
     "Transitions",
-    "counters",
     "decode",
     "derive_key",
     "is_seal_line",
@@ -77,7 +76,6 @@ __all__ = [
     "kind_of",
     "note_fields",
     "route_keys",
-    "shapes_of",
 ]
 
 SCHEMA_VERSION: Final = 2
@@ -322,7 +320,8 @@ class Encoder:
         """Return the byte template of a route's transition record: ``% (ep, it, t)``."""
         template = self._templates.get(key)
         if template is None:
-            template = _shape(key, self.run_id) + _EPOCH_OPEN + _NUMBERS
+            shape = _shape(key, self.run_id).replace(b"%", b"%%")  # a run id may hold a %
+            template = shape + _EPOCH_OPEN + _NUMBERS
             self._templates[key] = template
         return template
 
@@ -399,7 +398,7 @@ def _shape(key: RouteKey, run_id: str) -> bytes:
 
 @cache
 def _route_head(key: RouteKey) -> bytes:
-    """A route's transition record up to the run id, which follows ``"run":``."""
+    """Render a route's transition record up to the run id, which follows ``"run":``."""
     trigger, source, dest, training = key
     record = {
         Field.EVENT.value: trigger,
@@ -659,80 +658,15 @@ def _seal(record: dict[str, Any], run: str) -> Seal:
     return Seal(run, count, bytes.fromhex(digest))
 
 
-# -- bulk decoding of transitions -------------------------------------------------------
+# -- seal lines ---------------------------------------------------------------------------
 
 SEAL_START: Final = _json({Field.EVENT.value: RecordKind.SEAL.value})[:-1] + b","
 """How every seal line the writer writes begins."""
-_SEAL_START: Final = SEAL_START
-_NUMBERS_RE: Final = re.compile(rb'(?:(?:0|[1-9][0-9]*),"it":(?:0|[1-9][0-9]*),"t":[0-9]+\n)*')
-_split_epoch: Final = methodcaller("partition", _EPOCH_OPEN)
-_split_time: Final = methodcaller("rpartition", b":")
-_first: Final = itemgetter(0)
-_last: Final = itemgetter(2)
 
 
 def is_seal_line(line: bytes) -> bool:
     """Say whether a line is a seal as the writer writes it (``decode`` tells for sure)."""
-    return line.startswith(_SEAL_START)
-
-
-@attrs.frozen
-class TransitionScan:
-    r"""Reads the writer's own transition lines of one run in bulk.
-
-    ``lines`` are whole lines without their ``}\n`` end (``block.split(b"}\n")``).
-    ``routes[i]`` is the index in ``route_keys()`` of line i's route, or None where line
-    i is no transition as the writer writes it (a note, a header, a footer, or a record
-    in other bytes: ``decode`` it). ``times`` holds the ``t`` of each recognised line, in
-    order. The epoch and batch index of a recognised line: ``counters(line)``.
-    """
-
-    routes: list[int | None]
-    times: list[int]
-
-    @classmethod
-    def of(cls, shapes: Mapping[bytes, int], lines: list[bytes]) -> TransitionScan:
-        """Scan ``lines`` with a run's ``shapes`` (``shapes_of(run_id)``)."""
-        parts = list(map(_split_epoch, lines))
-        routes = list(map(shapes.get, map(_first, parts)))
-        if None in routes:  # a few notes, the header, the footer: leave them out
-            tails = [
-                part[2] for part, route in zip(parts, routes, strict=True) if route is not None
-            ]
-        else:
-            tails = list(map(_last, parts))
-        numbers = b"\n".join(tails) + b"\n" if tails else b""
-        if _NUMBERS_RE.fullmatch(numbers) is None:
-            return cls._line_by_line(shapes, lines)
-        times = list(map(int, map(_last, map(_split_time, tails))))
-        return cls(routes, times)
-
-    @classmethod
-    def _line_by_line(cls, shapes: Mapping[bytes, int], lines: list[bytes]) -> TransitionScan:
-        """Recognise each line alone: a line whose numbers are not the writer's is left out."""
-        routes: list[int | None] = []
-        times: list[int] = []
-        for line in lines:
-            shape, _, tail = line.partition(_EPOCH_OPEN)
-            route = shapes.get(shape)
-            if route is not None and _NUMBERS_RE.fullmatch(tail + b"\n"):
-                routes.append(route)
-                times.append(int(tail.rpartition(b":")[2]))
-            else:
-                routes.append(None)
-        return cls(routes, times)
-
-
-def shapes_of(run_id: str) -> dict[bytes, int]:
-    """Map each route's record prefix, for the run ``run_id``, to its index in ``route_keys()``."""
-    return {_shape(key, run_id): index for index, key in enumerate(route_keys())}
-
-
-def counters(line: bytes) -> tuple[int, int]:
-    """Return (epoch, batch index) of a transition line that ``TransitionScan`` recognised."""
-    numbers = line.partition(_EPOCH_OPEN)[2]
-    epoch, _, rest = numbers.partition(b",")
-    return int(epoch), int(rest.partition(b":")[2].partition(b",")[0])
+    return line.startswith(SEAL_START)
 
 
 # -- bulk decoding of a run's transition lines -------------------------------------------

@@ -1,24 +1,33 @@
-"""Replaying audit logs: verify each run against the transition table, and summarise it.
+"""Replaying audit logs: verify each run's sealed blocks against the table, and summarise it.
 
-``FileAudit`` streams a log line by line and yields one ``RunReport`` per run as soon as
-the run is done; memory stays bounded whatever the file holds: a line is read at most
-``MAX_LINE_BYTES`` at a time (a longer one is malformed, skipped without being held),
-and only the run being replayed is kept. ``audit_file`` collects the reports of one file.
+A log (schema 2, ``fsm_learner.audit.codec``) is a file of blocks: whole record lines
+and one seal line, ``h = BLAKE2b(previous seal of the same run + the block's exact
+bytes)``. Several writers may share a file, so blocks of different runs interleave; a
+block is the lines after the previous seal (of any run), up to its own. ``FileAudit``
+streams a file in chunks and yields one ``RunReport`` per run as soon as the run is
+done: its footer sealed, or a problem found (the rest of it is then skipped). Runs
+still open at the end of the file are reported as truncated.
 
-A run verifies when every record parses and fits the schema, sequence numbers have no
-gap, the hash chain is intact, every transition is one the machine declares (checked
-against the routes read off the ``transitions`` machine built from
-``TRANSITION_TABLE``), the footer is present and agrees with what was replayed, and its
-header binds to what came before it in its file (the ``prev`` field: the hash of the
-last sealed line before the header, "" at the start of a file), so a run removed,
-reordered or inserted before another is caught. ``RunSet`` checks the runs taken
-together: no run twice, each expected chain head found exactly once. The first problem
-stops the verification of that run and is reported with its file, line and reason; the
-summary still describes the verified prefix.
+A run verifies when each of its blocks holds only its records and matches its seal
+(same run, same line count, same digest), every transition is a route of the table
+(``machine.table_routes``) leaving the state the one before entered, time never goes
+backwards, the header opens the run's first block, names this table and binds to the
+file (``prev``: the last seal before it), and the footer ends the run, agreeing with
+the replay (records, counts, machine idle, hook time that fits). A line that is no
+record, or a record of another run, cuts the block it is in: that block was never
+sealed. ``RunSet`` checks the runs taken together: no (run id, rank) twice, each
+expected chain head ending exactly one run (a run's head is its last seal).
 
-A log is hostile input: every reason is one printable line, received values are
-described briefly (``fsm_learner._display.shown``), and what a report keeps of the
-header and the failure can always be written as JSON.
+Speed: a block is hashed in one call per chunk, and its transition lines are read in
+bulk (``codec.TransitionReader``); the checks run on whole chunks in C: route bytes
+translated to their source and destination states and compared shifted by one line,
+time spans by ``map``, sums per route by ``compress``. Anything unusual is replayed
+record by record (``decode``), which says what is wrong and where; both ways agree.
+
+A log is hostile input: memory is bounded (chunks of whole lines, lines of at most
+``MAX_LINE_BYTES`` never held beyond, at most ``MAX_OPEN_RUNS`` runs open at once, what a
+report keeps of a header or a failure bounded), every reason is one printable line, and
+received values are described briefly (``fsm_learner._display.shown``).
 """
 
 from __future__ import annotations
@@ -28,31 +37,44 @@ import heapq
 import os
 from collections import Counter
 from functools import cache
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from itertools import compress
+from operator import sub
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import orjson
 
+from fsm_learner._compat import StrEnum
 from fsm_learner._display import file_name, printable, shown
+from fsm_learner.audit.codec import (
+    MAX_LINE_BYTES,
+    SEAL_START,
+    Field,
+    Footer,
+    Header,
+    Note,
+    Record,
+    RecordError,
+    RecordKind,
+    RouteKey,
+    RunStatus,
+    Seal,
+    SealChain,
+    Transition,
+    TransitionReader,
+    Transitions,
+    decode,
+    route_keys,
+)
 from fsm_learner.audit.files import (
     NotRegularError,
     Overlong,
     Unreadable,
     log_files,
     open_log,
-    read_lines,
+    read_chunks,
 )
-from fsm_learner.audit.schema import (
-    MAX_LINE_BYTES,
-    PREV_FIELD,
-    SCHEMA_VERSION,
-    Chain,
-    Field,
-    RecordKind,
-    RunStatus,
-    unseal,
-)
-from fsm_learner.machine import State, Trigger, table_digest, table_routes
+from fsm_learner.machine import TIMING_OF, HookTiming, State, Trigger, table_digest, table_routes
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -60,11 +82,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_DEPTH",
+    "MAX_OPEN_RUNS",
     "FileAudit",
     "Problem",
     "RunReport",
     "RunSet",
     "SlowTransition",
+    "Work",
     "audit_file",
     "log_files",  # lives in fsm_learner.audit.files; re-exported where it always was
 ]
@@ -72,32 +96,113 @@ __all__ = [
 SLOWEST_KEPT: Final = 5
 MAX_DEPTH: Final = 32
 """How deep a header or failure value may nest; a deeper one is kept as a short note."""
-_TRIGGERS: Final = frozenset(t.value for t in Trigger)
-_KINDS: Final = frozenset(k.value for k in RecordKind)
-_STATES: Final = frozenset(s.value for s in State)
-_STATUSES: Final = frozenset(
-    s.value for s in (RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED)
-)
-_CANCELS: Final = (Trigger.CANCEL_BATCH, Trigger.CANCEL_EPOCH, Trigger.CANCEL_FIT)
-_EVENTS: Final = _TRIGGERS | _KINDS
+MAX_OPEN_RUNS: Final = 64
+"""Runs a file may have open at once (begun, footer not sealed); beyond, the one silent
+longest is reported early, as truncated."""
+_KEPT_FIELD_BYTES: Final = 4096
+"""A header or failure field longer than this as JSON is kept as a short note."""
+_KEPT_FIELDS: Final = 256
+_ENDED_KEPT: Final = 1 << 16
+"""Ended runs a file remembers (a salted 64-bit digest each), to name records after an end."""
+
+
+class Work(StrEnum):
+    """Where a run's time went, named by the work done (the states of a pass, by training)."""
+
+    DATA = "data"
+    """Training, in ``epoch``: waiting for the next batch."""
+    FORWARD = "forward"
+    """Training, in ``batch``: the forward pass."""
+    LOSS = "loss"
+    """Training, in ``predict``: the loss."""
+    BACKWARD = "backward"
+    """Training, in ``loss``: the backward pass."""
+    STEP = "step"
+    """Training, in ``backward``: the optimizer step."""
+    VALIDATION = "validation"
+    """Every state of a validation pass."""
+    HOOKS = "hooks"
+    """The callbacks' hooks, wherever they ran (the footer's ``hook_ns``)."""
+    LOOP = "loop"
+    """Everything else: idle, fit and step states, setting passes up, writing the log."""
+
+
+_TRAINING_WORK: Final = {
+    State.EPOCH: Work.DATA,
+    State.BATCH: Work.FORWARD,
+    State.PREDICT: Work.LOSS,
+    State.LOSS: Work.BACKWARD,
+    State.BACKWARD: Work.STEP,
+}
+_VALIDATION_STATES: Final = frozenset({State.EPOCH, State.BATCH, State.PREDICT, State.LOSS})
+
+
+def _work_of(state: State, *, training: bool) -> Work:
+    """Name the work of time spent in ``state`` during a pass with that training value."""
+    if training:
+        return _TRAINING_WORK.get(state, Work.LOOP)
+    return Work.VALIDATION if state in _VALIDATION_STATES else Work.LOOP
+
+
+_STATES: Final = tuple(State)
+_STATE_INDEX: Final = {state.value: index for index, state in enumerate(_STATES)}
+_IDLE: Final = _STATE_INDEX[State.IDLE.value]
 _FAIL: Final = Trigger.FAIL.value
-_NOTE: Final = RecordKind.NOTE.value
-_RUN_END: Final = RecordKind.RUN_END.value
-_RUN_START: Final = RecordKind.RUN_START.value
-_EV: Final = Field.EVENT.value
-_NOT_HEADER: Final = frozenset({Field.HASH.value, Field.RUN.value, Field.SEQ.value})
+
+
+def _line_start(kind: RecordKind) -> bytes:
+    """How a line of that kind begins when the writer writes it."""
+    return orjson.dumps({Field.EVENT.value: kind.value})[:-1] + b","
+
+
+_HEADER_START: Final = _line_start(RecordKind.RUN_START)
+_NOTE_START: Final = _line_start(RecordKind.NOTE)
+_FOOTER_START: Final = _line_start(RecordKind.RUN_END)
+_SEAL_AFTER_LINE: Final = b"\n" + SEAL_START
+
+
+@attrs.frozen
+class _Tables:
+    """The table's routes as the replay reads them: per route index, in bulk-friendly forms."""
+
+    keys: tuple[RouteKey, ...]
+    source: bytes
+    """A ``bytes.translate`` table: route index -> index of its source state."""
+    dest: bytes
+    work: tuple[Work, ...]
+    """The work of the time a record of the route ends (spent in its source state)."""
+    masks: tuple[bytes, ...]
+    """Per route, a ``bytes.translate`` table: 1 for that route, 0 for any other."""
+    not_fails: bytes
+    """Every byte but the routes of ``fail``: ``translate(None, not_fails)`` keeps those."""
+    by_key: dict[RouteKey, int]
+    by_trigger: dict[tuple[str, bool], tuple[int, ...]]
 
 
 @cache
-def _plain_routes() -> dict[bool, dict[str, dict[str, str]]]:
-    """Return the machine's routes with plain-string keys, for a fast replay."""
-    return {
-        training: {
-            state.value: {trigger.value: dest.value for trigger, dest in by_trigger.items()}
-            for state, by_trigger in routes.items()
-        }
-        for training, routes in table_routes().items()
-    }
+def _tables() -> _Tables:
+    keys = route_keys()
+
+    def states(column: int) -> bytes:
+        found = [_STATE_INDEX[str(key[column])] for key in keys]
+        return bytes(found + [255] * (256 - len(found)))
+
+    by_trigger: dict[tuple[str, bool], list[int]] = {}
+    for index, (trigger, _, _, training) in enumerate(keys):
+        by_trigger.setdefault((trigger, training), []).append(index)
+    return _Tables(
+        keys=keys,
+        source=states(1),
+        dest=states(2),
+        work=tuple(_work_of(State(source), training=training) for _, source, _, training in keys),
+        masks=tuple(bytes(int(i == index) for i in range(256)) for index in range(len(keys))),
+        not_fails=bytes(i for i in range(256) if i >= len(keys) or keys[i][0] != _FAIL),
+        by_key={key: index for index, key in enumerate(keys)},
+        by_trigger={key: tuple(found) for key, found in by_trigger.items()},
+    )
+
+
+# -- reports -----------------------------------------------------------------------------
 
 
 @attrs.frozen
@@ -119,13 +224,18 @@ class SlowTransition:
     """A transition and the time spent in its source state before it fired."""
 
     duration_ns: int
-    seq: int
+    index: int
+    """The record's place in its run (the header is 0)."""
+    line: int
     trigger: str
     source: str
     dest: str
     epoch: int
     iter: int
     training: bool
+
+
+_CANCELS: Final = (Trigger.CANCEL_BATCH, Trigger.CANCEL_EPOCH, Trigger.CANCEL_FIT)
 
 
 @attrs.define
@@ -145,12 +255,19 @@ class RunReport:
     """Per (trigger, source, dest): how many times the run took that transition."""
     notes: int = 0
     time_in_state_ns: Counter[str] = attrs.Factory(Counter)
+    time_by_work_ns: dict[Work, int] = attrs.Factory(lambda: dict.fromkeys(Work, 0))
+    """The run's wall time by the work done (adds up to ``wall_ns``)."""
     wall_ns: int = 0
     slowest: list[SlowTransition] = attrs.Factory(list)
     failure: dict[str, Any] | None = None
     failed_at: dict[str, Any] | None = None
     head: str = ""
+    """The digest of the run's last verified seal: its chain head."""
+    head_line: int = 0
+    """The line of that seal."""
     last_state: str = State.IDLE.value
+    unsealed: int = 0
+    """Lines of the run after its last seal, never sealed (a killed run)."""
 
     @property
     def verified(self) -> bool:
@@ -190,149 +307,355 @@ class RunReport:
             "failure": self.failure,
             "failed_at": self.failed_at,
             "wall_ns": self.wall_ns,
+            "time_by_work_ns": {work.value: ns for work, ns in self.time_by_work_ns.items()},
             "time_in_state_ns": dict(self.time_in_state_ns),
             "slowest": [attrs.asdict(s) for s in self.slowest],
             "head": self.head,
+            "unsealed": self.unsealed,
             "header": self.header,
         }
 
 
+# -- what a run's records add up to --------------------------------------------------------
+
+_Slow = tuple[int, int, int, int, int, int]
+"""A kept transition: (time before it, minus its index, line, route, epoch, batch index)."""
+
+
 class _Invalid(Exception):  # noqa: N818 (private signal, never escapes this module)
-    """A record that does not verify; carries the reason."""
+    """A record that does not verify: its line and the reason."""
+
+    def __init__(self, line: int, reason: str) -> None:
+        super().__init__(reason)
+        self.line, self.reason = line, reason
 
 
-def _typed(value: object) -> str:
-    """Describe a received value with its JSON-ish type: ``str '4'``, or ``missing``."""
-    return "missing" if value is None else f"{type(value).__name__} {shown(value)}"
+@attrs.define
+class _Tally:
+    """What a run's records add up to so far; each block works on a copy, kept once sealed."""
+
+    records: int = 0
+    transitions: int = 0
+    notes: int = 0
+    state: int = _IDLE
+    training: bool = False
+    start_ns: int = 0
+    t_ns: int = 0
+    """When the current interval began: the last transition (or the header)."""
+    last_ns: int = 0
+    """The time of the last record of any kind."""
+    routes: Counter[int] = attrs.Factory(Counter)
+    route_ns: Counter[int] = attrs.Factory(Counter)
+    """Per route: the time spent before its records (in its source state)."""
+    slow: list[_Slow] = attrs.Factory(list)
+    failed_at: tuple[int, int, int] | None = None
+    footer: Footer | None = None
+
+    def copy(self) -> _Tally:
+        return attrs.evolve(
+            self, routes=self.routes.copy(), route_ns=self.route_ns.copy(), slow=list(self.slow)
+        )
 
 
-class _RunReplay:
-    """Replays one run record by record; raises _Invalid at the first problem."""
-
-    def __init__(self, report: RunReport, key: bytes | None) -> None:
-        self.report, self.key = report, key
-        self.chain = Chain(key)
-        self.seq = 0
-        self.t_prev = 0
-        self.state: str = State.IDLE.value
-        self.slow: list[tuple[int, int, SlowTransition]] = []
-        self.finished = False
-
-    def feed(self, body: bytes, digest: bytes, record: dict[str, Any]) -> None:
-        run, seq, t_ns, event = _common(record)
-        report = self.report
-        if self.finished:
-            msg = f"record after the run_end of run {shown(report.run_id)}"
-            raise _Invalid(msg)
-        if run != report.run_id:
-            msg = f"record of run {shown(run)} inside run {shown(report.run_id)}"
-            raise _Invalid(msg)
-        if seq != self.seq:
-            msg = f"sequence number {seq}, expected {self.seq} (a record missing or moved)"
-            raise _Invalid(msg)
-        self._check_chain(body, digest)
-        if t_ns < self.t_prev:
-            msg = f"time goes backwards ({t_ns} ns after {self.t_prev} ns)"
-            raise _Invalid(msg)
-        report.time_in_state_ns[self.state] += t_ns - self.t_prev
-        dt, self.t_prev = t_ns - self.t_prev, t_ns
-        self.seq += 1
-        report.records = self.seq
-        report.wall_ns = t_ns
-        if event in _TRIGGERS:
-            self._transition(record, seq, event, dt)
-        elif event == _NOTE:
-            report.notes += 1
-        elif event == _RUN_END:
-            self._footer(record)
-
-    def _check_chain(self, body: bytes, digest: bytes) -> None:
-        if self.chain.digest(body) != digest:
-            hint = " (or the wrong key)" if self.key is not None else ""
-            msg = f"hash chain broken: the record was edited, inserted or reordered{hint}"
-            raise _Invalid(msg)
-        self.chain.head = digest
-        self.report.head = digest.hex()
-
-    def _transition(self, record: dict[str, Any], seq: int, event: str, dt: int) -> None:
-        source, dest, training = record.get("src"), record.get("dst"), record.get("tr")
-        epoch, it = record.get("ep"), record.get("it")
-        if (
-            type(source) is not str
-            or source not in _STATES
-            or type(dest) is not str
-            or dest not in _STATES
-            or type(training) is not bool
-            or type(epoch) is not int
-            or type(it) is not int
-            or type(record.get("rk")) is not int
-        ):
-            _bad_transition_fields(record)
-        if source != self.state:
-            msg = f"{event} from {source!r}, but the replayed state is {self.state!r}"
-            raise _Invalid(msg)
-        allowed = _plain_routes()[training][source].get(event)
-        if allowed is None or allowed != dest:
-            msg = (
-                f"illegal transition {event}: {source} -> {dest} (training={training}); "
-                f"the table allows {allowed or 'no such transition'}"
-            )
-            raise _Invalid(msg)
-        self.state = allowed
-        report = self.report
-        report.transitions += 1
-        report.counts[event, training] += 1
-        report.edges[event, source, allowed] += 1
-        report.last_state = allowed
-        if event == _FAIL:
-            report.failed_at = {"state": source, "epoch": epoch, "iter": it, "training": training}
-        slow = self.slow
-        if len(slow) < SLOWEST_KEPT or dt > slow[0][0]:
-            entry = (dt, -seq, SlowTransition(dt, seq, event, source, allowed, epoch, it, training))
-            if len(slow) < SLOWEST_KEPT:
-                heapq.heappush(slow, entry)
-            else:
-                heapq.heapreplace(slow, entry)
-
-    def _footer(self, record: dict[str, Any]) -> None:
-        report = self.report
-        status = record.get("status")
-        if type(status) is not str or status not in _STATUSES:
-            msg = f"run_end status {shown(status)}, expected one of {sorted(_STATUSES)}"
-            raise _Invalid(msg)
-        records = record.get("records")
-        if type(records) is not int or records != self.seq - 1:
-            msg = f"run_end says {shown(records)} records, replayed {self.seq - 1}"
-            raise _Invalid(msg)
-        replayed = {t: [report.counts[t, True], report.counts[t, False]] for t, _ in report.counts}
-        counts = record.get("counts")
-        if not _counts_agree(counts, replayed):
-            msg = f"run_end counts {shown(counts)} differ from the replayed {replayed}"
-            raise _Invalid(msg)
-        if self.state != State.IDLE:
-            msg = f"run_end while the replayed machine is in {self.state!r}, not idle"
-            raise _Invalid(msg)
-        report.status = RunStatus(status)
-        failure = record.get("failure")
-        report.failure = _bounded(failure) if isinstance(failure, dict) else None
-        self.finished = True
-
-    def close(self) -> None:
-        self.report.slowest = [s for _, _, s in sorted(self.slow, reverse=True)]
+def _keep(slow: list[_Slow], entry: _Slow) -> None:
+    if len(slow) < SLOWEST_KEPT:
+        heapq.heappush(slow, entry)
+    elif entry > slow[0]:
+        heapq.heapreplace(slow, entry)
 
 
-def _counts_agree(given: object, replayed: dict[str, list[int]]) -> bool:
-    """Compare the footer's counts with the replay's, as JSON: 5.0 or true cannot stand for 5."""
-    if type(given) is not dict or given.keys() != replayed.keys():
+def _state_name(index: int) -> str:
+    return _STATES[index].value
+
+
+def _before(tally: _Tally, t_ns: int, line: int) -> None:
+    """Check what every record of a run must: the run goes on, and time goes forward."""
+    if tally.footer is not None:
+        raise _Invalid(line, "a record after the run's run_end")
+    if t_ns < tally.last_ns:
+        raise _Invalid(line, f"time goes backwards ({t_ns} ns after {tally.last_ns} ns)")
+
+
+def _step(tally: _Tally, route: int, numbers: list[int], at: int, line: int) -> None:
+    """Replay one transition record (route and ``numbers[at:at + 3]``), or raise _Invalid."""
+    tables = _tables()
+    trigger, source, _, training = tables.keys[route]
+    epoch, it, t_ns = numbers[at : at + 3]
+    _before(tally, t_ns, line)
+    if tables.source[route] != tally.state:
+        state = _state_name(tally.state)
+        raise _Invalid(line, f"{trigger} from {source!r}, but the replayed state is {state!r}")
+    span = t_ns - tally.t_ns
+    tally.routes[route] += 1
+    tally.route_ns[route] += span
+    _keep(tally.slow, (span, -tally.records, line, route, epoch, it))
+    if trigger == _FAIL:
+        tally.failed_at = (route, epoch, it)
+    tally.state, tally.training = tables.dest[route], training
+    tally.t_ns = tally.last_ns = t_ns
+    tally.records += 1
+    tally.transitions += 1
+
+
+def _replay_batch(tally: _Tally, batch: Transitions, line: int) -> None:
+    """Replay consecutive transition lines: in bulk when all is well, else one by one."""
+    if batch.routes and not _bulk(tally, batch, line):
+        for i, route in enumerate(batch.routes):
+            _step(tally, route, batch.numbers, 3 * i, line + i)
+
+
+def _bulk(tally: _Tally, batch: Transitions, line: int) -> bool:
+    """Replay a batch in bulk; False, with nothing changed, when a record does not check out.
+
+    The same as ``_step`` record after record (a test checks it): state continuity is
+    the sources shifted by one against the destinations, time by the spans' minimum.
+    """
+    tables = _tables()
+    routes, numbers = batch.routes, batch.numbers
+    times = numbers[2::3]
+    sources, dests = routes.translate(tables.source), routes.translate(tables.dest)
+    if (
+        tally.footer is not None
+        or sources[0] != tally.state
+        or sources[1:] != dests[:-1]
+        or times[0] < tally.last_ns
+    ):
         return False
-    return all(
-        type(value) is list
-        and len(value) == 2  # [training, validation]
-        and type(value[0]) is int
-        and type(value[1]) is int
-        and value == replayed[name]
-        for name, value in given.items()
+    starts = [tally.t_ns]
+    starts += times[:-1]
+    spans = list(map(sub, times, starts))
+    if min(spans) < 0:
+        return False
+    _add_spans(tally, routes, spans)
+    _keep_slowest(tally, batch, spans, line)
+    fails = routes.translate(None, tables.not_fails)
+    if fails:
+        at = max(routes.rfind(route) for route in set(fails))
+        tally.failed_at = (routes[at], numbers[3 * at], numbers[3 * at + 1])
+    tally.state, tally.training = dests[-1], tables.keys[routes[-1]][3]
+    tally.t_ns = tally.last_ns = times[-1]
+    tally.records += len(routes)
+    tally.transitions += len(routes)
+    return True
+
+
+_LONGEST_PERIOD: Final = 16
+
+
+def _add_spans(tally: _Tally, routes: bytes, spans: list[int]) -> None:
+    """Count each route and add up the time before its records.
+
+    A pass of batches repeats the same routes: when the whole batch does, each route's
+    records are one slice of the spans; otherwise one mask per route picks them.
+    """
+    n = len(routes)
+    period = routes.find(routes[:1], 1)
+    if 0 < period <= _LONGEST_PERIOD and routes[period:] == routes[:-period]:
+        for phase in range(min(period, n)):
+            route = routes[phase]
+            tally.routes[route] += len(range(phase, n, period))
+            tally.route_ns[route] += sum(spans[phase::period])
+        return
+    masks = _tables().masks
+    for route in set(routes):
+        tally.routes[route] += routes.count(route)
+        tally.route_ns[route] += sum(compress(spans, routes.translate(masks[route])))
+
+
+def _keep_slowest(tally: _Tally, batch: Transitions, spans: list[int], line: int) -> None:
+    """Keep the batch's slowest transitions among the run's: only those above the floor."""
+    slow = tally.slow
+    floor = slow[0][0] if len(slow) >= SLOWEST_KEPT else -1
+    if max(spans) <= floor:
+        return
+    routes, numbers, index = batch.routes, batch.numbers, tally.records
+    for span in sorted(set(filter(floor.__lt__, spans)), reverse=True)[:SLOWEST_KEPT]:
+        at = -1
+        for _ in range(SLOWEST_KEPT):  # ties: the earliest records first
+            try:
+                at = spans.index(span, at + 1)
+            except ValueError:
+                break
+            entry = (
+                span,
+                -(index + at),
+                line + at,
+                routes[at],
+                numbers[3 * at],
+                numbers[3 * at + 1],
+            )
+            _keep(slow, entry)
+
+
+def _replay_header(tally: _Tally, header: Header, line: int, first_line: int) -> None:
+    if tally.records or line != first_line:
+        raise _Invalid(
+            line,
+            f"a run_start of run {shown(header.run)} that is not the first line of its run's "
+            "first block",
+        )
+    tally.records = 1
+    tally.start_ns = tally.t_ns = tally.last_ns = header.t_ns
+
+
+def _replay_note(tally: _Tally, note: Note, line: int) -> None:
+    _before(tally, note.t_ns, line)
+    tally.notes += 1
+    tally.records += 1
+    tally.last_ns = note.t_ns
+
+
+def _replay_odd(tally: _Tally, record: Transition, line: int) -> None:
+    """Refuse a transition that is no route of the table, saying what the table allows."""
+    _before(tally, record.t_ns, line)
+    state = _state_name(tally.state)
+    if record.source != state:
+        msg = f"{record.trigger} from {record.source!r}, but the replayed state is {state!r}"
+        raise _Invalid(line, msg)
+    allowed = table_routes()[record.training][State(record.source)].get(Trigger(record.trigger))
+    raise _Invalid(
+        line,
+        f"illegal transition {record.trigger}: {record.source} -> {record.dest} (training="
+        f"{record.training}); the table allows {allowed or 'no such transition'}",
     )
+
+
+def _replay_footer(tally: _Tally, footer: Footer, line: int) -> None:
+    _before(tally, footer.t_ns, line)
+    if footer.records != tally.records:
+        msg = f"run_end says {footer.records} records, replayed {tally.records}"
+        raise _Invalid(line, msg)
+    replayed = _trigger_counts(tally.routes)
+    if footer.counts != replayed:
+        raise _Invalid(
+            line, f"run_end counts {shown(footer.counts)} differ from the replayed {replayed}"
+        )
+    if tally.state != _IDLE:
+        state = _state_name(tally.state)
+        raise _Invalid(line, f"run_end while the replayed machine is in {state!r}, not idle")
+    spent = _work_before_hooks(tally, footer.t_ns)
+    hooks = _hook_work(footer, tally.routes, line)
+    for work, ns in hooks.items():
+        if ns > spent[work]:
+            raise _Invalid(
+                line,
+                f"run_end hook_ns gives {ns:,} ns to hooks during {work.value} time, but the "
+                f"run spent only {spent[work]:,} ns there",
+            )
+    tally.footer = footer
+    tally.records += 1
+    tally.last_ns = footer.t_ns
+
+
+def _trigger_counts(routes: Counter[int]) -> dict[str, list[int]]:
+    """Count the transitions taken per trigger, [training, validation], as a footer does."""
+    counts: dict[str, list[int]] = {}
+    keys = _tables().keys
+    for route, n in routes.items():
+        trigger, _, _, training = keys[route]
+        counts.setdefault(trigger, [0, 0])[0 if training else 1] += n
+    return counts
+
+
+def _work_before_hooks(tally: _Tally, end_ns: int | None) -> Counter[Work]:
+    """Add up the run's time by work, hooks still in it; the last interval up to ``end_ns``."""
+    work: Counter[Work] = Counter()
+    kinds = _tables().work
+    for route, ns in tally.route_ns.items():
+        work[kinds[route]] += ns
+    if end_ns is not None:
+        state = _STATES[tally.state]
+        work[_work_of(state, training=tally.training)] += end_ns - tally.t_ns
+    return work
+
+
+def _hook_work(footer: Footer, taken: Counter[int], line: int) -> Counter[Work]:
+    """Add up the footer's hook time by the work of the state where the hooks ran."""
+    hooks: Counter[Work] = Counter()
+    for trigger, pair in footer.hook_ns.items():
+        for training, ns in zip((True, False), pair, strict=True):
+            if ns:
+                hooks[_where_hooks_ran(trigger, training, taken, line)] += ns
+    return hooks
+
+
+def _where_hooks_ran(trigger: str, training: bool, taken: Counter[int], line: int) -> Work:
+    """Hooks of a before-change trigger run in its source, the others in its destination.
+
+    A trigger with several sources (``end_batch``) is placed in the source the run took
+    it from most often.
+    """
+    tables = _tables()
+    routes = tables.by_trigger.get((trigger, training))
+    if not routes:
+        pass_name = "training" if training else "validation"
+        msg = f"run_end hook_ns has hook time for {trigger} in {pass_name}, where it cannot fire"
+        raise _Invalid(line, msg)
+    if TIMING_OF[Trigger(trigger)] is HookTiming.AFTER_CHANGE:
+        state = tables.keys[routes[0]][2]
+    else:
+        state = tables.keys[max(routes, key=taken.__getitem__)][1]
+    return _work_of(State(state), training=training)
+
+
+def _apply(tally: _Tally, item: object, line: int, first_line: int) -> None:
+    """Replay one item of a block: a batch of transitions, or one other record."""
+    if isinstance(item, Transitions):
+        _replay_batch(tally, item, line)
+    elif isinstance(item, Note):
+        _replay_note(tally, item, line)
+    elif isinstance(item, Footer):
+        _replay_footer(tally, item, line)
+    elif isinstance(item, Header):
+        _replay_header(tally, item, line, first_line)
+    elif isinstance(item, Transition):
+        _replay_odd(tally, item, line)
+
+
+# -- finished runs -------------------------------------------------------------------------
+
+
+def _finish(report: RunReport, tally: _Tally) -> RunReport:
+    """Fill in the report's summary from what the run's sealed blocks add up to."""
+    keys = _tables().keys
+    report.records, report.transitions, report.notes = tally.records, tally.transitions, tally.notes
+    for route, n in tally.routes.items():
+        trigger, source, dest, training = keys[route]
+        report.counts[trigger, training] += n
+        report.edges[trigger, source, dest] += n
+        report.time_in_state_ns[source] += tally.route_ns[route]
+    footer = tally.footer
+    end_ns = tally.t_ns if footer is None else footer.t_ns
+    if end_ns > tally.t_ns:
+        report.time_in_state_ns[_state_name(tally.state)] += end_ns - tally.t_ns
+    report.wall_ns = end_ns - tally.start_ns
+    report.time_by_work_ns = _time_by_work(tally)
+    report.last_state = _state_name(tally.state)
+    report.slowest = [_slow_transition(entry) for entry in sorted(tally.slow, reverse=True)]
+    if tally.failed_at is not None:
+        route, epoch, it = tally.failed_at
+        _, source, _, training = keys[route]
+        report.failed_at = {"state": source, "epoch": epoch, "iter": it, "training": training}
+    if footer is not None:
+        report.status = footer.status
+        report.failure = None if footer.failure is None else _bounded(footer.failure)
+    return report
+
+
+def _time_by_work(tally: _Tally) -> dict[Work, int]:
+    footer = tally.footer
+    work = _work_before_hooks(tally, None if footer is None else footer.t_ns)
+    if footer is not None:
+        for kind, ns in _hook_work(footer, tally.routes, 0).items():
+            work[kind] -= ns
+            work[Work.HOOKS] += ns
+    return {kind: work[kind] for kind in Work}
+
+
+def _slow_transition(entry: _Slow) -> SlowTransition:
+    span, index, line, route, epoch, it = entry
+    trigger, source, dest, training = _tables().keys[route]
+    return SlowTransition(span, -index, line, trigger, source, dest, epoch, it, training)
 
 
 def _deeper_than(value: object, limit: int) -> bool:
@@ -352,84 +675,595 @@ def _deeper_than(value: object, limit: int) -> bool:
     return False
 
 
+def _kept(value: object) -> object:
+    """Return a field as a report keeps it: itself, or a short note when too deep or big."""
+    if not isinstance(value, list | dict):
+        if isinstance(value, str) and len(value) > _KEPT_FIELD_BYTES:
+            return f"<a str of {len(value):,} characters, left out>"
+        return value
+    kind = type(value).__name__
+    if _deeper_than(value, MAX_DEPTH):
+        return f"<a {kind} nested more than {MAX_DEPTH} levels deep, left out>"
+    size = len(orjson.dumps(value))
+    if size > _KEPT_FIELD_BYTES:
+        return f"<a {kind} of {size:,} bytes as JSON, left out>"
+    return value
+
+
 def _bounded(value: dict[str, Any]) -> dict[str, Any]:
-    """Return ``value`` with each field nested deeper than MAX_DEPTH replaced by a note."""
-    return {
-        name: (
-            f"<a {type(item).__name__} nested more than {MAX_DEPTH} levels deep, left out>"
-            if isinstance(item, list | dict) and _deeper_than(item, MAX_DEPTH)
-            else item
+    """Return ``value`` with each field too deep or too big replaced by a short note."""
+    kept = {name: _kept(item) for name, item in list(value.items())[:_KEPT_FIELDS]}
+    if len(value) > _KEPT_FIELDS:
+        kept["..."] = f"{len(value) - _KEPT_FIELDS:,} more fields, left out"
+    return kept
+
+
+# -- header checks --------------------------------------------------------------------------
+
+
+def _header_problem(header: Header, key: bytes | None) -> str | None:
+    table = header.fields.get(Field.TABLE.value)
+    if table != table_digest():
+        return (
+            f"written by a machine whose table digest is {shown(table)}; this "
+            f"fsm_learner's table is {table_digest()!r}, so its transitions cannot be replayed"
         )
-        for name, item in value.items()
-    }
+    if header.keyed and key is None:
+        return "this run's chain is keyed: give the key (FSM_LEARNER_AUDIT_KEY or --key-env VAR)"
+    if not header.keyed and key is not None:
+        # a keyed log rewritten as unkeyed would otherwise verify: with a key, demand one
+        return "a key was given but this run's chain is not keyed (rewritten without the key?)"
+    return None
 
 
-def _common(record: dict[str, Any]) -> tuple[str, int, int, str]:
-    run, seq, t_ns, event = record.get("run"), record.get("seq"), record.get("t"), record.get("ev")
-    if type(run) is not str or type(seq) is not int or type(t_ns) is not int:
-        _bad_common(record)
-    if type(event) is not str or event not in _EVENTS:
-        msg = (
-            f"unknown event {shown(event)}: neither a trigger of the table nor one of "
-            f"{sorted(_KINDS)}"
+_REMOVED: Final = "a run was removed, reordered or inserted before this one"
+
+
+def _binding_problem(header: Header, last_seal: bytes) -> str | None:
+    """Check the header's ``prev`` against the last seal before it in its file."""
+    bound, before = header.prev, last_seal.hex()
+    if bound == before:
+        return None
+    if not before:
+        return (
+            f"header binds to the seal {shown(bound)}, but no seal comes before it in its "
+            f"file: {_REMOVED}"
         )
-        raise _Invalid(msg)
-    return run, seq, t_ns, event
+    if not bound:
+        return (
+            "header binds to no seal (the start of a file), but the seal before it is "
+            f"{before}: {_REMOVED}"
+        )
+    return (
+        f"header binds to the seal {shown(bound)}, but the seal before it is {before}: {_REMOVED}"
+    )
 
 
-def _bad_common(record: dict[str, Any]) -> NoReturn:
-    for name, kind in (("run", str), ("seq", int), ("t", int)):
-        value = record.get(name)
-        if type(value) is not kind:
-            msg = f"field {name!r} must be {kind.__name__}, got {_typed(value)}"
-            raise _Invalid(msg)
-    msg = "malformed record"  # pragma: no cover (one of the checks above fails)
-    raise _Invalid(msg)
+def _header_kept(header: Header) -> dict[str, Any]:
+    own = {Field.SCHEMA.value: header.schema, Field.KEYED.value: header.keyed}
+    return {**own, Field.PREV.value: header.prev, **_bounded(header.fields)}
 
 
-def _bad_transition_fields(record: dict[str, Any]) -> NoReturn:
-    for name in ("src", "dst"):
-        value = record.get(name)
-        if type(value) is not str or value not in _STATES:
-            states = ", ".join(sorted(_STATES))
-            msg = f"field {name!r} is {shown(value)}, not a state of the table ({states})"
-            raise _Invalid(msg)
-    if type(record.get("tr")) is not bool:
-        msg = f"field 'tr' must be true or false, got {shown(record.get('tr'))}"
-        raise _Invalid(msg)
-    for name in ("ep", "it", "rk"):
-        value = record.get(name)
-        if type(value) is not int:
-            msg = f"field {name!r} must be int, got {shown(value)}"
-            raise _Invalid(msg)
-    msg = "malformed transition record"  # pragma: no cover (one of the checks above fails)
-    raise _Invalid(msg)
+# -- the runs of one file ----------------------------------------------------------------------
 
 
-def _parse(raw: bytes, sealed: tuple[bytes, bytes] | None) -> tuple[bytes, bytes, dict[str, Any]]:
-    if b"\x00" in raw:
-        msg = "binary data (a NUL byte): this is not a JSON-lines audit log"
-        raise _Invalid(msg)
+class _Run:
+    """A run of the file being replayed: its report, and what its sealed blocks add up to."""
+
+    def __init__(self, report: RunReport) -> None:
+        self.report = report
+        self.id = report.run_id
+        self.tally = _Tally()
+        self.head = b""
+        self.sealed_line = report.first_line
+        self.reader = TransitionReader(report.run_id)
+        self.tail_first = 0
+        """Where its unsealed lines begin, when the file ends with some."""
+        self.cut_off = False
+        """Whether the file's last line, cut short, is the run's."""
+
+
+@attrs.define
+class _Block:
+    """The lines after the last seal: one run's, until a seal (or a cut) ends them."""
+
+    first: int
+    run_id: str | None
+    run: _Run | None
+    """The run it extends (None: a run not open here, whose lines are only skipped)."""
+    reader: TransitionReader
+    hasher: hashlib.blake2b | None = None
+    tally: _Tally | None = None
+    lines: int = 0
+    problem: Problem | None = None
+
+
+_Item = tuple[int, object]
+"""Something a block holds, at a line offset: a batch of transitions or one record."""
+
+
+def _decoded(line: bytes) -> Record | RecordError:
     try:
-        record = orjson.loads(sealed[0] + b"}" if sealed else raw)
-    except orjson.JSONDecodeError:
-        msg = "not JSON" if sealed is None else "not JSON (the body before the hash is broken)"
-        raise _Invalid(msg) from None
-    if not isinstance(record, dict):
-        msg = f"a JSON {type(record).__name__}, not a record object"
-        raise _Invalid(msg)
-    if sealed is None:
-        msg = 'no hash: every record must end with its "h" field'
-        raise _Invalid(msg)
-    return sealed[0], sealed[1], record
+        return decode(line)
+    except RecordError as exc:
+        return exc
+
+
+class _FileState:
+    """The blocks and runs of one file, replayed chunk by chunk."""
+
+    def __init__(self, name: str, key: bytes | None) -> None:
+        self.name, self.key = name, key
+        self.chain = SealChain(key)
+        self.line = 1
+        """The number of the next line to read."""
+        self.block: _Block | None = None
+        self.open: dict[str, _Run] = {}
+        """Runs begun and not ended, the most recently active last."""
+        self.ended: dict[int, bool] = {}
+        """Runs that ended here (salted digest -> completed), the most recent last."""
+        self._salt = os.urandom(16)
+        self._readers: dict[str, TransitionReader] = {}
+        self.last_seal = b""
+        self.problem: Problem | None = None
+        self.stopped = False
+        self.runs = 0
+        self.done: list[RunReport] = []
+
+    # -- reading ----------------------------------------------------------------------
+
+    def take(self, item: bytes | Overlong | Unreadable) -> Iterator[RunReport]:
+        """Take the next chunk of whole lines (or what ``read_chunks`` says instead).
+
+        Yield each run's report as soon as the run is done.
+        """
+        if isinstance(item, Unreadable):
+            self._file_problem(self.line, item.reason)
+            self.stopped = True
+        elif isinstance(item, Overlong):
+            reason = (
+                f"a line of {item.size:,} bytes, longer than a record may be "
+                f"({MAX_LINE_BYTES:,} bytes): not a record"
+            )
+            self._cut(reason, self.line)
+            self.line += 1
+        elif not item.endswith(b"\n"):
+            self._cut_off(item)
+        else:
+            yield from self._chunk(item)
+        yield from self._drain()
+
+    def _drain(self) -> Iterator[RunReport]:
+        done, self.done = self.done, []
+        return iter(done)
+
+    def _chunk(self, data: bytes) -> Iterator[RunReport]:
+        """Split the chunk at the seal lines: the lines between go to the open block."""
+        pos, end = 0, len(data)
+        while pos < end and not self.stopped:
+            if data.startswith(SEAL_START, pos):
+                seal_at = pos
+            else:
+                found = data.find(_SEAL_AFTER_LINE, pos)
+                seal_at = end if found < 0 else found + 1
+            if seal_at > pos:
+                self._segment(data[pos:seal_at])
+            if seal_at < end and not self.stopped:
+                stop = data.find(b"\n", seal_at) + 1
+                self._seal_line(data[seal_at:stop])
+                pos = stop
+            else:
+                pos = end
+            yield from self._drain()
+
+    def _segment(self, data: bytes) -> None:
+        """Whole lines with no seal of the writer's among them."""
+        while data and not self.stopped:
+            block = self.block
+            if block is None:
+                block = self.block = self._new_block(data)
+            used = self._fill(block, data)
+            data = data[used:]
+
+    def _new_block(self, data: bytes) -> _Block:
+        """Begin a block at the first line of ``data``: its run is that line's."""
+        first = _decoded(data[: data.find(b"\n") + 1])
+        if isinstance(first, Header):
+            run = self._begin_run(first)
+            return self._block(first.run, run)
+        if isinstance(first, RecordError | Seal):
+            return self._block(None, None)  # a cut line, or a seal with no lines before it
+        run = self.open.get(first.run)
+        if run is not None:
+            self.open[first.run] = self.open.pop(first.run)  # the most recently active last
+        return self._block(first.run, run)
+
+    def _block(self, run_id: str | None, run: _Run | None) -> _Block:
+        if run is None:
+            return _Block(self.line, run_id, None, self._reader(run_id or ""))
+        return _Block(
+            self.line, run_id, run, run.reader, self.chain.begin(run.head), run.tally.copy()
+        )
+
+    def _reader(self, run_id: str) -> TransitionReader:
+        reader = self._readers.get(run_id)
+        if reader is None:
+            if len(self._readers) >= MAX_OPEN_RUNS:
+                self._readers.clear()
+            reader = self._readers[run_id] = TransitionReader(run_id)
+        return reader
+
+    def _fill(self, block: _Block, data: bytes) -> int:
+        """Add lines to the block; return how many bytes of ``data`` it took."""
+        items = self._fast(block, data) if block.run_id is not None else None
+        if items is None:
+            return self._slow(block, data)
+        self._use(block, data, items[0], items[1])
+        return len(data)
+
+    def _fast(self, block: _Block, data: bytes) -> tuple[list[_Item], int] | None:
+        """Read the lines in bulk, if they are the block's run's, as the writer writes them.
+
+        A header may open the block and a footer end it; notes are read one by one.
+        Return the items and the number of lines; None to read them one by one instead.
+        """
+        items: list[_Item] = []
+        start, stop = 0, len(data)
+        if not block.lines and data.startswith(_HEADER_START):
+            start = data.find(b"\n") + 1
+            header = self._own(block, data[:start], Header)
+            if header is None:
+                return None
+            items.append((0, header))
+        footer = None
+        last = max(data.rfind(b"\n", start, stop - 1) + 1, start)
+        if last < stop and data.startswith(_FOOTER_START, last):
+            footer = self._own(block, data[last:], Footer)
+            if footer is None:
+                return None
+            stop = last
+        head = len(items)
+        lines = self._transitions(block, data[start:stop], head, items)
+        if lines is None:
+            return None
+        lines += head
+        if footer is not None:
+            items.append((lines, footer))
+            lines += 1
+        return items, lines
+
+    def _transitions(
+        self, block: _Block, body: bytes, offset: int, items: list[_Item]
+    ) -> int | None:
+        """Read transition lines, and the notes among them; return how many lines in all."""
+        batch = block.reader.read(body)
+        if batch is not None:
+            if batch.routes:
+                items.append((offset, batch))
+            return len(batch.routes)
+        starts = [0] if body.startswith(_NOTE_START) else []
+        found = body.find(b"\n" + _NOTE_START)
+        while found >= 0:
+            starts.append(found + 1)
+            found = body.find(b"\n" + _NOTE_START, found + 1)
+        if not starts:
+            return None
+        pos, lines = 0, 0
+        for note_at in [*starts, len(body)]:
+            batch = block.reader.read(body[pos:note_at])
+            if batch is None:
+                return None
+            if batch.routes:
+                items.append((offset + lines, batch))
+            lines += len(batch.routes)
+            if note_at == len(body):
+                break
+            pos = body.find(b"\n", note_at) + 1
+            note = self._own(block, body[note_at:pos], Note)
+            if note is None:
+                return None
+            items.append((offset + lines, note))
+            lines += 1
+        return lines
+
+    @staticmethod
+    def _own(block: _Block, line: bytes, kind: type[Header | Note | Footer]) -> Record | None:
+        """Decode a line the fast path set apart: the record, if of that kind and that run."""
+        record = _decoded(line)
+        if isinstance(record, kind) and record.run == block.run_id:
+            return record
+        return None
+
+    def _slow(self, block: _Block, data: bytes) -> int:
+        """Decode line by line, up to a seal, a line that is no record, or another run's.
+
+        Return how many bytes of ``data`` the block took (a seal or a cut line included).
+        """
+        items: list[_Item] = []
+        routes, numbers, batch_at = bytearray(), list[int](), 0
+        by_key = _tables().by_key
+        lines = data.split(b"\n")
+        lines.pop()
+        used = 0
+        for k, line in enumerate(lines):
+            record = _decoded(line)
+            if isinstance(record, Transition) and record.run == block.run_id:
+                route = by_key.get(record.key)
+                if route is not None:
+                    batch_at = batch_at if routes else k
+                    routes.append(route)
+                    numbers += (record.epoch, record.iter, record.t_ns)
+                    used += len(line) + 1
+                    continue
+            if routes:
+                items.append((batch_at, Transitions(bytes(routes), numbers)))
+                routes, numbers = bytearray(), []
+            if isinstance(record, RecordError | Seal) or record.run != block.run_id:
+                self._use(block, data[:used], items, k)
+                return used + self._end_block(record, line)
+            items.append((k, record))
+            used += len(line) + 1
+        if routes:
+            items.append((batch_at, Transitions(bytes(routes), numbers)))
+        self._use(block, data, items, len(lines))
+        return used
+
+    def _end_block(self, record: Record | RecordError, line: bytes) -> int:
+        """End the block at this line; return how many bytes of it the block took."""
+        if isinstance(record, Seal):
+            self._sealed(record)
+            self.line += 1
+            return len(line) + 1
+        if isinstance(record, RecordError):
+            self._cut(str(record), self.line)
+            self.line += 1
+            return len(line) + 1
+        self._cut_before(record.run)
+        return 0
+
+    def _use(self, block: _Block, data: bytes, items: list[_Item], lines: int) -> None:
+        """Hash the block's new lines and replay them into its tally."""
+        first = self.line
+        if block.hasher is not None and block.tally is not None:
+            block.hasher.update(data)
+            if block.problem is None:
+                try:
+                    for offset, item in items:
+                        _apply(block.tally, item, first + offset, block.first)
+                except _Invalid as exc:
+                    block.problem = Problem(self.name, exc.line, exc.reason)
+        block.lines += lines
+        self.line += lines
+
+    # -- the end of a block ----------------------------------------------------------------
+
+    def _seal_line(self, line: bytes) -> None:
+        record = _decoded(line)
+        if isinstance(record, Seal):
+            self._sealed(record)
+        else:  # it begins like a seal: a broken one
+            reason = str(record) if isinstance(record, RecordError) else "not a seal"
+            self._cut(reason, self.line)
+        self.line += 1
+
+    def _sealed(self, seal: Seal) -> None:
+        """End the block before this seal: check it against the seal, keep what it adds up to."""
+        self.last_seal = seal.digest
+        block, self.block = self.block, None
+        line = self.line
+        if block is None or not block.lines:
+            run = self.open.get(seal.run)
+            if run is not None or not self._ended_failed(seal.run):
+                reason = f"line {line}: a seal of run {shown(seal.run)} with no lines before it"
+                self._run_problem(run, Problem(self.name, line, reason))
+            return
+        run = block.run
+        if run is None or block.hasher is None or block.tally is None:
+            self._unseen(block, line)
+            return
+        problem = self._seal_problem(block, seal, run)
+        if problem is not None:
+            span = f"lines {block.first}-{line} (a block of run {shown(run.id)})"
+            self._fail(run, Problem(self.name, block.first, f"{span}: {problem}"))
+            return
+        run.tally, run.head, run.sealed_line = block.tally, seal.digest, line
+        run.report.head_line = line
+        if block.problem is not None:
+            self._fail(run, block.problem)
+        elif block.tally.footer is not None:
+            self._end(run, completed=True)
+
+    def _seal_problem(self, block: _Block, seal: Seal, run: _Run) -> str | None:
+        if seal.run != run.id:
+            return f"sealed by a seal of run {shown(seal.run)}"
+        if seal.count != block.lines:
+            return f"its seal counts {seal.count} lines, the block has {block.lines}"
+        if block.hasher is not None and block.hasher.digest() == seal.digest:
+            return None
+        hint = " (or the wrong key)" if self.key is not None else ""
+        return (
+            "the seal does not match the lines: a line was edited, inserted, removed or "
+            f"moved{hint}"
+        )
+
+    def _cut(self, reason: str, line: int) -> None:
+        """End the block at a line that is no record: that block was never sealed."""
+        block, self.block = self.block, None
+        if block is None or block.first == line:
+            self._file_problem(line, reason)
+            self.stopped = not self.runs  # the file does not begin like a log: read no further
+            return
+        what = (
+            f"lines {block.first}-{line} (a block of run {shown(block.run_id)}): line {line} is "
+            f"no record: {reason}"
+        )
+        self._block_problem(block, Problem(self.name, block.first, what))
+
+    def _cut_before(self, other: str) -> None:
+        """End the block before a record of another run: never sealed; that record begins one."""
+        block, self.block = self.block, None
+        if block is None:  # pragma: no cover (a record always lands in a block)
+            return
+        what = (
+            f"lines {block.first}-{self.line} (a block of run {shown(block.run_id)}): line "
+            f"{self.line} is a record of run {shown(other)}: blocks of two runs mixed, or one "
+            "never sealed"
+        )
+        self._block_problem(block, Problem(self.name, block.first, what))
+
+    def _block_problem(self, block: _Block, problem: Problem) -> None:
+        if block.run is not None:
+            self._fail(block.run, problem)
+        elif not self._ended_failed(block.run_id):
+            self.problem = self.problem or problem
+
+    def _unseen(self, block: _Block, line: int) -> None:
+        """Say what is wrong with a sealed block of a run that is not open here."""
+        run_id = block.run_id or ""
+        ended = self.ended.get(self._digest(run_id))
+        if ended is False:
+            return  # a run already reported as failing: the rest of it is skipped
+        span = f"lines {block.first}-{line}"
+        if ended:
+            reason = f"{span}: a block of run {shown(run_id)} after its run_end was sealed"
+        else:
+            reason = (
+                f"{span}: a block of run {shown(run_id)}, which did not begin in this file "
+                "before it (its run_start missing, or cut off)"
+            )
+        self._file_problem(block.first, reason)
+
+    def _cut_off(self, data: bytes) -> None:
+        """Take the last line, without its newline: a write cut short, of the run it follows."""
+        block = self.block
+        if block is not None and block.run is not None:
+            block.lines += 1
+            block.run.cut_off = True
+        elif block is not None and block.run_id is not None:
+            block.lines += 1
+        elif self.open:
+            run = next(reversed(self.open.values()))
+            run.report.unsealed += 1
+            run.tail_first, run.cut_off = self.line, True
+        else:
+            record = _decoded(data)
+            reason = str(record) if isinstance(record, RecordError) else "no newline: cut off"
+            self._cut(reason, self.line)
+        self.line += 1
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def _begin_run(self, header: Header) -> _Run | None:
+        """Open the run this header begins; None when the header already fails it."""
+        line = self.line
+        report = RunReport(self.name, line, run_id=header.run, header=_header_kept(header))
+        run = _Run(report)
+        self.runs += 1
+        already = self.open.get(header.run)
+        if already is not None:
+            reason = (
+                f"a second run_start of run {shown(header.run)} at line {line}, while the run "
+                f"begun at line {already.report.first_line} is open"
+            )
+            self._fail(already, Problem(self.name, line, reason))
+        if len(self.open) >= MAX_OPEN_RUNS:
+            self._evict()
+        self.open[header.run] = run
+        problem = _header_problem(header, self.key) or _binding_problem(header, self.last_seal)
+        if problem is not None:
+            self._fail(run, Problem(self.name, line, problem))
+            return None
+        return run
+
+    def _evict(self) -> None:
+        run = next(iter(self.open.values()))
+        reason = (
+            f"more than {MAX_OPEN_RUNS} runs open at once in this file: this one, silent since "
+            f"line {run.sealed_line}, is reported before its end, as truncated"
+        )
+        self._fail(run, Problem(self.name, run.sealed_line, reason))
+
+    def _fail(self, run: _Run, problem: Problem) -> None:
+        run.report.problem = problem
+        self._end(run, completed=False)
+
+    def _run_problem(self, run: _Run | None, problem: Problem) -> None:
+        if run is not None:
+            self._fail(run, problem)
+        else:
+            self._file_problem(problem.line, problem.reason)
+
+    def _end(self, run: _Run, *, completed: bool) -> None:
+        """Report a run that is done, and remember how it ended."""
+        if self.open.get(run.id) is run:
+            del self.open[run.id]
+        digest = self._digest(run.id)
+        self.ended.pop(digest, None)
+        self.ended[digest] = completed
+        if len(self.ended) > _ENDED_KEPT:
+            del self.ended[next(iter(self.ended))]
+        run.report.head = run.head.hex()
+        self.done.append(_finish(run.report, run.tally))
+
+    def _ended_failed(self, run_id: str | None) -> bool:
+        return run_id is not None and self.ended.get(self._digest(run_id)) is False
+
+    def _digest(self, run_id: str) -> int:
+        raw = hashlib.blake2b(run_id.encode(errors="surrogatepass"), digest_size=8, key=self._salt)
+        return int.from_bytes(raw.digest(), "little")
+
+    def _file_problem(self, line: int, reason: str) -> None:
+        if self.problem is None:
+            self.problem = Problem(self.name, line, reason)
+
+    # -- the end of the file ------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Report the runs still open (truncated); with no run at all, say so."""
+        block = self.block
+        if block is not None and block.run is not None:
+            block.run.report.unsealed += block.lines
+            block.run.tail_first = block.first
+        elif block is not None and block.lines and not self._ended_failed(block.run_id):
+            self._unsealed_unseen(block)
+        self.block = None
+        for run in sorted(self.open.values(), key=lambda r: r.report.first_line):
+            run.report.problem = Problem(self.name, *self._truncation(run))
+            self._end(run, completed=False)
+        if not self.runs and self.problem is None:
+            self.problem = Problem(self.name, 0, "empty file: no run in it")
+
+    @staticmethod
+    def _truncation(run: _Run) -> tuple[int, str]:
+        records, tail = run.tally.records, run.report.unsealed
+        if not tail:
+            reason = (
+                f"truncated (a killed run?): no run_end after its last sealed block (line "
+                f"{run.sealed_line}); its {records} records verify"
+            )
+            return run.sealed_line, reason
+        cut = ", the last one cut off" if run.cut_off else ""
+        reason = (
+            f"truncated (a killed run?): {tail} lines from line {run.tail_first} were never "
+            f"sealed{cut}; the {records} records before them verify"
+        )
+        return run.tail_first, reason
+
+    def _unsealed_unseen(self, block: _Block) -> None:
+        last = block.first + block.lines - 1
+        reason = (
+            f"lines {block.first}-{last}: never sealed, records of run {shown(block.run_id)}, "
+            "which is not open here"
+        )
+        self._file_problem(block.first, reason)
 
 
 class FileAudit:
     """One log file, audited as a stream: iterate to get each run's report when it is done.
 
     After the iteration, ``problem`` is the file-level problem, if any: the file cannot
-    be read, is no regular file, is empty, or does not start with a run. ``name`` is the
-    file's name as printable text, as reports and problems show it.
+    be read, is no regular file, is empty, does not start with a run, or holds lines of
+    no open run. ``name`` is the file's name as printable text, as reports show it.
     """
 
     def __init__(self, path: Path, *, key: bytes | None = None) -> None:
@@ -450,177 +1284,13 @@ class FileAudit:
             return
         state = _FileState(self.name, self.key)
         with fh:
-            for number, item in enumerate(read_lines(fh), start=1):
-                done = state.line(number, item)
-                if done is not None:
-                    yield done
+            for chunk in read_chunks(fh):
+                yield from state.take(chunk)
                 if state.stopped:
                     break
-        yield from state.finish()
+        state.finish()
+        yield from state.done
         self.problem = state.problem
-
-
-class _FileState:
-    """The runs of one file, replayed line by line."""
-
-    def __init__(self, name: str, key: bytes | None) -> None:
-        self.name, self.key = name, key
-        self.replay: _RunReplay | None = None
-        self.problem: Problem | None = None
-        self.stopped = False
-        self.runs = 0
-        self.last_seal = b""
-        """The digest of the last line that carries a seal: what the next header binds to."""
-
-    def line(self, number: int, item: bytes | Overlong | Unreadable) -> RunReport | None:
-        """Take one line; return the report of the run it ended (a new run began), if any."""
-        if not isinstance(item, bytes):
-            self._not_a_line(number, item)
-            return None
-        if item[-1:] != b"\n" and self.replay is not None:
-            self._truncated(number)
-            self.stopped = True
-            return None
-        sealed = unseal(item)
-        done = None
-        try:
-            body, digest, record = _parse(item, sealed)
-            if record.get(_EV) == _RUN_START:
-                done = self._start_run(number, record)
-            replay = self.replay
-            if replay is None:
-                msg = "the log does not start with a run_start record"
-                raise _Invalid(msg)  # noqa: TRY301 (one handler names the line for every check)
-            if replay.report.problem is None:
-                replay.feed(body, digest, record)
-        except _Invalid as exc:
-            self._flag(number, str(exc))
-        if sealed is not None:
-            self.last_seal = sealed[1]
-        return done
-
-    def _not_a_line(self, number: int, item: Overlong | Unreadable) -> None:
-        if isinstance(item, Unreadable):
-            self._flag(number, item.reason)
-            self.stopped = True
-            return
-        self._flag(
-            number,
-            f"a line of {item.size:,} bytes, longer than a record may be "
-            f"({MAX_LINE_BYTES:,} bytes): not a record",
-        )
-        sealed = unseal(item.tail)  # the writer binds the next run to it as to any line
-        if sealed is not None:
-            self.last_seal = sealed[1]
-
-    def _flag(self, number: int, reason: str) -> None:
-        """Give the open run its first problem; before any run, the file's (and stop)."""
-        replay = self.replay
-        if replay is None:
-            self.problem = Problem(self.name, number, reason)
-            self.stopped = True
-            return
-        if reason.startswith("not JSON") and not replay.finished:
-            reason = (
-                f"{reason}: a record cut off by a killed run, or damage; the "
-                f"{replay.report.records} records before it verify"
-            )
-        if replay.report.problem is None:
-            replay.report.problem = Problem(self.name, number, reason)
-
-    def _start_run(self, number: int, record: dict[str, Any]) -> RunReport | None:
-        done = self._close() if self.replay is not None else None
-        run_id = record.get(Field.RUN)
-        report = RunReport(self.name, number, run_id=run_id if isinstance(run_id, str) else "")
-        report.header = _bounded({k: v for k, v in record.items() if k not in _NOT_HEADER})
-        reason = _header_problem(record, self.key) or _binding_problem(record, self.last_seal)
-        if reason is not None:
-            report.problem = Problem(self.name, number, reason)
-        self.replay = _RunReplay(report, self.key)
-        self.runs += 1
-        return done
-
-    def _close(self) -> RunReport:
-        replay = self.replay
-        if replay is None:  # pragma: no cover (called with a run open)
-            msg = "no run to close"
-            raise RuntimeError(msg)
-        self.replay = None
-        replay.close()
-        report = replay.report
-        if report.status is RunStatus.TRUNCATED and report.problem is None:
-            line = report.first_line + report.records
-            report.problem = Problem(
-                self.name,
-                line,
-                f"truncated at line {line}: no run_end record (a killed run?); the "
-                f"{report.records} records before it verify",
-            )
-        return report
-
-    def _truncated(self, number: int) -> None:
-        replay = self.replay
-        if replay is not None and replay.report.problem is None:
-            replay.report.problem = Problem(
-                self.name,
-                number,
-                f"truncated at line {number} (a killed run?); the {replay.report.records} "
-                "records before it verify",
-            )
-
-    def finish(self) -> Iterator[RunReport]:
-        """Yield the last run's report; with no run at all, say so as the file's problem."""
-        if self.replay is not None:
-            yield self._close()
-        elif not self.runs and self.problem is None:
-            self.problem = Problem(self.name, 0, "empty file: no run in it")
-
-
-def _header_problem(record: dict[str, Any], key: bytes | None) -> str | None:
-    if record.get("schema") != SCHEMA_VERSION:
-        return f"schema version {shown(record.get('schema'))}; this audit reads {SCHEMA_VERSION}"
-    if record.get("table") != table_digest():
-        return (
-            f"written by a machine whose table digest is {shown(record.get('table'))}; this "
-            f"fsm_learner's table is {table_digest()!r}, so its transitions cannot be replayed"
-        )
-    keyed = record.get("keyed")
-    if keyed is True and key is None:
-        return "this run's chain is keyed: give the key (FSM_LEARNER_AUDIT_KEY or --key-env VAR)"
-    if keyed is not True and key is not None:
-        # a keyed log rewritten as unkeyed would otherwise verify: with a key, demand one
-        return "a key was given but this run's chain is not keyed (rewritten without the key?)"
-    return None
-
-
-_REMOVED: Final = "a run was removed, reordered or inserted before this one"
-
-
-def _binding_problem(record: dict[str, Any], last_seal: bytes) -> str | None:
-    """Check the header's ``prev`` against the last sealed line before it in its file."""
-    bound, before = record.get(PREV_FIELD), last_seal.hex()
-    if type(bound) is not str:
-        return (
-            f"header field {PREV_FIELD!r} must be a string (the hash of the line before the "
-            f"run, '' at the start of a file), got {_typed(bound)}: written by an older "
-            "fsm_learner, or edited"
-        )
-    if bound == before:
-        return None
-    if not before:
-        return (
-            f"header binds to the previous line hash {shown(bound)}, but no line before it "
-            f"carries a hash: {_REMOVED}"
-        )
-    if not bound:
-        return (
-            "header binds to no previous line (the start of a file), but the line before it "
-            f"has {before}: {_REMOVED}"
-        )
-    return (
-        f"header binds to the previous line hash {shown(bound)}, but the line before it has "
-        f"{before}: {_REMOVED}"
-    )
 
 
 def audit_file(path: Path, *, key: bytes | None = None) -> tuple[list[RunReport], Problem | None]:
@@ -663,7 +1333,7 @@ class RunSet:
     def add(self, report: RunReport) -> None:
         """Check one run against the runs added before; give it a problem if it has none."""
         reason = self._head_problem(report)
-        line = report.first_line + max(report.records - 1, 0)
+        line = report.head_line or report.first_line
         if reason is None:
             reason, line = self._repeat_problem(report), report.first_line
         if reason is not None and report.problem is None:
@@ -700,9 +1370,9 @@ class RunSet:
     def _repeat_problem(self, report: RunReport) -> str | None:
         if not report.run_id:
             return None  # a header without a run id: already a problem of its own
-        rank = report.header.get("rank")
+        rank = report.header.get(Field.RANK.value)
         rank = rank if type(rank) is int else None
-        key = f"{rank}\x00{report.run_id}".encode()
+        key = f"{rank}\x00{report.run_id}".encode(errors="surrogatepass")
         digest = hashlib.blake2b(key, digest_size=8, key=self._salt).digest()
         seen = int.from_bytes(digest, "little")
         if seen not in self._seen:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Final
 import attrs
 
 from fsm_learner._display import printable, shown
+from fsm_learner.audit.codec import FailureField
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -93,14 +94,15 @@ def _ms(ns: int) -> str:
     return f"{ns / 1e6:.3f}"
 
 
-def _state_table(report: RunReport) -> Table:
+def _work_table(report: RunReport) -> Table:
+    """Where the run's time went, by the work done: the categories add up to its wall time."""
     total = report.wall_ns or 1
     rows = [
-        (state, _ms(ns), f"{100 * ns / total:.1f}")
-        for state, ns in sorted(report.time_in_state_ns.items(), key=lambda kv: -kv[1])
+        (work.value, _ms(ns), f"{100 * ns / total:.1f}")
+        for work, ns in report.time_by_work_ns.items()
     ]
-    rows.append(("total", _ms(sum(report.time_in_state_ns.values())), "100.0"))
-    return Table("time per state", ("state", "ms", "%"), tuple(rows), frozenset({1, 2}))
+    rows.append(("total", _ms(sum(report.time_by_work_ns.values())), "100.0"))
+    return Table("where the time went", ("work", "ms", "%"), tuple(rows), frozenset({1, 2}))
 
 
 _OUTSIDE_PASSES: Final = frozenset({"idle", "fit"})
@@ -116,7 +118,7 @@ def _slow_table(report: RunReport) -> Table:
     rows = tuple(
         (
             _ms(s.duration_ns),
-            str(s.seq),
+            str(s.line),
             s.trigger,
             f"{s.source} -> {s.dest}",
             str(s.epoch),
@@ -125,7 +127,7 @@ def _slow_table(report: RunReport) -> Table:
         )
         for s in report.slowest
     )
-    columns = ("ms before", "seq", "trigger", "transition", "epoch", "iter", "pass")
+    columns = ("ms before", "line", "trigger", "transition", "epoch", "iter", "pass")
     return Table("slowest transitions", columns, rows, frozenset({0, 1, 4, 5}))
 
 
@@ -140,11 +142,14 @@ def _text(value: object, limit: int = 80) -> str:
 
 
 def _failure_line(failure: Mapping[str, object], at: Mapping[str, object]) -> str:
-    hook = failure.get("hook")
-    where = f" (hook {_text(hook)} of {_text(failure.get('callback'))})" if hook else ""
+    hook = failure.get(FailureField.HOOK.value)
+    callback = failure.get(FailureField.CALLBACK.value)
+    where = f" (hook {_text(hook)} of {_text(callback)})" if hook else ""
+    kind, message = failure.get(FailureField.TYPE.value), failure.get(FailureField.MESSAGE.value)
+    state = failure.get(FailureField.STATE.value)
     return (
-        f"  failed: {_text(failure.get('type'))}: {shown(failure.get('message'), 300)} in "
-        f"state {_text(failure.get('state'))}{where}, epoch {at.get('epoch')}, iter "
+        f"  failed: {_text(kind)}: {shown(message, 300)} in "
+        f"state {_text(state)}{where}, epoch {at.get('epoch')}, iter "
         f"{at.get('iter')}, {'train' if at.get('training') else 'valid'} pass"
     )
 
@@ -171,10 +176,10 @@ def _describe(report: RunReport) -> list[str]:
 
 
 def render_report(report: RunReport, *, rich: bool | None = None) -> str:
-    """Render one run's summary: what was verified, its counts, time per state, slowest."""
+    """Render one run's summary: what was verified, its counts, where the time went, slowest."""
     out = _describe(report)
     if report.records:
-        out.append(render_table(_state_table(report), rich=rich))
+        out.append(render_table(_work_table(report), rich=rich))
     if report.slowest:
         out.append(render_table(_slow_table(report), rich=rich))
     return "\n".join(out)

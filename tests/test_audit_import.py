@@ -1,0 +1,63 @@
+"""Reading logs needs no torch: `fsm-learner audit` and `diagram --from-log` start at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import orjson
+import pytest
+from audit_logs import training_run
+
+import fsm_learner
+
+COMMAND = textwrap.dedent(
+    """
+    import contextlib, io, json, sys, time
+
+    start = time.perf_counter()
+    from fsm_learner.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(sys.argv[1:])
+    elapsed = time.perf_counter() - start
+    print(json.dumps({"code": code, "torch": "torch" in sys.modules, "seconds": elapsed}))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["audit"], ["audit", "--json"], ["diagram", "--from-log"]],
+    ids=["audit", "audit-json", "diagram"],
+)
+def test_reading_a_log_imports_no_torch(args, tmp_path):
+    """In a fresh interpreter: exit 0, torch never imported, import and audit well under 0.5 s.
+
+    A guard against an import that drags torch in (about a second), not a benchmark.
+    """
+    data, _ = training_run("0123456789ab", 50, valid=10, block=100)
+    (tmp_path / "x.jsonl").write_bytes(data)
+    done = subprocess.run(
+        [sys.executable, "-c", COMMAND, *args, str(tmp_path / "x.jsonl")],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    found = orjson.loads(done.stdout)
+    assert (found["code"], found["torch"]) == (0, False), done.stderr
+    assert found["seconds"] < 0.5
+
+
+def test_the_learner_is_imported_on_first_use():
+    """fsm_learner's torch-using names come from their module, once, and dir() lists them."""
+    names = set(dir(fsm_learner))
+    assert {"Learner", "DataLoaders", "Failure", "FitResult", "DiagramFormat"} <= names
+    assert set(fsm_learner.__all__) <= names
+    from fsm_learner.learner import Learner
+
+    assert fsm_learner.Learner is Learner
+    assert "Learner" in vars(fsm_learner)
+    with pytest.raises(AttributeError, match="module 'fsm_learner' has no attribute 'Lerner'"):
+        _ = fsm_learner.Lerner
