@@ -154,8 +154,11 @@ def _compile_for(dispatch: Dispatch, training: bool) -> _Routes:
     return MappingProxyType(nodes)
 
 
+_COUNT_KEYS: Final = tuple((trigger, training) for trigger in Trigger for training in (True, False))
+
+
 def _zero_counts() -> dict[tuple[Trigger, bool], int]:
-    return {(trigger, training): 0 for trigger in Trigger for training in (True, False)}
+    return dict.fromkeys(_COUNT_KEYS, 0)
 
 
 def _check_dls(dls: object) -> None:

@@ -286,6 +286,8 @@ def _json(value: object) -> bytes:
 
 
 _K: Final = {field: field.value for field in Field}
+_PLAIN: Final = frozenset({str, int, bool, type(None)})
+"""Types a header value may have that need no conversion (floats do: NaN has no JSON)."""
 """Field names as plain strings: orjson takes no str subclass as a key, and ``.value`` is slow."""
 
 
@@ -312,8 +314,10 @@ class Encoder:
             _K[Field.SCHEMA]: SCHEMA_VERSION,
             _K[Field.KEYED]: keyed,
             _K[Field.PREV]: prev.hex(),
-            **{str(k): json_value(str(k), v) for k, v in fields.items()},
         }
+        for field, value in fields.items():
+            name = _K.get(field) or str(field)
+            record[name] = value if type(value) in _PLAIN else json_value(name, value)
         return _json(record) + b"\n"
 
     def template(self, key: RouteKey) -> bytes:

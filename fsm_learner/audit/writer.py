@@ -46,6 +46,7 @@ if sys.platform != "win32":
 from fsm_learner._display import safe_text
 from fsm_learner.audit.codec import (
     MAX_LINE_BYTES,
+    SEAL_START,
     Encoder,
     FailureField,
     Field,
@@ -55,7 +56,6 @@ from fsm_learner.audit.codec import (
     Seal,
     SealChain,
     decode,
-    is_seal_line,
     note_fields,
 )
 from fsm_learner.exceptions import ConfigurationError
@@ -265,7 +265,12 @@ _OPEN_FLAGS: Final = (
 )
 _TAIL_SCAN: Final = 2 * MAX_LINE_BYTES + 2
 """How far back from the end of a log the writer looks for the last seal."""
-_FIRST_WINDOW: Final = 4096
+_FIRST_WINDOW: Final = 512
+_LAST_BLOCKS: dict[tuple[int, int], tuple[int, int, bytes]] = {}
+"""Per file (device, inode): its size and modification time after this process's last
+block, and that block's seal: a file still the same ends with that seal."""
+_REMEMBERED: Final = 64
+_NEWLINE: Final = ord("\n")
 
 
 def _file_kind(mode: int) -> str:
@@ -329,16 +334,18 @@ def _open_flags(path: str, _flags: int) -> int:
 def last_seal(data: bytes) -> bytes:
     """Return the digest of the last whole seal line in ``data``, or b"".
 
-    ``data`` is the end of a log; a first line that may be cut by the window is skipped
-    unless the window is the whole file.
+    ``data`` is the end of a log (the caller drops a first line the window may cut): the
+    seal is searched for from the end, without splitting the rest into lines.
     """
-    lines = data.split(b"\n")[:-1]  # whole lines only: what follows the last LF is not one
-    for line in reversed(lines):
-        if is_seal_line(line):
+    end = len(data)
+    while (start := data.rfind(SEAL_START, 0, end)) >= 0:
+        stop = data.find(b"\n", start)
+        if stop >= 0 and (start == 0 or data[start - 1] == _NEWLINE):
             with contextlib.suppress(RecordError):
-                record = decode(line)
+                record = decode(data[start:stop])
                 if isinstance(record, Seal):
                     return record.digest
+        end = start
     return b""
 
 
@@ -371,8 +378,15 @@ class JsonlFile:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
 
     def last_seal(self) -> bytes:
-        """Look back from the end, in growing windows, for the last seal (under the lock)."""
-        size = os.fstat(self.fd).st_size
+        """Look back from the end, in growing windows, for the last seal (under the lock).
+
+        When this process wrote the file's last block, its seal is known without reading.
+        """
+        stat_ = os.fstat(self.fd)
+        size, where = stat_.st_size, (stat_.st_dev, stat_.st_ino)
+        known = _LAST_BLOCKS.get(where)
+        if known is not None and known[:2] == (size, stat_.st_mtime_ns):
+            return known[2]
         window = _FIRST_WINDOW
         while size:
             start = max(size - window, 0)
@@ -400,6 +414,14 @@ class JsonlFile:
         block.start = size
         self._write_all(block.data)
         self._end = size + len(block.data)
+        self._remember(block.head)
+
+    def _remember(self, head: bytes) -> None:
+        """Note that the file ends, at ``self._end``, with the seal ``head`` (this process's)."""
+        stat_ = os.fstat(self.fd)
+        if len(_LAST_BLOCKS) >= _REMEMBERED:
+            _LAST_BLOCKS.clear()
+        _LAST_BLOCKS[stat_.st_dev, stat_.st_ino] = (stat_.st_size, stat_.st_mtime_ns, head)
 
     def holds(self, block: _Block) -> bool | None:
         """Say whether ``block`` is in the file: True, False, or None when partly (under lock).
