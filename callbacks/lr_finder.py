@@ -185,7 +185,7 @@ class LRFinderCB(Callback):
             "lr_finder",
             outcome="diverged",
             lr=self.lrs[-1],
-            smoothed_loss=str(smoothed),
+            smoothed_loss=smoothed,
             best_loss=self._best,
             div=self.div,
             batches=len(self.lrs),

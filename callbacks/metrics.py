@@ -229,14 +229,7 @@ class MetricsCB(Callback):
         values = self._pass_values(learn.training)
         self.values = {**self.values, **values}
         self._record_row(learn.epoch)
-        learn.note(
-            "metrics",
-            epoch=learn.epoch,
-            training=learn.training,
-            batches=self._batches,
-            complete=complete,
-            **values,
-        )
+        learn.note("metrics", batches=self._batches, complete=complete, **values)
 
     def _pass_values(self, training: bool) -> dict[str, float]:
         prefix = _prefix(training)

@@ -158,8 +158,6 @@ class MixedPrecisionCB(Callback):
         learn.note(
             "mixed_precision_skip",
             reason="non-finite gradients: the GradScaler skipped the optimizer step",
-            epoch=learn.epoch,
-            iter=learn.iter,
             scale=before,
             new_scale=after,
         )

@@ -136,7 +136,7 @@ class SaveModelCB(Callback):
         torch.save(checkpoint, partial)
         partial.replace(target)
         self.saved.append(target)
-        fields: dict[str, Any] = {"path": str(target), "epoch": learn.epoch}
+        fields: dict[str, Any] = {"path": str(target)}
         if self.monitor is not None:
             fields.update(monitor=self.monitor.name, value=self.monitor.best)
         learn.note("checkpoint", **fields)

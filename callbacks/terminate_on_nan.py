@@ -68,10 +68,7 @@ class TerminateOnNaNCB(Callback):
         learn.note(
             "terminate_on_nan",
             reason="non-finite loss",
-            training=learn.training,
-            epoch=learn.epoch,
-            iter=learn.iter,
-            loss=str(float(learn.loss.detach().float().mean())),
+            loss=float(learn.loss.detach().float().mean()),
             batches_checked=covered,
         )
         msg = (

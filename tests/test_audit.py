@@ -540,7 +540,11 @@ class TestBadInput:
         empty = tmp_path / "empty.jsonl"
         empty.write_text("")
         code, _, err = audit(str(empty), capsys=capsys)
-        assert (code, err) == (1, f"fsm-learner audit: {empty}:0: empty file: no run in it\n")
+        assert (code, err) == (
+            1,
+            f"fsm-learner audit: {empty}:0: empty file: no run in it "
+            "(a fit killed before its first write?)\n",
+        )
 
     def test_binary_file(self, tmp_path, capsys):
         """A binary file (NUL bytes)."""

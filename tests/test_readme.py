@@ -118,3 +118,44 @@ def test_make_commands_are_real_targets(command):
 def test_every_command_is_covered():
     """Each console command is a make target or an fsm-learner command run above."""
     assert all(c.startswith(("make ", "fsm-learner ")) for c in commands()), commands()
+
+
+def audit_log_section() -> str:
+    return README.split("\n## The audit log\n", 1)[1].split("\n### `fsm-learner audit`\n", 1)[0]
+
+
+def test_reading_a_log_with_pandas_and_duckdb():
+    """The audit log section's blocks, on a real fit with metrics: what they read is the log."""
+    import torch.nn.functional as F
+    from helpers import batches_dls, mlp
+
+    from callbacks import MetricsCB
+    from fsm_learner import Learner
+
+    code = re.findall(r"```python\n(.*?)```", audit_log_section(), flags=re.DOTALL)
+    assert len(code) == 3, "the section's blocks: fit, pandas, DuckDB"
+    learn = Learner(mlp(), batches_dls(3, 2), F.cross_entropy, 0.1, [MetricsCB()])
+    namespace: dict[str, object] = {"__name__": "readme", "learn": learn}
+    for block in code:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (the README is ours)
+    path = namespace["result"].audit_path
+    records = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    log = namespace["log"]
+    assert list(log["ev"]) == [r["ev"] for r in records]
+    assert set(log["run"]) == {namespace["result"].run_id}
+    losses = {
+        (r["ep"], field): value
+        for r in records
+        if r.get("name") == "metrics"
+        for field, value in r.items()
+        if field.endswith("_loss")
+    }
+    assert namespace["per_epoch"].fetchall() == [
+        (ep, losses[ep, "train_loss"], losses[ep, "valid_loss"]) for ep in (0, 1)
+    ]
+    transitions = [r for r in records if "src" in r]
+    per_state = namespace["per_state"].fetchall()
+    assert sum(exits for _, exits, _ in per_state) == len(transitions)
+    assert sum(ms or 0 for *_, ms in per_state) == pytest.approx(
+        (transitions[-1]["t"] - transitions[0]["t"]) / 1e6
+    )

@@ -1231,7 +1231,9 @@ class _FileState:
             run.report.problem = Problem(self.name, *self._truncation(run))
             self._end(run, completed=False)
         if not self.runs and self.problem is None:
-            self.problem = Problem(self.name, 0, "empty file: no run in it")
+            self.problem = Problem(
+                self.name, 0, "empty file: no run in it (a fit killed before its first write?)"
+            )
 
     @staticmethod
     def _truncation(run: _Run) -> tuple[int, str]:

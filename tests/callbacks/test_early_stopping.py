@@ -114,6 +114,7 @@ class TestStopsAtTheRightEpoch:
         assert note["value"] == history[stop]
         assert note["monitor"] == monitor
         assert note["mode"] == ("min" if lower else "max")
+        assert (note["ep"], note["tr"]) == (stop, False)
 
     def test_this_data_stops_early_at_least_once(self):
         """The parameters above are not vacuous: patience 0 stops before the last epoch."""

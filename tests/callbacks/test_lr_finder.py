@@ -77,6 +77,11 @@ class TestSweep:
         diverged = note(finder.result, "lr_finder")
         assert diverged["outcome"] == "diverged"
         assert diverged["lr"] == finder.lrs[-1]
+        smoothed = float(diverged["smoothed_loss"])  # a number, or "Infinity"/"NaN"
+        assert not math.isfinite(smoothed) or smoothed > diverged["div"] * diverged["best_loss"]
+        per_epoch = len(learn.dls.train)  # the note is stamped with the last batch's counters
+        assert diverged["tr"] is True
+        assert diverged["ep"] * per_epoch + diverged["it"] + 1 == len(finder.lrs)
         assert len(finder.lrs) < 100
         assert_same_state(learn.model.state_dict(), weights)
         assert_same_state(learn.opt.state_dict(), start.state)

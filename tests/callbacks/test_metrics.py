@@ -81,13 +81,15 @@ class TestValues:
         assert result.audit_path is not None
         records = [json.loads(line) for line in result.audit_path.read_text().splitlines()]
         notes = [r for r in records if r["ev"] == "note" and r["name"] == "metrics"]
-        assert [(n["epoch"], n["training"], n["batches"]) for n in notes] == [
+        assert [(n["ep"], n["tr"], n["batches"]) for n in notes] == [
             (0, True, 3),
             (0, False, 2),
             (1, True, 3),
             (1, False, 2),
         ]
         last = notes[-1]
+        own = {"batches", "complete", "valid_loss", "valid_accuracy", "valid_macro"}
+        assert set(last) == {"ev", "run", "ep", "it", "tr", "t", "name", *own}
         assert last["complete"] is True
         assert last["valid_loss"] == metrics.values["valid_loss"]
         assert last["valid_accuracy"] == metrics.values["valid_accuracy"]
@@ -116,7 +118,7 @@ class TestValues:
         assert sum(1 for e, t, _, _ in losses.seen if t) == 2
         records = [json.loads(x) for x in result.audit_path.read_text().splitlines()]
         notes = [r for r in records if r["ev"] == "note"]
-        assert [(n["training"], n["batches"], n["complete"]) for n in notes] == [
+        assert [(n["tr"], n["batches"], n["complete"]) for n in notes] == [
             (True, 2, False),
             (False, 2, True),
         ]

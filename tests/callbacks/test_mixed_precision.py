@@ -140,7 +140,12 @@ class TestSkippedStep:
         assert report.batches == (3, 2)
         (note,) = notes(result.audit_path, "mixed_precision_skip")
         assert note["new_scale"] == note["scale"] / 2
-        assert (note["epoch"], note["iter"]) == (0, 1)
+        assert (note["ep"], note["it"], note["tr"]) == (0, 1, True)
+        assert set(note) - {"ev", "run", "ep", "it", "tr", "t", "name"} == {
+            "reason",
+            "scale",
+            "new_scale",
+        }
         assert not torch.equal(weights[1], weights[0])  # batch 0 stepped
         assert torch.equal(weights[2], weights[1])  # batch 1 did not
         assert not torch.equal(weights[3], weights[2])  # batch 2 stepped, from clean gradients

@@ -126,7 +126,7 @@ class TestWhatIsSaved:
         improving = [e for e in range(8) if history[e] < min(history[:e], default=float("inf"))]
         assert len(improving) < 8  # the trajectory has epochs that do not improve
         written = notes(result.audit_path, "checkpoint")
-        assert [n["epoch"] for n in written] == improving
+        assert [(n["ep"], n["tr"]) for n in written] == [(e, False) for e in improving]
         assert [n["value"] for n in written] == [history[e] for e in improving]
         best = min(range(8), key=history.__getitem__)
         assert cb.monitor is not None

@@ -39,7 +39,8 @@ def test_one_training_batch_then_cancel_fit():
     assert report.cancels == {"cancel_batch": 0, "cancel_epoch": 0, "cancel_fit": 1}
     assert report.counts[Trigger.STEP.value, True] == 1
     records = [orjson.loads(line) for line in result.audit_path.read_bytes().splitlines()]
-    assert [r["name"] for r in records if r["ev"] == "note"] == ["single_batch"]
+    (note,) = [r for r in records if r["ev"] == "note"]
+    assert (note["name"], note["ep"], note["it"], note["tr"]) == ("single_batch", 0, 0, True)
     assert not torch.equal(before, learn.model[0].weight)
 
 
