@@ -50,13 +50,15 @@ def _audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "audit",
         help="verify audit logs and summarise their runs",
         description=(
-            "Replay each run of the given logs (files or directories of *.jsonl) against the "
-            "transition table: every block of records matching its seal, every transition "
-            "legal, header and footer present and agreeing; print where each run's time went. "
-            "Exit 0 when every run verifies, 1 when one does not, 2 on a usage error."
+            "Replay each run of the given logs (files, or directories of *.jsonl in any case) "
+            "against the transition table: every block of records matching its seal (bound to "
+            "its run's previous seal and to the file's), every seal in the writer's exact "
+            "bytes, every transition legal, header and footer present and agreeing with the "
+            "replay (the status too); print where each run's time went. Exit 0 when every run "
+            "verifies, 1 when one does not, 2 on a usage error."
         ),
     )
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    parser.add_argument("paths", nargs="+", metavar="PATH")  # str: Path("") would be "."
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
         "--expect-head",
@@ -197,8 +199,17 @@ class _JsonSummary:
         return EXIT_OK if self.verified else EXIT_FAILED
 
 
+_EMPTY_PATH: Final = (
+    "'': the empty path names no log; give a log file or a directory of them ('.' for the "
+    "current directory)"
+)
+
+
 def _run_audit(args: argparse.Namespace) -> int:
-    files, errors = log_files(args.paths)
+    paths: list[str] = args.paths
+    files, errors = log_files(Path(path) for path in paths if path)
+    if not all(paths):
+        errors.insert(0, _EMPTY_PATH)
     try:
         key = _key(args.key_env)
     except _KeyError as exc:

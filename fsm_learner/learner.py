@@ -544,7 +544,7 @@ class Learner:
         run.note(name, fields, epoch=self._epoch, it=self._iter, training=self._training)
 
     def _open_run(self) -> None:
-        """Start the run and its log; a log that cannot start raises here, before any transition."""
+        """Start the run and open its log: a file that cannot be opened raises here, first."""
         self._pending = None
         self._run = run = Run()  # from here on, _settle closes it whatever happens
         run.open(self._audit_log, key=self._audit_key, rank=self._rank, settings=self._settings)
@@ -767,8 +767,8 @@ class Learner:
         """Whatever ended the fit, leave the learner idle and the log closed.
 
         After a failure that was handled, this finds nothing to do. It acts when an
-        exception cut the start of the log or the failure handling short: the log gets
-        its header (written again), a fail record and a footer; what cannot be written is
+        exception cut the failure handling short: the log gets what it lacks of its
+        records, a fail record and a footer; what cannot be written is
         noted on ``current``, and a block whose write was cut short is cut off the file.
         """
         run = self._run

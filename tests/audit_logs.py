@@ -2,8 +2,10 @@
 
 A tiny run is one block: a header, ``begin_fit``, ``end_fit`` (or ``fail``) and a footer,
 then its seal: five lines. Runs built one after another in a file bind to it as the
-writer binds them: each header's ``prev`` is the digest of the last seal before it.
-``training_run`` builds a longer run (one training pass, then validation) in blocks.
+writer binds them: each header's ``prev`` is the digest of the last seal before it, and
+each block is sealed over its run's previous seal, the file's last seal before it and its
+lines (``SealChain``). ``training_run`` builds a longer run (one training pass, then
+validation) in blocks; ``SharedFile`` appends blocks of several runs in any order.
 """
 
 from __future__ import annotations
@@ -16,12 +18,8 @@ import orjson
 from fsm_learner.audit.codec import (
     Encoder,
     Field,
-    RecordError,
     RunStatus,
-    Seal,
     SealChain,
-    decode,
-    is_seal_line,
 )
 from fsm_learner.machine import table_digest
 
@@ -84,24 +82,55 @@ def run_lines(
 
 
 def seal_blocks(
-    run_id: str, blocks: list[list[bytes]], key: bytes | None = None, head: bytes = b""
+    run_id: str,
+    blocks: list[list[bytes]],
+    key: bytes | None = None,
+    head: bytes = b"",
+    before: bytes | None = None,
 ) -> tuple[list[bytes], bytes]:
-    """Seal each block as the writer does; return each block with its seal, and the head."""
+    """Seal blocks following one another in a file, as the writer does; return them and the head.
+
+    ``head`` is the run's last seal, ``before`` the file's last seal before the first
+    block (by default ``head``: the run's own seal ends the file so far).
+    """
     enc, chain = Encoder(run_id), SealChain(key)
+    before = head if before is None else before
     sealed = []
     for block in blocks:
-        head = chain.digest(head, b"".join(block))
+        head = before = chain.digest(head, before, b"".join(block))
         sealed.append(b"".join(block) + enc.seal(len(block), head))
     return sealed, head
+
+
+class SharedFile:
+    """A log that writers of several runs append blocks to, sealed as each writer seals them."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self.chain = SealChain(key)
+        self.heads: dict[str, bytes] = {}
+        self.before = b""
+        self.data = bytearray()
+
+    @property
+    def prev(self) -> str:
+        """The last seal in the file (hex): what a header written now binds to."""
+        return self.before.hex()
+
+    def append(self, run_id: str, block: list[bytes]) -> bytes:
+        """Seal ``block`` (lines of ``run_id``) after the file so far, append it, return it."""
+        head = self.chain.digest(self.heads.get(run_id, b""), self.before, b"".join(block))
+        self.heads[run_id] = self.before = head
+        sealed = b"".join(block) + Encoder(run_id).seal(len(block), head)
+        self.data += sealed
+        return sealed
 
 
 def tiny_run(
     run_id: str, *, prev: str = "", key: bytes | None = None, **kwargs
 ) -> tuple[bytes, str]:
-    """A tiny run's bytes (one sealed block) and its head (hex)."""
-    [data], head = seal_blocks(
-        run_id, [run_lines(run_id, prev=prev, keyed=key is not None, **kwargs)], key
-    )
+    """A tiny run's bytes (one sealed block after the seal ``prev``) and its head (hex)."""
+    lines_ = run_lines(run_id, prev=prev, keyed=key is not None, **kwargs)
+    [data], head = seal_blocks(run_id, [lines_], key, before=bytes.fromhex(prev))
     return data, head.hex()
 
 
@@ -160,8 +189,9 @@ def training_blocks(
 
 
 def training_run(run_id: str, batches: int, **kwargs) -> tuple[bytes, str]:
-    """A longer run's bytes, sealed in blocks, and its head (hex)."""
-    sealed, head = seal_blocks(run_id, training_blocks(run_id, batches, **kwargs))
+    """A longer run's bytes, sealed in blocks (after the seal ``prev``), and its head (hex)."""
+    before = bytes.fromhex(kwargs.get("prev", ""))
+    sealed, head = seal_blocks(run_id, training_blocks(run_id, batches, **kwargs), before=before)
     return b"".join(sealed), head.hex()
 
 
@@ -175,25 +205,32 @@ def spaced(line: bytes) -> bytes:
     return json.dumps(orjson.loads(line), separators=(", ", ": ")).encode() + b"\n"
 
 
+def sealed_run(line: bytes) -> str | None:
+    """The run of a line that reads as a seal, in whatever bytes; None for any other line."""
+    try:
+        record = orjson.loads(line)
+    except orjson.JSONDecodeError:  # an edited line is no seal
+        return None
+    if not isinstance(record, dict) or record.get(Field.EVENT.value) != "seal":
+        return None
+    run = record.get(Field.RUN.value)
+    return run if isinstance(run, str) else None
+
+
 def reseal(data: bytes, key: bytes | None = None) -> bytes:
     """Recompute every seal of a log, as a forger without the key (or with it) would.
 
-    A seal keeps its run and its style (the writer's bytes, or spaced); its count and
-    digest become those of the lines before it, chained per run.
+    Each line that reads as a seal (in any bytes) is written again in the writer's
+    bytes, keeping its run: its count and digest become those of the lines before it,
+    chained per run and bound to the seal before them, as the writer binds them.
     """
-    heads: dict[str, bytes] = {}
-    chain = SealChain(key)
+    file = SharedFile(key)
     out, block = [], []
     for line in data.splitlines(keepends=True):
-        try:
-            record = decode(line)
-        except RecordError:  # an edited line is no seal
-            record = None
-        if not isinstance(record, Seal):
+        run = sealed_run(line)
+        if run is None:
             block.append(line)
             continue
-        head = heads[record.run] = chain.digest(heads.get(record.run, b""), b"".join(block))
-        seal = Encoder(record.run).seal(len(block), head)
-        out += [*block, seal if is_seal_line(line) else spaced(seal)]
+        out.append(file.append(run, block))
         block = []
     return b"".join(out + block)

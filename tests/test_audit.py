@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from audit_logs import (
     BATCH,
     VALID_BATCH,
+    SharedFile,
     header_line,
     reseal,
     run_lines,
@@ -53,6 +55,7 @@ from fsm_learner.audit.codec import (
     Field,
     Footer,
     Header,
+    RecordError,
     Seal,
     Transition,
     decode,
@@ -89,6 +92,10 @@ def audit(*args: str, capsys) -> tuple[int, str, str]:
 
 def lines(path: Path) -> list[bytes]:
     return path.read_bytes().splitlines(keepends=True)
+
+
+def lines_of(data: bytes) -> list[bytes]:
+    return data.splitlines(keepends=True)
 
 
 def is_seal(line: bytes) -> bool:
@@ -128,6 +135,11 @@ class TestRealRunsVerify:
             ({(H.AFTER_STEP, 1): CancelEpochException}, RunStatus.COMPLETED, (0, 1, 0)),
             ({(H.BEFORE_BATCH, 4): CancelFitException}, RunStatus.CANCELLED, (0, 0, 1)),
             ({(H.AFTER_PREDICT, 3): Boom}, RunStatus.FAILED, (0, 0, 0)),
+            (  # cancel_fit, then fail from idle: a failed run still ends with fail
+                {(H.BEFORE_BATCH, 4): CancelFitException, (H.AFTER_CANCEL_FIT, 1): Boom},
+                RunStatus.FAILED,
+                (0, 0, 1),
+            ),
         ],
     )
     def test_status_and_counts(self, plan, status, cancels):
@@ -205,6 +217,17 @@ class TestRealRunsVerify:
         code, out, _ = audit(str(tmp_path / "logs"), capsys=capsys)
         assert code == 0
         assert "2 run(s): 2 verified" in out
+
+    def test_the_summary_says_whether_the_chain_is_keyed(self, capsys, monkeypatch):
+        """Unkeyed, anyone can recompute the seals: text and JSON say which chain a run has."""
+        for key, chain in ((None, "unkeyed chain"), ("s3cret", "keyed chain")):
+            learn, result = fit(audit_key=key)
+            monkeypatch.setenv("FSM_LEARNER_AUDIT_KEY", key or "")
+            code, out, _ = audit(str(learn.audit_path), capsys=capsys)
+            assert code == 0
+            assert f", head {result.head} ({chain})\n" in out
+            code, out, _ = audit("--json", str(learn.audit_path), capsys=capsys)
+            assert orjson.loads(out)["runs"][0]["keyed"] is (key is not None)
 
     def test_audit_log_none_writes_nothing(self, tmp_path):
         """audit_log=None turns the log off."""
@@ -409,7 +432,10 @@ class TestTampering:
         code, _, err = audit(str(log), capsys=capsys)
         assert code == 1
         run_id = orjson.loads(content[0])[Field.RUN.value]
-        seal = "the seal does not match the lines: a line was edited, inserted, removed or moved"
+        seal = (
+            "the seal does not match the lines: a line was edited, inserted, removed or moved, "
+            "or a block before it in the file (of any run)"
+        )
         assert err == self.mismatch(log, run_id, *block_of(content, at), seal)
 
     def test_deleted_line(self, log, capsys):
@@ -527,6 +553,90 @@ class TestKeyEnv:
         assert audit(str(tmp_path / "x.jsonl"), capsys=capsys)[0] == 0
 
 
+SEAL_FORMS = {
+    "spaced": spaced,
+    "reordered": lambda x: orjson.dumps(dict(reversed(orjson.loads(x).items()))) + b"\n",
+    "extra-fields": lambda x: x[:-2] + b',"src":"batch","t":1e15,"name":"metrics"}\n',
+    "ev-twice": lambda x: b'{"ev":"seal",' + x[1:],
+    "escaped-run": lambda x: x.replace(b'"run":"a', b'"run":"\\u0061', 1),
+    "trailing-blank": lambda x: x[:-1] + b" \n",
+    "crlf": lambda x: x[:-1] + b"\r\n",
+}
+
+
+@pytest.mark.unchecked_records("seal lines in other bytes")
+class TestSealLines:
+    @pytest.mark.parametrize("form", SEAL_FORMS.values(), ids=SEAL_FORMS.keys())
+    def test_a_seal_in_other_bytes_is_no_seal(self, form, tmp_path, capsys):
+        """No hash covers a seal line: in any bytes but the writer's, it is a problem, named.
+
+        The lines it seals and its digest are untouched, so it would verify otherwise.
+        """
+        content = lines_of(tiny_run("aaaaaaaaaaaa")[0])
+        content[4] = form(content[4])
+        path = tmp_path / "x.jsonl"
+        path.write_bytes(b"".join(content))
+        code, _, err = audit(str(path), capsys=capsys)
+        assert code == 1
+        assert err == (
+            f"fsm-learner audit: {path}:1: lines 1-5 (a block of run 'aaaaaaaaaaaa'): line 5 "
+            "is no record: a seal not in the writer's exact form (its fields reordered, "
+            "respaced, added to or repeated)\n"
+        )
+
+    def test_a_seal_in_other_bytes_is_not_the_seal_before_the_next_run(self, tmp_path):
+        """Not a seal, so not the seal before the next run: a run bound to it binds to nothing.
+
+        The writer agrees: it looks for the file's last seal with the same ``decode``.
+        """
+        data, head = tiny_run("aaaaaaaaaaaa")
+        second, _ = tiny_run("bbbbbbbbbbbb", prev=head)
+        content = lines_of(data)
+        content[4] = spaced(content[4])
+        (tmp_path / "x.jsonl").write_bytes(b"".join(content) + second)
+        reports, _ = audit_file(tmp_path / "x.jsonl")
+        assert [r.verified for r in reports] == [False, False]
+        assert reports[1].problem.reason.startswith(f"header binds to the seal '{head}', but no")
+
+    def test_decode_takes_only_the_writers_bytes(self):
+        """decode, which the writer's search for the last seal uses too, reads no other seal."""
+        line = Encoder("aaaaaaaaaaaa").seal(4, b"\xab" * 16)
+        assert decode(line) == decode(line[:-1]) == Seal("aaaaaaaaaaaa", 4, b"\xab" * 16)
+        for form in SEAL_FORMS.values():
+            with pytest.raises(RecordError, match="a seal not in the writer's exact form"):
+                decode(form(line))
+
+
+@pytest.mark.unchecked_records("a footer whose status is forged")
+class TestStatus:
+    @pytest.mark.parametrize(
+        ("last", "status", "reason"),
+        [
+            ("end_fit", "failed", "its last transition is end_fit: a failed run ends with fail"),
+            (
+                "end_fit",
+                "cancelled",
+                "its last transition is end_fit: a cancelled run ends with cancel_fit",
+            ),
+            ("fail", "completed", "its last transition is fail: a completed run ends with end_fit"),
+            (None, "failed", "it has no transition: a failed run ends with fail"),
+        ],
+    )
+    def test_the_footers_status_is_the_replays(self, last, status, reason, tmp_path):
+        """A footer must say how the run ended as its last transition does, with the key or not."""
+        content = run_lines("aaaaaaaaaaaa", failure={"type": "X"} if last == "fail" else None)
+        footer = orjson.loads(content[3]) | {"status": status}
+        if last is None:
+            footer |= {"records": 1, "counts": {}}
+            content = [content[0]]
+        content[3:] = [orjson.dumps(footer) + b"\n"]
+        [data], _ = seal_blocks("aaaaaaaaaaaa", [content])
+        (tmp_path / "x.jsonl").write_bytes(data)
+        [report], _ = audit_file(tmp_path / "x.jsonl")
+        assert report.problem.reason == f"run_end says {status}, but {reason}"
+        assert report.problem.line == len(content)
+
+
 class TestBadInput:
     def test_not_json(self, tmp_path, capsys):
         """A line that is not JSON."""
@@ -542,8 +652,10 @@ class TestBadInput:
         code, _, err = audit(str(empty), capsys=capsys)
         assert (code, err) == (
             1,
-            f"fsm-learner audit: {empty}:0: empty file: no run in it "
-            "(a fit killed before its first write?)\n",
+            (
+                f"fsm-learner audit: {empty}:0: empty file: no run in it "
+                "(a fit killed before its first write?)\n"
+            ),
         )
 
     def test_binary_file(self, tmp_path, capsys):
@@ -689,19 +801,24 @@ def test_sigkill_mid_epoch_leaves_a_verified_prefix(tmp_path, capsys):
 
 def interleaved(run_ids: list[str], batches: int, block: int) -> tuple[bytes, list[str]]:
     """Runs of codec-built blocks, alternating as writers sharing a file append them."""
-    blocks, heads = {}, {}
-    prev = ""
+    file, blocks = SharedFile(), {}
     for run_id in run_ids:  # the headers first, each bound to the seal before it
-        lines_ = training_blocks(run_id, batches, valid=2, prev=prev, block=block)
-        [first], head = seal_blocks(run_id, lines_[:1])
-        blocks[run_id], heads[run_id] = [first], head
-        rest, heads[run_id] = seal_blocks(run_id, lines_[1:], head=head)
-        blocks[run_id] += rest
-        prev = head.hex()
-    out = []
-    for i in range(max(len(b) for b in blocks.values())):
-        out += [blocks[run_id][i] for run_id in run_ids if i < len(blocks[run_id])]
-    return b"".join(out), [heads[run_id].hex() for run_id in run_ids]
+        blocks[run_id] = training_blocks(run_id, batches, valid=2, prev=file.prev, block=block)
+        file.append(run_id, blocks[run_id][0])
+    for i in range(1, max(len(b) for b in blocks.values())):
+        for run_id in run_ids:
+            if i < len(blocks[run_id]):
+                file.append(run_id, blocks[run_id][i])
+    return bytes(file.data), [file.heads[run_id].hex() for run_id in run_ids]
+
+
+def expecting(heads: list[str]) -> list[str]:
+    """The --expect-head arguments naming each of ``heads``."""
+    return [arg for head in heads for arg in ("--expect-head", head)]
+
+
+def run_of(line: bytes) -> str:
+    return orjson.loads(line)[Field.RUN.value]
 
 
 class TestSharedFiles:
@@ -709,26 +826,46 @@ class TestSharedFiles:
         """Blocks of runs A and B alternating, as two processes append them: both verify."""
         data, heads = interleaved(["aaaaaaaaaaaa", "bbbbbbbbbbbb"], 40, block=25)
         (tmp_path / "x.jsonl").write_bytes(data)
-        args = [str(tmp_path / "x.jsonl")] + [a for h in heads for a in ("--expect-head", h)]
-        code, out, err = audit(*args, capsys=capsys)
+        code, out, err = audit(str(tmp_path / "x.jsonl"), *expecting(heads), capsys=capsys)
         assert (code, err) == (0, "")
         assert "2 run(s): 2 verified" in out
         reports, _ = audit_file(tmp_path / "x.jsonl")
         assert [r.batches for r in reports] == [(40, 2), (40, 2)]
 
-    def test_two_blocks_swapped_across_runs_still_verify(self, tmp_path):
-        """The order of two runs' blocks is the writers' race: any order of them verifies."""
-        data, _ = interleaved(["aaaaaaaaaaaa", "bbbbbbbbbbbb"], 40, block=25)
+    def test_two_blocks_of_two_runs_swapped_do_not_verify(self, tmp_path, capsys):
+        """Each block is bound to the file's seal before it: swapped, even every head given fails.
+
+        Each run's own chain is intact (its blocks keep their order), so only the binding
+        to the other run's seal between them tells.
+        """
+        data, heads = interleaved(["aaaaaaaaaaaa", "bbbbbbbbbbbb"], 40, block=25)
         content = data.splitlines(keepends=True)
         seals = [i for i, line in enumerate(content) if is_seal(line)]
-        a, b, c = seals[2], seals[3], seals[4]  # the second blocks of A and B
+        a, b, c = seals[1], seals[2], seals[3]  # B's first block, A's second, B's second
         content = (
             content[: a + 1] + content[b + 1 : c + 1] + content[a + 1 : b + 1] + content[c + 1 :]
         )
         (tmp_path / "x.jsonl").write_bytes(b"".join(content))
-        reports, problem = audit_file(tmp_path / "x.jsonl")
-        assert problem is None
-        assert [r.verified for r in reports] == [True, True]
+        code, _, err = audit(str(tmp_path / "x.jsonl"), *expecting(heads), capsys=capsys)
+        assert code == 1
+        first, last = a + 2, a + 1 + c - b  # B's second block, now where A's was
+        assert err == (
+            f"fsm-learner audit: {tmp_path}/x.jsonl:{first}: lines {first}-{last} (a block of "
+            "run 'bbbbbbbbbbbb'): the seal does not match the lines: a line was edited, "
+            "inserted, removed or moved, or a block before it in the file (of any run)\n"
+        )
+        reports, _ = audit_file(tmp_path / "x.jsonl")
+        assert [r.verified for r in reports] == [False, False]
+
+    @pytest.mark.parametrize("kept", ["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
+    def test_a_run_cut_out_of_a_shared_file_is_caught(self, kept, tmp_path, capsys):
+        """Every line of one of two interleaved runs deleted: the other's blocks tell."""
+        data, _ = interleaved(["aaaaaaaaaaaa", "bbbbbbbbbbbb"], 40, block=25)
+        content = [x for x in data.splitlines(keepends=True) if run_of(x) == kept]
+        (tmp_path / "x.jsonl").write_bytes(b"".join(content))
+        code, _, err = audit(str(tmp_path / "x.jsonl"), capsys=capsys)
+        assert code == 1
+        assert "the seal does not match the lines" in err or "header binds to the seal" in err
 
     @pytest.mark.unchecked_records("a block moved between two of its own run")
     def test_a_block_moved_within_its_run_does_not_verify(self, tmp_path):
@@ -761,6 +898,69 @@ class TestSharedFiles:
         code, out, err = audit(str(log), capsys=capsys)
         assert (code, err) == (0, "")
         assert "2 run(s): 2 verified" in out
+
+    @pytest.mark.parametrize("how", ["threads", "nested"])
+    def test_a_run_cut_out_of_a_keyed_file_two_fits_wrote_is_caught(
+        self, how, tmp_path, capsys, monkeypatch
+    ):
+        """Two fits write one keyed file at once (in two threads, or one inside the other's hook).
+
+        Both verify; every line of one run deleted, the other's next block is bound to a
+        seal that is gone: the key-holder's audit fails, whichever run was cut out.
+        """
+        monkeypatch.setattr(writer_module, "FLUSH_EVERY_NS", 0)  # a block per batch
+        monkeypatch.setenv("FSM_LEARNER_AUDIT_KEY", "s3cret")
+        log = tmp_path / "shared.jsonl"
+        results = fit_two_at_once(log, how)
+        content = lines(log)
+        runs_of_seals = [decode(x).run for x in content if is_seal(x)]
+        assert sum(a != b for a, b in itertools.pairwise(runs_of_seals)) >= 2  # interleaved
+        code, out, err = audit(str(log), *expecting([r.head for r in results]), capsys=capsys)
+        assert (code, err) == (0, "")
+        assert "2 run(s): 2 verified" in out
+        assert out.count("(keyed chain)") == 2
+        for result in results:
+            kept = [x for x in content if run_of(x) != result.run_id]
+            log.write_bytes(b"".join(kept))
+            code, _, err = audit(str(log), capsys=capsys)
+            assert code == 1
+            assert "the seal does not match the lines" in err or "header binds to the seal" in err
+
+
+def fit_two_at_once(log: Path, how: str) -> list:
+    """Two keyed fits into ``log`` at once: in two threads meeting at each pass, or nested."""
+    results = []
+
+    def learner(cbs) -> Learner:
+        data = batches_dls(3, 1)
+        return Learner(mlp(), data, F.cross_entropy, 0.1, cbs, audit_log=log, audit_key="s3cret")
+
+    if how == "nested":
+        inner = learner([])
+
+        class FitAnother(Callback):
+            def after_step(self, learn):
+                if learn.iter == 1 and not results:
+                    results.append(inner.fit(1))
+
+        results.insert(0, learner([FitAnother()]).fit(2))
+        return results
+    barrier = threading.Barrier(2, timeout=60)
+
+    class InStep(Callback):
+        def before_epoch(self, learn):
+            barrier.wait()
+
+    def work() -> None:
+        results.append(learner([InStep()]).fit(2))
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(results) == 2
+    return results
 
 
 def fit_in_step(log: Path, barrier) -> None:
@@ -940,6 +1140,51 @@ def test_appending_after_a_cut_off_line_keeps_the_next_run(tmp_path):
     assert problem is None
     assert [r.verified for r in reports] == [False, True]
     assert "is no record: not JSON" in reports[0].problem.reason
+
+
+def test_a_run_appended_after_the_files_last_newline_was_lost(tmp_path):
+    """The file ends in a whole seal but for its newline: the next fit ends that line.
+
+    The seal is then a seal line for the writer and the audit alike: the next run binds
+    to it, and both runs verify, each ending on the head its fit returned.
+    """
+    log = tmp_path / "all.jsonl"
+    learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, audit_log=log)
+    first = learn.fit(1)
+    log.write_bytes(log.read_bytes()[:-1])
+    second = learn.fit(1)
+    reports, problem = audit_file(log)
+    assert problem is None
+    assert [(r.run_id, r.verified, r.head) for r in reports] == [
+        (first.run_id, True, first.head),
+        (second.run_id, True, second.head),
+    ]
+    assert reports[1].header[Field.PREV.value] == first.head
+
+
+@pytest.mark.unchecked_records("a killed run's unsealed tail, written by the test")
+def test_an_unsealed_tail_longer_than_any_window_is_looked_past(tmp_path):
+    """A killed run's 17 MiB of unsealed notes: the next fit binds past them, as the audit does."""
+    log = tmp_path / "all.jsonl"
+    learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, audit_log=log)
+    first = learn.fit(1)
+    killed = Encoder("killedkilled")
+    tail = [header_line(killed, prev=first.head)]
+    tail += [
+        killed.note("blob", {"x": "y" * 900_000}, epoch=0, it=0, training=True, t_ns=i)
+        for i in range(20)
+    ]
+    with log.open("ab") as fh:
+        fh.write(b"".join(tail))
+    assert log.stat().st_size > 17 * 2**20
+    second = learn.fit(1)
+    reports, _ = audit_file(log)
+    assert [(r.run_id, r.verified) for r in reports] == [
+        (first.run_id, True),
+        ("killedkilled", False),
+        (second.run_id, True),
+    ]
+    assert reports[2].header[Field.PREV.value] == first.head
 
 
 @st.composite

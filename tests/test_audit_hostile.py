@@ -160,6 +160,30 @@ class TestWhichFiles:
             "broken symlink)\n"
         )
 
+    def test_logs_named_jsonl_in_any_case_are_found(self, tmp_path, capsys):
+        """The learner writes UP.JSONL as a log file: a directory walk finds it too."""
+        runs_file(tmp_path / "UP.JSONL", ["aaaaaaaaaaaa"])
+        (tmp_path / "inner").mkdir()
+        runs_file(tmp_path / "inner" / "b.Jsonl", ["bbbbbbbbbbbb"])
+        (tmp_path / "notes.txt").write_text("not a log\n")
+        code, out, err = audit(str(tmp_path), capsys=capsys)
+        assert (code, err) == (0, "")
+        assert f"{tmp_path}/UP.JSONL  run aaaaaaaaaaaa" in out
+        assert f"{tmp_path}/inner/b.Jsonl  run bbbbbbbbbbbb" in out
+        assert out.endswith("2 run(s): 2 verified, 0 do not verify\n")
+
+    def test_the_empty_path_is_a_usage_error(self, tmp_path, capsys, monkeypatch):
+        """'' is no log (pathlib would read it as '.', the current directory): exit 2, said once."""
+        runs_file(tmp_path / "a.jsonl", ["aaaaaaaaaaaa"])
+        monkeypatch.chdir(tmp_path)
+        for args in ([""], ["a.jsonl", ""]):
+            code, out, err = audit(*args, capsys=capsys)
+            assert (code, out) == (2, "")
+            assert err == (
+                "fsm-learner audit: '': the empty path names no log; give a log file or a "
+                "directory of them ('.' for the current directory)\n"
+            )
+
 
 # -- memory does not grow with line length or run count -----------------------------------
 
@@ -546,7 +570,8 @@ class TestBlocks:
         """More runs begun than MAX_OPEN_RUNS, none ending: the one silent longest goes early."""
         chunks, prev = [], ""
         for i in range(MAX_OPEN_RUNS + 1):
-            [block], head = seal_blocks(f"{i:012x}", [run_lines(f"{i:012x}", prev=prev)[:1]])
+            block_lines = run_lines(f"{i:012x}", prev=prev)[:1]
+            [block], head = seal_blocks(f"{i:012x}", [block_lines], before=bytes.fromhex(prev))
             chunks.append(block)
             prev = head.hex()
         (tmp_path / "x.jsonl").write_bytes(b"".join(chunks))

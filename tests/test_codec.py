@@ -17,6 +17,7 @@ from fsm_learner.audit.codec import (
     Transition,
     TransitionReader,
     decode,
+    derive_key,
     note_fields,
     route_keys,
 )
@@ -105,3 +106,21 @@ class TestRefused:
         line = b'{"run":"a","seq":0,"t":0,"ev":"run_start","schema":1,"keyed":false,"h":"00"}'
         with pytest.raises(RecordError, match="schema version 1"):
             decode(line)
+
+
+class TestKeys:
+    def test_a_key_of_any_bytes_from_the_environment(self, monkeypatch):
+        """A key that is not UTF-8 reaches os.environ with surrogate escapes: it used to crash.
+
+        It derives the same key as the raw bytes given to the Learner.
+        """
+        monkeypatch.setenv("FSM_LEARNER_AUDIT_KEY", "\udcff\udcfek")  # the bytes ff fe 6b
+        assert derive_key(None) == derive_key(b"\xff\xfek")
+        assert derive_key(None) is not None
+
+
+class TestNoteSize:
+    def test_the_name_counts_in_bytes(self):
+        """A name of 300,000 emoji (1.2 MB in UTF-8) used to pass as 300,000 characters."""
+        with pytest.raises(ValueError, match="bytes as JSON"):
+            note_fields("\N{GRINNING FACE}" * 300_000, {})

@@ -32,9 +32,13 @@ def headers(path) -> list[Header]:
 
 
 def sealed_blocks(path) -> dict[str, list[list[bytes]]]:
-    """Each run's blocks, checked the way the writer makes them: n lines of one run, sealed."""
+    """Each run's blocks, checked the way the writer makes them: n lines of one run, sealed.
+
+    Each seal chains the run's previous seal, the file's previous seal and the block.
+    """
     lines = path.read_bytes().splitlines(keepends=True)
     heads: dict[str, bytes] = {}
+    before = b""
     blocks: dict[str, list[list[bytes]]] = {}
     block: list[bytes] = []
     chain = SealChain(None)
@@ -45,9 +49,9 @@ def sealed_blocks(path) -> dict[str, list[list[bytes]]]:
             continue
         assert len(block) == record.count, "a seal counts the lines since the last seal"
         assert {decode(b).run for b in block} == {record.run}, "a block holds one run"
-        head = chain.digest(heads.get(record.run, b""), b"".join(block))
+        head = chain.digest(heads.get(record.run, b""), before, b"".join(block))
         assert head == record.digest
-        heads[record.run] = head
+        heads[record.run] = before = head
         blocks.setdefault(record.run, []).append(block)
         block = []
     assert block == [], "nothing after the last seal"
@@ -110,6 +114,34 @@ class TestPrev:
         learner(path).fit(1)
         assert headers(path)[1].prev == first.head
         assert b'{"ev":"begin_fit","run":"cut-off\n' in path.read_bytes()
+
+    def test_a_seal_whose_newline_was_lost_binds_the_next_run(self, tmp_path):
+        """A file cut just before its final newline still ends in a seal: the next run binds to it.
+
+        The writer used to skip the unterminated seal while the audit, once the line was
+        ended, counted it: the honest next run then read as bound to the wrong seal.
+        """
+        path = tmp_path / "runs.jsonl"
+        first = learner(path).fit(1)
+        path.write_bytes(path.read_bytes()[:-1])
+        second = learner(path).fit(1)
+        assert headers(path)[1].prev == first.head
+        sealed_blocks(path)
+        reports, problem = audit_file(path)
+        assert problem is None
+        assert [(r.run_id, r.verified) for r in reports] == [
+            (first.run_id, True),
+            (second.run_id, True),
+        ]
+
+    def test_an_unsealed_tail_of_any_size_is_looked_past(self, tmp_path):
+        """A killed writer's unsealed tail longer than any window: prev is the seal before it."""
+        path = tmp_path / "runs.jsonl"
+        first = learner(path).fit(1)
+        tail = b'{"ev":"note","run":"killed","name":"x","blob":"' + b"y" * 300_000 + b'"}\n'
+        path.write_bytes(path.read_bytes() + tail * 12)  # 3.6 MB, no seal
+        learner(path).fit(1)
+        assert headers(path)[1].prev == first.head
 
     def test_a_long_last_block_is_found(self, tmp_path):
         """The last seal may lie far further back than the first window the writer reads."""

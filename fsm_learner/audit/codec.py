@@ -10,11 +10,12 @@ blocks; each block is followed by one ``seal`` record::
     {"ev":"seal","run":"d5a6..","n":14,"h":"9f0c.."}
 
 The seal's ``h`` is a BLAKE2b (keyed with the chain key, when there is one) over the
-previous seal's digest of the same run and the exact bytes of the ``n`` lines before the
-seal: editing, removing, inserting or reordering records, or whole blocks, breaks it, and
-without the key nobody can recompute it. Records carry no hash of their own. The
-header's ``prev`` binds the run to its file: it is the digest of the last seal written
-before the header (of any run), "" at the start of a file.
+previous seal of the same run, the previous seal line in the file (of whatever run) and
+the exact bytes of the ``n`` lines before the seal, and a seal line must be exactly the
+bytes the encoder renders: editing, removing, inserting or reordering records, blocks or
+whole runs breaks a seal, and without the key nobody can recompute one. Records carry no
+hash of their own. The header's ``prev`` names the file's last seal before the run (""
+at the start of a file): its first block's binding, readable.
 
 The loop counters are spelled the same in every record that has them: ``ep`` (epoch),
 ``it`` (batch within the pass) and ``tr`` (training pass or not); ``t`` is nanoseconds
@@ -22,9 +23,9 @@ since the run started. ``record.schema.json`` (next to this module) documents ev
 
 Encoding is byte templates (a transition's fields are fixed per route, only the numbers
 vary). Decoding comes in two speeds that agree: ``decode`` parses one line of any kind and
-checks every field, with a one-line reason for what is wrong; ``TransitionScan`` reads a
-block's transition lines in bulk, recognising the writer's exact bytes, and leaves every
-other line to ``decode``.
+checks every field, with a one-line reason for what is wrong; ``TransitionReader`` reads a
+run's transition lines in bulk when they are all the writer's exact bytes, and leaves
+anything else to ``decode``.
 """
 
 from __future__ import annotations
@@ -183,35 +184,40 @@ def derive_key(material: bytes | str | None) -> bytes | None:
         material = os.environ.get(KEY_ENV) or None
     if material is None or material in {"", b""}:
         return None
-    raw = material.encode() if isinstance(material, str) else bytes(material)
+    # surrogateescape: a key read from the environment may be any bytes, as os.environb has them
+    raw = material.encode("utf-8", "surrogateescape") if isinstance(material, str) else material
     return hashlib.blake2b(raw, digest_size=32, person=b"fsm-learner-key").digest()
 
 
 class SealChain:
-    """The digests sealing one run's blocks, as the writer makes them and the audit checks.
+    """The digests sealing a run's blocks, as the writer makes them and the audit checks.
 
-    ``digest(head, block)`` is BLAKE2b(head + block), keyed when the chain is; ``head``
-    is the run's previous seal digest (b"" before its first block).
+    ``digest(head, before, block)`` is BLAKE2b over the run's previous seal ``head`` (b""
+    before its first block), the file's previous seal ``before`` (the digest of the last
+    seal line before the block, of whatever run; b"" at the start of a file) and the
+    block's exact bytes; keyed when the chain is. Binding every block to both makes the
+    file one chain: a block (or a run) removed, moved or inserted breaks the seal after it.
     """
 
     def __init__(self, key: bytes | None) -> None:
         """Chain keyed when ``key`` is given."""
         self._base = hashlib.blake2b(digest_size=DIGEST_BYTES, key=key or b"")
 
-    def digest(self, head: bytes, block: bytes | memoryview) -> bytes:
-        """Return the seal of ``block`` after the seal ``head``."""
-        hasher = self._base.copy()
-        hasher.update(head)
+    def digest(self, head: bytes, before: bytes, block: bytes | memoryview) -> bytes:
+        """Return the seal of ``block`` after the run's seal ``head`` and the file's ``before``."""
+        hasher = self.begin(head, before)
         hasher.update(block)
         return hasher.digest()
 
-    def begin(self, head: bytes) -> hashlib.blake2b:
-        """Return a hasher primed with ``head``: feed it a block piece by piece, then digest.
+    def begin(self, head: bytes, before: bytes) -> hashlib.blake2b:
+        """Return a hasher primed with both seals: feed it a block piece by piece, then digest.
 
-        ``begin(head)`` fed ``block`` digests to ``digest(head, block)``.
+        ``begin(head, before)`` fed ``block`` digests to ``digest(head, before, block)``.
         """
         hasher = self._base.copy()
+        hasher.update(bytes((len(head), len(before))))  # lengths first: no two readings
         hasher.update(head)
+        hasher.update(before)
         return hasher
 
 
@@ -265,7 +271,7 @@ def note_fields(name: object, fields: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(msg)
     values = {k: json_value(k, v) for k, v in fields.items()}
     try:
-        size = len(orjson.dumps(values)) + len(name)
+        size = len(orjson.dumps(values)) + len(orjson.dumps(name))
     except orjson.JSONEncodeError as exc:
         msg = f"audit note {safe_text(name)!r} cannot be written as JSON: {exc}"
         raise TypeError(msg) from None
@@ -554,12 +560,16 @@ def kind_of(record: Mapping[str, Any]) -> str:
 
 
 def decode(line: bytes) -> Record:
-    """Parse one line (its newline optional) and check every field; raise RecordError."""
+    """Parse one line (its newline optional) and check every field; raise RecordError.
+
+    A seal must also be in the writer's exact bytes: whatever reads seals (the audit, the
+    writer looking for the file's last seal) then agrees on which lines are seals.
+    """
     record = _parse(line)
     event = kind_of(record)
     run: str = _get(record, Field.RUN, str)
     if event == RecordKind.SEAL:
-        return _seal(record, run)
+        return _exact(_seal(record, run), line)
     t_ns = _count(record, Field.TIME_NS)
     if event == RecordKind.RUN_START:
         return _header(record, run, t_ns)
@@ -660,6 +670,21 @@ def _seal(record: dict[str, Any], run: str) -> Seal:
             f"digits, got {shown(digest)}"
         )
     return Seal(run, count, bytes.fromhex(digest))
+
+
+def _exact(seal: Seal, line: bytes) -> Seal:
+    """Refuse a seal line in any bytes but the writer's.
+
+    No hash covers a seal line, so its bytes are fixed instead: those ``Encoder.seal``
+    renders (a newline at the end optional, as for every line ``decode`` reads).
+    """
+    written = Encoder(seal.run).seal(seal.count, seal.digest)
+    if line != written and line != written[:-1]:
+        _fail(
+            "a seal not in the writer's exact form (its fields reordered, respaced, added to "
+            "or repeated)"
+        )
+    return seal
 
 
 # -- seal lines ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Finding and reading log files: regular files only, lines of bounded length.
 
-A log is a regular file. A FIFO would block the reader forever, a device (a symlink to
+A log is a regular file; in a directory, one named ``*.jsonl`` in any case (as the
+learner takes ``audit_log``). A FIFO would block the reader forever, a device (a symlink to
 ``/dev/zero``) would stream without end: ``log_files`` refuses both when it expands the
 paths it is given, and ``open_log`` checks again on the descriptor it opened
 (non-blocking, so a FIFO swapped in between cannot block). ``read_chunks`` reads the
@@ -207,7 +208,7 @@ def _expand(path: Path) -> tuple[_Found, list[str]]:
         return [], [_not_a_file(path)]
     found: _Found = []
     errors: list[str] = []
-    for file in sorted(path.rglob("*.jsonl")):
+    for file in sorted(filter(_is_log_name, path.rglob("*"))):
         try:
             info = file.stat()
         except OSError as exc:
@@ -220,6 +221,11 @@ def _expand(path: Path) -> tuple[_Found, list[str]]:
     if not found and not errors:
         errors.append(f"{file_name(path)}: a directory with no *.jsonl audit log in it")
     return found, errors
+
+
+def _is_log_name(path: Path) -> bool:
+    """Whether a file found in a directory is named as a log: .jsonl in any case, as fit writes."""
+    return path.suffix.lower() == ".jsonl"
 
 
 def _not_a_file(path: Path) -> str:

@@ -1,19 +1,24 @@
 """Replaying audit logs: verify each run's sealed blocks against the table, and summarise it.
 
 A log (schema 2, ``fsm_learner.audit.codec``) is a file of blocks: whole record lines
-and one seal line, ``h = BLAKE2b(previous seal of the same run + the block's exact
-bytes)``. Several writers may share a file, so blocks of different runs interleave; a
-block is the lines after the previous seal (of any run), up to its own. ``FileAudit``
+and one seal line, ``h = SealChain(key).digest(run's previous seal, file's previous seal,
+the block's exact bytes)``. Several writers may share a file, so blocks of different runs
+interleave; a block is the lines after the previous seal (of any run), up to its own, and
+the file's previous seal is the last seal line before it, whatever its run and whether
+that run verifies: what the writer found there. A seal line must be in the writer's exact
+bytes (``decode`` refuses any other), since no hash covers it. ``FileAudit``
 streams a file in chunks and yields one ``RunReport`` per run as soon as the run is
 done: its footer sealed, or a problem found (the rest of it is then skipped). Runs
 still open at the end of the file are reported as truncated.
 
 A run verifies when each of its blocks holds only its records and matches its seal
-(same run, same line count, same digest), every transition is a route of the table
+(same run, same line count, same digest: a block of any run removed, moved or inserted
+breaks the seal of the block after it), every transition is a route of the table
 (``machine.table_routes``) leaving the state the one before entered, time never goes
 backwards, the header opens the run's first block, names this table and binds to the
 file (``prev``: the last seal before it), and the footer ends the run, agreeing with
-the replay (records, counts, machine idle, hook time that fits). A line that is no
+the replay (records, counts, machine idle, a status its last transition gives: ``end_fit``
+completed, ``cancel_fit`` cancelled, ``fail`` failed; hook time that fits). A line that is no
 record, or a record of another run, cuts the block it is in: that block was never
 sealed. ``RunSet`` checks the runs taken together: no (run id, rank) twice, each
 expected chain head ending exactly one run (a run's head is its last seal).
@@ -275,6 +280,12 @@ class RunReport:
         return self.problem is None and self.status is not RunStatus.TRUNCATED
 
     @property
+    def keyed(self) -> bool | None:
+        """Whether the run's chain is keyed, as its header says (None: no header read)."""
+        keyed = self.header.get(Field.KEYED.value)
+        return keyed if isinstance(keyed, bool) else None
+
+    @property
     def epochs(self) -> int:
         """Training passes begun (one per epoch)."""
         return self.counts[Trigger.BEGIN_EPOCH.value, True]
@@ -297,6 +308,7 @@ class RunReport:
             "run_id": self.run_id,
             "status": self.status.value,
             "verified": self.verified,
+            "keyed": self.keyed,
             "problem": None if self.problem is None else attrs.asdict(self.problem),
             "records": self.records,
             "transitions": self.transitions,
@@ -349,6 +361,8 @@ class _Tally:
     """Per route: the time spent before its records (in its source state)."""
     slow: list[_Slow] = attrs.Factory(list)
     failed_at: tuple[int, int, int] | None = None
+    last_route: int = -1
+    """The route of the last transition (-1: none yet): how the run ended."""
     footer: Footer | None = None
 
     def copy(self) -> _Tally:
@@ -392,6 +406,7 @@ def _step(tally: _Tally, route: int, numbers: list[int], at: int, line: int) -> 
     if trigger == _FAIL:
         tally.failed_at = (route, epoch, it)
     tally.state, tally.training = tables.dest[route], training
+    tally.last_route = route
     tally.t_ns = tally.last_ns = t_ns
     tally.records += 1
     tally.transitions += 1
@@ -433,6 +448,7 @@ def _bulk(tally: _Tally, batch: Transitions, line: int) -> bool:
         at = max(routes.rfind(route) for route in set(fails))
         tally.failed_at = (routes[at], numbers[3 * at], numbers[3 * at + 1])
     tally.state, tally.training = dests[-1], tables.keys[routes[-1]][3]
+    tally.last_route = routes[-1]
     tally.t_ns = tally.last_ns = times[-1]
     tally.records += len(routes)
     tally.transitions += len(routes)
@@ -533,6 +549,7 @@ def _replay_footer(tally: _Tally, footer: Footer, line: int) -> None:
     if tally.state != _IDLE:
         state = _state_name(tally.state)
         raise _Invalid(line, f"run_end while the replayed machine is in {state!r}, not idle")
+    _check_status(tally, footer.status, line)
     spent = _work_before_hooks(tally, footer.t_ns)
     hooks = _hook_work(footer, tally.routes, line)
     for work, ns in hooks.items():
@@ -545,6 +562,27 @@ def _replay_footer(tally: _Tally, footer: Footer, line: int) -> None:
     tally.footer = footer
     tally.records += 1
     tally.last_ns = footer.t_ns
+
+
+_ENDED_BY: Final = {
+    RunStatus.COMPLETED: Trigger.END_FIT.value,
+    RunStatus.CANCELLED: Trigger.CANCEL_FIT.value,
+    RunStatus.FAILED: Trigger.FAIL.value,
+}
+"""The transition a run ends with, by its footer's status (a fit failing before ``begin_fit``
+fires ``fail`` from idle: it ends with ``fail`` too)."""
+
+
+def _check_status(tally: _Tally, status: RunStatus, line: int) -> None:
+    """Check the footer's status against the replay: the run's last transition says it."""
+    last = _tables().keys[tally.last_route][0] if tally.last_route >= 0 else None
+    expected = _ENDED_BY.get(status)
+    if last != expected:
+        ended = f"its last transition is {last}" if last else "it has no transition"
+        raise _Invalid(
+            line,
+            f"run_end says {status.value}, but {ended}: a {status.value} run ends with {expected}",
+        )
 
 
 def _trigger_counts(routes: Counter[int]) -> dict[str, list[int]]:
@@ -805,6 +843,7 @@ class _FileState:
         self._salt = os.urandom(16)
         self._readers: dict[str, TransitionReader] = {}
         self.last_seal = b""
+        """The digest of the last seal line read, of any run: the next block binds to it."""
         self.problem: Problem | None = None
         self.stopped = False
         self.runs = 0
@@ -882,7 +921,12 @@ class _FileState:
         if run is None:
             return _Block(self.line, run_id, None, self._reader(run_id or ""))
         return _Block(
-            self.line, run_id, run, run.reader, self.chain.begin(run.head), run.tally.copy()
+            self.line,
+            run_id,
+            run,
+            run.reader,
+            self.chain.begin(run.head, self.last_seal),
+            run.tally.copy(),
         )
 
     def _reader(self, run_id: str) -> TransitionReader:
@@ -1083,7 +1127,7 @@ class _FileState:
         hint = " (or the wrong key)" if self.key is not None else ""
         return (
             "the seal does not match the lines: a line was edited, inserted, removed or "
-            f"moved{hint}"
+            f"moved, or a block before it in the file (of any run){hint}"
         )
 
     def _cut(self, reason: str, line: int) -> None:

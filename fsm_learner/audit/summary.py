@@ -154,6 +154,14 @@ def _failure_line(failure: Mapping[str, object], at: Mapping[str, object]) -> st
     )
 
 
+def _chain(report: RunReport) -> str:
+    """Say whether the run's chain is keyed: unkeyed, anyone can recompute its seals."""
+    keyed = report.keyed
+    if keyed is None:
+        return "chain not read"
+    return "keyed chain" if keyed else "unkeyed chain"
+
+
 def _describe(report: RunReport) -> list[str]:
     verdict = "verified" if report.verified else "DOES NOT VERIFY"
     run_id = _text(report.run_id, _RUN_ID_SHOWN) or "?"
@@ -168,7 +176,7 @@ def _describe(report: RunReport) -> list[str]:
     )
     lines.append(
         f"  records {report.records}, transitions {report.transitions}, "
-        f"wall {report.wall_ns / 1e9:.3f} s, head {report.head or '-'}",
+        f"wall {report.wall_ns / 1e9:.3f} s, head {report.head or '-'} ({_chain(report)})",
     )
     if report.failure is not None:
         lines.append(_failure_line(report.failure, report.failed_at or {}))

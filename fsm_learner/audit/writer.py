@@ -45,7 +45,6 @@ if sys.platform != "win32":
 
 from fsm_learner._display import safe_text
 from fsm_learner.audit.codec import (
-    MAX_LINE_BYTES,
     SEAL_START,
     Encoder,
     FailureField,
@@ -166,6 +165,8 @@ class _Block:
     items: list[PendingRecord]
     mark: _Mark
     closing: _Closing | None = None
+    before: bytes = b""
+    """The digest of the file's last seal line (of any run) before this block: it binds to it."""
     prev: bytes | None = None
     """For the run's first block: the file's last seal, which the header binds to."""
     data: bytes = b""
@@ -255,7 +256,7 @@ class SealBlock:
         """Hand the sealed block to the file."""
         block: _Block = event_dict["block"]
         count = len(block.items) + (block.prev is not None) + (block.closing is not None)
-        block.head = self.chain.digest(block.mark.head, block.data)
+        block.head = self.chain.digest(block.mark.head, block.before, block.data)
         block.data += self.encoder.seal(count, block.head)
         return {"block": block}
 
@@ -263,8 +264,6 @@ class SealBlock:
 _OPEN_FLAGS: Final = (
     os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_NONBLOCK", 0) | os.O_CLOEXEC
 )
-_TAIL_SCAN: Final = 2 * MAX_LINE_BYTES + 2
-"""How far back from the end of a log the writer looks for the last seal."""
 _FIRST_WINDOW: Final = 512
 _LAST_BLOCKS: dict[tuple[int, int], tuple[int, int, bytes]] = {}
 """Per file (device, inode): its size and modification time after this process's last
@@ -296,10 +295,29 @@ def open_log_file(path: Path) -> io.FileIO:
 
     Opened non-blocking, so a FIFO cannot hang the fit, and checked with ``fstat`` on
     the open descriptor, so what is checked is what is written. A ``FileIO`` closes in
-    one call, whatever interrupts it, and never twice.
+    one call, whatever interrupts it, and never twice; until it is returned, whatever
+    interrupts closes it (a local left in a traceback's frame would keep it open).
     """
+    fh = None
     try:
-        fh = io.FileIO(path, "a+", opener=_open_flags)
+        fh = _file_io(path)
+        _check_regular(path, fh)
+        return fh  # noqa: TRY300 (the return too is inside: an interrupt there closes it)
+    except BaseException:
+        if fh is not None:
+            fh.close()
+        raise
+
+
+def _check_regular(path: Path, fh: io.FileIO) -> None:
+    mode = os.fstat(fh.fileno()).st_mode
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode)
+
+
+def _file_io(path: Path) -> io.FileIO:
+    try:
+        return io.FileIO(path, "a+", opener=_open_flags)
     except OSError as exc:
         try:
             mode = path.stat().st_mode
@@ -308,15 +326,6 @@ def open_log_file(path: Path) -> io.FileIO:
         if not stat.S_ISREG(mode):
             raise _not_regular(path, mode) from None
         raise
-    try:
-        mode = os.fstat(fh.fileno()).st_mode
-    except BaseException:
-        fh.close()
-        raise
-    if not stat.S_ISREG(mode):
-        fh.close()
-        raise _not_regular(path, mode)
-    return fh
 
 
 def _open_making_dirs(path: Path) -> io.FileIO:
@@ -395,7 +404,7 @@ class JsonlFile:
                 cut = tail.find(b"\n")
                 tail = tail[cut + 1 :] if cut >= 0 else b""
             digest = last_seal(tail)
-            if digest or start == 0 or window >= _TAIL_SCAN:
+            if digest or start == 0:  # no cap: the audit binds to the same seal, however far
                 return digest
             window *= 8
         return b""
@@ -405,12 +414,15 @@ class JsonlFile:
         while view:
             view = view[os.write(self.fd, view) :]
 
-    def msg(self, block: _Block) -> None:
-        """Append the block (under the lock), after ending a line another writer cut short."""
+    def end_line(self) -> None:
+        """End a line another writer cut short (killed mid-write): ours start a line (locked)."""
         size = os.fstat(self.fd).st_size
         if size and size != self._end and os.pread(self.fd, 1, size - 1) != b"\n":
-            self._write_all(b"\n")  # a killed writer's cut line: ours starts a line
-            size += 1
+            self._write_all(b"\n")
+
+    def msg(self, block: _Block) -> None:
+        """Append the block (under the lock, the file ending a line)."""
+        size = os.fstat(self.fd).st_size
         block.start = size
         self._write_all(block.data)
         self._end = size + len(block.data)
@@ -569,8 +581,10 @@ class AuditWriter:
             if not count and closing is None and not first:
                 return
             block = _Block(pending[:count], mark, closing)
+            self._file.end_line()
+            block.before = self._file.last_seal()
             if first:
-                block.prev = self._file.last_seal()
+                block.prev = block.before
             self._attempt = block
             self._log.msg("block", block=block)
             self._commit(block)
