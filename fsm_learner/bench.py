@@ -1,14 +1,14 @@
 """``fsm-learner bench``: what the machine and its log cost per batch, against a bare loop.
 
-Each case runs, in one process and interleaved (bare, fsm, bare, fsm, ...), a bare
-PyTorch loop of ``epochs`` epochs (training pass with backward/step/zero_grad,
+For each model, in one process and interleaved (bare, fsm log off, fsm log on, bare, ...),
+a bare PyTorch loop of ``epochs`` epochs (training pass with backward/step/zero_grad,
 validation pass under no_grad, the same DataLoader) and ``Learner.fit(epochs)`` on an
-identical model. What a fit costs once (building the optimizer, opening, closing and
-writing the log) is measured apart, on a fit with no batch. Each run is
-timed with the process's CPU time (wall time plus a device sync on CUDA), each fsm run
-is divided by the bare run beside it, and the median of those per-pair ratios is
+identical model, with the log off and on. What a fit costs once (building the optimizer,
+opening, writing and closing the log) is measured apart, on a fit with no batch. Each run
+is timed with the process's CPU time (wall time plus a device sync on CUDA), each fsm run
+is divided by the bare run of its round, and the median of those per-round ratios is
 reported with its min and max: the machines this runs on are shared and noisy, and
-pairing cancels most of the drift. A benchmark, not a test: nothing here asserts.
+rounds cancel most of the drift. A benchmark, not a test: nothing here asserts.
 """
 
 from __future__ import annotations
@@ -147,29 +147,27 @@ def _n_batches(dls: DataLoaders) -> int:
     return sum(1 for _ in dls.train) + sum(1 for _ in dls.valid)
 
 
-def _paired(  # noqa: PLR0913 (what to run, and how)
-    name: str,
-    run_a: Callable[[], object],
-    run_b: Callable[[], object],
-    *,
-    pairs: int,
-    warmup: int,
-    batches: int,
-    timer: _Timer,
-) -> CaseResult:
-    """Time A and B interleaved; B/A ratios per pair."""
+def _rounds(
+    runs: Sequence[Callable[[], object]], *, pairs: int, warmup: int, timer: _Timer
+) -> list[list[float]]:
+    """Time ``runs`` in turn, ``pairs`` rounds after ``warmup``; the times per run."""
     for _ in range(warmup):
-        run_a()
-        run_b()
-    times_a, times_b = [], []
+        for run in runs:
+            run()
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(pairs):
-        times_a.append(timer(run_a))
-        times_b.append(timer(run_b))
+        for run, kept in zip(runs, times, strict=True):
+            kept.append(timer(run))
+    return times
+
+
+def _result(name: str, times_a: list[float], times_b: list[float], batches: int) -> CaseResult:
+    """B against A, round by round: the per-round ratios' median, min and max."""
     ratios = [b / a for a, b in zip(times_a, times_b, strict=True)]
     overheads = [(b - a) / batches * 1e6 for a, b in zip(times_a, times_b, strict=True)]
     return CaseResult(
         name=name,
-        pairs=pairs,
+        pairs=len(ratios),
         batches_per_run=batches,
         bare_us_per_batch=statistics.median(times_a) / batches * 1e6,
         fsm_us_per_batch=statistics.median(times_b) / batches * 1e6,
@@ -188,22 +186,33 @@ class _Knobs:
     epochs: int
 
 
-def _case(config: _Config, log_dir: Path | None, knobs: _Knobs) -> CaseResult:
+def _cases(config: _Config, log_dir: Path, knobs: _Knobs) -> list[CaseResult]:
+    """Time the bare loop, fsm with the log off and fsm with it on, in turn each round.
+
+    The two fsm runs are each divided by the bare run of the same round, so the log's
+    cost is read off runs made side by side.
+    """
     device, epochs = knobs.device, knobs.epochs
     dls = digits_dataloaders(config.batch_size, device=device)
-    bare_model, fsm_model = config.model(0).to(device), config.model(0).to(device)
+    bare_model = config.model(0).to(device)
     bare_opt = torch.optim.SGD(bare_model.parameters(), lr=_LR)
-    learn = Learner(fsm_model, dls, F.cross_entropy, _LR, audit_log=log_dir)
-    name = f"{config.name}, log {'on' if log_dir else 'off'}"
-    return _paired(
-        name,
-        lambda: _bare_epochs(bare_model, bare_opt, dls, epochs),
-        lambda: learn.fit(epochs),
+    off = Learner(config.model(0).to(device), dls, F.cross_entropy, _LR, audit_log=None)
+    on = Learner(config.model(0).to(device), dls, F.cross_entropy, _LR, audit_log=log_dir)
+    bare, fsm_off, fsm_on = _rounds(
+        [
+            lambda: _bare_epochs(bare_model, bare_opt, dls, epochs),
+            lambda: off.fit(epochs),
+            lambda: on.fit(epochs),
+        ],
         pairs=knobs.pairs,
         warmup=knobs.warmup,
-        batches=_n_batches(dls) * epochs,
         timer=_Timer(device),
     )
+    batches = _n_batches(dls) * epochs
+    return [
+        _result(f"{config.name}, log off", bare, fsm_off, batches),
+        _result(f"{config.name}, log on", bare, fsm_on, batches),
+    ]
 
 
 class _NoOp(Callback):
@@ -217,15 +226,14 @@ def _noop_case(knobs: _Knobs) -> CaseResult:
     plain = Learner(config.model(0).to(device), dls, F.cross_entropy, _LR, audit_log=None)
     noops = [_NoOp() for _ in range(N_NOOP_CALLBACKS)]
     busy = Learner(config.model(0).to(device), dls, F.cross_entropy, _LR, noops, audit_log=None)
-    return _paired(
-        f"tiny, {N_NOOP_CALLBACKS} no-op callbacks vs none",
-        lambda: plain.fit(epochs),
-        lambda: busy.fit(epochs),
+    plain_times, busy_times = _rounds(
+        [lambda: plain.fit(epochs), lambda: busy.fit(epochs)],
         pairs=knobs.pairs,
         warmup=knobs.warmup,
-        batches=_n_batches(dls) * epochs,
         timer=_Timer(device),
     )
+    name = f"tiny, {N_NOOP_CALLBACKS} no-op callbacks vs none"
+    return _result(name, plain_times, busy_times, _n_batches(dls) * epochs)
 
 
 def _fixed_cost_us(target: Path | None, *, pairs: int) -> float:
@@ -338,7 +346,7 @@ def run_bench(  # noqa: PLR0913 (each knob is a command-line option)
     with tempfile.TemporaryDirectory(prefix="fsm-learner-bench-") as tmp:
         log_dir = Path(tmp) / "runs"
         knobs = _Knobs(dev, pairs, warmup, epochs)
-        cases = [_case(CONFIGS[name], log, knobs) for name in configs for log in (None, log_dir)]
+        cases = [case for name in configs for case in _cases(CONFIGS[name], log_dir, knobs)]
         noop = _noop_case(knobs)
         per_transition = _bytes_per_transition(log_dir)
         fixed_off = _fixed_cost_us(None, pairs=pairs)
