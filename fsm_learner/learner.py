@@ -599,6 +599,8 @@ class Learner:
         self._node = self._compiled[training][self._state]
         self.model.train(training)
         self.dl = self.dls.train if training else self.dls.valid
+        logged = self._pending is not None
+        flush_if_due = self._the_run().flush_if_due  # looked up once a pass, not per batch
         try:
             with torch.set_grad_enabled(training):
                 self._fire(Trigger.BEGIN_EPOCH)
@@ -606,8 +608,8 @@ class Learner:
                     self._iter = i
                     self.batch = batch
                     self._one_batch()
-                    if self._pending is not None:
-                        self._the_run().flush_if_due()
+                    if logged:
+                        flush_if_due()
                 self._fire(Trigger.END_EPOCH)
         except CancelEpochException:
             self._fire(Trigger.CANCEL_EPOCH)

@@ -59,11 +59,23 @@ class Run:
     def __init__(self) -> None:
         """Start a run with a new id and no log yet (``open`` opens it)."""
         self.run_id = uuid.uuid4().hex[:12]
-        self.path: Path | None = None
         self.head: str | None = None
         self.status: RunStatus | None = None
         self._writer: AuditWriter | None = None
-        self.pending: list[PendingRecord] | None = None
+        self._path: Path | None = None
+        """Where the log went, kept when the writer is let go."""
+
+    @property
+    def pending(self) -> list[PendingRecord] | None:
+        """The writer's pending records, the list the learner appends transitions to."""
+        writer = self._writer
+        return None if writer is None else writer.pending
+
+    @property
+    def path(self) -> Path | None:
+        """Where the run's log goes (None: no log)."""
+        writer = self._writer
+        return self._path if writer is None else writer.path
 
     def open(
         self,
@@ -91,7 +103,6 @@ class Run:
         path = log_path(target, self.run_id, rank)
         # one statement: from here on, whatever interrupts, abandon() closes the file
         self._writer = AuditWriter(path, run_id=self.run_id, key=key, header=header)
-        self.pending, self.path = self._writer.pending, path
 
     def start(self) -> None:
         """Say the run started; its header goes out with its first block (within a second)."""
@@ -107,11 +118,6 @@ class Run:
             note_fields(name, fields)
             return
         writer.note(name, fields, epoch=epoch, it=it, tr=training)
-
-    def flush(self) -> None:
-        """Write what is pending (at a pass end, or when ``pending`` is long)."""
-        if self._writer is not None:
-            self._writer.flush()
 
     def flush_if_due(self) -> None:
         """Write what is pending if the last write is a second ago, or ``pending`` is long."""
@@ -161,14 +167,13 @@ class Run:
     ) -> None:
         """Close the run as failed: fail record (``fire_fail``) unless logged, footer, file.
 
-        A header whose write was cut short is written again. Interrupted, the run stays
-        open, so that the learner can call this again (and ``abandon`` it at last).
+        What is pending (the header too, if it never made it) goes out with the footer.
+        Interrupted, the run stays open, so that the learner can call this again (and
+        ``abandon`` it at last).
         """
         self.status = RunStatus.FAILED
         writer = self._writer
         if writer is not None and not writer.footed:
-            if not writer.started:
-                writer.flush()  # the header's write was interrupted: once more
             if not writer.has(Trigger.FAIL):
                 fire_fail()
             self.head = writer.finish(
@@ -185,7 +190,10 @@ class Run:
             writer.abandon()
 
     def _detach(self) -> None:
-        self._writer = self.pending = None
+        writer = self._writer
+        if writer is not None:
+            self._path = writer.path
+        self._writer = None
 
 
 def _per_trigger(hook_ns: Mapping[tuple[Trigger, bool], int]) -> dict[str, list[int]]:

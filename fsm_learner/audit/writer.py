@@ -167,8 +167,8 @@ class _Block:
     closing: _Closing | None = None
     before: bytes = b""
     """The digest of the file's last seal line (of any run) before this block: it binds to it."""
-    prev: bytes | None = None
-    """For the run's first block: the file's last seal, which the header binds to."""
+    first: bool = False
+    """Whether this is the run's first block: it opens with the header (``prev``: ``before``)."""
     data: bytes = b""
     head: bytes = b""
     tally: dict[RouteKey, int] = attrs.Factory(dict)
@@ -203,8 +203,8 @@ class RenderBlock:
         """Fill in the block's lines, transition counts and state."""
         block: _Block = event_dict["block"]
         lines: list[bytes] = []
-        if block.prev is not None:
-            lines.append(self.encoder.header(self.header, keyed=self.keyed, prev=block.prev))
+        if block.first:
+            lines.append(self.encoder.header(self.header, keyed=self.keyed, prev=block.before))
         append, template, t0 = lines.append, self.encoder.template, self.t0_ns
         keys: list[RouteKey] = []
         add_key = keys.append
@@ -255,7 +255,7 @@ class SealBlock:
     ) -> dict[str, _Block]:
         """Hand the sealed block to the file."""
         block: _Block = event_dict["block"]
-        count = len(block.items) + (block.prev is not None) + (block.closing is not None)
+        count = len(block.items) + block.first + (block.closing is not None)
         block.head = self.chain.digest(block.mark.head, block.before, block.data)
         block.data += self.encoder.seal(count, block.head)
         return {"block": block}
@@ -466,10 +466,6 @@ class JsonlFile:
         if mine.st_size == 0 and (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
             self.path.unlink()
 
-    def sync(self) -> None:
-        """Ask the OS to put the file on disk."""
-        os.fsync(self.fd)
-
     @property
     def closed(self) -> bool:
         """Whether the file is closed."""
@@ -522,16 +518,6 @@ class AuditWriter:
         return self._mark.head.hex()
 
     @property
-    def records_written(self) -> int:
-        """How many records of this run were written so far (header included)."""
-        return self._mark.records
-
-    @property
-    def started(self) -> bool:
-        """Whether the header is in the file (without it, nothing else may be written)."""
-        return self._mark.records > 0
-
-    @property
     def footed(self) -> bool:
         """Whether the footer is in the file."""
         return self._mark.footed
@@ -580,11 +566,8 @@ class AuditWriter:
             first = not mark.records
             if not count and closing is None and not first:
                 return
-            block = _Block(pending[:count], mark, closing)
             self._file.end_line()
-            block.before = self._file.last_seal()
-            if first:
-                block.prev = block.before
+            block = _Block(pending[:count], mark, closing, self._file.last_seal(), first)
             self._attempt = block
             self._log.msg("block", block=block)
             self._commit(block)
@@ -598,7 +581,7 @@ class AuditWriter:
 
     def _commit(self, block: _Block) -> None:
         items = block.items
-        records = block.mark.records + len(items) + (block.prev is not None)
+        records = block.mark.records + len(items) + block.first
         self._mark = _Mark(
             records,
             block.head,
