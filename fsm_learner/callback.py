@@ -1,15 +1,17 @@
 """The Callback base class, callback validation, and per-fit dispatch resolution.
 
 A callback overrides the hooks it needs; the hook names are the ``Hook`` values of the
-transition table. Besides hooks, callbacks may override the two pieces of work of a
-training batch: ``backward`` (default ``learn.loss.backward()``) and ``step`` (default
-``learn.opt.step(); learn.opt.zero_grad()``), which is where gradient accumulation,
-mixed precision and custom optimisation plug in. Overrides compose like middleware: in
+transition table. Besides hooks, callbacks may override the four pieces of work of a
+batch: ``predict`` (default: call the model on the batch's inputs, set ``learn.output``
+and ``learn.preds``), ``compute_loss`` (default: ``loss_func(preds, target)``, or the
+loss the model computed), ``backward`` (default ``learn.loss.backward()``) and ``step``
+(default ``learn.opt.step(); learn.opt.zero_grad()``), which is where autocast, gradient
+accumulation, mixed precision and custom optimisation plug in. Overrides compose like middleware: in
 ascending ``order``, each gets a ``proceed`` callable that runs the next override (or
 the default); one that does not call it replaces what comes after. Gradient accumulation
 (order lower) decides *whether* to step, mixed precision (order higher) *how*.
 
-Dispatch is resolved once per fit: for every hook, the bound methods of the callbacks
+Dispatch is resolved once per run: for every hook, the bound methods of the callbacks
 that implement it, in ascending ``order`` (ties in list order). The hot loop iterates
 those ready tuples; a callback that does not implement a hook costs nothing for it.
 """
@@ -20,7 +22,7 @@ import difflib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
 
 import attrs
 
@@ -36,6 +38,7 @@ __all__ = [
     "Callback",
     "Dispatch",
     "HookCall",
+    "MetricsProvider",
     "Override",
     "OverrideCall",
     "Proceed",
@@ -52,9 +55,35 @@ OverrideCall = Callable[["Learner", Proceed], None]
 """A bound ``backward`` or ``step`` override."""
 
 
-class Override(StrEnum):
-    """The pieces of a training batch's work that one callback may take over."""
+@runtime_checkable
+class MetricsProvider(Protocol):
+    """A callback that computes named values at each pass end (``callbacks.MetricsCB``).
 
+    ``values`` holds the last values of every pass, keyed ``<pass>_<name>``
+    (``valid_accuracy``), the keys ``names()`` lists: what monitors (early stopping,
+    model saving) watch. ``last_pass()`` holds the last pass's values by name alone
+    (``accuracy``): what ``Learner.validate`` returns.
+    """
+
+    @property
+    def values(self) -> Mapping[str, float]:
+        """The last value of each ``<pass>_<name>``."""
+        ...
+
+    def names(self) -> list[str]:
+        """The keys ``values`` will have."""
+        ...
+
+    def last_pass(self) -> Mapping[str, float]:
+        """The values of the last pass, by name alone."""
+        ...
+
+
+class Override(StrEnum):
+    """The pieces of a batch's work that one callback may take over."""
+
+    PREDICT = "predict"
+    COMPUTE_LOSS = "compute_loss"
     BACKWARD = "backward"
     STEP = "step"
 
@@ -107,7 +136,24 @@ class Callback:
         """Run after a CancelFitException abandoned the fit (after_fit does not run)."""
 
     def after_fail(self, learn: Learner) -> None:
-        """Run after an exception failed the fit; ``learn.failure`` says what and where."""
+        """Run after an exception failed the run; ``learn.failure`` says what and where."""
+
+    def cleanup_batch(self, learn: Learner) -> None:
+        """Run when a batch ends by any route (completed, cancelled, failed), after its hook."""
+
+    def cleanup_epoch(self, learn: Learner) -> None:
+        """Run when a pass ends by any route (completed, cancelled, failed), after its hook."""
+
+    def cleanup_fit(self, learn: Learner) -> None:
+        """Run when a fit ends by any route (completed, cancelled, failed), after its hook."""
+
+    def predict(self, learn: Learner, proceed: Proceed) -> None:  # noqa: ARG002 (the signature overrides keep)
+        """Override: set ``learn.preds`` (and ``learn.output``); ``proceed()`` runs the rest."""
+        proceed()
+
+    def compute_loss(self, learn: Learner, proceed: Proceed) -> None:  # noqa: ARG002 (the signature overrides keep)
+        """Override: set ``learn.loss`` from the batch's predictions; ``proceed()`` runs the rest."""
+        proceed()
 
     def backward(self, learn: Learner, proceed: Proceed) -> None:  # noqa: ARG002 (the signature overrides keep)
         """Override: compute gradients from ``learn.loss``; ``proceed()`` runs the rest."""
@@ -211,7 +257,7 @@ def _implements(cb: Callback, name: str) -> bool:
 
 @attrs.frozen
 class Dispatch:
-    """Which callbacks run on each hook, in order, and which override backward and step."""
+    """Which callbacks run on each hook, in order, and which override each piece of work."""
 
     hooks: Mapping[Hook, tuple[tuple[Callback, HookCall], ...]]
     overrides: Mapping[Override, tuple[Callback, ...]]
@@ -237,7 +283,7 @@ def _link(method: OverrideCall, inner: HookCall) -> HookCall:
 
 
 def resolve_dispatch(cbs: Iterable[Callback]) -> Dispatch:
-    """Work out, once per fit, the ordered bound hooks and the overrides."""
+    """Work out, once per run, the ordered bound hooks and the overrides."""
     ordered = sorted(cbs, key=lambda cb: cb.order)  # stable: ties keep list order
     hooks = {
         hook: tuple((cb, getattr(cb, hook)) for cb in ordered if _implements(cb, hook))

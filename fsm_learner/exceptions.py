@@ -12,6 +12,7 @@ is the guard of a cancel transition in the machine. Errors are failures of ours:
         ├── ConfigurationError           (also ValueError)
         ├── InvalidCallbackError         (also TypeError)
         ├── InvalidDataLoadersError      (also TypeError)
+        ├── InvalidBatchError            (also TypeError)  a batch or model output the loop cannot read
         └── InvalidTransitionError       (also RuntimeError)
             └── IllegalCancelError       a cancel raised where its transition is not allowed
 
@@ -29,6 +30,7 @@ __all__ = [
     "ConfigurationError",
     "FsmLearnerError",
     "IllegalCancelError",
+    "InvalidBatchError",
     "InvalidCallbackError",
     "InvalidDataLoadersError",
     "InvalidTransitionError",
@@ -64,7 +66,11 @@ class InvalidCallbackError(FsmLearnerError, TypeError):
 
 
 class InvalidDataLoadersError(FsmLearnerError, TypeError):
-    """The dls given to a Learner do not have iterable .train and .valid."""
+    """The dls given to a Learner do not have re-iterable .train and .valid."""
+
+
+class InvalidBatchError(FsmLearnerError, TypeError):
+    """A batch, or a model's output, has no part the loop needs (a target, a loss)."""
 
 
 class InvalidTransitionError(FsmLearnerError, RuntimeError):

@@ -2,8 +2,9 @@
 
 Every state change goes through ``Learner._fire``: it looks the trigger up in the
 routes compiled from ``TRANSITION_TABLE`` (an illegal trigger raises), runs the
-transition's hooks in order before or after the change as the table says, and numbers
-the transition. Nothing else changes ``learn.state``.
+transition's hooks in order before or after the change as the table says, then the
+cleanup hooks of the units it leaves, and numbers the transition. Nothing else changes
+``learn.state``. ``fit``, ``validate`` and ``get_preds`` are the three kinds of run.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, NoReturn
@@ -25,10 +26,19 @@ from torch import nn
 from fsm_learner._compat import add_note
 from fsm_learner._display import exception_text, safe_text
 from fsm_learner.audit.codec import KEY_ENV, FailureField, Field, RouteKey, RunStatus, derive_key
+from fsm_learner.batch import (
+    DEFAULT_TARGET_KEY,
+    batch_size,
+    batch_target,
+    model_args,
+    output_loss,
+    output_preds,
+)
 from fsm_learner.callback import (
     Callback,
     Dispatch,
     HookCall,
+    MetricsProvider,
     Override,
     chain_overrides,
     resolve_dispatch,
@@ -41,31 +51,43 @@ from fsm_learner.exceptions import (
     CancelFitException,
     ConfigurationError,
     IllegalCancelError,
+    InvalidBatchError,
     InvalidDataLoadersError,
     InvalidTransitionError,
 )
 from fsm_learner.machine import (
     HOOK_OF,
+    MODES,
     TIMING_OF,
     Hook,
     HookTiming,
+    Mode,
+    RunKind,
     State,
     Trigger,
     cancel_names,
     cancel_trigger,
+    cleanup_hooks,
     table_routes,
 )
 from fsm_learner.run import Run
 
-__all__ = ["DataLoaders", "Failure", "FitResult", "Learner", "OptimizerFactory"]
+__all__ = ["DataLoaders", "Failure", "FitResult", "Learner", "OptimizerFactory", "ParamGroups"]
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
-"""Called as ``opt_func(model.parameters(), lr)``, as in the seed."""
+"""Called as ``opt_func(params, lr)``: ``params`` is what ``param_groups(model)`` returns
+(``model.parameters()`` by default), as ``torch.optim`` optimizers take it."""
+ParamGroups = Callable[[nn.Module], Iterable[Any]]
+"""Called as ``param_groups(model)``: parameters, or parameter groups (dicts), for the optimizer."""
 
 
 @attrs.frozen
 class DataLoaders:
-    """The training and validation iterables of ``(x, y)`` batches."""
+    """The training and validation data: re-iterable collections of batches.
+
+    A batch is a tuple or list (inputs, then the target), a mapping (keyword inputs, and
+    the target under the learner's ``target_key``), or one input; see ``fsm_learner.batch``.
+    """
 
     train: Iterable[Any]
     valid: Iterable[Any]
@@ -119,6 +141,8 @@ class _Route:
     dest: State
     hook: Hook
     calls: tuple[tuple[Callback, HookCall], ...]
+    cleanups: tuple[tuple[Hook, Callback, HookCall], ...]
+    """The cleanup hooks of the units the transition leaves, innermost first."""
     hooks_first: bool
     count_key: tuple[Trigger, bool]
     record: RouteKey
@@ -131,25 +155,44 @@ _Node = dict[Trigger, _Route]
 _Routes = Mapping[State, _Node]
 
 
-def _compile(dispatch: Dispatch) -> Mapping[bool, _Routes]:
-    """Attach this fit's ordered hooks to the table's routes, for both values of training."""
-    return MappingProxyType(
-        {training: _compile_for(dispatch, training) for training in (True, False)},
+def _compile(dispatch: Dispatch) -> Mapping[Mode, _Routes]:
+    """Attach this run's ordered hooks to the table's routes, for every mode."""
+    return MappingProxyType({mode: _compile_for(dispatch, mode) for mode in MODES})
+
+
+def _cleanup_calls(
+    dispatch: Dispatch, source: State, dest: State, kind: RunKind
+) -> tuple[tuple[Hook, Callback, HookCall], ...]:
+    return tuple(
+        (hook, cb, call)
+        for hook in cleanup_hooks(source, dest, kind)
+        for cb, call in dispatch.hooks[hook]
     )
 
 
-def _compile_for(dispatch: Dispatch, training: bool) -> _Routes:
-    table = table_routes()[training]
+def _compile_for(dispatch: Dispatch, mode: Mode) -> _Routes:
+    kind, training = mode
+    table = table_routes()[mode]
     nodes: dict[State, _Node] = {state: {} for state in table}
     for source, by_trigger in table.items():
         for trigger, dest in by_trigger.items():
             hook = HOOK_OF[trigger]
             first = TIMING_OF[trigger] is HookTiming.BEFORE_CHANGE
             record = (trigger.value, source.value, dest.value, training)
-            # after_fail hooks run in Learner._fail, where their errors become notes
-            calls = () if trigger is Trigger.FAIL else dispatch.hooks[hook]
+            # the fail route's hooks (after_fail, cleanups) run in the failure path, guarded
+            failing = trigger is Trigger.FAIL
+            calls = () if failing else dispatch.hooks[hook]
+            cleanups = () if failing else _cleanup_calls(dispatch, source, dest, kind)
             nodes[source][trigger] = _Route(
-                trigger, dest, hook, calls, first, (trigger, training), record, nodes[dest]
+                trigger,
+                dest,
+                hook,
+                calls,
+                cleanups,
+                first,
+                (trigger, training),
+                record,
+                nodes[dest],
             )
     return MappingProxyType(nodes)
 
@@ -166,11 +209,34 @@ def _check_dls(dls: object) -> None:
         part = getattr(dls, name, None)
         if part is None or not isinstance(part, Iterable):
             msg = (
-                f"dls must have iterable .train and .valid of (x, y) batches "
+                f"dls must have iterable .train and .valid of batches "
                 f"(fsm_learner.DataLoaders(train_dl, valid_dl), say); got {type(dls).__name__} "
                 f"whose .{name} is {type(part).__name__ if part is not None else 'missing'}"
             )
             raise InvalidDataLoadersError(msg)
+        _check_reiterable(part, f"dls.{name}")
+
+
+def _check_reiterable(data: object, name: str) -> None:
+    """Refuse an iterator (a generator, say): it runs dry after one pass."""
+    if isinstance(data, Iterator):
+        msg = (
+            f"{name} is a {safe_text(type(data).__name__, 80)}, an iterator that can be read "
+            f"only once: every epoch after the first would train on no batch. Pass something "
+            f"that can be iterated again: a torch DataLoader, a list of batches, or an object "
+            f"whose __iter__ returns a new iterator each time"
+        )
+        raise InvalidDataLoadersError(msg)
+
+
+def _check_target_key(target_key: object) -> str:
+    if not isinstance(target_key, str) or not target_key:
+        msg = (
+            f"target_key must be a non-empty str (the target's key in a mapping batch, "
+            f"'labels' by default), got {_shown(target_key)}"
+        )
+        raise ConfigurationError(msg)
+    return target_key
 
 
 def _check_lr(lr: object) -> float:
@@ -244,6 +310,13 @@ def _check_log_kind(path: Path) -> None:
         raise ConfigurationError(msg)
 
 
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        msg = f"{name} must be True or False, got {_shown(value)}"
+        raise ConfigurationError(msg)
+    return value
+
+
 def _check_n_epochs(n_epochs: object) -> int:
     if isinstance(n_epochs, bool) or not isinstance(n_epochs, int) or n_epochs < 0:
         msg = f"n_epochs must be an int >= 0, got {n_epochs!r}"
@@ -264,50 +337,64 @@ class Learner:
     """Trains ``model`` on ``dls`` with ``loss_func``, driving the transition table.
 
     Readable in a hook: ``model``, ``opt``, ``dls``, ``dl``, ``loss_func``, ``lr``,
-    ``epoch``, ``n_epochs``, ``iter``, ``batch``, ``preds``, ``loss``, ``training``,
-    ``state``. A hook may replace ``batch``, ``preds`` and ``loss``; the counters and the
-    state are read-only and change only on completed transitions.
+    ``kind``, ``epoch``, ``n_epochs``, ``iter``, ``batch``, ``output``, ``preds``,
+    ``target``, ``loss``, ``training``, ``state``. A hook may replace ``batch``,
+    ``preds`` and ``loss``; the counters and the state are read-only and change only on
+    completed transitions.
     """
 
     def __init__(  # noqa: PLR0913, PLR0917 (the seed's positional signature)
         self,
         model: nn.Module,
         dls: DataLoaders | Any,
-        loss_func: Callable[[Any, Any], torch.Tensor] = F.mse_loss,
+        loss_func: Callable[[Any, Any], torch.Tensor] | None = F.mse_loss,
         lr: float = 0.1,
         cbs: Iterable[Callback] | Callback | None = None,
         opt_func: OptimizerFactory = torch.optim.SGD,
         *,
+        target_key: str = DEFAULT_TARGET_KEY,
+        param_groups: ParamGroups | None = None,
         audit_log: str | os.PathLike[str] | None = "runs",
         audit_key: bytes | str | None = None,
     ) -> None:
-        """Check the arguments; nothing runs until ``fit``.
+        """Check the arguments; nothing runs until ``fit``, ``validate`` or ``get_preds``.
 
-        ``audit_log`` is a directory (each fit writes ``<dir>/<run_id>.jsonl``), a
-        ``.jsonl`` file (each fit appends a run), or None for no log. ``audit_key``
-        (default: the ``FSM_LEARNER_AUDIT_KEY`` environment variable) keys the hash
-        chain; it is never written to the log.
+        ``loss_func(preds, target)`` computes a batch's loss; None means the model
+        computes its own (``out.loss``), given the whole batch. ``target_key`` names the
+        target in mapping batches. The optimizer is built at the first fit as
+        ``opt_func(param_groups(model), lr)`` (``param_groups`` defaults to
+        ``model.parameters``; ``fsm_learner.optim.weight_decay_groups`` spares biases and
+        norms) and kept across fits, unless ``learn.opt`` was set first.
+        ``audit_log`` is a directory (each run writes ``<dir>/<run_id>.jsonl``), a
+        ``.jsonl`` file (each run appends), or None for no log. ``audit_key`` (default:
+        the ``FSM_LEARNER_AUDIT_KEY`` environment variable) keys the hash chain; it is
+        never written to the log.
         """
         if not isinstance(model, nn.Module):
             msg = f"model must be a torch.nn.Module, got {type(model).__name__}"
             raise ConfigurationError(msg)
         _check_dls(dls)
-        for name, func in (("loss_func", loss_func), ("opt_func", opt_func)):
-            if not callable(func):
-                msg = f"{name} must be callable, got {func!r} of type {type(func).__name__}"
-                raise ConfigurationError(msg)
+        _check_callable("loss_func", loss_func, optional=True)
+        _check_callable("opt_func", opt_func)
+        _check_callable("param_groups", param_groups, optional=True)
         self.model = model
         self.dls = dls
         self.loss_func = loss_func
+        self.target_key = _check_target_key(target_key)
+        self.param_groups: ParamGroups = param_groups or _all_parameters
         self._lr = _check_lr(lr)
         self._cbs: list[Callback] = validate_callbacks(cbs)
         self.opt_func = opt_func
         self.opt: torch.optim.Optimizer | None = None
+        """Built at the first fit and kept; set it yourself to train with your own."""
         self.dl: Iterable[Any] = dls.train
         self.batch: Any = None
+        self.output: Any = None
+        """The model's output for the batch, as it returned it (``preds`` derive from it)."""
         self.preds: Any = None
         self.loss: torch.Tensor = torch.tensor(_NAN)
         self._state = State.IDLE
+        self._kind = RunKind.FIT
         self._epoch = 0
         self._n_epochs = 0
         self._iter = 0
@@ -317,30 +404,33 @@ class Learner:
         self._hook_ns: dict[tuple[Trigger, bool], int] = _zero_counts()
         self._failure: Failure | None = None
         self._origin: Failure | None = None
-        self._compiled: Mapping[bool, _Routes] = _compile(resolve_dispatch(()))
-        self._fail_calls: tuple[tuple[Callback, HookCall], ...] = ()
-        self._dispatch_key: tuple[tuple[int, object], ...] | None = None
-        self._dispatch_cbs: tuple[Callback, ...] = ()
-        self._node: _Node = self._compiled[False][State.IDLE]
+        self._dispatch = resolve_dispatch(())
+        self._compiled: Mapping[Mode, _Routes] = _compile(self._dispatch)
+        self._node: _Node = self._compiled[RunKind.FIT, False][State.IDLE]
+        self._fail_source = State.IDLE
+        self._predict: HookCall = _default_predict
+        self._compute_loss: HookCall = _default_loss
         self._backward: HookCall = _default_backward
         self._step: HookCall = _default_step
         self._audit_log = _check_audit_log(audit_log)
         self._audit_key = _check_audit_key(audit_key)
         self._run: Run | None = None
-        """The current (or last) fit's run."""
-        self._fitting = False
+        """The current (or last) run."""
         self._pending: list[Any] | None = None
 
     # -- settings, checked whenever they are set ------------------------------------
 
     @property
     def lr(self) -> float:
-        """The learning rate the optimizer is built with: a finite number >= 0."""
+        """The learning rate: the optimizer is built with it, and setting it sets the optimizer's."""
         return self._lr
 
     @lr.setter
     def lr(self, value: float) -> None:
         self._lr = _check_lr(value)
+        if self.opt is not None:
+            for group in self.opt.param_groups:
+                group["lr"] = self._lr
 
     @property
     def cbs(self) -> list[Callback]:
@@ -353,7 +443,7 @@ class Learner:
 
     @property
     def audit_log(self) -> Path | None:
-        """Where fits write their audit log: a directory, a .jsonl file, or None for none."""
+        """Where runs write their audit log: a directory, a .jsonl file, or None for none."""
         return self._audit_log
 
     @audit_log.setter
@@ -366,6 +456,17 @@ class Learner:
     def state(self) -> State:
         """The machine's current state."""
         return self._state
+
+    @property
+    def kind(self) -> RunKind:
+        """What the current (or last) run does: fit, validate or predict."""
+        return self._kind
+
+    @property
+    def running(self) -> bool:
+        """Whether a run is in progress (its closing hooks included)."""
+        run = self._run
+        return run is not None and run.active
 
     @property
     def epoch(self) -> int:
@@ -388,13 +489,18 @@ class Learner:
         return self._training
 
     @property
+    def target(self) -> Any:
+        """The current batch's target (None when it has none): see ``fsm_learner.batch``."""
+        return batch_target(self.batch, self.target_key)
+
+    @property
     def seq(self) -> int:
-        """How many transitions the current (or last) fit has made."""
+        """How many transitions the current (or last) run has made."""
         return sum(self._counts.values())
 
     @property
     def counts(self) -> Mapping[tuple[Trigger, bool], int]:
-        """Transitions made by the current (or last) fit, per (trigger, training)."""
+        """Transitions made by the current (or last) run, per (trigger, training)."""
         return MappingProxyType(self._counts)
 
     @property
@@ -404,7 +510,7 @@ class Learner:
 
     @property
     def run_id(self) -> str:
-        """The id of the current (or last) run; empty before the first fit."""
+        """The id of the current (or last) run; empty before the first run."""
         return "" if self._run is None else self._run.run_id
 
     @property
@@ -419,7 +525,7 @@ class Learner:
 
     @property
     def failure(self) -> Failure | None:
-        """What failed the last fit, or None when it did not fail."""
+        """What failed the last run, or None when it did not fail."""
         return self._failure
 
     def diagram(self, fmt: str = "mermaid") -> str:
@@ -432,9 +538,9 @@ class Learner:
 
         return render_text(callbacks_view(self.cbs), fmt)
 
-    # -- the loop --------------------------------------------------------------------
+    # -- the three kinds of run ------------------------------------------------------
 
-    def fit(self, n_epochs: int) -> FitResult:
+    def fit(self, n_epochs: int, *, reset_opt: bool = False) -> FitResult:
         """Train for ``n_epochs`` epochs, each a training pass then a validation pass.
 
         The loop, as the machine runs it (``[trigger]`` fires the hooks the table
@@ -446,88 +552,159 @@ class Learner:
                     [begin_epoch]                        fit   -> epoch   before_epoch
                     for iter, batch in enumerate(dl):
                         [begin_batch]                    epoch -> batch   before_batch
-                        preds = model(x);      [predict]           predict after_predict
-                        loss = loss_func(..);  [compute_loss]      loss    after_loss
+                        predict (model(*inputs)); [predict]        predict after_predict
+                        compute_loss;          [compute_loss]      loss    after_loss
                         if training:
                             backward;          [backward]          backward after_backward
                             step + zero_grad;  [step]              step    after_step
-                        [end_batch]   after_batch, then        -> epoch
-                    [end_epoch]       after_epoch, then        -> fit
-            [end_fit]                 after_fit, then          -> idle
+                        [end_batch]   after_batch, then        -> epoch, cleanup_batch
+                    [end_epoch]       after_epoch, then        -> fit,   cleanup_epoch
+            [end_fit]                 after_fit, then          -> idle,  cleanup_fit
 
         A CancelXException takes ``cancel_x`` (after_cancel_x fires, after_x does not);
         any other exception takes ``fail`` (after_fail fires) and is re-raised with a
-        note saying where it happened. Every transition is written to the audit log,
-        which the run's footer closes whatever the outcome: after any exception, even one
-        that interrupts the failure handling itself, the learner is idle and reusable.
+        note saying where it happened. Either way the cleanup hooks of the units left
+        run, innermost first. Every transition is written to the audit log, which the
+        run's footer closes whatever the outcome: after any exception, even one that
+        interrupts the failure handling itself, the learner is idle and reusable.
+
+        The optimizer is built at the first fit (or taken from ``learn.opt``) and kept,
+        so ``fit(2); fit(2)`` trains as ``fit(4)``; ``reset_opt=True`` builds a new one.
         """
-        if self._fitting or self._state is not State.IDLE:
+        self._check_idle("fit()")
+        n_epochs = _check_n_epochs(n_epochs)
+        reset_opt = _check_bool("reset_opt", reset_opt)
+
+        def prepare() -> None:
+            self._n_epochs = n_epochs
+            if reset_opt or self.opt is None:
+                self.opt = self.opt_func(self.param_groups(self.model), self.lr)
+
+        return self._execute(RunKind.FIT, prepare, self._train)
+
+    def validate(self, dl: Iterable[Any] | None = None) -> dict[str, float]:
+        """Run one pass without gradients over ``dl`` (default ``dls.valid``); return its values.
+
+        A run of kind ``validate``: ``idle -> epoch``, the batches as in a validation
+        pass (predict, compute_loss, never backward or step), ``epoch -> idle``, with the
+        callbacks and its own audit log. Returns ``"loss"``, the mean over samples of the
+        batches' losses, and the values a metrics callback (``MetricsCB``) computed for
+        the pass, by name (``"accuracy"``). The weights and the optimizer are untouched.
+        """
+        self._check_idle("validate()")
+        data = self._inference_data(dl, "validate")
+        mean = _LossMean(self.target_key)
+        self._execute(RunKind.VALIDATE, _nothing, lambda: self._infer(data, mean.add))
+        return {"loss": mean.value(), **self._pass_metrics()}
+
+    def get_preds(self, dl: Iterable[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return the predictions and targets of every batch of ``dl`` (default ``dls.valid``).
+
+        A run of kind ``predict``: ``idle -> epoch``, each batch ``batch -> predict ->
+        epoch`` (no loss, no backward, no step), ``epoch -> idle``, with the callbacks
+        and its own audit log. Predictions and targets are concatenated in batch order,
+        on the CPU; the targets are None when the batches have none.
+        """
+        self._check_idle("get_preds()")
+        data = self._inference_data(dl, "get_preds")
+        gathered = _Gathered(self.target_key)
+        self._execute(RunKind.PREDICT, _nothing, lambda: self._infer(data, gathered.add))
+        return gathered.result()
+
+    def _inference_data(self, dl: Iterable[Any] | None, what: str) -> Iterable[Any]:
+        data = self.dls.valid if dl is None else dl
+        if not isinstance(data, Iterable):
             msg = (
-                f"fit() called in state '{self._state}' while a fit is running; a fit can "
-                "only start from idle, once the previous one has closed its log"
+                f"{what}(dl): dl must be an iterable of batches (a DataLoader, a list) or None "
+                f"for dls.valid; got {safe_text(type(data).__name__, 80)}"
+            )
+            raise InvalidDataLoadersError(msg)
+        return data
+
+    def _pass_metrics(self) -> dict[str, float]:
+        values: dict[str, float] = {}
+        for cb in self.cbs:
+            if isinstance(cb, MetricsProvider):
+                values.update((k, v) for k, v in cb.last_pass().items() if k != "loss")
+        return values
+
+    def _check_idle(self, what: str) -> None:
+        if self.running or self._state is not State.IDLE:
+            msg = (
+                f"{what} called in state '{self._state}' while a {self._kind} run is in "
+                f"progress; a run can only start from idle, once the previous one has "
+                f"closed its log"
             )
             raise InvalidTransitionError(msg)
-        n_epochs = _check_n_epochs(n_epochs)
-        self._fitting = True
+
+    def _execute(
+        self, kind: RunKind, prepare: Callable[[], None], body: Callable[[], RunStatus]
+    ) -> FitResult:
+        """Run the machine as ``kind``: open the run, run ``body``, close the run."""
         try:
-            return self._run_fit(n_epochs)
+            self._prepare(kind)
+            prepare()
+            self._open_run()
+            try:
+                return self._close_run(body())
+            except BaseException as exc:
+                failed = self._as_failure(exc)
+                self._handle_failure(failed)
+                if failed is exc:
+                    raise
+                raise failed from exc
         except BaseException as exc:
             self._settle(exc)
             raise
         finally:
-            self._fitting = False
             if self._state is not State.IDLE:  # pragma: no cover (_settle saw to it)
                 self._go_idle()
 
-    def _run_fit(self, n_epochs: int) -> FitResult:
-        self._prepare(n_epochs)
-        self._open_run()
-        try:
-            return self._close_run(self._train())
-        except BaseException as exc:
-            failed = self._as_failure(exc)
-            self._handle_failure(failed)
-            if failed is exc:
-                raise
-            raise failed from exc
-
     def _train(self) -> RunStatus:
         try:
-            self._fit_epochs()
+            self._fire(Trigger.BEGIN_FIT)
+            for epoch in range(self._n_epochs):
+                self._epoch = epoch
+                self._one_pass(self.dls.train, training=True)
+                self._one_pass(self.dls.valid, training=False)
+            self._fire(Trigger.END_FIT)
         except CancelFitException:
             self._fire(Trigger.CANCEL_FIT)
             return RunStatus.CANCELLED
         return RunStatus.COMPLETED
 
-    def _prepare(self, n_epochs: int) -> None:
+    def _infer(self, data: Iterable[Any], on_batch: Callable[[Learner], None]) -> RunStatus:
+        try:
+            completed = self._one_pass(data, training=False, on_batch=on_batch)
+        except CancelFitException:
+            self._fire(Trigger.CANCEL_FIT)
+            return RunStatus.CANCELLED
+        return RunStatus.COMPLETED if completed else RunStatus.CANCELLED
+
+    def _prepare(self, kind: RunKind) -> None:
+        self._kind = kind
+        self._go_idle()  # routes always match the mode
         self._resolve_callbacks()
-        self._n_epochs = n_epochs
         self._epoch = self._iter = 0
         self._counts = _zero_counts()
         self._hook_ns = _zero_counts()
-        self._training = False
         self._rank = _rank()
         self._failure = self._origin = None
-        self._node = self._compiled[False][State.IDLE]  # routes always match learn.training
-        self.opt = self.opt_func(self.model.parameters(), self.lr)
 
     def _resolve_callbacks(self) -> None:
-        """Check the callbacks and compile their dispatch, unless they are unchanged."""
-        # the same objects (identity, not ==) with the same orders; cbs may hold a
-        # non-Callback, which validation refuses
-        key = tuple((id(cb), getattr(cb, "order", None)) for cb in self.cbs)
-        if key == self._dispatch_key and all(
-            a is b for a, b in zip(self.cbs, self._dispatch_cbs, strict=True)
-        ):
-            return
+        """Check the callbacks and compile their dispatch, every run (they may have changed)."""
         self.cbs = validate_callbacks(self.cbs)
-        dispatch = resolve_dispatch(self.cbs)
+        self._dispatch = dispatch = resolve_dispatch(self.cbs)
         self._compiled = _compile(dispatch)
-        self._fail_calls = dispatch.hooks[Hook.AFTER_FAIL]
-        backward, step = Override.BACKWARD, Override.STEP
-        self._backward = chain_overrides(dispatch.overrides[backward], backward, _default_backward)
-        self._step = chain_overrides(dispatch.overrides[step], step, _default_step)
-        self._dispatch_key, self._dispatch_cbs = key, tuple(self.cbs)
+        self._node = self._compiled[self._kind, False][State.IDLE]
+        chains = {
+            override: chain_overrides(dispatch.overrides[override], override, default)
+            for override, default in _DEFAULT_WORK.items()
+        }
+        self._predict = chains[Override.PREDICT]
+        self._compute_loss = chains[Override.COMPUTE_LOSS]
+        self._backward = chains[Override.BACKWARD]
+        self._step = chains[Override.STEP]
 
     # -- the run's audit log ----------------------------------------------------------
 
@@ -535,11 +712,11 @@ class Learner:
         """Add a note to the audit log (metrics at pass end, say); JSON values only.
 
         The run stamps it with the loop counters (epoch, batch index, pass). Checked the
-        same way whether the log is on or off; only a fit has a log to note in.
+        same way whether the log is on or off; only a run has a log to note in.
         """
         run = self._run
-        if not self._fitting or run is None:
-            msg = f"note({name!r}) outside a fit: notes belong to a run (call it from a hook)"
+        if run is None or not run.active:
+            msg = f"note({name!r}) outside a run: notes belong to a run (call it from a hook)"
             raise InvalidTransitionError(msg)
         run.note(name, fields, epoch=self._epoch, it=self._iter, training=self._training)
 
@@ -552,14 +729,16 @@ class Learner:
         self._pending = run.pending
 
     def _settings(self) -> dict[Field, Any]:
-        """Return what the run's header says of this learner and this fit."""
+        """Return what the run's header says of this learner and this run."""
         params = list(self.model.parameters())
+        fitting = self._kind is RunKind.FIT
         return {
+            Field.KIND: self._kind.value,
             Field.CALLBACKS: [[type(cb).__name__, cb.order] for cb in self.cbs],
             Field.MODEL: type(self.model).__name__,
-            Field.OPTIMIZER: type(self.opt).__name__,
+            Field.OPTIMIZER: type(self.opt).__name__ if fitting else None,
             Field.PARAMS: sum(p.numel() for p in params),
-            Field.N_EPOCHS: self._n_epochs,
+            Field.N_EPOCHS: self._n_epochs if fitting else 0,
             Field.LR: self.lr,
             Field.DEVICE: str(params[0].device) if params else "cpu",
             Field.TORCH: torch.__version__,
@@ -567,8 +746,8 @@ class Learner:
 
     def _the_run(self) -> Run:
         run = self._run
-        if run is None:  # pragma: no cover (fit opens the run before any transition)
-            msg = "no run: fit() opens one before the first transition"
+        if run is None:  # pragma: no cover (a run is opened before any transition)
+            msg = "no run: fit(), validate() and get_preds() open one before the first transition"
             raise InvalidTransitionError(msg)
         return run
 
@@ -585,52 +764,59 @@ class Learner:
         self._pending = None
         return FitResult(run.run_id, status, run.path, run.head)
 
-    def _fit_epochs(self) -> None:
-        self._fire(Trigger.BEGIN_FIT)
-        for epoch in range(self._n_epochs):
-            self._epoch = epoch
-            self._one_pass(training=True)
-            self._one_pass(training=False)
-        self._fire(Trigger.END_FIT)
-
-    def _one_pass(self, *, training: bool) -> None:
+    def _one_pass(
+        self,
+        data: Iterable[Any],
+        *,
+        training: bool,
+        on_batch: Callable[[Learner], None] | None = None,
+    ) -> bool:
+        """Run one pass over ``data``; return False when it was cancelled."""
         self._training = training
         self._iter = 0
-        self._node = self._compiled[training][self._state]
+        self._node = self._compiled[self._kind, training][self._state]
         self.model.train(training)
-        self.dl = self.dls.train if training else self.dls.valid
+        self.dl = data
         logged = self._pending is not None
         flush_if_due = self._the_run().flush_if_due  # looked up once a pass, not per batch
+        completed = True
         try:
             with torch.set_grad_enabled(training):
                 self._fire(Trigger.BEGIN_EPOCH)
-                for i, batch in enumerate(self.dl):
+                for i, batch in enumerate(data):
                     self._iter = i
                     self.batch = batch
-                    self._one_batch()
+                    if self._one_batch() and on_batch is not None:
+                        on_batch(self)
                     if logged:
                         flush_if_due()
                 self._fire(Trigger.END_EPOCH)
         except CancelEpochException:
             self._fire(Trigger.CANCEL_EPOCH)
+            completed = False
         self._end_pass()
+        return completed
 
-    def _one_batch(self) -> None:
+    def _one_batch(self) -> bool:
+        """Run one batch; return False when it was cancelled."""
         fire = self._fire
         try:
             fire(Trigger.BEGIN_BATCH)
-            self.preds = self.model(self.batch[0])
+            self._predict(self)
             fire(Trigger.PREDICT)
-            self.loss = self.loss_func(self.preds, self.batch[1])
-            fire(Trigger.COMPUTE_LOSS)
-            if self._training:
-                self._backward(self)
-                fire(Trigger.BACKWARD)
-                self._step(self)
-                fire(Trigger.STEP)
+            if self._kind is not RunKind.PREDICT:
+                self._compute_loss(self)
+                fire(Trigger.COMPUTE_LOSS)
+                if self._training:
+                    self._backward(self)
+                    fire(Trigger.BACKWARD)
+                    self._step(self)
+                    fire(Trigger.STEP)
             fire(Trigger.END_BATCH)
         except CancelBatchException:
             fire(Trigger.CANCEL_BATCH)
+            return False
+        return True
 
     # -- the one place where transitions happen ---------------------------------------
 
@@ -652,6 +838,8 @@ class Learner:
         self._counts[route.count_key] += 1
         if calls and not route.hooks_first:
             self._run_hooks(route)
+        if route.cleanups:
+            self._run_cleanups(route)
 
     def _run_hooks(self, route: _Route) -> None:
         start = _now_ns()
@@ -668,11 +856,47 @@ class Learner:
         finally:
             self._hook_ns[route.count_key] += _now_ns() - start
 
+    def _run_cleanups(self, route: _Route) -> None:
+        """Run every cleanup of the units ``route`` left; the first error is raised after all."""
+        start = _now_ns()
+        first: BaseException | None = None
+        try:
+            for hook, cb, call in route.cleanups:
+                try:
+                    call(self)
+                except BaseException as exc:  # noqa: BLE001 (every cleanup runs; the first error wins)
+                    first = self._cleanup_error(first, exc, hook, cb)
+        finally:
+            self._hook_ns[route.count_key] += _now_ns() - start
+        if first is not None:
+            raise first
+
+    def _cleanup_error(
+        self, first: BaseException | None, exc: BaseException, hook: Hook, cb: Callback
+    ) -> BaseException:
+        if isinstance(exc, CancelException):
+            where = f"raised in cleanup hook {hook} of {type(cb).__name__}"
+            illegal = IllegalCancelError(
+                f"{type(exc).__name__} {where}: a cleanup hook runs after its unit ended "
+                f"and cannot cancel; raise it in the unit's after_ hook instead"
+            )
+            illegal.__cause__ = exc
+            exc = illegal
+        if first is None:
+            self._origin = Failure(exc, self._state, hook, cb)
+            return exc
+        add_note(
+            first,
+            f"fsm_learner: then {hook} of {safe_text(type(cb).__name__, 200)} raised "
+            f"{exception_text(exc, 300)} (it ran anyway; the first error wins)",
+        )
+        return first
+
     def _refuse(self, trigger: Trigger) -> NoReturn:
         allowed = ", ".join(self._node) or "none"
         msg = (
             f"trigger '{trigger}' is not allowed in state '{self._state}' "
-            f"(training={self._training}); allowed there: {allowed}"
+            f"({self._kind} run, training={self._training}); allowed there: {allowed}"
         )
         raise InvalidTransitionError(msg)
 
@@ -695,10 +919,10 @@ class Learner:
         return IllegalCancelError(_illegal_cancel_message(exc, cancel_trigger(exc), where))
 
     def _handle_failure(self, exc: BaseException) -> None:
-        """Take the fail transition, run after_fail, close the log: each step guarded.
+        """Take the fail transition, run after_fail and the cleanups, close the log: each guarded.
 
-        Whatever a step raises (an after_fail hook, the disk, a second Ctrl-C) becomes a
-        note on ``exc`` and the next step still runs: the first failure wins.
+        Whatever a step raises (a hook, the disk, a second Ctrl-C) becomes a note on
+        ``exc`` and the next step still runs: the first failure wins.
         """
         steps = (
             ("recording it", self._record_failure),
@@ -735,20 +959,30 @@ class Learner:
             self._go_idle()
             return
         state = self._state if run is None else run.log_state(self._state)
-        self._state, self._node = state, self._compiled[self._training][state]
+        self._fail_source = state
+        self._state, self._node = state, self._compiled[self._kind, self._training][state]
         self._fire(Trigger.FAIL)  # its route runs no hook: after_fail runs guarded, next
 
     def _fail_step(self, _exc: BaseException) -> None:
+        self._fail_source = self._state
         self._fail_transition()
 
     def _run_fail_hooks(self, exc: BaseException) -> None:
-        for cb, call in self._fail_calls:
+        """Run after_fail, then the cleanups of the units the failure left: each guarded."""
+        hooks = self._dispatch.hooks
+        calls = [(Hook.AFTER_FAIL, cb, call) for cb, call in hooks[Hook.AFTER_FAIL]]
+        calls += [
+            (hook, cb, call)
+            for hook in cleanup_hooks(self._fail_source, State.IDLE, self._kind)
+            for cb, call in hooks[hook]
+        ]
+        for hook, cb, call in calls:
             try:
                 call(self)
             except BaseException as hook_exc:  # noqa: BLE001 (the first failure must win)
                 add_note(
                     exc,
-                    f"fsm_learner: then {Hook.AFTER_FAIL} of {safe_text(type(cb).__name__, 200)} "
+                    f"fsm_learner: then {hook} of {safe_text(type(cb).__name__, 200)} "
                     f"raised {exception_text(hook_exc, 300)} (ignored)",
                 )
 
@@ -763,10 +997,10 @@ class Learner:
 
     def _go_idle(self) -> None:
         self._state, self._training = State.IDLE, False
-        self._node = self._compiled[False][State.IDLE]
+        self._node = self._compiled[self._kind, False][State.IDLE]
 
     def _settle(self, current: BaseException) -> None:
-        """Whatever ended the fit, leave the learner idle and the log closed.
+        """Whatever ended the run, leave the learner idle and the log closed.
 
         After a failure that was handled, this finds nothing to do. It acts when an
         exception cut the failure handling short: the log gets what it lacks of its
@@ -782,11 +1016,86 @@ class Learner:
         except BaseException as exc:  # noqa: BLE001 (an exception is already on its way out)
             add_note(current, f"fsm_learner: then {exception_text(exc, 200)} closing the log")
         finally:
-            self._fitting = False
             self._pending = None
             if run is not None:
                 run.abandon()  # closes; cuts off only a write that never committed
             self._go_idle()
+
+
+class _LossMean:
+    """The mean loss over samples of a validate run, summed on the device (no sync per batch)."""
+
+    def __init__(self, target_key: str) -> None:
+        self._target_key = target_key
+        self._sum: torch.Tensor | None = None
+        self._count = 0
+
+    def add(self, learn: Learner) -> None:
+        loss = learn.loss
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            msg = (
+                f"validate() averages the batches' losses, so a loss must be a scalar tensor "
+                f"(the batch's mean), got {shape}; use a loss with reduction='mean'"
+            )
+            raise InvalidBatchError(msg)
+        n = batch_size(learn.batch, self._target_key)
+        weighted = loss.detach().reshape(()).double() * n
+        self._sum = weighted if self._sum is None else self._sum + weighted
+        self._count += n
+
+    def value(self) -> float:
+        if self._sum is None or not self._count:
+            return _NAN
+        return float(self._sum / self._count)
+
+
+class _Gathered:
+    """The predictions and targets of a predict run, kept on their device until the end."""
+
+    def __init__(self, target_key: str) -> None:
+        self._target_key = target_key
+        self._preds: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+        self._without_target = 0
+
+    def add(self, learn: Learner) -> None:
+        preds = learn.preds
+        if not isinstance(preds, torch.Tensor):
+            msg = (
+                f"get_preds() concatenates the batches' predictions, so learn.preds must be a "
+                f"tensor, got {safe_text(type(preds).__name__, 80)}; return a tensor from the "
+                f"model (or one with .logits), or set learn.preds to one in after_predict"
+            )
+            raise InvalidBatchError(msg)
+        self._preds.append(preds.detach())
+        target = learn.target
+        if isinstance(target, torch.Tensor):
+            self._targets.append(target.detach())
+        else:
+            self._without_target += 1
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        preds = torch.cat(self._preds).cpu() if self._preds else torch.empty(0)
+        if self._without_target or not self._targets:
+            return preds, None
+        return preds, torch.cat(self._targets).cpu()
+
+
+def _nothing() -> None:
+    """What an inference run prepares besides the common: nothing (no optimizer)."""
+
+
+def _all_parameters(model: nn.Module) -> Iterable[Any]:
+    return model.parameters()
+
+
+def _check_callable(name: str, func: object, *, optional: bool = False) -> None:
+    if callable(func) or (optional and func is None):
+        return
+    also = " or None" if optional else ""
+    msg = f"{name} must be callable{also}, got {_shown(func)}"
+    raise ConfigurationError(msg)
 
 
 def _illegal_cancel_message(
@@ -803,6 +1112,49 @@ def _illegal_cancel_message(
     return f"{name} {where}, where {trigger} is not allowed{tail}"
 
 
+def _default_predict(learn: Learner) -> None:
+    whole = learn.loss_func is None  # the model computes its own loss: give it the target
+    args, kwargs = model_args(learn.batch, learn.target_key, whole=whole)
+    try:
+        output = learn.model(*args, **kwargs)
+    except RuntimeError as exc:
+        _note_dtype_mismatch(exc, learn.model, (*args, *kwargs.values()))
+        raise
+    learn.output = output
+    learn.preds = output if type(output) is torch.Tensor else output_preds(output)
+
+
+def _note_dtype_mismatch(exc: RuntimeError, model: nn.Module, inputs: Iterable[Any]) -> None:
+    """Say so when the model's floating dtype differs from its inputs' (a bare dtype error)."""
+    weights = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    given = {x.dtype for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()}
+    if len(weights) == 1 and given and given != weights:
+        (dtype,) = weights
+        add_note(
+            exc,
+            f"fsm_learner: the model's parameters are {dtype} but the batch's inputs are "
+            f"{', '.join(sorted(map(str, given)))}; pass callbacks.DeviceCB(dtype={dtype}) "
+            f"to convert the batches, or convert the model",
+        )
+
+
+def _default_loss(learn: Learner) -> None:
+    loss_func = learn.loss_func
+    if loss_func is None:
+        learn.loss = output_loss(learn.output)
+        return
+    target = batch_target(learn.batch, learn.target_key)
+    if target is None:
+        msg = (
+            f"loss_func needs a target, but the batch ({safe_text(type(learn.batch).__name__, 80)}) "
+            f"has none: a tuple or list batch holds its target last, a mapping batch under "
+            f"target_key={learn.target_key!r}; or give loss_func=None for a model that "
+            f"computes its own loss"
+        )
+        raise InvalidBatchError(msg)
+    learn.loss = loss_func(learn.preds, target)
+
+
 def _default_backward(learn: Learner) -> None:
     torch.autograd.backward(learn.loss)
 
@@ -814,3 +1166,13 @@ def _default_step(learn: Learner) -> None:
         raise InvalidTransitionError(msg)
     opt.step()
     opt.zero_grad()
+
+
+_DEFAULT_WORK: Final[Mapping[Override, HookCall]] = MappingProxyType(
+    {
+        Override.PREDICT: _default_predict,
+        Override.COMPUTE_LOSS: _default_loss,
+        Override.BACKWARD: _default_backward,
+        Override.STEP: _default_step,
+    }
+)

@@ -8,11 +8,23 @@ firing a ``transitions`` trigger costs about 8 µs, too much for 5-7 triggers on
 batch of a few hundred µs, while a compiled route is a dictionary lookup. A property
 test proves that both accept the same trigger sequences and end in the same states.
 
+Run kinds: a fit (``Learner.fit``) trains and validates; a validate run
+(``Learner.validate``) and a predict run (``Learner.get_preds``) are one pass over a
+data loader without gradients, entered from ``idle`` straight into ``epoch``. Guards
+read the run's kind and ``learn.training``, so a validate run never reaches backward or
+step and a predict run ends its batches after ``predict``. Routes are compiled per mode
+(kind and training).
+
 Hook timing: a unit of work (fit, epoch pass, batch) is in progress from its
 ``before_X`` to the end of its ``after_X``, as in the seed. So the hooks of the
 ``end_*`` transitions run *before* the state changes (a ``CancelBatchException`` raised
 in ``after_batch`` still cancels that batch); every other transition runs its hooks
 *after* the state changed (``before_batch`` runs in state ``batch``).
+
+Cleanup hooks: a transition that leaves units of work (the batch, the pass, the fit)
+runs, after its own hook and the state change, the ``cleanup_*`` hook of every unit it
+leaves, innermost first, whatever the route: completed, cancelled or failed. Which units
+a transition leaves follows from its source and destination states (``cleanup_hooks``).
 """
 
 from __future__ import annotations
@@ -39,21 +51,33 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = [
+    "MODES",
     "TRANSITION_TABLE",
     "Guard",
     "Hook",
     "HookTiming",
     "MachineModel",
+    "Mode",
+    "RunKind",
     "State",
     "TransitionSpec",
     "Trigger",
     "build_machine",
     "cancel_names",
     "cancel_trigger",
+    "cleanup_hooks",
     "compile_routes",
     "table_digest",
     "table_routes",
 ]
+
+
+class RunKind(StrEnum):
+    """What a run of the machine does; the log header's ``kind``."""
+
+    FIT = "fit"
+    VALIDATE = "validate"
+    PREDICT = "predict"
 
 
 class State(StrEnum):
@@ -105,13 +129,26 @@ class Hook(StrEnum):
     AFTER_CANCEL_EPOCH = "after_cancel_epoch"
     AFTER_CANCEL_FIT = "after_cancel_fit"
     AFTER_FAIL = "after_fail"
+    CLEANUP_BATCH = "cleanup_batch"
+    CLEANUP_EPOCH = "cleanup_epoch"
+    CLEANUP_FIT = "cleanup_fit"
 
 
 class Guard(StrEnum):
-    """Conditions on a transition besides its source state."""
+    """Conditions on a transition besides its source state: predicates of the mode."""
 
+    FITTING = "fitting"
+    """The run is a fit."""
+    INFERRING = "inferring"
+    """The run is a validate or predict run: one pass, no fit around it."""
     TRAINING = "training"
+    """A fit's training pass: backward and step follow the loss."""
     VALIDATING = "validating"
+    """A pass that computes the loss without gradients (a fit's validation, or validate)."""
+    PREDICTING = "predicting"
+    """A predict run's pass: the batch ends after the forward pass, no loss."""
+    SUPERVISED = "supervised"
+    """The run computes a loss: a fit or a validate run."""
 
 
 class HookTiming(StrEnum):
@@ -143,11 +180,12 @@ _T = TransitionSpec
 _BEFORE = HookTiming.BEFORE_CHANGE
 
 TRANSITION_TABLE: Final[tuple[TransitionSpec, ...]] = (
-    _T(Trigger.BEGIN_FIT, (State.IDLE,), State.FIT, Hook.BEFORE_FIT),
+    _T(Trigger.BEGIN_FIT, (State.IDLE,), State.FIT, Hook.BEFORE_FIT, guard=Guard.FITTING),
     _T(Trigger.BEGIN_EPOCH, (State.FIT,), State.EPOCH, Hook.BEFORE_EPOCH),
+    _T(Trigger.BEGIN_EPOCH, (State.IDLE,), State.EPOCH, Hook.BEFORE_EPOCH, guard=Guard.INFERRING),
     _T(Trigger.BEGIN_BATCH, (State.EPOCH,), State.BATCH, Hook.BEFORE_BATCH),
     _T(Trigger.PREDICT, (State.BATCH,), State.PREDICT, Hook.AFTER_PREDICT),
-    _T(Trigger.COMPUTE_LOSS, (State.PREDICT,), State.LOSS, Hook.AFTER_LOSS),
+    _T(Trigger.COMPUTE_LOSS, (State.PREDICT,), State.LOSS, Hook.AFTER_LOSS, guard=Guard.SUPERVISED),
     _T(Trigger.BACKWARD, (State.LOSS,), State.BACKWARD, Hook.AFTER_BACKWARD, guard=Guard.TRAINING),
     _T(Trigger.STEP, (State.BACKWARD,), State.STEP, Hook.AFTER_STEP),
     _T(Trigger.END_BATCH, (State.STEP,), State.EPOCH, Hook.AFTER_BATCH, _BEFORE),
@@ -159,7 +197,16 @@ TRANSITION_TABLE: Final[tuple[TransitionSpec, ...]] = (
         _BEFORE,
         guard=Guard.VALIDATING,
     ),
-    _T(Trigger.END_EPOCH, (State.EPOCH,), State.FIT, Hook.AFTER_EPOCH, _BEFORE),
+    _T(
+        Trigger.END_BATCH,
+        (State.PREDICT,),
+        State.EPOCH,
+        Hook.AFTER_BATCH,
+        _BEFORE,
+        guard=Guard.PREDICTING,
+    ),
+    _T(Trigger.END_EPOCH, (State.EPOCH,), State.FIT, Hook.AFTER_EPOCH, _BEFORE, Guard.FITTING),
+    _T(Trigger.END_EPOCH, (State.EPOCH,), State.IDLE, Hook.AFTER_EPOCH, _BEFORE, Guard.INFERRING),
     _T(Trigger.END_FIT, (State.FIT,), State.IDLE, Hook.AFTER_FIT, _BEFORE),
     _T(
         Trigger.CANCEL_BATCH,
@@ -173,6 +220,15 @@ TRANSITION_TABLE: Final[tuple[TransitionSpec, ...]] = (
         _IN_EPOCH,
         State.FIT,
         Hook.AFTER_CANCEL_EPOCH,
+        guard=Guard.FITTING,
+        cancel=CancelEpochException,
+    ),
+    _T(
+        Trigger.CANCEL_EPOCH,
+        _IN_EPOCH,
+        State.IDLE,
+        Hook.AFTER_CANCEL_EPOCH,
+        guard=Guard.INFERRING,
         cancel=CancelEpochException,
     ),
     _T(Trigger.CANCEL_FIT, _IN_FIT, State.IDLE, Hook.AFTER_CANCEL_FIT, cancel=CancelFitException),
@@ -180,10 +236,59 @@ TRANSITION_TABLE: Final[tuple[TransitionSpec, ...]] = (
 )
 """The loop, as data. Rows with the same trigger are tried in order, as in transitions."""
 
-GUARDS: Final[Mapping[Guard, Callable[[bool], bool]]] = MappingProxyType(
-    {Guard.TRAINING: lambda training: training, Guard.VALIDATING: lambda training: not training},
+Mode = tuple[RunKind, bool]
+"""What the guards read: the run's kind and ``learn.training``."""
+
+MODES: Final[tuple[Mode, ...]] = (
+    (RunKind.FIT, True),
+    (RunKind.FIT, False),
+    (RunKind.VALIDATE, False),
+    (RunKind.PREDICT, False),
 )
-"""Each guard as a predicate of ``learn.training``."""
+"""The modes a run can be in: only a fit has training passes."""
+
+GUARDS: Final[Mapping[Guard, Callable[[RunKind, bool], bool]]] = MappingProxyType(
+    {
+        Guard.FITTING: lambda kind, _training: kind is RunKind.FIT,
+        Guard.INFERRING: lambda kind, _training: kind is not RunKind.FIT,
+        Guard.TRAINING: lambda kind, training: kind is RunKind.FIT and training,
+        Guard.VALIDATING: lambda kind, training: kind is not RunKind.PREDICT and not training,
+        Guard.PREDICTING: lambda kind, _training: kind is RunKind.PREDICT,
+        Guard.SUPERVISED: lambda kind, _training: kind is not RunKind.PREDICT,
+    },
+)
+"""Each guard as a predicate of the run's kind and ``learn.training``."""
+
+_UNIT_CLEANUP: Final = (
+    (State.FIT, Hook.CLEANUP_FIT),
+    (State.EPOCH, Hook.CLEANUP_EPOCH),
+    (State.BATCH, Hook.CLEANUP_BATCH),
+)
+"""The units of work, outermost first: the state that opens each, and its cleanup hook."""
+_DEPTH: Final[Mapping[State, int]] = MappingProxyType(
+    {State.IDLE: 0, State.FIT: 1, State.EPOCH: 2} | dict.fromkeys(_IN_BATCH, 3),
+)
+
+
+def _open_units(state: State, kind: RunKind) -> list[Hook]:
+    """The cleanup hooks of the units open in ``state``, innermost first."""
+    depth = _DEPTH[state]
+    return [
+        hook
+        for level, (opener, hook) in enumerate(_UNIT_CLEANUP, start=1)
+        if level <= depth and (opener is not State.FIT or kind is RunKind.FIT)
+    ][::-1]
+
+
+def cleanup_hooks(source: State, dest: State, kind: RunKind) -> tuple[Hook, ...]:
+    """The cleanup hooks a transition from ``source`` to ``dest`` runs, innermost first.
+
+    Those of the units open in ``source`` and no longer open in ``dest``: ``end_batch``
+    runs ``cleanup_batch``; ``cancel_fit`` from a batch runs ``cleanup_batch``,
+    ``cleanup_epoch``, ``cleanup_fit``; a validate run never opens a fit.
+    """
+    still_open = set(_open_units(dest, kind))
+    return tuple(hook for hook in _open_units(source, kind) if hook not in still_open)
 
 HOOK_OF: Final[Mapping[Trigger, Hook]] = MappingProxyType(
     {spec.trigger: spec.hook for spec in TRANSITION_TABLE},
@@ -211,7 +316,7 @@ def cancel_names() -> str:
 
 
 @cache
-def table_routes() -> Mapping[bool, Routes]:
+def table_routes() -> Mapping[Mode, Routes]:
     """Return the routes compiled off the machine built from the table, built once."""
     return compile_routes(build_machine())
 
@@ -228,9 +333,10 @@ def table_digest() -> str:
 
 @attrs.define(slots=False)  # transitions attaches trigger methods to its model
 class MachineModel:
-    """The object a ``transitions.Machine`` drives: the state, and the flag guards read."""
+    """The object a ``transitions.Machine`` drives: the state, and the mode guards read."""
 
     state: str = State.IDLE.value
+    kind: RunKind = RunKind.FIT
     training: bool = True
 
 
@@ -242,7 +348,7 @@ def _guard_condition(guard: Guard) -> Callable[[EventData], bool]:
         if not isinstance(model, MachineModel):
             msg = f"the machine's model must be a MachineModel, got {type(model).__name__}"
             raise TypeError(msg)
-        return predicate(model.training)
+        return predicate(model.kind, model.training)
 
     condition.__name__ = str(guard)
     return condition
@@ -290,22 +396,21 @@ def build_machine(
 
 
 Routes = Mapping[State, Mapping[Trigger, State]]
-"""For one value of ``learn.training``: state -> trigger -> destination."""
+"""For one mode: state -> trigger -> destination."""
 
 
-def compile_routes(machine: Machine) -> Mapping[bool, Routes]:
-    """Read the routing table off a built machine's events, for both values of training.
+def compile_routes(machine: Machine) -> Mapping[Mode, Routes]:
+    """Read the routing table off a built machine's events, for every mode.
 
     Each (state, trigger) maps to the destination of the first of its transitions whose
     conditions pass, exactly as ``Machine`` resolves it when the trigger fires.
     """
-    return MappingProxyType(
-        {training: _routes_for(machine, training) for training in (True, False)}
-    )
+    return MappingProxyType({mode: _routes_for(machine, mode) for mode in MODES})
 
 
-def _routes_for(machine: Machine, training: bool) -> Routes:
-    model = MachineModel(training=training)
+def _routes_for(machine: Machine, mode: Mode) -> Routes:
+    kind, training = mode
+    model = MachineModel(kind=kind, training=training)
     routes: dict[State, dict[Trigger, State]] = {state: {} for state in State}
     for name, event in machine.events.items():
         for source, candidates in event.transitions.items():

@@ -61,6 +61,8 @@ class Run:
         self.run_id = uuid.uuid4().hex[:12]
         self.head: str | None = None
         self.status: RunStatus | None = None
+        self.active = True
+        """Whether the run is in progress: until it finishes, fails or is abandoned."""
         self._writer: AuditWriter | None = None
         self._path: Path | None = None
         """Where the log went, kept when the writer is let go."""
@@ -154,6 +156,7 @@ class Run:
     def finish(self, status: RunStatus, hook_ns: Mapping[tuple[Trigger, bool], int]) -> None:
         """Close the run as ``status``: footer, then the file; emit ``run_end``."""
         writer, self.status = self._writer, status
+        self.active = False
         if writer is not None:
             self.head = writer.finish(status, hook_ns=_per_trigger(hook_ns))
             self._detach()
@@ -172,6 +175,7 @@ class Run:
         ``abandon`` it at last).
         """
         self.status = RunStatus.FAILED
+        self.active = False
         writer = self._writer
         if writer is not None and not writer.footed:
             if not writer.has(Trigger.FAIL):
@@ -185,6 +189,7 @@ class Run:
     def abandon(self) -> None:
         """Close the log as it is (again: nothing); cut off only a write that never committed."""
         writer = self._writer
+        self.active = False
         self._detach()
         if writer is not None:
             writer.abandon()

@@ -122,6 +122,7 @@ class Field(StrEnum):
     TORCH = "torch"
     PYTHON = "python"
     RANK = "rank"
+    KIND = "kind"
     # footer
     STATUS = "status"
     RECORDS = "records"
@@ -422,13 +423,14 @@ def _route_head(key: RouteKey) -> bytes:
 
 @cache
 def route_keys() -> tuple[RouteKey, ...]:
-    """Every route of the table, as plain values, in a fixed order."""
-    return tuple(
+    """Every route of the table in any mode, as plain values, in a fixed order."""
+    keys = (
         (trigger.value, source.value, dest.value, training)
-        for training, routes in table_routes().items()
+        for (_, training), routes in table_routes().items()
         for source, by_trigger in routes.items()
         for trigger, dest in by_trigger.items()
     )
+    return tuple(dict.fromkeys(keys))
 
 
 # -- decoding ----------------------------------------------------------------------------
