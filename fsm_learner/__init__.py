@@ -4,7 +4,7 @@ import importlib
 import typing
 
 from fsm_learner.audit.codec import RunStatus
-from fsm_learner.callback import Callback, Override
+from fsm_learner.callback import Callback, MetricsProvider, Override
 from fsm_learner.exceptions import (
     CancelBatchException,
     CancelEpochException,
@@ -13,6 +13,7 @@ from fsm_learner.exceptions import (
     ConfigurationError,
     FsmLearnerError,
     IllegalCancelError,
+    InvalidBatchError,
     InvalidCallbackError,
     InvalidDataLoadersError,
     InvalidTransitionError,
@@ -22,6 +23,7 @@ from fsm_learner.machine import (
     Guard,
     Hook,
     HookTiming,
+    RunKind,
     State,
     TransitionSpec,
     Trigger,
@@ -31,6 +33,7 @@ from fsm_learner.machine import (
 if typing.TYPE_CHECKING:
     from fsm_learner.diagram import DiagramFormat
     from fsm_learner.learner import DataLoaders, Failure, FitResult, Learner
+    from fsm_learner.optim import weight_decay_groups
 
 __version__ = "0.1.0"
 
@@ -51,17 +54,21 @@ __all__ = [
     "Hook",
     "HookTiming",
     "IllegalCancelError",
+    "InvalidBatchError",
     "InvalidCallbackError",
     "InvalidDataLoadersError",
     "InvalidTransitionError",
     "Learner",
+    "MetricsProvider",
     "Override",
+    "RunKind",
     "RunStatus",
     "State",
     "TransitionSpec",
     "Trigger",
     "__version__",
     "build_machine",
+    "weight_decay_groups",
 ]
 
 # The learner's names need torch, and importing torch takes about a second: they are
@@ -73,6 +80,7 @@ _LAZY: typing.Final = {
     "FitResult": "fsm_learner.learner",
     "Learner": "fsm_learner.learner",
     "DiagramFormat": "fsm_learner.diagram",
+    "weight_decay_groups": "fsm_learner.optim",
 }
 
 

@@ -159,3 +159,46 @@ def test_reading_a_log_with_pandas_and_duckdb():
     assert sum(ms or 0 for *_, ms in per_state) == pytest.approx(
         (transitions[-1]["t"] - transitions[0]["t"]) / 1e6
     )
+
+
+def section(title: str) -> str:
+    return README.split(f"\n### {title}\n", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+
+
+def test_batches_and_inference_sections(tmp_path, monkeypatch):
+    """The dict-batch and inference blocks: the model trains on its own loss, validate and
+    get_preds give the numbers a hand-written loop gives, each run logged with its kind."""
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "readme"}
+    code = [
+        *blocks("python")[:1],
+        *re.findall(r"```python\n(.*?)```", section("Batches of any shape"), flags=re.DOTALL),
+        *re.findall(
+            r"```python\n(.*?)```",
+            section("Inference: `validate` and `get_preds`"),
+            flags=re.DOTALL,
+        ),
+    ]
+    assert len(code) == 3, "quickstart, dict batches, inference"
+    for block in code:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (the README is ours)
+    import torch
+    import torch.nn.functional as F
+
+    learn, clf = namespace["learn"], namespace["clf"]
+    x, y = namespace["x"], namespace["y"]
+    with torch.no_grad():
+        learn.model.eval()
+        expected = learn.model(x[192:])
+    assert torch.allclose(namespace["preds"], expected)
+    assert namespace["scores"]["loss"] == pytest.approx(F.cross_entropy(expected, y[192:]).item())
+    kinds = [
+        orjson.loads(path.read_bytes().split(b"\n", 1)[0])["kind"]
+        for path in sorted((tmp_path / "runs").glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
+    ]
+    assert kinds[-3:] == ["validate", "predict", "predict"]
+    text = namespace["text"]
+    with torch.no_grad():
+        clf.model.eval()
+        losses = [clf.model(**batch)["loss"] for batch in text[3:]]
+    assert clf.validate()["loss"] == pytest.approx(torch.stack(losses).mean().item())

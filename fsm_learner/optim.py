@@ -1,0 +1,76 @@
+"""Parameter groups for the optimizer: ``Learner(..., param_groups=...)``.
+
+The learner builds its optimizer as ``opt_func(param_groups(model), lr)``. By default
+``param_groups`` is ``model.parameters``; ``weight_decay_groups(wd)`` splits the
+parameters the way fastai does by default: weight decay on weights, none on biases and
+on normalisation layers (whose scale and shift decay would only fight the
+normalisation)::
+
+    Learner(model, dls, loss, 1e-3, opt_func=torch.optim.AdamW,
+            param_groups=weight_decay_groups(0.01))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Final
+
+from torch import nn
+
+from fsm_learner.exceptions import ConfigurationError
+
+__all__ = ["NORM_LAYERS", "weight_decay_groups"]
+
+NORM_LAYERS: Final[tuple[type[nn.Module], ...]] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
+"""The layers whose parameters get no weight decay."""
+
+
+def weight_decay_groups(weight_decay: float) -> Callable[[nn.Module], list[dict[str, Any]]]:
+    """Return a ``param_groups`` function: ``weight_decay`` on weights, 0 on biases and norms.
+
+    Each parameter is in exactly one group, in the model's order; a group with no
+    parameter is left out (torch refuses empty groups).
+    """
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, int | float)
+        or not 0 <= weight_decay < math.inf
+    ):
+        msg = f"weight_decay must be a finite number >= 0, got {weight_decay!r}"
+        raise ConfigurationError(msg)
+
+    def groups(model: nn.Module) -> list[dict[str, Any]]:
+        decay, no_decay = _split(model)
+        pairs = ((decay, float(weight_decay)), (no_decay, 0.0))
+        return [{"params": ps, "weight_decay": wd} for ps, wd in pairs if ps]
+
+    groups.__qualname__ = f"weight_decay_groups({weight_decay!r})"
+    return groups
+
+
+def _split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split the parameters: (decayed, not decayed), each once though shared."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        norm = isinstance(module, NORM_LAYERS)
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen or not param.requires_grad:
+                continue
+            seen.add(id(param))
+            (no_decay if norm or name.endswith("bias") else decay).append(param)
+    return decay, no_decay
