@@ -76,7 +76,7 @@ def batch_size(batch: Any, target_key: str) -> int:
         return _length(target)
     args, kwargs = model_args(batch, target_key)
     for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor) or isinstance(value, Sequence):
+        if isinstance(value, torch.Tensor | Sequence):
             return _length(value)
     return 1
 

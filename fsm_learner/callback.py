@@ -71,11 +71,11 @@ class MetricsProvider(Protocol):
         ...
 
     def names(self) -> list[str]:
-        """The keys ``values`` will have."""
+        """Return the keys ``values`` will have."""
         ...
 
     def last_pass(self) -> Mapping[str, float]:
-        """The values of the last pass, by name alone."""
+        """Return the values of the last pass, by name alone."""
         ...
 
 
@@ -152,7 +152,7 @@ class Callback:
         proceed()
 
     def compute_loss(self, learn: Learner, proceed: Proceed) -> None:  # noqa: ARG002 (the signature overrides keep)
-        """Override: set ``learn.loss`` from the batch's predictions; ``proceed()`` runs the rest."""
+        """Override: set ``learn.loss`` from the predictions; ``proceed()`` runs the rest."""
         proceed()
 
     def backward(self, learn: Learner, proceed: Proceed) -> None:  # noqa: ARG002 (the signature overrides keep)

@@ -422,7 +422,7 @@ class Learner:
 
     @property
     def lr(self) -> float:
-        """The learning rate: the optimizer is built with it, and setting it sets the optimizer's."""
+        """The learning rate: the optimizer is built with it; setting it sets the optimizer's."""
         return self._lr
 
     @lr.setter
@@ -597,7 +597,9 @@ class Learner:
         self._execute(RunKind.VALIDATE, _nothing, lambda: self._infer(data, mean.add))
         return {"loss": mean.value(), **self._pass_metrics()}
 
-    def get_preds(self, dl: Iterable[Any] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def get_preds(
+        self, dl: Iterable[Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return the predictions and targets of every batch of ``dl`` (default ``dls.valid``).
 
         A run of kind ``predict``: ``idle -> epoch``, each batch ``batch -> predict ->
@@ -1083,7 +1085,7 @@ class _Gathered:
 
 
 def _nothing() -> None:
-    """What an inference run prepares besides the common: nothing (no optimizer)."""
+    """Prepare nothing more: an inference run builds no optimizer."""
 
 
 def _all_parameters(model: nn.Module) -> Iterable[Any]:
@@ -1146,8 +1148,9 @@ def _default_loss(learn: Learner) -> None:
     target = batch_target(learn.batch, learn.target_key)
     if target is None:
         msg = (
-            f"loss_func needs a target, but the batch ({safe_text(type(learn.batch).__name__, 80)}) "
-            f"has none: a tuple or list batch holds its target last, a mapping batch under "
+            f"loss_func needs a target, but the batch "
+            f"({safe_text(type(learn.batch).__name__, 80)}) has none: a tuple or list "
+            f"batch holds its target last, a mapping batch under "
             f"target_key={learn.target_key!r}; or give loss_func=None for a model that "
             f"computes its own loss"
         )

@@ -271,7 +271,7 @@ _DEPTH: Final[Mapping[State, int]] = MappingProxyType(
 
 
 def _open_units(state: State, kind: RunKind) -> list[Hook]:
-    """The cleanup hooks of the units open in ``state``, innermost first."""
+    """Return the cleanup hooks of the units open in ``state``, innermost first."""
     depth = _DEPTH[state]
     return [
         hook
@@ -281,7 +281,7 @@ def _open_units(state: State, kind: RunKind) -> list[Hook]:
 
 
 def cleanup_hooks(source: State, dest: State, kind: RunKind) -> tuple[Hook, ...]:
-    """The cleanup hooks a transition from ``source`` to ``dest`` runs, innermost first.
+    """Return the cleanup hooks a transition from ``source`` to ``dest`` runs, innermost first.
 
     Those of the units open in ``source`` and no longer open in ``dest``: ``end_batch``
     runs ``cleanup_batch``; ``cancel_fit`` from a batch runs ``cleanup_batch``,
@@ -289,6 +289,7 @@ def cleanup_hooks(source: State, dest: State, kind: RunKind) -> tuple[Hook, ...]
     """
     still_open = set(_open_units(dest, kind))
     return tuple(hook for hook in _open_units(source, kind) if hook not in still_open)
+
 
 HOOK_OF: Final[Mapping[Trigger, Hook]] = MappingProxyType(
     {spec.trigger: spec.hook for spec in TRANSITION_TABLE},

@@ -13,12 +13,14 @@ normalisation)::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from torch import nn
 
 from fsm_learner.exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["NORM_LAYERS", "weight_decay_groups"]
 
