@@ -14,6 +14,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import cache
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, NoReturn
@@ -133,9 +134,9 @@ class FitResult:
     """The audit chain's head (the footer's hash): keep it elsewhere to check the log later."""
 
 
-@attrs.frozen
+@attrs.define(eq=False)  # not frozen: built 72 times a fit, frozen init costs twice as much
 class _Route:
-    """A compiled transition for one fit: where it goes and which hooks it runs."""
+    """A compiled transition for one run: where it goes and which hooks it runs."""
 
     trigger: Trigger
     dest: State
@@ -146,7 +147,7 @@ class _Route:
     hooks_first: bool
     count_key: tuple[Trigger, bool]
     record: RouteKey
-    next: _Node = attrs.field(eq=False, repr=False)
+    next: _Node = attrs.field(repr=False)
     """The routes out of ``dest`` (same value of training): the hot path follows these."""
 
 
@@ -155,45 +156,64 @@ _Node = dict[Trigger, _Route]
 _Routes = Mapping[State, _Node]
 
 
-def _compile(dispatch: Dispatch) -> Mapping[Mode, _Routes]:
-    """Attach this run's ordered hooks to the table's routes, for every mode."""
-    return MappingProxyType({mode: _compile_for(dispatch, mode) for mode in MODES})
+def _compile(dispatch: Dispatch, kind: RunKind) -> Mapping[Mode, _Routes]:
+    """Attach this run's ordered hooks to the table's routes, for the modes of ``kind``."""
+    return MappingProxyType(
+        {mode: _compile_for(dispatch, mode) for mode in MODES if mode[0] is kind},
+    )
 
 
-def _cleanup_calls(
-    dispatch: Dispatch, source: State, dest: State, kind: RunKind
-) -> tuple[tuple[Hook, Callback, HookCall], ...]:
+@attrs.frozen
+class _RouteShape:
+    """What a route is whatever the callbacks: compiled once per mode."""
+
+    source: State
+    trigger: Trigger
+    dest: State
+    hook: Hook
+    cleanups: tuple[Hook, ...]
+    hooks_first: bool
+    count_key: tuple[Trigger, bool]
+    record: RouteKey
+
+
+@cache
+def _shapes(mode: Mode) -> tuple[_RouteShape, ...]:
+    kind, training = mode
     return tuple(
-        (hook, cb, call)
-        for hook in cleanup_hooks(source, dest, kind)
-        for cb, call in dispatch.hooks[hook]
+        _RouteShape(
+            source,
+            trigger,
+            dest,
+            HOOK_OF[trigger],
+            cleanup_hooks(source, dest, kind),
+            TIMING_OF[trigger] is HookTiming.BEFORE_CHANGE,
+            (trigger, training),
+            (trigger.value, source.value, dest.value, training),
+        )
+        for source, by_trigger in table_routes()[mode].items()
+        for trigger, dest in by_trigger.items()
     )
 
 
 def _compile_for(dispatch: Dispatch, mode: Mode) -> _Routes:
-    kind, training = mode
-    table = table_routes()[mode]
-    nodes: dict[State, _Node] = {state: {} for state in table}
-    for source, by_trigger in table.items():
-        for trigger, dest in by_trigger.items():
-            hook = HOOK_OF[trigger]
-            first = TIMING_OF[trigger] is HookTiming.BEFORE_CHANGE
-            record = (trigger.value, source.value, dest.value, training)
-            # the fail route's hooks (after_fail, cleanups) run in the failure path, guarded
-            failing = trigger is Trigger.FAIL
-            calls = () if failing else dispatch.hooks[hook]
-            cleanups = () if failing else _cleanup_calls(dispatch, source, dest, kind)
-            nodes[source][trigger] = _Route(
-                trigger,
-                dest,
-                hook,
-                calls,
-                cleanups,
-                first,
-                (trigger, training),
-                record,
-                nodes[dest],
-            )
+    hooks = dispatch.hooks
+    nodes: dict[State, _Node] = {state: {} for state in State}
+    for shape in _shapes(mode):
+        # the fail route's hooks (after_fail, cleanups) run in the failure path, guarded
+        failing = shape.trigger is Trigger.FAIL
+        cleanups = tuple((hook, cb, call) for hook in shape.cleanups for cb, call in hooks[hook])
+        nodes[shape.source][shape.trigger] = _Route(
+            shape.trigger,
+            shape.dest,
+            shape.hook,
+            () if failing else hooks[shape.hook],
+            () if failing else cleanups,
+            shape.hooks_first,
+            shape.count_key,
+            shape.record,
+            nodes[shape.dest],
+        )
     return MappingProxyType(nodes)
 
 
@@ -405,7 +425,7 @@ class Learner:
         self._failure: Failure | None = None
         self._origin: Failure | None = None
         self._dispatch = resolve_dispatch(())
-        self._compiled: Mapping[Mode, _Routes] = _compile(self._dispatch)
+        self._compiled: Mapping[Mode, _Routes] = _compile(self._dispatch, RunKind.FIT)
         self._node: _Node = self._compiled[RunKind.FIT, False][State.IDLE]
         self._fail_source = State.IDLE
         self._predict: HookCall = _default_predict
@@ -684,21 +704,20 @@ class Learner:
         return RunStatus.COMPLETED if completed else RunStatus.CANCELLED
 
     def _prepare(self, kind: RunKind) -> None:
-        self._kind = kind
-        self._go_idle()  # routes always match the mode
-        self._resolve_callbacks()
+        self._resolve_callbacks(kind)
         self._epoch = self._iter = 0
         self._counts = _zero_counts()
         self._hook_ns = _zero_counts()
         self._rank = _rank()
         self._failure = self._origin = None
 
-    def _resolve_callbacks(self) -> None:
+    def _resolve_callbacks(self, kind: RunKind) -> None:
         """Check the callbacks and compile their dispatch, every run (they may have changed)."""
         self.cbs = validate_callbacks(self.cbs)
-        self._dispatch = dispatch = resolve_dispatch(self.cbs)
-        self._compiled = _compile(dispatch)
-        self._node = self._compiled[self._kind, False][State.IDLE]
+        dispatch = resolve_dispatch(self.cbs)
+        # together: the compiled routes always hold the modes of the kind
+        self._dispatch, self._compiled, self._kind = dispatch, _compile(dispatch, kind), kind
+        self._go_idle()  # the routes match the mode
         chains = {
             override: chain_overrides(dispatch.overrides[override], override, default)
             for override, default in _DEFAULT_WORK.items()
@@ -839,7 +858,12 @@ class Learner:
         self._node = route.next
         self._counts[route.count_key] += 1
         if calls and not route.hooks_first:
-            self._run_hooks(route)
+            try:
+                self._run_hooks(route)
+            except BaseException as exc:
+                if route.cleanups:  # the units it left are cleaned up whatever its hook raised
+                    self._run_cleanups(route, exc)
+                raise
         if route.cleanups:
             self._run_cleanups(route)
 
@@ -858,10 +882,14 @@ class Learner:
         finally:
             self._hook_ns[route.count_key] += _now_ns() - start
 
-    def _run_cleanups(self, route: _Route) -> None:
-        """Run every cleanup of the units ``route`` left; the first error is raised after all."""
+    def _run_cleanups(self, route: _Route, pending: BaseException | None = None) -> None:
+        """Run every cleanup of the units ``route`` left; the first error is raised after all.
+
+        ``pending`` is what the route's own hook raised: an error stays the first (the
+        cleanups' errors become notes on it); a cancel gives way to a cleanup's error.
+        """
         start = _now_ns()
-        first: BaseException | None = None
+        first = None if isinstance(pending, CancelException) else pending
         try:
             for hook, cb, call in route.cleanups:
                 try:
@@ -870,7 +898,7 @@ class Learner:
                     first = self._cleanup_error(first, exc, hook, cb)
         finally:
             self._hook_ns[route.count_key] += _now_ns() - start
-        if first is not None:
+        if first is not None and first is not pending:
             raise first
 
     def _cleanup_error(
@@ -1114,9 +1142,16 @@ def _illegal_cancel_message(
     return f"{name} {where}, where {trigger} is not allowed{tail}"
 
 
+_PAIR: Final = (tuple, list)
+
+
 def _default_predict(learn: Learner) -> None:
-    whole = learn.loss_func is None  # the model computes its own loss: give it the target
-    args, kwargs = model_args(learn.batch, learn.target_key, whole=whole)
+    batch, whole = learn.batch, learn.loss_func is None
+    if type(batch) in _PAIR and len(batch) == 2 and not whole:  # (x, y): the fast path
+        args: tuple[Any, ...] = (batch[0],)
+        kwargs: Mapping[str, Any] = _NO_KWARGS
+    else:  # the model computes its own loss: give it the target too
+        args, kwargs = model_args(batch, learn.target_key, whole=whole)
     try:
         output = learn.model(*args, **kwargs)
     except RuntimeError as exc:
@@ -1124,6 +1159,9 @@ def _default_predict(learn: Learner) -> None:
         raise
     learn.output = output
     learn.preds = output if type(output) is torch.Tensor else output_preds(output)
+
+
+_NO_KWARGS: Final[Mapping[str, Any]] = MappingProxyType({})
 
 
 def _note_dtype_mismatch(exc: RuntimeError, model: nn.Module, inputs: Iterable[Any]) -> None:
@@ -1145,7 +1183,11 @@ def _default_loss(learn: Learner) -> None:
     if loss_func is None:
         learn.loss = output_loss(learn.output)
         return
-    target = batch_target(learn.batch, learn.target_key)
+    batch = learn.batch
+    if type(batch) in _PAIR and len(batch) == 2:  # (x, y): the fast path
+        target = batch[1]
+    else:
+        target = batch_target(batch, learn.target_key)
     if target is None:
         msg = (
             f"loss_func needs a target, but the batch "
