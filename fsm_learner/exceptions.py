@@ -12,7 +12,7 @@ is the guard of a cancel transition in the machine. Errors are failures of ours:
         ├── ConfigurationError           (also ValueError)
         ├── InvalidCallbackError         (also TypeError)
         ├── InvalidDataLoadersError      (also TypeError)
-        ├── InvalidBatchError            (also TypeError)  a batch or model output the loop cannot read
+        ├── InvalidBatchError            (also TypeError) a batch or output the loop cannot read
         └── InvalidTransitionError       (also RuntimeError)
             └── IllegalCancelError       a cancel raised where its transition is not allowed
 

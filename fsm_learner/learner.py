@@ -29,11 +29,7 @@ from fsm_learner._display import exception_text, safe_text
 from fsm_learner.audit.codec import KEY_ENV, FailureField, Field, RouteKey, RunStatus, derive_key
 from fsm_learner.batch import (
     DEFAULT_TARGET_KEY,
-    batch_size,
     batch_target,
-    model_args,
-    output_loss,
-    output_preds,
 )
 from fsm_learner.callback import (
     Callback,
@@ -52,10 +48,10 @@ from fsm_learner.exceptions import (
     CancelFitException,
     ConfigurationError,
     IllegalCancelError,
-    InvalidBatchError,
     InvalidDataLoadersError,
     InvalidTransitionError,
 )
+from fsm_learner.inference import Gathered, LossMean
 from fsm_learner.machine import (
     HOOK_OF,
     MODES,
@@ -72,6 +68,7 @@ from fsm_learner.machine import (
     table_routes,
 )
 from fsm_learner.run import Run
+from fsm_learner.work import DEFAULT_WORK
 
 __all__ = ["DataLoaders", "Failure", "FitResult", "Learner", "OptimizerFactory", "ParamGroups"]
 
@@ -428,10 +425,10 @@ class Learner:
         self._compiled: Mapping[Mode, _Routes] = _compile(self._dispatch, RunKind.FIT)
         self._node: _Node = self._compiled[RunKind.FIT, False][State.IDLE]
         self._fail_source = State.IDLE
-        self._predict: HookCall = _default_predict
-        self._compute_loss: HookCall = _default_loss
-        self._backward: HookCall = _default_backward
-        self._step: HookCall = _default_step
+        self._predict: HookCall = DEFAULT_WORK[Override.PREDICT]
+        self._compute_loss: HookCall = DEFAULT_WORK[Override.COMPUTE_LOSS]
+        self._backward: HookCall = DEFAULT_WORK[Override.BACKWARD]
+        self._step: HookCall = DEFAULT_WORK[Override.STEP]
         self._audit_log = _check_audit_log(audit_log)
         self._audit_key = _check_audit_key(audit_key)
         self._run: Run | None = None
@@ -613,7 +610,7 @@ class Learner:
         """
         self._check_idle("validate()")
         data = self._inference_data(dl, "validate")
-        mean = _LossMean(self.target_key)
+        mean = LossMean(self.target_key)
         self._execute(RunKind.VALIDATE, _nothing, lambda: self._infer(data, mean.add))
         return {"loss": mean.value(), **self._pass_metrics()}
 
@@ -629,7 +626,7 @@ class Learner:
         """
         self._check_idle("get_preds()")
         data = self._inference_data(dl, "get_preds")
-        gathered = _Gathered(self.target_key)
+        gathered = Gathered(self.target_key)
         self._execute(RunKind.PREDICT, _nothing, lambda: self._infer(data, gathered.add))
         return gathered.result()
 
@@ -720,7 +717,7 @@ class Learner:
         self._go_idle()  # the routes match the mode
         chains = {
             override: chain_overrides(dispatch.overrides[override], override, default)
-            for override, default in _DEFAULT_WORK.items()
+            for override, default in DEFAULT_WORK.items()
         }
         self._predict = chains[Override.PREDICT]
         self._compute_loss = chains[Override.COMPUTE_LOSS]
@@ -1052,66 +1049,6 @@ class Learner:
             self._go_idle()
 
 
-class _LossMean:
-    """The mean loss over samples of a validate run, summed on the device (no sync per batch)."""
-
-    def __init__(self, target_key: str) -> None:
-        self._target_key = target_key
-        self._sum: torch.Tensor | None = None
-        self._count = 0
-
-    def add(self, learn: Learner) -> None:
-        loss = learn.loss
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            msg = (
-                f"validate() averages the batches' losses, so a loss must be a scalar tensor "
-                f"(the batch's mean), got {shape}; use a loss with reduction='mean'"
-            )
-            raise InvalidBatchError(msg)
-        n = batch_size(learn.batch, self._target_key)
-        weighted = loss.detach().reshape(()).double() * n
-        self._sum = weighted if self._sum is None else self._sum + weighted
-        self._count += n
-
-    def value(self) -> float:
-        if self._sum is None or not self._count:
-            return _NAN
-        return float(self._sum / self._count)
-
-
-class _Gathered:
-    """The predictions and targets of a predict run, kept on their device until the end."""
-
-    def __init__(self, target_key: str) -> None:
-        self._target_key = target_key
-        self._preds: list[torch.Tensor] = []
-        self._targets: list[torch.Tensor] = []
-        self._without_target = 0
-
-    def add(self, learn: Learner) -> None:
-        preds = learn.preds
-        if not isinstance(preds, torch.Tensor):
-            msg = (
-                f"get_preds() concatenates the batches' predictions, so learn.preds must be a "
-                f"tensor, got {safe_text(type(preds).__name__, 80)}; return a tensor from the "
-                f"model (or one with .logits), or set learn.preds to one in after_predict"
-            )
-            raise InvalidBatchError(msg)
-        self._preds.append(preds.detach())
-        target = learn.target
-        if isinstance(target, torch.Tensor):
-            self._targets.append(target.detach())
-        else:
-            self._without_target += 1
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        preds = torch.cat(self._preds).cpu() if self._preds else torch.empty(0)
-        if self._without_target or not self._targets:
-            return preds, None
-        return preds, torch.cat(self._targets).cpu()
-
-
 def _nothing() -> None:
     """Prepare nothing more: an inference run builds no optimizer."""
 
@@ -1140,84 +1077,3 @@ def _illegal_cancel_message(
     allowed_there = ", ".join(allowed)
     tail = f"; allowed there: {allowed_there}" if allowed_there else ""
     return f"{name} {where}, where {trigger} is not allowed{tail}"
-
-
-_PAIR: Final = (tuple, list)
-
-
-def _default_predict(learn: Learner) -> None:
-    batch, whole = learn.batch, learn.loss_func is None
-    if type(batch) in _PAIR and len(batch) == 2 and not whole:  # (x, y): the fast path
-        args: tuple[Any, ...] = (batch[0],)
-        kwargs: Mapping[str, Any] = _NO_KWARGS
-    else:  # the model computes its own loss: give it the target too
-        args, kwargs = model_args(batch, learn.target_key, whole=whole)
-    try:
-        output = learn.model(*args, **kwargs)
-    except RuntimeError as exc:
-        _note_dtype_mismatch(exc, learn.model, (*args, *kwargs.values()))
-        raise
-    learn.output = output
-    learn.preds = output if type(output) is torch.Tensor else output_preds(output)
-
-
-_NO_KWARGS: Final[Mapping[str, Any]] = MappingProxyType({})
-
-
-def _note_dtype_mismatch(exc: RuntimeError, model: nn.Module, inputs: Iterable[Any]) -> None:
-    """Say so when the model's floating dtype differs from its inputs' (a bare dtype error)."""
-    weights = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    given = {x.dtype for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()}
-    if len(weights) == 1 and given and given != weights:
-        (dtype,) = weights
-        add_note(
-            exc,
-            f"fsm_learner: the model's parameters are {dtype} but the batch's inputs are "
-            f"{', '.join(sorted(map(str, given)))}; pass callbacks.DeviceCB(dtype={dtype}) "
-            f"to convert the batches, or convert the model",
-        )
-
-
-def _default_loss(learn: Learner) -> None:
-    loss_func = learn.loss_func
-    if loss_func is None:
-        learn.loss = output_loss(learn.output)
-        return
-    batch = learn.batch
-    if type(batch) in _PAIR and len(batch) == 2:  # (x, y): the fast path
-        target = batch[1]
-    else:
-        target = batch_target(batch, learn.target_key)
-    if target is None:
-        msg = (
-            f"loss_func needs a target, but the batch "
-            f"({safe_text(type(learn.batch).__name__, 80)}) has none: a tuple or list "
-            f"batch holds its target last, a mapping batch under "
-            f"target_key={learn.target_key!r}; or give loss_func=None for a model that "
-            f"computes its own loss"
-        )
-        raise InvalidBatchError(msg)
-    learn.loss = loss_func(learn.preds, target)
-
-
-def _default_backward(learn: Learner) -> None:
-    torch.autograd.backward(learn.loss)
-
-
-def _default_step(learn: Learner) -> None:
-    opt = learn.opt
-    if opt is None:  # pragma: no cover (fit builds the optimizer before any batch)
-        msg = "no optimizer: fit() builds it from opt_func before the first batch"
-        raise InvalidTransitionError(msg)
-    opt.step()
-    opt.zero_grad()
-
-
-_DEFAULT_WORK: Final[Mapping[Override, HookCall]] = MappingProxyType(
-    {
-        Override.PREDICT: _default_predict,
-        Override.COMPUTE_LOSS: _default_loss,
-        Override.BACKWARD: _default_backward,
-        Override.STEP: _default_step,
-    }
-)

@@ -1,0 +1,110 @@
+"""The default work of a batch: predict, compute the loss, backward, step.
+
+Callbacks wrap these through the overrides of the same names (``Callback.predict``,
+``compute_loss``, ``backward``, ``step``); ``DEFAULT_WORK`` is the innermost link of each
+chain. They read and set the learner's public batch state only.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final
+
+import torch
+
+from fsm_learner._compat import add_note
+from fsm_learner._display import safe_text
+from fsm_learner.batch import batch_target, model_args, output_loss, output_preds
+from fsm_learner.callback import HookCall, Override
+from fsm_learner.exceptions import InvalidBatchError, InvalidTransitionError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from torch import nn
+
+    from fsm_learner.learner import Learner
+
+__all__ = ["DEFAULT_WORK"]
+
+
+_PAIR: Final = (tuple, list)
+"""Batches of these two types with two elements are ``(x, y)``: the fast path."""
+
+
+def _default_predict(learn: Learner) -> None:
+    batch, whole = learn.batch, learn.loss_func is None
+    if type(batch) in _PAIR and len(batch) == 2 and not whole:  # (x, y): the fast path
+        args: tuple[Any, ...] = (batch[0],)
+        kwargs: Mapping[str, Any] = _NO_KWARGS
+    else:  # the model computes its own loss: give it the target too
+        args, kwargs = model_args(batch, learn.target_key, whole=whole)
+    try:
+        output = learn.model(*args, **kwargs)
+    except RuntimeError as exc:
+        _note_dtype_mismatch(exc, learn.model, (*args, *kwargs.values()))
+        raise
+    learn.output = output
+    learn.preds = output if type(output) is torch.Tensor else output_preds(output)
+
+
+_NO_KWARGS: Final[Mapping[str, Any]] = MappingProxyType({})
+
+
+def _note_dtype_mismatch(exc: RuntimeError, model: nn.Module, inputs: Iterable[Any]) -> None:
+    """Say so when the model's floating dtype differs from its inputs' (a bare dtype error)."""
+    weights = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    given = {x.dtype for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point()}
+    if len(weights) == 1 and given and given != weights:
+        (dtype,) = weights
+        add_note(
+            exc,
+            f"fsm_learner: the model's parameters are {dtype} but the batch's inputs are "
+            f"{', '.join(sorted(map(str, given)))}; pass callbacks.DeviceCB(dtype={dtype}) "
+            f"to convert the batches, or convert the model",
+        )
+
+
+def _default_loss(learn: Learner) -> None:
+    loss_func = learn.loss_func
+    if loss_func is None:
+        learn.loss = output_loss(learn.output)
+        return
+    batch = learn.batch
+    if type(batch) in _PAIR and len(batch) == 2:  # (x, y): the fast path
+        target = batch[1]
+    else:
+        target = batch_target(batch, learn.target_key)
+    if target is None:
+        msg = (
+            f"loss_func needs a target, but the batch "
+            f"({safe_text(type(learn.batch).__name__, 80)}) has none: a tuple or list "
+            f"batch holds its target last, a mapping batch under "
+            f"target_key={learn.target_key!r}; or give loss_func=None for a model that "
+            f"computes its own loss"
+        )
+        raise InvalidBatchError(msg)
+    learn.loss = loss_func(learn.preds, target)
+
+
+def _default_backward(learn: Learner) -> None:
+    torch.autograd.backward(learn.loss)
+
+
+def _default_step(learn: Learner) -> None:
+    opt = learn.opt
+    if opt is None:  # pragma: no cover (fit builds the optimizer before any batch)
+        msg = "no optimizer: fit() builds it from opt_func before the first batch"
+        raise InvalidTransitionError(msg)
+    opt.step()
+    opt.zero_grad()
+
+
+DEFAULT_WORK: Final[Mapping[Override, HookCall]] = MappingProxyType(
+    {
+        Override.PREDICT: _default_predict,
+        Override.COMPUTE_LOSS: _default_loss,
+        Override.BACKWARD: _default_backward,
+        Override.STEP: _default_step,
+    }
+)
