@@ -10,8 +10,9 @@ from callbacks.early_stopping import EarlyStoppingCB
 from callbacks.grad_accum import GradientAccumulationCB
 from callbacks.grad_clip import GradientClipCB
 from callbacks.lr_finder import LRFinderCB, lr_find
-from callbacks.metrics import MetricsCB, find_metrics, metrics_of
+from callbacks.metrics import MetricsCB
 from callbacks.mixed_precision import MixedPrecisionCB
+from callbacks.monitor import Monitor, metrics_of
 from callbacks.progress import ProgressCB
 from callbacks.recorder import Recorder
 from callbacks.save_model import SaveModelCB, load_checkpoint
@@ -29,12 +30,12 @@ __all__ = [
     "LRFinderCB",
     "MetricsCB",
     "MixedPrecisionCB",
+    "Monitor",
     "ProgressCB",
     "Recorder",
     "SaveModelCB",
     "SingleBatchCB",
     "TerminateOnNaNCB",
-    "find_metrics",
     "load_checkpoint",
     "lr_find",
     "metrics_of",

@@ -20,15 +20,19 @@ short group or a cancelled step leaks into the next pass. A cancelled batch simp
 contributes nothing to its group.
 
 ``after_step`` still fires on every training batch (the ``step`` transition is taken);
-the weights change only when a group steps. No host-device sync.
+the weights change only when a group steps. ``optimizer_steps(n)`` says how many steps a
+pass of ``n`` batches takes (``ceil(n / k)``): BatchSchedCB sizes its schedules with it.
+No host-device sync.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sized
 from typing import TYPE_CHECKING
 
-from fsm_learner import Callback, ConfigurationError
+from callbacks._checks import check_count
+from fsm_learner import Callback
 
 if TYPE_CHECKING:
     from fsm_learner import Learner
@@ -44,10 +48,9 @@ class GradientAccumulationCB(Callback):
 
     def __init__(self, n_batches: int) -> None:
         """``n_batches`` >= 1 training batches per step (1 steps every batch)."""
-        if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
-            msg = f"n_batches must be an int >= 1 (batches per optimizer step), got {n_batches!r}"
-            raise ConfigurationError(msg)
-        self.n_batches = n_batches
+        self.n_batches = check_count(
+            "n_batches", n_batches, minimum=1, meaning="batches per optimizer step"
+        )
         self._n_in_pass: int | None = None
 
     def before_epoch(self, learn: Learner) -> None:
@@ -57,6 +60,13 @@ class GradientAccumulationCB(Callback):
         self._n_in_pass = len(learn.dl) if isinstance(learn.dl, Sized) else None
         if learn.opt is not None:
             learn.opt.zero_grad()
+
+    def optimizer_steps(self, n_batches: int) -> int:
+        """How many optimizer steps a training pass of ``n_batches`` batches takes.
+
+        One per group of ``n_batches`` batches, the shorter last group included.
+        """
+        return math.ceil(n_batches / self.n_batches)
 
     def group_size(self, index: int) -> int:
         """How many batches share the step of the batch at ``index`` in the pass."""

@@ -13,12 +13,12 @@ MixedPrecisionCB does) is asked to unscale the gradients first.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
-from fsm_learner import Callback, ConfigurationError
+from callbacks._checks import check_number
+from fsm_learner import Callback
 
 if TYPE_CHECKING:
     from fsm_learner import Learner
@@ -36,13 +36,6 @@ class GradientUnscaler(Protocol):
         ...  # pragma: no cover (protocol)
 
 
-def _check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        msg = f"{name} must be a number > 0, got {value!r}"
-        raise ConfigurationError(msg)
-    return float(value)
-
-
 class GradientClipCB(Callback):
     """Clip the total ``norm_type`` norm of the model's gradients to ``max_norm``."""
 
@@ -50,11 +43,8 @@ class GradientClipCB(Callback):
 
     def __init__(self, max_norm: float = 1.0, *, norm_type: float = 2.0) -> None:
         """``max_norm`` > 0 and finite; ``norm_type`` > 0 (``math.inf`` for the max norm)."""
-        self.max_norm = _check_positive("max_norm", max_norm)
-        if not math.isfinite(self.max_norm):
-            msg = f"max_norm must be finite, got {max_norm!r}"
-            raise ConfigurationError(msg)
-        self.norm_type = _check_positive("norm_type", norm_type)
+        self.max_norm = check_number("max_norm", max_norm, strict=True)
+        self.norm_type = check_number("norm_type", norm_type, strict=True, finite=False)
         self.last_norm: torch.Tensor | None = None
         self._unscalers: list[GradientUnscaler] = []
 

@@ -13,15 +13,20 @@ exponential moving average with bias correction) and recorded with its rate in
   later pass is cancelled as it begins (``CancelEpochException``), so the fit completes.
 
 Validation passes are skipped (cancelled as they begin). Whatever the ending (failure
-included), the model's state dict and the optimizer's state dict (learning rates,
-momentum buffers) taken in ``before_fit`` are loaded back: the sweep leaves no trace but
-``lrs``, ``losses`` and the audit log. The random number generators are not restored.
+included: ``cleanup_fit``), the model's state dict and the optimizer's state dict
+(learning rates, momentum buffers) taken in ``before_fit`` are loaded back: the sweep
+leaves no trace but ``lrs``, ``losses`` and the audit log. The random number generators
+are not restored.
 
 ``lr_find(learn, ...)`` runs a sweep: it fits with the finder added to ``learn.cbs`` for
 as many epochs as ``num_it`` batches need (``ceil(num_it / len(train))``; ``num_it``
-epochs when the training data loader has no ``len()``), then removes it.
-``suggestion()`` proposes a rate, ``plot(path)`` draws the curve (matplotlib, the
-``callbacks`` extra).
+epochs when the training data loader has no ``len()``), then removes it. The learner's
+optimizer persists across fits, so ``lr_find`` leaves it as it found it: none when there
+was none (the sweep's own is dropped), else the same optimizer with its state loaded
+back. The sweep's passes are not epochs of training: ``lr_find`` takes the learner's
+ProgressCBs out for the sweep (they would print a line per cancelled pass and a table)
+and puts them back after. ``suggestion()`` proposes a rate, ``plot(path)`` draws the
+curve (matplotlib, the ``callbacks`` extra).
 
 Host-device sync: once per training batch, to read the loss. It is inherent: deciding
 after each batch whether the loss diverged needs its value on the host.
@@ -35,6 +40,8 @@ from collections.abc import Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+from callbacks._checks import check_count, check_number
+from callbacks.progress import ProgressCB
 from fsm_learner import (
     Callback,
     CancelEpochException,
@@ -57,25 +64,9 @@ _SUGGESTIONS: Final = ("steepest", "minimum")
 _EXTRA_HINT: Final = "pip install 'fsm-learner[callbacks]'"
 
 
-def _check_number(name: str, value: object, low: float, *, strict: bool = True) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < low
-        or (strict and value == low)
-    ):
-        msg = f"{name} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}"
-        raise ConfigurationError(msg)
-    return float(value)
-
-
-def _check_settings(start_lr: float, end_lr: float, num_it: int, beta: float) -> None:
+def _check_settings(start_lr: float, end_lr: float, beta: float) -> None:
     if end_lr <= start_lr:
         msg = f"end_lr must be above start_lr ({start_lr:g}), got {end_lr!r}"
-        raise ConfigurationError(msg)
-    if isinstance(num_it, bool) or not isinstance(num_it, int) or num_it < 2:
-        msg = f"num_it must be an int >= 2 (batches in the sweep), got {num_it!r}"
         raise ConfigurationError(msg)
     if beta >= 1:
         msg = f"beta must be in [0, 1) (0: no smoothing), got {beta!r}"
@@ -97,12 +88,12 @@ class LRFinderCB(Callback):
         div: float = 4.0,
     ) -> None:
         """Check the settings; ``beta`` smooths the loss, ``div`` says when it diverged."""
-        self.start_lr = _check_number("start_lr", start_lr, 0.0)
-        self.end_lr = _check_number("end_lr", end_lr, 0.0)
-        self.beta = _check_number("beta", beta, 0.0, strict=False)
-        self.div = _check_number("div", div, 1.0)
-        _check_settings(self.start_lr, self.end_lr, num_it, self.beta)
-        self.num_it = num_it
+        self.start_lr = check_number("start_lr", start_lr, strict=True)
+        self.end_lr = check_number("end_lr", end_lr, strict=True)
+        self.beta = check_number("beta", beta)
+        self.div = check_number("div", div, low=1.0, strict=True)
+        _check_settings(self.start_lr, self.end_lr, self.beta)
+        self.num_it = check_count("num_it", num_it, minimum=2, meaning="batches in the sweep")
         self.lrs: list[float] = []
         self.losses: list[float] = []
         self.diverged = False
@@ -158,16 +149,8 @@ class LRFinderCB(Callback):
             msg = f"LRFinderCB: {self.num_it} batches swept"
             raise CancelEpochException(msg)
 
-    def after_fit(self, learn: Learner) -> None:
-        """Load the model and optimizer back."""
-        self._restore(learn)
-
-    def after_cancel_fit(self, learn: Learner) -> None:
-        """Load the model and optimizer back after a divergence (or another cancel)."""
-        self._restore(learn)
-
-    def after_fail(self, learn: Learner) -> None:
-        """Load the model and optimizer back after a failure too."""
+    def cleanup_fit(self, learn: Learner) -> None:
+        """Load the model and optimizer back, however the fit ended."""
         self._restore(learn)
 
     # -- the sweep ---------------------------------------------------------------------
@@ -280,10 +263,11 @@ def lr_find(  # noqa: PLR0913 (the finder's settings, keyword-only)
     """Sweep the learning rate on ``learn`` and return the finder (see the module doc)."""
     finder = LRFinderCB(start_lr, end_lr, num_it, beta=beta, div=div)
     n_epochs = _epochs_for(learn.dls.train, num_it)
-    cbs = learn.cbs
-    learn.cbs = [*cbs, finder]
+    cbs, opt = learn.cbs, learn.opt
+    learn.cbs = [*(cb for cb in cbs if not isinstance(cb, ProgressCB)), finder]
     try:
         finder.result = learn.fit(n_epochs)
     finally:
         learn.cbs = cbs
+        learn.opt = opt  # the sweep's own optimizer, built when there was none, goes
     return finder

@@ -1,10 +1,13 @@
 """MetricsCB: torchmetrics metrics and the mean loss per pass, on the learner and in the log.
 
-This module owns the metric values other callbacks read. After each pass MetricsCB holds
-``values``, a ``dict[str, float]`` keyed ``"<pass>_<name>"`` (``train_loss``,
-``valid_accuracy``, ...), and appends the epoch's row to ``history``. A callback of
-higher order finds it with ``find_metrics(learn, monitor)`` (which also checks that the
-monitor is one of ``MetricsCB.names()``) and reads ``values[monitor]`` in ``after_epoch``.
+This module owns the metric values other callbacks read, and the names of the passes.
+MetricsCB meets ``fsm_learner.callback.MetricsProvider``: after each pass of a fit it
+holds ``values``, a ``dict[str, float]`` keyed ``"<pass>_<name>"`` (``train_loss``,
+``valid_accuracy``, ...), and updates the epoch's row of ``history``; after every pass, a
+validate run's included, ``last_pass()`` holds that pass's values by name alone (``loss``,
+``accuracy``): what ``Learner.validate`` returns. Callbacks of higher order find it with
+``callbacks.monitor.metrics_of`` (or watch one value with ``callbacks.monitor.Monitor``)
+and read ``values`` in their ``after_epoch``.
 
 Nothing here reads a tensor back to the host per batch: the loss is summed on the device
 (``RunningMean``) and the metrics' states stay there too; all values become Python floats
@@ -13,21 +16,25 @@ in one transfer at the end of each pass.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
-from typing import TYPE_CHECKING, Any, Final
+from enum import Enum
+from typing import TYPE_CHECKING, Final
 
 import torch
 from torchmetrics import Metric
 
 from callbacks.device import resolve_device
 from fsm_learner import Callback, ConfigurationError
+from fsm_learner.batch import batch_size
+from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from fsm_learner import Learner
 
-__all__ = ["PASS_PREFIXES", "MetricsCB", "RunningMean", "batch_size", "find_metrics", "metrics_of"]
+__all__ = ["PASS_PREFIXES", "MetricsCB", "RunningMean", "pass_name"]
 
 PASS_PREFIXES: Final = ("train", "valid")
 """The prefixes of the value keys: ``train_`` for training passes, ``valid_`` for validation."""
@@ -35,16 +42,9 @@ _TASK_PREFIXES: Final = ("Multiclass", "Multilabel", "Binary")
 _NAME: Final = re.compile(r"[a-z][a-z0-9_]*")
 
 
-def _prefix(training: bool) -> str:
+def pass_name(training: bool) -> str:
+    """Name a pass as value keys and progress lines do: ``train`` or ``valid``."""
     return PASS_PREFIXES[0] if training else PASS_PREFIXES[1]
-
-
-def batch_size(batch: Any) -> int:
-    """Return the number of samples in an ``(x, y)`` batch: the length of its targets."""
-    target = batch[1]
-    if isinstance(target, torch.Tensor):
-        return int(target.shape[0]) if target.ndim else 1
-    return len(target)
 
 
 class RunningMean:
@@ -140,6 +140,15 @@ def _to_floats(named: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(named, stacked.tolist(), strict=True))
 
 
+class _PassState(Enum):
+    """Where MetricsCB stands in the current pass."""
+
+    UNSEEN = "unseen"
+    """Not begun for MetricsCB: between passes, or cancelled before its before_epoch."""
+    OPEN = "open"
+    FINISHED = "finished"
+
+
 class MetricsCB(Callback):
     """Compute torchmetrics metrics and the mean loss on each pass, separately per pass.
 
@@ -147,16 +156,25 @@ class MetricsCB(Callback):
     names a positional metric after its class, less the task prefix and in lower snake
     case (``accuracy``), and a keyword metric by its keyword. It keeps a training and a
     validation copy of each and updates it in ``after_batch`` with ``learn.preds``
-    (detached) and ``learn.batch[1]``; the loss is averaged over samples, assuming
-    ``learn.loss`` is the batch's mean. At each pass end it sets ``values``
-    (``train_loss``, ``train_accuracy``, ... then ``valid_loss``, ``valid_accuracy``, ...;
-    a pass that completed no batch gives NaN), updates the epoch's row of ``history``, and
-    writes the pass's values to the audit log as a ``metrics`` note. A cancelled pass
-    reports what its completed batches gave, with ``complete=False`` in the note.
+    (detached: the logits when the model computes its own loss) and ``learn.target``; a
+    batch without a target adds to the loss but to no metric. The loss is averaged over
+    samples (``fsm_learner.batch.batch_size``), assuming ``learn.loss`` is the batch's
+    mean. At each pass end it sets ``last_pass()`` (``loss``, ``accuracy``, ...; a pass
+    that completed no batch gives NaN) and writes the pass's values to the audit log as a
+    ``metrics`` note; in a fit it also sets ``values`` (``train_loss``, ``train_accuracy``,
+    ... then ``valid_loss``, ``valid_accuracy``, ...) and updates the epoch's row of
+    ``history``. A pass that ends early (cancelled, or before this callback saw it begin)
+    reports what its completed batches gave, with ``complete=False`` in the note; a pass
+    that fails reports nothing.
 
-    The metrics run on ``device`` (default: the device of the model's parameters at fit
-    start, so after DeviceCB). MetricsCB itself never syncs per batch, but a metric's
-    ``update`` may: torchmetrics checks its inputs unless built with
+    Runs: in a fit, as above. A validate run (``learn.validate()``) is one validation pass:
+    its values go to ``last_pass()`` and the log, never to ``values`` or ``history``, which
+    keep the fit's (what monitors and recorders read). A predict run computes no loss:
+    MetricsCB does nothing in it.
+
+    The metrics run on ``device`` (default: the device of the model's parameters when a
+    pass starts, so after DeviceCB). MetricsCB itself never syncs per batch, but a
+    metric's ``update`` may: torchmetrics checks its inputs unless built with
     ``validate_args=False`` (``torch.unique``), and macro-averaged multiclass metrics
     count with ``torch.bincount``, both of which wait for the GPU. Order 20.
     """
@@ -177,9 +195,11 @@ class MetricsCB(Callback):
             for training in (True, False)
         }
         self._loss = RunningMean()
-        self._in_pass = False
+        self._state = _PassState.UNSEEN
         self._batches = 0
+        self._updates = 0
         self._epoch = -1
+        self._last_pass: dict[str, float] = {}
         self.values: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
 
@@ -187,59 +207,82 @@ class MetricsCB(Callback):
         """Return the keys of ``values``: ``train_loss``, ``train_<metric>``..., ``valid_...``."""
         return [f"{p}_{name}" for p in PASS_PREFIXES for name in ("loss", *self.metrics)]
 
+    def last_pass(self) -> Mapping[str, float]:
+        """Return the last pass's values by name alone (``loss``, ``accuracy``, ...)."""
+        return dict(self._last_pass)
+
     def before_fit(self, learn: Learner) -> None:
-        """Forget the last fit's values; put the metrics where the model is."""
-        device = self.device or _model_device(learn)
-        for metrics in self._passes.values():
-            for metric in metrics.values():
-                metric.to(device)
+        """Forget the last fit's values and history."""
         self.values, self.history, self._epoch = {}, [], -1
 
     def before_epoch(self, learn: Learner) -> None:
-        """Start the pass's sums from zero; a new epoch starts new ``values``."""
-        if learn.epoch != self._epoch:
+        """Start the pass's sums from zero, on the model's device; a new epoch, new ``values``."""
+        if learn.kind is RunKind.PREDICT:
+            return
+        if learn.kind is RunKind.FIT and learn.epoch != self._epoch:
             self.values, self._epoch = {}, learn.epoch
+        device = self.device or _model_device(learn)
         for metric in self._passes[learn.training].values():
+            metric.to(device)  # cheap when they are there already
             metric.reset()
         self._loss.reset()
-        self._batches = 0
-        self._in_pass = True
+        self._batches = self._updates = 0
+        self._state = _PassState.OPEN
 
     def after_batch(self, learn: Learner) -> None:
         """Add the batch to the pass's loss sum and metric states, on the device."""
-        target = learn.batch[1]
-        self._loss.add(learn.loss, batch_size(learn.batch))
+        if self._state is not _PassState.OPEN:
+            return
+        self._loss.add(learn.loss, batch_size(learn.batch, learn.target_key))
+        self._batches += 1
+        target = learn.target
+        if target is None:
+            return
         preds = learn.preds.detach() if isinstance(learn.preds, torch.Tensor) else learn.preds
+        if isinstance(target, torch.Tensor):
+            target = target.detach()
         for metric in self._passes[learn.training].values():
             metric.update(preds, target)
-        self._batches += 1
+        self._updates += 1
 
     def after_epoch(self, learn: Learner) -> None:
         """Compute the pass's values; later callbacks read them in their after_epoch."""
-        self._finish_pass(learn, complete=True)
+        if self._state is _PassState.OPEN:
+            self._finish_pass(learn, complete=True)
 
-    def after_cancel_epoch(self, learn: Learner) -> None:
-        """Report what the completed batches of a cancelled pass gave."""
-        self._finish_pass(learn, complete=False)
+    def cleanup_epoch(self, learn: Learner) -> None:
+        """Report a pass that ended early with what its completed batches gave; then forget it.
+
+        A failed pass reports nothing: its values may be what failed.
+        """
+        state, self._state = self._state, _PassState.UNSEEN
+        reported = state is _PassState.FINISHED or learn.kind is RunKind.PREDICT
+        if not reported and learn.failure is None:
+            self._finish_pass(learn, complete=False)
+        self._loss.reset()
+        self._batches = self._updates = 0  # a pass cancelled before before_epoch gets none
 
     def _finish_pass(self, learn: Learner, *, complete: bool) -> None:
-        if not self._in_pass:  # cancelled before our before_epoch, or already finished
-            return
-        self._in_pass = False
+        self._state = _PassState.FINISHED
         values = self._pass_values(learn.training)
-        self.values = {**self.values, **values}
-        self._record_row(learn.epoch)
-        learn.note("metrics", batches=self._batches, complete=complete, **values)
+        self._last_pass = values
+        prefix = pass_name(learn.training)
+        keyed = {f"{prefix}_{name}": value for name, value in values.items()}
+        if learn.kind is RunKind.FIT:
+            self.values = {**self.values, **keyed}
+            self._record_row(learn.epoch)
+        learn.note("metrics", batches=self._batches, complete=complete, **keyed)
 
     def _pass_values(self, training: bool) -> dict[str, float]:
-        prefix = _prefix(training)
-        keys = [f"{prefix}_{name}" for name in ("loss", *self.metrics)]
-        if self._batches == 0:
-            return dict.fromkeys(keys, math.nan)
-        tensors = {keys[0]: self._loss.mean()}
-        for key, metric in zip(keys[1:], self._passes[training].values(), strict=True):
-            tensors[key] = metric.compute()
-        return _to_floats(tensors)
+        names = ["loss", *self.metrics]
+        tensors: dict[str, torch.Tensor] = {}
+        if self._batches:
+            tensors["loss"] = self._loss.mean()
+        if self._updates:
+            for name, metric in self._passes[training].items():
+                tensors[name] = metric.compute()
+        computed = _to_floats(tensors)
+        return {name: computed.get(name, math.nan) for name in names}
 
     def _record_row(self, epoch: int) -> None:
         row: dict[str, float] = {"epoch": epoch, **self.values}
@@ -256,33 +299,3 @@ class MetricsCB(Callback):
 def _model_device(learn: Learner) -> torch.device:
     param = next(iter(learn.model.parameters()), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-def metrics_of(learn: Learner) -> MetricsCB | None:
-    """Return the first MetricsCB among ``learn.cbs``, or None when there is none."""
-    return next((cb for cb in learn.cbs if isinstance(cb, MetricsCB)), None)
-
-
-def find_metrics(learn: Learner, monitor: str | None = None) -> MetricsCB:
-    """Return the learner's MetricsCB, checking that ``monitor`` is one of its names.
-
-    For callbacks that act on a metric (early stopping, saving the best model): call it
-    in ``before_fit`` to fail early, then read ``values[monitor]`` in ``after_epoch``.
-    Raises ``ConfigurationError`` when there is no MetricsCB, or for an unknown monitor.
-    """
-    found = metrics_of(learn)
-    if found is None:
-        wanted = f" to read {monitor!r}" if monitor else ""
-        msg = (
-            f"no MetricsCB among the learner's callbacks{wanted}; add "
-            f"callbacks.metrics.MetricsCB(...) to cbs (it reports "
-            f"{', '.join(f'{p}_loss' for p in PASS_PREFIXES)} and one key per metric); "
-            f"got cbs={learn.cbs!r}"
-        )
-        raise ConfigurationError(msg)
-    if monitor is not None and monitor not in found.names():
-        close = difflib.get_close_matches(monitor, found.names(), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        msg = f"unknown monitor {monitor!r}; {hint}valid: {', '.join(found.names())}"
-        raise ConfigurationError(msg)
-    return found

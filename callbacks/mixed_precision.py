@@ -1,18 +1,23 @@
 """MixedPrecisionCB: ``torch.autocast`` for the forward pass and the loss, and a GradScaler.
 
-Defaults follow the model's device, read when the fit starts (after DeviceCB moved it):
+Defaults follow the model's device, read when a run starts (after DeviceCB moved it):
 on CUDA, float16 with a ``torch.amp.GradScaler``; elsewhere (CPU), bfloat16 without one.
 ``dtype`` and ``scaler`` override them (float16 with a scaler also runs on CPU).
+
+The autocast region is the ``predict`` and ``compute_loss`` overrides: each runs the rest
+of its chain inside ``with torch.autocast(...)``, so the forward pass and the loss run in
+the low precision and nothing else does: no hook (``after_predict``, ``after_loss``, ...)
+and never the backward pass. A ``with`` block leaves the region however the work ends (a
+cancel, an exception), so no hook has to. The autocast device and dtype are read from
+the model when each pass starts, so validate and predict runs (which have no
+``before_fit``) run under autocast too.
 
 Order 15, and why. Hooks and overrides share one ``order``, and for overrides a lower
 order is an outer layer. Gradient accumulation (order 5) decides *whether* to step and
 gradient clipping (order 8) must see unscaled gradients just before the step; mixed
 precision decides *how* to back-propagate and step, so it is the innermost of the stock
-overrides, after both. The autocast region does not depend on the order: it is entered in
-``before_batch`` and left in ``after_loss``, so it covers the forward pass and the loss
-and never the backward pass; the cancel and failure hooks leave it when a batch ends
-early. Hooks of lower order in ``after_loss`` run inside the region, those of higher
-order outside.
+overrides, after both. ``predict`` and ``compute_loss`` overrides of higher order run
+inside the autocast region, those of lower order outside it.
 
 With a scaler:
 
@@ -37,7 +42,6 @@ adds one sync per step. Without a scaler there is no sync at all.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from typing import TYPE_CHECKING, Final
 
 import torch
@@ -54,7 +58,9 @@ _DTYPES: Final = (torch.float16, torch.bfloat16)
 
 
 def _check_dtype(dtype: object) -> torch.dtype | None:
-    if dtype is None or (isinstance(dtype, torch.dtype) and dtype in _DTYPES):
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES:
         return dtype
     msg = f"dtype must be torch.float16, torch.bfloat16 or None (from the device), got {dtype!r}"
     raise ConfigurationError(msg)
@@ -84,48 +90,37 @@ class MixedPrecisionCB(Callback):
         self.scaler: torch.amp.GradScaler | None = None
         self.skipped = 0
         self._scale: float | None = None
-        self._autocast: torch.autocast | None = None
-        self._region = ExitStack()
+        self._autocast: tuple[str, torch.dtype] | None = None
+
+    def _settings(self, learn: Learner) -> tuple[str, torch.dtype]:
+        """Return the autocast device type and dtype for the model where it is now."""
+        device = _device_type(learn)
+        return device, self.dtype or (torch.float16 if device == "cuda" else torch.bfloat16)
 
     def before_fit(self, learn: Learner) -> None:
-        """Choose dtype and scaler for the model's device; a fresh scaler per fit."""
-        device = _device_type(learn)
-        dtype = self.dtype or (torch.float16 if device == "cuda" else torch.bfloat16)
+        """Choose the scaler for the model's device and the dtype; a fresh one per fit."""
+        device, dtype = self._settings(learn)
         use_scaler = self.use_scaler if self.use_scaler is not None else dtype == torch.float16
-        self._autocast = torch.autocast(device, dtype=dtype)
         self.scaler = torch.amp.GradScaler(device) if use_scaler else None
         self.skipped = 0
         self._scale = None
-        self._leave()
 
-    def before_batch(self, learn: Learner) -> None:  # noqa: ARG002 (hook signature)
-        """Enter the autocast region for the forward pass and the loss."""
-        if self._autocast is not None:
-            self._leave()  # a region left open by a batch that ended early
-            self._region.enter_context(self._autocast)
+    def before_epoch(self, learn: Learner) -> None:
+        """Read the autocast settings off the model, in every kind of run."""
+        self._autocast = self._settings(learn)
 
-    def after_loss(self, learn: Learner) -> None:  # noqa: ARG002 (hook signature)
-        """Leave the autocast region: the backward pass runs outside it."""
-        self._leave()
+    def predict(self, learn: Learner, proceed: Proceed) -> None:
+        """Run the forward pass (the rest of the chain) under autocast."""
+        self._under_autocast(learn, proceed)
 
-    def after_cancel_batch(self, learn: Learner) -> None:  # noqa: ARG002 (hook signature)
-        """Leave the autocast region if the batch was cancelled inside it."""
-        self._leave()
+    def compute_loss(self, learn: Learner, proceed: Proceed) -> None:
+        """Compute the loss (the rest of the chain) under autocast."""
+        self._under_autocast(learn, proceed)
 
-    def after_cancel_epoch(self, learn: Learner) -> None:  # noqa: ARG002 (hook signature)
-        """Leave the autocast region if the pass was cancelled inside it."""
-        self._leave()
-
-    def after_cancel_fit(self, learn: Learner) -> None:  # noqa: ARG002 (hook signature)
-        """Leave the autocast region if the fit was cancelled inside it."""
-        self._leave()
-
-    def after_fail(self, learn: Learner) -> None:  # noqa: ARG002 (hook signature)
-        """Leave the autocast region if the fit failed inside it."""
-        self._leave()
-
-    def _leave(self) -> None:
-        self._region.close()
+    def _under_autocast(self, learn: Learner, proceed: Proceed) -> None:
+        device, dtype = self._autocast or self._settings(learn)
+        with torch.autocast(device, dtype=dtype):
+            proceed()
 
     def backward(self, learn: Learner, proceed: Proceed) -> None:
         """With a scaler, back-propagate the scaled loss; without, run the rest of the chain."""

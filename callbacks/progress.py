@@ -1,10 +1,17 @@
 """ProgressCB: progress bars with a live loss on a terminal, plain lines elsewhere, a table.
 
-This module owns what a fit prints. On a terminal (``console.is_terminal``) it shows two
-rich progress bars, the epochs of the fit and the batches of the current pass, with the
-latest loss; otherwise it writes one plain line per pass, for logs and CI. Either way
+This module owns what a run prints. On a terminal (``console.is_terminal``) a fit shows
+two rich progress bars, the epochs of the fit and the batches of the current pass, with
+the latest loss; otherwise it writes one plain line per pass, for logs and CI. Either way
 every pass ends with a summary line and the fit with a table of the values per epoch:
-MetricsCB's when the learner has one, else the mean loss ProgressCB keeps itself.
+the metrics callback's (``last_pass()``) when the learner has one, else the mean loss
+ProgressCB keeps itself. A validate run prints its one line (``validate loss ...``); a
+predict run, which has no loss, prints nothing.
+
+The lines and the table are printed when their unit ends by any route (``cleanup_epoch``,
+``cleanup_fit``), so a pass cut short by a cancel gets its line, marked ``(cancelled)``,
+before the table; after a failure only the bars are stopped, leaving the terminal to the
+traceback.
 
 The live loss is the only host-device sync ProgressCB makes per batch, and it is
 throttled: ``learn.loss`` is read at most once every ``refresh_s`` seconds (0.25 by
@@ -36,11 +43,16 @@ except ModuleNotFoundError as exc:  # pragma: no cover (rich is in the extra)
     msg = "callbacks.progress needs rich: pip install 'fsm-learner[callbacks]'"
     raise ModuleNotFoundError(msg) from exc
 
-from callbacks.metrics import PASS_PREFIXES, MetricsCB, RunningMean, batch_size, metrics_of
+from callbacks._checks import check_number
+from callbacks.metrics import PASS_PREFIXES, RunningMean, pass_name
+from callbacks.monitor import metrics_of
 from fsm_learner import Callback, ConfigurationError
+from fsm_learner.batch import batch_size
+from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
     from fsm_learner import Learner
+    from fsm_learner.callback import MetricsProvider
 
 __all__ = ["ProgressCB"]
 
@@ -51,24 +63,22 @@ def _format_value(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.4f}"
 
 
-def _pass_name(training: bool) -> str:
-    return PASS_PREFIXES[0] if training else PASS_PREFIXES[1]
-
-
 def _length(dl: object) -> int | None:
     return len(dl) if isinstance(dl, Sized) else None
 
 
 class ProgressCB(Callback):
-    """Show a fit's progress: bars and a live loss on a terminal, plain lines otherwise.
+    """Show a run's progress: bars and a live loss on a terminal, plain lines otherwise.
 
     Output goes to ``console`` (a rich Console) or, when only ``file`` is given, to a
-    Console on that stream; by default to standard output. Each pass ends with a line such
-    as ``epoch 1/3 train loss 0.5120 accuracy 0.8710 1.2s`` (``(cancelled)`` added when the
-    pass was), and the fit with a per-epoch table (``table=False`` leaves it out). On a
-    terminal the displayed loss and bars refresh at most every ``refresh_s`` seconds, the
-    only time ProgressCB reads the loss back from the device during a pass. Order 40:
-    after MetricsCB (20), so a pass's values are ready when its line is printed.
+    Console on that stream; by default to standard output. Each pass of a fit ends with a
+    line such as ``epoch 1/3 train loss 0.5120 accuracy 0.8710 1.2s`` (``(cancelled)``
+    added when the pass was), and the fit with a per-epoch table (``table=False`` leaves
+    it out); a validate run prints ``validate loss 0.4410 accuracy 0.8900 0.3s``; a
+    predict run prints nothing. On a terminal the displayed loss and bars refresh at most
+    every ``refresh_s`` seconds, the only time ProgressCB reads the loss back from the
+    device during a pass. Order 40: after MetricsCB (20), so a pass's values are ready
+    when its line is printed.
     """
 
     order = 40
@@ -81,25 +91,23 @@ class ProgressCB(Callback):
         refresh_s: float = 0.25,
         table: bool = True,
     ) -> None:
-        """Check the settings; nothing is printed until a fit starts."""
+        """Check the settings; nothing is printed until a run starts."""
         if file is not None and console is not None:
             msg = "ProgressCB: give file or console, not both (a console has its own file)"
             raise ConfigurationError(msg)
-        if isinstance(refresh_s, bool) or not isinstance(refresh_s, int | float) or refresh_s < 0:
-            msg = f"ProgressCB: refresh_s must be a number of seconds >= 0, got {refresh_s!r}"
-            raise ConfigurationError(msg)
+        self.refresh_s = check_number("refresh_s", refresh_s, finite=False)
         self.console = console if console is not None else Console(file=file)
-        self.refresh_s = float(refresh_s)
         self.table = table
         self.live_loss_reads = 0
         """How many times the live loss was read from the device (each one a sync)."""
         self._progress: Progress | None = None
         self._fit_task: TaskID | None = None
         self._pass_task: TaskID | None = None
-        self._metrics: MetricsCB | None = None
+        self._metrics: MetricsProvider | None = None
         self._loss = RunningMean()
         self._rows: dict[int, dict[str, float]] = {}
         self._pass_start = 0.0
+        self._pass_completed = False
         self._next_refresh = 0.0
 
     @property
@@ -108,7 +116,7 @@ class ProgressCB(Callback):
         return self.console.is_terminal
 
     def before_fit(self, learn: Learner) -> None:
-        """Find MetricsCB; on a terminal, start the bars."""
+        """Find the metrics callback; on a terminal, start the bars."""
         self._metrics = metrics_of(learn)
         self._rows = {}
         self.live_loss_reads = 0
@@ -117,11 +125,13 @@ class ProgressCB(Callback):
             self._start_bars(learn.n_epochs)
 
     def before_epoch(self, learn: Learner) -> None:
-        """Start timing the pass, and reset its bar."""
+        """Start timing the pass, and reset its bar; a validate run finds its metrics here."""
+        if learn.kind is RunKind.VALIDATE:  # no before_fit
+            self._metrics = metrics_of(learn)
         self._pass_start = time.monotonic()
         self._loss.reset()
         if self._progress is not None and self._pass_task is not None:
-            description = f"epoch {learn.epoch + 1}/{learn.n_epochs} {_pass_name(learn.training)}"
+            description = f"epoch {learn.epoch + 1}/{learn.n_epochs} {pass_name(learn.training)}"
             self._progress.reset(
                 self._pass_task, total=_length(learn.dl), description=description, loss=""
             )
@@ -129,8 +139,10 @@ class ProgressCB(Callback):
 
     def after_batch(self, learn: Learner) -> None:
         """Advance the bar; refresh the live loss when ``refresh_s`` has passed."""
+        if learn.kind is RunKind.PREDICT:  # no loss
+            return
         if self._metrics is None:
-            self._loss.add(learn.loss, batch_size(learn.batch))
+            self._loss.add(learn.loss, batch_size(learn.batch, learn.target_key))
         if self._progress is None or self._pass_task is None:
             return
         self._progress.advance(self._pass_task)
@@ -143,59 +155,61 @@ class ProgressCB(Callback):
             self._progress.refresh()
 
     def after_epoch(self, learn: Learner) -> None:
-        """Print the pass's line; a validation pass completes an epoch on the fit bar."""
-        self._end_pass(learn, cancelled=False)
+        """Mark the pass complete: its line, printed when it ends, is not ``(cancelled)``."""
+        self._pass_completed = True
 
-    def after_cancel_epoch(self, learn: Learner) -> None:
-        """Print the cancelled pass's line."""
-        self._end_pass(learn, cancelled=True)
+    def cleanup_epoch(self, learn: Learner) -> None:
+        """Print the pass's line, unless the run failed or predicts."""
+        completed, self._pass_completed = self._pass_completed, False
+        if learn.kind is not RunKind.PREDICT and learn.failure is None:
+            self._end_pass(learn, cancelled=not completed)
 
-    def after_fit(self, learn: Learner) -> None:  # noqa: ARG002 (the hook's signature)
-        """Stop the bars and print the table."""
-        self._finish()
-
-    def after_cancel_fit(self, learn: Learner) -> None:  # noqa: ARG002 (the hook's signature)
-        """Stop the bars and print the table of the epochs that ran."""
-        self._finish()
-
-    def after_fail(self, learn: Learner) -> None:  # noqa: ARG002 (the hook's signature)
-        """Stop the bars, so the terminal is usable for the traceback."""
+    def cleanup_fit(self, learn: Learner) -> None:
+        """Stop the bars; print the table of the epochs that ran, unless the fit failed."""
         self._stop_bars()
+        if learn.failure is None and self.table and self._rows:
+            self._print_table()
 
     # -- the pass's values and lines ---------------------------------------------------
 
     def _end_pass(self, learn: Learner, *, cancelled: bool) -> None:
         seconds = time.monotonic() - self._pass_start
-        values = self._pass_values(learn.training)
-        row = self._rows.setdefault(learn.epoch, {"epoch": learn.epoch + 1, _TIME: 0.0})
-        row.update(values)
-        row[_TIME] += seconds
+        values = self._pass_values()
         self._pass_start = time.monotonic()  # so a pass cancelled before it began shows its own
         self._loss.reset()
-        line = self._line(learn, values, seconds, cancelled=cancelled)
-        if self._progress is not None:
-            self._progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        if learn.kind is RunKind.FIT:
+            prefix = pass_name(learn.training)
+            row = self._rows.setdefault(learn.epoch, {"epoch": learn.epoch + 1, _TIME: 0.0})
+            row.update((f"{prefix}_{name}", value) for name, value in values.items())
+            row[_TIME] += seconds
+        self._print_line(learn, self._line(learn, values, seconds, cancelled=cancelled))
+
+    def _pass_values(self) -> dict[str, float]:
+        if self._metrics is None:
+            return {"loss": float(self._loss.mean())}  # one sync per pass
+        return dict(self._metrics.last_pass())
+
+    def _print_line(self, learn: Learner, line: str) -> None:
+        progress = self._progress
+        if progress is not None:
+            progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
             if not learn.training and self._fit_task is not None:
-                self._progress.advance(self._fit_task)
-            self._progress.refresh()
+                progress.advance(self._fit_task)
+            progress.refresh()
+        elif self.is_terminal:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
         else:
             self.console.file.write(line + "\n")
             self.console.file.flush()
 
-    def _pass_values(self, training: bool) -> dict[str, float]:
-        prefix = _pass_name(training) + "_"
-        if self._metrics is None:
-            return {f"{prefix}loss": float(self._loss.mean())}  # one sync per pass
-        return {k: v for k, v in self._metrics.values.items() if k.startswith(prefix)}
-
     @staticmethod
     def _line(learn: Learner, values: dict[str, float], seconds: float, *, cancelled: bool) -> str:
-        phase = _pass_name(learn.training)
-        cut = len(phase) + 1
-        shown = [f"{key[cut:]} {_format_value(v)}" for key, v in values.items()]
-        line = " ".join(
-            [f"epoch {learn.epoch + 1}/{learn.n_epochs} {phase}", *shown, f"{seconds:.1f}s"]
-        )
+        if learn.kind is RunKind.FIT:
+            head = f"epoch {learn.epoch + 1}/{learn.n_epochs} {pass_name(learn.training)}"
+        else:
+            head = str(learn.kind)
+        shown = [f"{name} {_format_value(v)}" for name, v in values.items()]
+        line = " ".join([head, *shown, f"{seconds:.1f}s"])
         return line + " (cancelled)" if cancelled else line
 
     # -- bars and table ----------------------------------------------------------------
@@ -219,11 +233,6 @@ class ProgressCB(Callback):
         if self._progress is not None:
             self._progress.stop()
         self._progress = self._fit_task = self._pass_task = None
-
-    def _finish(self) -> None:
-        self._stop_bars()
-        if self.table and self._rows:
-            self._print_table()
 
     def _columns(self) -> list[str]:
         keys: list[str] = []

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from callbacks.metrics import PASS_PREFIXES, metrics_of
+from callbacks.metrics import PASS_PREFIXES
+from callbacks.monitor import metrics_of
 from fsm_learner import Callback
+from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
     import os
@@ -33,8 +35,10 @@ class Recorder(Callback):
 
     Each fit starts a new record. ``lrs`` and ``losses`` have one entry per completed
     training batch (a cancelled batch is not recorded); ``epochs`` has one row per epoch
-    with MetricsCB's values (``{"epoch": 0, "train_loss": ..., "valid_accuracy": ...}``),
-    empty without MetricsCB. Order 30: after MetricsCB (20) has computed a pass's values.
+    with the metrics callback's values (``{"epoch": 0, "train_loss": ...,
+    "valid_accuracy": ...}``), updated when each pass ends by any route, empty without
+    one. Validate and predict runs are not part of a fit's record: they leave it as it is.
+    Order 30: after MetricsCB (20) has computed a pass's values.
     """
 
     order = 30
@@ -63,7 +67,7 @@ class Recorder(Callback):
         """MetricsCB's values per epoch, in epoch order."""
         return [dict(row) for row in self._epochs.values()]
 
-    def before_fit(self, learn: Learner) -> None:  # noqa: ARG002 (the hook's signature)
+    def before_fit(self, learn: Learner) -> None:
         """Forget the last fit's record."""
         self._lrs, self._chunks, self._pending, self._epochs = [], [], [], {}
         self._lr = float("nan")
@@ -75,19 +79,14 @@ class Recorder(Callback):
 
     def after_batch(self, learn: Learner) -> None:
         """Record a completed training batch: its learning rate and its loss, on the device."""
-        if learn.training:
+        if learn.training:  # only a fit has training passes
             self._lrs.append(self._lr)
             self._pending.append(learn.loss.detach().float())
 
-    def after_epoch(self, learn: Learner) -> None:
-        """Keep the pass's metrics; pack the pass's losses into one tensor."""
-        self._end_pass(learn)
-
-    def after_cancel_epoch(self, learn: Learner) -> None:
-        """Keep what a cancelled pass recorded, as for a completed one."""
-        self._end_pass(learn)
-
-    def _end_pass(self, learn: Learner) -> None:
+    def cleanup_epoch(self, learn: Learner) -> None:
+        """When a pass of a fit ends, by any route: keep its metrics, pack its losses."""
+        if learn.kind is not RunKind.FIT:
+            return
         if self._pending:
             self._chunks.append(torch.stack(self._pending))  # asynchronous on a device
             self._pending = []

@@ -11,8 +11,9 @@ When it saves, at the end of each validation pass:
   monitored value improved (the best), over the same file;
 - ``every_epoch=True``: every epoch, into ``<dir>/epoch_<n>.pt``.
 
-Each save adds a ``checkpoint`` note to the audit log. No per-batch work, so no per-batch
-host-device sync. SaveModelCB runs after EarlyStoppingCB (order 60 > 50): when early
+Each save adds a ``checkpoint`` note to the audit log. Validate and predict runs are not
+epochs of a fit: nothing is saved in them. No per-batch work, so no per-batch host-device
+sync. SaveModelCB runs after EarlyStoppingCB (order 60 > 50): when early
 stopping ends the fit in an ``after_epoch``, that epoch is not saved; with the same
 monitor, that epoch did not improve anyway.
 """
@@ -25,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from callbacks.early_stopping import Mode, Monitor
+from callbacks.monitor import Mode, Monitor
 from fsm_learner import Callback, ConfigurationError
+from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
     from torch import nn
@@ -77,7 +79,8 @@ class SaveModelCB(Callback):
     ``every_epoch=True``. With ``monitor`` (a name of the metrics callback such as
     ``"valid_loss"``), only epochs that improve on the best so far by more than
     ``min_delta`` are saved (``mode`` as in EarlyStoppingCB). ``saved`` lists the files
-    written by the last fit; ``best`` and ``best_epoch`` are on ``monitor``.
+    the last fit wrote, each once, in the order first written; ``best`` and ``best_epoch``
+    are the monitored value's best so far and its epoch (None without ``monitor``).
     """
 
     order = 60
@@ -103,6 +106,16 @@ class SaveModelCB(Callback):
         self.every_epoch = every_epoch
         self.saved: list[Path] = []
 
+    @property
+    def best(self) -> float | None:
+        """The best monitored value of the last fit (NaN before one); None without monitor."""
+        return None if self.monitor is None else self.monitor.best
+
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch of ``best`` (-1 before one); None without monitor."""
+        return None if self.monitor is None else self.monitor.best_epoch
+
     def before_fit(self, learn: Learner) -> None:
         """Find the metrics provider when monitoring; forget the files of past fits."""
         if self.monitor is not None:
@@ -111,6 +124,8 @@ class SaveModelCB(Callback):
 
     def after_epoch(self, learn: Learner) -> None:
         """At the end of the validation pass, save when this epoch is to be kept."""
+        if learn.kind is not RunKind.FIT:
+            return
         monitor = self.monitor
         if monitor is not None:
             monitor.capture()
@@ -135,7 +150,8 @@ class SaveModelCB(Callback):
         partial = target.with_name(f".{target.name}.partial")
         torch.save(checkpoint, partial)
         partial.replace(target)
-        self.saved.append(target)
+        if target not in self.saved:
+            self.saved.append(target)
         fields: dict[str, Any] = {"path": str(target)}
         if self.monitor is not None:
             fields.update(monitor=self.monitor.name, value=self.monitor.best)

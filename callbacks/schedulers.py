@@ -1,30 +1,49 @@
 """BatchSchedCB and EpochSchedCB: ``torch.optim.lr_scheduler`` schedulers driven by the loop.
 
-This module owns building a scheduler for each fit and stepping it. ``fit`` builds a new
-optimizer every time, so the scheduler is built in ``before_fit`` from a factory:
-``sched_func(opt)``, or ``with_total_steps(opt, total_steps)`` for schedules that need
-their length (OneCycleLR's ``total_steps``, CosineAnnealingLR's ``T_max``), which is
-computed from ``learn.n_epochs`` and, per batch, ``len(learn.dls.train)``. A factory that
-fails, or returns something other than an ``LRScheduler``, is reported as a
-``ConfigurationError`` naming the factory and what would work. Neither callback syncs.
+This module owns building a scheduler for each fit and stepping it. Each fit gets a new
+schedule from its start, built in ``before_fit`` on the learner's optimizer (which
+persists across fits) from a factory: ``sched_func(opt)``, or
+``with_total_steps(opt, total_steps)`` for schedules that need their length (OneCycleLR's
+``total_steps``, CosineAnnealingLR's ``T_max``), which is computed from
+``learn.n_epochs`` and, per optimizer step, ``len(learn.dls.train)`` and the callbacks that
+step less often than once a batch (``OptimizerStepCounter``: GradientAccumulationCB). A
+factory that fails, or returns something other than an ``LRScheduler``, is reported as a
+``ConfigurationError`` naming the factory and what would work.
+
+A schedule of known length (``with_total_steps``) is never stepped past its end: the
+optimizer ends the fit at the schedule's final rate (one-cycle's ``initial_lr /
+final_div_factor``), as the last step used it. When the fit ends, by any route
+(``cleanup_fit``), the keys the scheduler added to the param groups (``initial_lr``,
+``max_lr``, ...) are removed, so that the next fit's scheduler starts from the optimizer's
+rate then; ``lr`` and ``momentum`` stay where the schedule left them, as torch leaves
+them (set ``learn.lr`` to train on at another rate). ``scheduler`` keeps the last fit's
+scheduler for inspection. Neither callback syncs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sized
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast, runtime_checkable
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, OneCycleLR, ReduceLROnPlateau
 
+from callbacks._checks import check_number
 from fsm_learner import Callback, ConfigurationError
+from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
     from fsm_learner import Learner
     from fsm_learner.callback import Proceed
 
-__all__ = ["BatchSchedCB", "EpochSchedCB", "SchedulerFactory", "TotalStepsSchedulerFactory"]
+__all__ = [
+    "BatchSchedCB",
+    "EpochSchedCB",
+    "OptimizerStepCounter",
+    "SchedulerFactory",
+    "TotalStepsSchedulerFactory",
+]
 
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 """Called as ``sched_func(opt)`` with the fit's optimizer."""
@@ -32,6 +51,30 @@ TotalStepsSchedulerFactory = Callable[[Optimizer, int], LRScheduler]
 """Called as ``with_total_steps(opt, total_steps)``: the steps the fit will take."""
 
 _STEP_WORDS = ("total_steps", "steps_per_epoch", "T_max", "total_iters")
+
+
+@runtime_checkable
+class OptimizerStepCounter(Protocol):
+    """A callback that lets the optimizer step less often than once per training batch."""
+
+    def optimizer_steps(self, n_batches: int) -> int:
+        """How many optimizer steps a training pass of ``n_batches`` batches takes."""
+        ...  # pragma: no cover (protocol)
+
+
+_GroupSettings = list[dict[str, Any]]
+"""Each param group's hyperparameters (all but its params), as a fit found them."""
+
+
+def _settings(opt: Optimizer) -> _GroupSettings:
+    return [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+
+
+def _remove_added_keys(opt: Optimizer, saved: _GroupSettings) -> None:
+    """Remove the keys a scheduler added to ``opt``'s param groups (see the module doc)."""
+    for group, before in zip(opt.param_groups, saved, strict=False):
+        for key in [k for k in group if k != "params" and k not in before]:
+            del group[key]
 
 
 def _describe(func: object) -> str:
@@ -49,7 +92,7 @@ class _OneCycle:
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v!r}" for k, v in self.kwargs.items())
-        return f"OneCycleLR(max_lr={self.max_lr!r}, total_steps=n_epochs * len(dls.train){extra})"
+        return f"OneCycleLR(max_lr={self.max_lr!r}, total_steps=<the fit's optimizer steps>{extra})"
 
 
 class _SchedulerCB(Callback):
@@ -84,25 +127,37 @@ class _SchedulerCB(Callback):
         self.with_total_steps = with_total_steps
         self.scheduler: LRScheduler | None = None
         """The current (or last) fit's scheduler."""
+        self._saved: tuple[Optimizer, _GroupSettings] | None = None
+        self.total_steps: int | None = None
+        """The current (or last) fit's schedule length, when ``with_total_steps`` built it."""
 
     def _total_steps(self, learn: Learner) -> int:
         """How many times the scheduler will step in this fit."""
         raise NotImplementedError
 
     def before_fit(self, learn: Learner) -> None:
-        """Build this fit's scheduler on this fit's optimizer."""
+        """Build this fit's scheduler on the optimizer, keeping what it will change."""
         self.scheduler = None  # not the last fit's, should building this one fail
-        self.scheduler = self._build(learn)
-
-    def _build(self, learn: Learner) -> LRScheduler:
+        self.total_steps = None
         opt = learn.opt
         if opt is None:  # pragma: no cover (fit builds the optimizer before before_fit)
             msg = f"{type(self).__name__}: no optimizer; fit() builds it before before_fit"
             raise ConfigurationError(msg)
+        self._saved = (opt, _settings(opt))
+        self.scheduler = self._build(learn, opt)
+
+    def cleanup_fit(self, learn: Learner) -> None:
+        """Remove the keys the scheduler added to the param groups, whatever the fit's end."""
+        saved, self._saved = self._saved, None
+        if saved is not None:
+            _remove_added_keys(*saved)
+
+    def _build(self, learn: Learner, opt: Optimizer) -> LRScheduler:
         make: Callable[[], object]
         if self.with_total_steps is not None:
             # at least 1, so that a fit of 0 epochs does not fail building its schedule
-            make = partial(self.with_total_steps, opt, max(1, self._total_steps(learn)))
+            self.total_steps = max(1, self._total_steps(learn))
+            make = partial(self.with_total_steps, opt, self.total_steps)
         else:
             make = partial(cast("SchedulerFactory", self.sched_func), opt)
         factory = _describe(self.sched_func or self.with_total_steps)
@@ -149,44 +204,51 @@ class _SchedulerCB(Callback):
 
 
 class BatchSchedCB(_SchedulerCB):
-    """Step a scheduler once per optimizer step of each training batch (OneCycleLR, say).
+    """Step a scheduler once per optimizer step (OneCycleLR, say).
 
     ``BatchSchedCB(lambda opt: OneCycleLR(opt, 0.1, total_steps=300))``, or let the fit
-    count the steps: ``BatchSchedCB(with_total_steps=lambda opt, n: ...)`` gets
-    ``n = n_epochs * len(dls.train)``, and ``BatchSchedCB.one_cycle(max_lr)`` builds a
-    OneCycleLR that way. The scheduler steps in a ``step`` override, right after the
-    optimizer: when a callback of lower order (gradient accumulation) skips the optimizer
-    step, the scheduler does not step either. Order 10.
+    count the steps: ``BatchSchedCB(with_total_steps=lambda opt, n: ...)`` gets ``n``, the
+    optimizer steps of the fit: ``n_epochs * len(dls.train)``, or with
+    ``GradientAccumulationCB(k)`` ``n_epochs * ceil(len(dls.train) / k)``;
+    ``BatchSchedCB.one_cycle(max_lr)`` builds a OneCycleLR that way, which then ends the
+    fit's last step at its final rate. The scheduler steps in a ``step`` override, right
+    after the optimizer: when a callback of lower order (gradient accumulation) skips the
+    optimizer step, or one of higher order cancels it (a GradScaler's skipped step), the
+    scheduler does not step either. Order 10.
     """
 
     order = 10
-    _unit = "training batch"
+    _unit = "optimizer step"
     _length_hint = ", or BatchSchedCB.one_cycle(max_lr) for OneCycleLR"
 
     @classmethod
     def one_cycle(cls, max_lr: float, **kwargs: Any) -> BatchSchedCB:
         """Return a BatchSchedCB of ``OneCycleLR(opt, max_lr, total_steps=..., **kwargs)``."""
-        if isinstance(max_lr, bool) or not isinstance(max_lr, int | float) or max_lr <= 0:
-            msg = f"BatchSchedCB.one_cycle: max_lr must be a number > 0, got {max_lr!r}"
-            raise ConfigurationError(msg)
-        return cls(with_total_steps=_OneCycle(max_lr, kwargs))
+        return cls(with_total_steps=_OneCycle(check_number("max_lr", max_lr, strict=True), kwargs))
 
     def _total_steps(self, learn: Learner) -> int:
         train = learn.dls.train
         if not isinstance(train, Sized):
             msg = (
-                f"BatchSchedCB: the schedule's total steps are n_epochs * len(dls.train), but "
-                f"dls.train ({type(train).__name__}) has no len(); give a DataLoader or a list, "
-                f"or pass sched_func=lambda opt: ... with the total steps yourself"
+                f"BatchSchedCB: the schedule's total steps are n_epochs times the optimizer "
+                f"steps of a pass over dls.train, but dls.train ({type(train).__name__}) has "
+                f"no len(); give a DataLoader or a list, or pass sched_func=lambda opt: ... "
+                f"with the total steps yourself"
             )
             raise ConfigurationError(msg)
-        return learn.n_epochs * len(train)
+        steps = len(train)
+        for cb in learn.cbs:
+            if isinstance(cb, OptimizerStepCounter):
+                steps = cb.optimizer_steps(steps)
+        return learn.n_epochs * steps
 
-    def step(self, learn: Learner, proceed: Proceed) -> None:  # noqa: ARG002 (the override's signature)
+    def step(self, learn: Learner, proceed: Proceed) -> None:
         """Let the optimizer step (the rest of the chain), then step the scheduler."""
         proceed()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        scheduler, total = self.scheduler, self.total_steps
+        # a schedule of known length stays at its last step: the rate the fit ends at
+        if scheduler is not None and (total is None or scheduler.last_epoch < total - 1):
+            scheduler.step()
 
 
 class EpochSchedCB(_SchedulerCB):
@@ -203,14 +265,11 @@ class EpochSchedCB(_SchedulerCB):
     def _total_steps(self, learn: Learner) -> int:
         return learn.n_epochs
 
-    def after_epoch(self, learn: Learner) -> None:
-        """Step the scheduler when a training pass ends."""
-        self._step_after_training(learn)
+    def cleanup_epoch(self, learn: Learner) -> None:
+        """Step the scheduler when a training pass ends, completed or cancelled.
 
-    def after_cancel_epoch(self, learn: Learner) -> None:
-        """Step as well when a training pass is cancelled: the epoch's training ended."""
-        self._step_after_training(learn)
-
-    def _step_after_training(self, learn: Learner) -> None:
-        if learn.training and self.scheduler is not None:
+        Not after a failure: the fit is over, and ``cleanup_fit`` puts the rate back.
+        """
+        stepping = learn.kind is RunKind.FIT and learn.training and learn.failure is None
+        if stepping and self.scheduler is not None:
             self.scheduler.step()

@@ -2,7 +2,8 @@
 
 The check runs in ``after_loss``, so a non-finite training loss stops the fit *before*
 its backward pass and step: the weights stay those of the last good step. Validation
-losses are checked too (a non-finite loss is one, whichever the pass). Before the
+losses are checked too (a non-finite loss is one, whichever the pass), and those of a
+validate run, which it cancels the same way; a predict run computes no loss. Before the
 ``CancelFitException``, a ``terminate_on_nan`` note in the audit log says why: the
 reason, the pass, the epoch and batch index, and the loss.
 
@@ -21,7 +22,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fsm_learner import Callback, CancelFitException, ConfigurationError
+from callbacks._checks import check_count
+from callbacks.metrics import pass_name
+from fsm_learner import Callback, CancelFitException
+from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
     from fsm_learner import Learner
@@ -36,16 +40,20 @@ class TerminateOnNaNCB(Callback):
 
     def __init__(self, *, check_every: int = 1) -> None:
         """``check_every`` >= 1: batches between two reads of the device-side flag."""
-        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-            msg = f"check_every must be an int >= 1 (batches per check), got {check_every!r}"
-            raise ConfigurationError(msg)
-        self.check_every = check_every
+        self.check_every = check_count(
+            "check_every", check_every, minimum=1, meaning="batches per check"
+        )
         self._flag: torch.Tensor | None = None
         self._unchecked = 0
 
-    def before_fit(self, learn: Learner) -> None:  # noqa: ARG002 (hook signature)
-        """Start with nothing to check."""
+    def before_fit(self, learn: Learner) -> None:
+        """Start the fit with nothing to check."""
         self._flag, self._unchecked = None, 0
+
+    def before_epoch(self, learn: Learner) -> None:
+        """Start a validate run (which has no before_fit) with nothing to check."""
+        if learn.kind is not RunKind.FIT:
+            self._flag, self._unchecked = None, 0
 
     def after_loss(self, learn: Learner) -> None:
         """Fold this loss into the flag; read the flag every ``check_every`` batches."""
@@ -71,8 +79,10 @@ class TerminateOnNaNCB(Callback):
             loss=float(learn.loss.detach().float().mean()),
             batches_checked=covered,
         )
-        msg = (
-            f"non-finite loss in the {'training' if learn.training else 'validation'} pass "
-            f"of epoch {learn.epoch}, at or before batch {learn.iter}"
+        where = (
+            f"the {pass_name(learn.training)} pass of epoch {learn.epoch}"
+            if learn.kind is RunKind.FIT
+            else f"a {learn.kind} run"
         )
+        msg = f"non-finite loss in {where}, at or before batch {learn.iter}"
         raise CancelFitException(msg)

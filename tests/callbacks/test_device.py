@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import orjson
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from callbacks.device import DeviceCB, default_device, resolve_device, to_device
-from fsm_learner import Callback, ConfigurationError, Learner
+from fsm_learner import Callback, ConfigurationError, DataLoaders, Learner
 
 
 class BatchDevices(Callback):
@@ -100,6 +101,139 @@ class TestMoves:
         assert moved["b"].y == 3
 
 
+class DtypeProbe(Callback):
+    """Records the dtypes of each batch's tensors, flattened, and of the predictions."""
+
+    def __init__(self):
+        self.batches: list[list[torch.dtype]] = []
+        self.preds: list[torch.dtype] = []
+
+    def after_predict(self, learn):
+        self.batches.append([t.dtype for t in flatten(learn.batch)])
+        self.preds.append(learn.preds.dtype)
+
+
+def flatten(batch) -> list[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, dict):
+        return [t for value in batch.values() for t in flatten(value)]
+    return [t for item in batch for t in flatten(item)]
+
+
+class TwoInputs(nn.Module):
+    """The seeded MLP on the sum of two views of the digits, fed a nested mapping batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, views, scale):
+        left, (right,) = views
+        return self.net((left + right) * scale[:, None])
+
+
+def nested(batches):
+    """Each (x, y) as {"views": (x / 2, [x / 2]), "scale": ones, "labels": y}."""
+    return [
+        {"views": (x / 2, [x / 2]), "scale": torch.ones(len(x), dtype=torch.float32), "labels": y}
+        for x, y in batches
+    ]
+
+
+class TestDtype:
+    def test_float64_trains_a_float64_model_on_float32_batches(self):
+        """DeviceCB(dtype=torch.float64) converts the model and the float inputs, not the
+        labels; the fit matches a float64 fit by hand to float64 precision."""
+        probe = DtypeProbe()
+        dls = batches_dls(3, 2)
+        cbs = [DeviceCB("cpu", dtype=torch.float64), probe]
+        learn = Learner(mlp(), dls, F.cross_entropy, 0.5, cbs, audit_log=None)
+        learn.fit(2)
+        assert {p.dtype for p in learn.model.parameters()} == {torch.float64}
+        assert probe.batches == [[torch.float64, torch.int64]] * 10
+        assert probe.preds == [torch.float64] * 10
+        by_hand = mlp().double()
+        opt = torch.optim.SGD(by_hand.parameters(), lr=0.5)
+        for _ in range(2):
+            for x, y in dls.train:
+                F.cross_entropy(by_hand(x.double()), y).backward()
+                opt.step()
+                opt.zero_grad()
+        for ours, theirs in zip(learn.model.parameters(), by_hand.parameters(), strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        assert learn.validate()["loss"] == pytest.approx(
+            F.cross_entropy(
+                by_hand(torch.cat([x for x, _ in dls.valid]).double()),
+                torch.cat([y for _, y in dls.valid]),
+            ).item(),
+            rel=1e-12,
+        )
+
+    def test_nested_mapping_batches_are_converted_at_every_depth(self):
+        """Tensors inside tuples inside a mapping are moved and converted; labels are not."""
+        probe = DtypeProbe()
+        dls = batches_dls(2, 1)
+        mapped = DataLoaders(nested(dls.train), nested(dls.valid))
+        cbs = [DeviceCB("cpu", dtype=torch.float64), probe]
+        Learner(TwoInputs(), mapped, F.cross_entropy, 0.5, cbs, audit_log=None).fit(1)
+        assert probe.batches == [[torch.float64, torch.float64, torch.float64, torch.int64]] * 3
+
+    def test_an_optimizer_with_state_follows_the_conversion(self):
+        """A fit in float32 leaves momentum buffers; a later fit with dtype=float64 converts
+        them with the parameters, and trains."""
+        sgd = torch.optim.SGD
+        learn = Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, None, sgd, audit_log=None)
+        learn.opt = sgd(learn.model.parameters(), lr=0.1, momentum=0.9)
+        learn.fit(1)
+        learn.cbs = [DeviceCB("cpu", dtype=torch.float64)]
+        before = learn.model[0].weight.detach().clone()
+        learn.fit(1)
+        assert not torch.equal(learn.model[0].weight, before.double())
+        buffers = [s["momentum_buffer"] for s in learn.opt.state.values()]
+        assert len(buffers) == 4
+        assert {b.dtype for b in buffers} == {torch.float64}
+
+    @pytest.mark.parametrize("dtype", [torch.int64, "float64", torch.complex64, 64])
+    def test_a_bad_dtype_is_named(self, dtype):
+        """Only floating-point torch dtypes; the message lists them and names what came."""
+        with pytest.raises(ConfigurationError) as info:
+            DeviceCB("cpu", dtype=dtype)
+        message = str(info.value)
+        assert message.startswith("dtype must be a floating-point torch.dtype (torch.float16, ")
+        assert message.endswith(f"got {dtype!r}")
+
+
+class TestOtherRuns:
+    @pytest.mark.parametrize("run", ["validate", "get_preds"])
+    def test_validate_and_predict_runs_place_the_model(self, run):
+        """Without before_fit the model is placed in before_epoch (a float64 model comes
+        back to float32 here), and the run's audit log has the device note."""
+        probe = DtypeProbe()
+        cbs = [DeviceCB("cpu", dtype=torch.float32), probe]
+        learn = Learner(mlp().double(), batches_dls(1, 2), F.cross_entropy, 0.1, cbs)
+        getattr(learn, run)()
+        assert next(learn.model.parameters()).dtype == torch.float32
+        assert probe.preds == [torch.float32] * 2
+        notes = [
+            orjson.loads(line)
+            for line in learn.audit_path.read_bytes().splitlines()
+            if b'"ev":"note"' in line
+        ]
+        assert [(n["name"], n["device"]) for n in notes] == [("device", "cpu")]
+
+    def test_a_validate_run_in_float64_needs_no_fit(self):
+        """validate() alone converts the model: the loss is the float64 one."""
+        dls = batches_dls(1, 2)
+        learn = Learner(mlp(), dls, F.cross_entropy, 0.1, [DeviceCB("cpu", dtype=torch.float64)])
+        loss = learn.validate()["loss"]
+        x, y = (torch.cat(part) for part in zip(*dls.valid, strict=True))
+        assert loss == pytest.approx(
+            F.cross_entropy(mlp().double()(x.double()), y).item(), rel=1e-12
+        )
+        assert next(learn.model.parameters()).dtype == torch.float64
+
+
 class TestBadDevices:
     def test_unknown_device_string_lists_valid_types(self):
         """A typo is rejected naming what was received, the valid types and what is here."""
@@ -138,8 +272,6 @@ class TestBadDevices:
 
 def test_the_device_is_noted_in_the_audit_log():
     """The header predates the move; a `device` note says where the run trained."""
-    import orjson
-
     learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [DeviceCB("cpu")])
     learn.fit(1)
     notes = [

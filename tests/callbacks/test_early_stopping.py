@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from helpers import batches_dls, mlp
 
-from callbacks.early_stopping import EarlyStoppingCB, Monitor, is_improvement
+from callbacks.early_stopping import EarlyStoppingCB
 from fsm_learner import Callback, ConfigurationError, Learner, RunStatus
 from fsm_learner.audit.replay import audit_file
+from fsm_learner.callback import MetricsProvider
 
 N_EPOCHS = 12
 LR = 1.0  # high enough that the validation loss goes up and down on 32 training digits
@@ -27,9 +28,13 @@ class PassMetrics(Callback):
     def __init__(self) -> None:
         self.values: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        self.last: dict[str, float] = {}
 
     def names(self) -> list[str]:
         return [f"{p}_{m}" for p in ("train", "valid") for m in ("loss", "accuracy")]
+
+    def last_pass(self) -> dict[str, float]:
+        return self.last
 
     def before_epoch(self, learn):
         self._loss, self._correct, self._n = torch.zeros(()), torch.zeros(()), 0
@@ -42,8 +47,13 @@ class PassMetrics(Callback):
 
     def after_epoch(self, learn):
         prefix = "train" if learn.training else "valid"
-        self.values[f"{prefix}_loss"] = float(self._loss / self._n)
-        self.values[f"{prefix}_accuracy"] = float(self._correct / self._n)
+        self.last = {
+            "loss": float(self._loss / self._n),
+            "accuracy": float(self._correct / self._n),
+        }
+        if learn.kind != "fit":
+            return
+        self.values.update((f"{prefix}_{name}", value) for name, value in self.last.items())
         if not learn.training:
             self.history.append(dict(self.values))
 
@@ -133,21 +143,24 @@ class TestStopsAtTheRightEpoch:
         assert cb.stopped_epoch == first
 
 
-class TestImprovement:
-    def test_min_max_delta_and_nan(self):
-        assert is_improvement(0.9, 1.0, "min", 0.0)
-        assert not is_improvement(0.95, 1.0, "min", 0.05)
-        assert is_improvement(1.1, 1.0, "max", 0.05)
-        assert not is_improvement(1.0, 1.0, "max", 0.0)
-        assert is_improvement(5.0, math.nan, "min", 0.0)
-        assert not is_improvement(math.nan, 1.0, "min", 0.0)
-
-    @pytest.mark.parametrize(
-        ("name", "mode"),
-        [("valid_loss", "min"), ("train_error", "min"), ("valid_accuracy", "max")],
-    )
-    def test_auto_mode(self, name, mode):
-        assert Monitor(name).mode == mode
+class TestOtherRuns:
+    def test_a_validate_run_neither_counts_nor_stops(self):
+        """validate() after a fit is no epoch: the waiting count and the best are untouched,
+        whether its value would improve on the best (the training digits) or not."""
+        metrics = PassMetrics()
+        cb = EarlyStoppingCB(patience=5)
+        learn = Learner(mlp(), batches_dls(4, 4), F.cross_entropy, LR, [metrics, cb])
+        learn.fit(3)
+        state = (cb.wait, cb.monitor.best, cb.monitor.best_epoch, cb.stopped_epoch)
+        fitted_on = batches_dls(4, 0).train  # a lower loss than any validation pass
+        assert isinstance(metrics, MetricsProvider)
+        for dl in (None, fitted_on):
+            result = learn.validate(dl)
+            assert (result["loss"] < cb.monitor.best - 1e-3) is (dl is fitted_on)
+            assert result["loss"] == pytest.approx(metrics.last["loss"], rel=1e-6)
+            assert (cb.wait, cb.monitor.best, cb.monitor.best_epoch, cb.stopped_epoch) == state
+            assert notes(learn.audit_path, "early_stopping") == []
+        assert learn.get_preds()[0].shape == (32, 10)
 
 
 class TestConfiguration:
@@ -163,6 +176,7 @@ class TestConfiguration:
         ],
     )
     def test_bad_settings(self, kwargs, match):
+        """Each bad setting is named with what was received."""
         with pytest.raises(ConfigurationError, match=match):
             EarlyStoppingCB(**kwargs)
 
@@ -177,6 +191,7 @@ class TestConfiguration:
         assert learn.state == "idle"
 
     def test_no_metrics_provider(self):
+        """Without a metrics callback the fit fails at its start, saying what to add."""
         learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [EarlyStoppingCB()])
         with pytest.raises(ConfigurationError, match="needs a metrics callback"):
             learn.fit(1)

@@ -84,10 +84,20 @@ class TestMatchesALargerBatch:
         assert_close(accumulated, plain)
 
     def test_one_batch_per_step_is_plain_training(self):
+        """n_batches=1 steps every batch: the weights of plain training."""
         assert_close(
             train(batches_dls(3, 1).train, [GradientAccumulationCB(1)]),
             train(batches_dls(3, 1).train, []),
         )
+
+
+class TestOptimizerSteps:
+    @pytest.mark.parametrize(("k", "n", "steps"), [(4, 22, 6), (4, 8, 2), (2, 5, 3), (3, 1, 1)])
+    def test_a_pass_steps_once_per_group_the_short_last_one_included(self, k, n, steps):
+        """optimizer_steps(n) is the number of steps a real pass of n batches takes."""
+        counter = CountSteps()
+        train(digits_batches([8] * n), [GradientAccumulationCB(k), counter])
+        assert GradientAccumulationCB(k).optimizer_steps(n) == steps == len(counter.steps)
 
 
 class TestLoss:
@@ -112,5 +122,6 @@ class TestLoss:
 class TestConfiguration:
     @pytest.mark.parametrize("n", [0, -2, 1.5, True, "2"])
     def test_bad_n_batches(self, n):
+        """n_batches is an int >= 1 (not a bool); the message shows what came."""
         with pytest.raises(ConfigurationError, match=f"n_batches must be an int >= 1.*got {n!r}"):
             GradientAccumulationCB(n)

@@ -12,7 +12,7 @@ from helpers import batches_dls, mlp
 from callbacks.grad_accum import GradientAccumulationCB
 from callbacks.grad_clip import GradientClipCB
 from callbacks.mixed_precision import MixedPrecisionCB
-from fsm_learner import Callback, ConfigurationError, Learner
+from fsm_learner import Callback, ConfigurationError, DataLoaders, Learner
 
 
 def grad_norm(model: torch.nn.Module) -> float:
@@ -53,6 +53,7 @@ class TestBound:
         assert clip.last_norm.item() == pytest.approx(before.norms[-1], rel=1e-5)
 
     def test_small_gradients_are_left_alone(self):
+        """Norms far below max_norm reach the step unchanged."""
         before, after = NormProbe(order=7), NormProbe(order=9)
         fit([before, GradientClipCB(1e6), after])
         assert after.norms == before.norms
@@ -91,18 +92,50 @@ class TestBound:
             torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
 
 
+class TestOtherBatchesAndRuns:
+    def test_mapping_batches_and_inference_runs(self):
+        """A model computing its own loss from mapping batches is clipped like any; validate
+        and get_preds take no step, so nothing is clipped in them."""
+
+        class SelfLoss(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = mlp()
+
+            def forward(self, pixels, labels):
+                logits = self.net(pixels)
+                return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+        dls = batches_dls(6, 2)
+        mapped = DataLoaders(
+            *([{"pixels": x, "labels": y} for x, y in part] for part in (dls.train, dls.valid))
+        )
+        before, after = NormProbe(order=7), NormProbe(order=9)
+        learn = Learner(SelfLoss(), mapped, None, 0.5, [before, GradientClipCB(0.05), after])
+        learn.fit(1)
+        assert min(before.norms) > 0.05
+        assert len(after.norms) == 6
+        assert max(after.norms) <= 0.05 * (1 + 1e-5)
+        assert math.isfinite(learn.validate()["loss"])
+        assert learn.get_preds()[0].shape == (16, 10)
+        assert len(after.norms) == 6
+
+
 class TestConfiguration:
     @pytest.mark.parametrize(
         ("kwargs", "match"),
         [
-            ({"max_norm": 0}, "max_norm must be a number > 0, got 0"),
-            ({"max_norm": -1.0}, "max_norm must be a number > 0, got -1.0"),
-            ({"max_norm": math.nan}, "max_norm must be a number > 0, got nan"),
-            ({"max_norm": math.inf}, "max_norm must be finite, got inf"),
-            ({"max_norm": True}, "max_norm must be a number > 0, got True"),
+            ({"max_norm": 0}, "max_norm must be a finite number > 0, got 0"),
+            ({"max_norm": -1.0}, "max_norm must be a finite number > 0, got -1.0"),
+            ({"max_norm": math.nan}, "max_norm must be a finite number > 0, got nan"),
+            ({"max_norm": math.inf}, "max_norm must be a finite number > 0, got inf"),
+            ({"max_norm": True}, "max_norm must be a finite number > 0, got True"),
             ({"norm_type": 0}, "norm_type must be a number > 0, got 0"),
+            ({"norm_type": math.nan}, "norm_type must be a number > 0, got nan"),
         ],
     )
     def test_bad_settings(self, kwargs, match):
+        """Each bad setting is named with what was received (norm_type may be inf)."""
+        assert GradientClipCB(norm_type=math.inf).norm_type == math.inf
         with pytest.raises(ConfigurationError, match=match):
             GradientClipCB(**kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import math
 import sys
 from functools import partial
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from helpers import Boom, digits_dls, mlp
 
 from callbacks.lr_finder import LRFinderCB, lr_find
+from callbacks.progress import ProgressCB
 from fsm_learner import (
     Callback,
     ConfigurationError,
@@ -84,8 +86,8 @@ class TestSweep:
         assert diverged["ep"] * per_epoch + diverged["it"] + 1 == len(finder.lrs)
         assert len(finder.lrs) < 100
         assert_same_state(learn.model.state_dict(), weights)
-        assert_same_state(learn.opt.state_dict(), start.state)
-        assert learn.opt.param_groups[0]["lr"] == 0.05
+        assert learn.opt is None  # there was none before the sweep: the sweep's is dropped
+        assert start.state["param_groups"][0]["lr"] == 0.05
         assert learn.cbs == [start]  # lr_find took its callback back out
 
     def test_complete_sweep_ends_the_passes_and_the_fit_completes(self):
@@ -116,6 +118,9 @@ class TestSweep:
         assert_same_state(learn.model.state_dict(), weights)
 
     def test_restores_after_a_failure_too(self):
+        """A failure mid-sweep still loads the weights back, drops the sweep's optimizer and
+        takes the finder out."""
+
         class Fail(Callback):
             def after_step(self, learn):
                 if learn.iter == 5:
@@ -126,6 +131,7 @@ class TestSweep:
         with pytest.raises(Boom):
             lr_find(learn, num_it=50)
         assert_same_state(learn.model.state_dict(), weights)
+        assert learn.opt is None
         assert len(learn.cbs) == 1
 
     def test_as_a_plain_callback_the_sweep_stops_the_fit_it_is_in(self):
@@ -135,6 +141,37 @@ class TestSweep:
         assert result.status is RunStatus.COMPLETED
         assert len(finder.lrs) == 10
         assert audit_file(result.audit_path)[0][0].cancels["cancel_epoch"] == 6
+
+
+class TestTheLearnerAfterwards:
+    def test_a_trained_optimizer_is_kept_with_its_state(self):
+        """After a fit the optimizer has momentum buffers; the sweep (which diverges and
+        moves them) leaves the same optimizer with exactly the same state."""
+        learn = learner()
+        learn.fit(1)
+        opt = learn.opt
+        assert opt is not None
+        state = copy.deepcopy(opt.state_dict())
+        assert state["state"]  # momentum buffers exist
+        weights = copy.deepcopy(learn.model.state_dict())
+        finder = lr_find(learn, num_it=100)
+        assert finder.diverged
+        assert learn.opt is opt
+        assert_same_state(opt.state_dict(), state)
+        assert_same_state(learn.model.state_dict(), weights)
+
+    def test_no_epoch_lines_during_the_sweep(self):
+        """A ProgressCB prints nothing for the sweep's cancelled passes, and is back after."""
+        out = io.StringIO()
+        progress = ProgressCB(file=out)
+        learn = learner([progress])
+        lr_find(learn, start_lr=1e-4, end_lr=1e-2, num_it=30)
+        assert out.getvalue() == ""
+        assert learn.cbs == [progress]
+        learn.fit(1)
+        lines = out.getvalue().splitlines()
+        assert lines[0].startswith("epoch 1/1 train loss ")
+        assert lines[1].startswith("epoch 1/1 valid loss ")
 
 
 class TestSuggestion:
@@ -148,6 +185,7 @@ class TestSuggestion:
         assert finder.suggestion("minimum") == pytest.approx(lowest / 10)
 
     def test_steepest_on_a_known_curve(self):
+        """On a hand-made curve: steepest fall and a tenth of the minimum."""
         finder = LRFinderCB(1e-3, 1.0, num_it=4)
         finder.lrs = [1e-3, 1e-2, 1e-1, 1.0]
         finder.losses = [2.0, 1.9, 1.0, 5.0]
@@ -155,21 +193,25 @@ class TestSuggestion:
         assert finder.suggestion("minimum") == pytest.approx(1e-2)
 
     def test_needs_a_sweep(self):
+        """No recorded points: the message says to run a sweep."""
         with pytest.raises(FsmLearnerError, match="recorded 0 point"):
             LRFinderCB().suggestion()
 
     def test_bad_method(self):
+        """An unknown method is named with the valid ones."""
         with pytest.raises(ConfigurationError, match="method must be one of 'steepest'"):
             LRFinderCB().suggestion("valley")
 
 
 class TestPlot:
     def test_writes_a_png(self, tmp_path):
+        """plot() writes a real PNG file."""
         finder = lr_find(learner(), num_it=40)
         path = finder.plot(tmp_path / "lr.png")
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def test_without_matplotlib_the_error_names_the_extra(self, monkeypatch):
+        """Without matplotlib the error names the extra to install."""
         finder = LRFinderCB(1e-3, 1.0, num_it=2)
         finder.lrs, finder.losses = [1e-3, 1.0], [2.0, 1.0]
         monkeypatch.setitem(sys.modules, "matplotlib", None)
@@ -193,10 +235,12 @@ class TestConfiguration:
         ],
     )
     def test_bad_settings(self, kwargs, match):
+        """Each bad setting is named with what was received."""
         with pytest.raises(ConfigurationError, match=match):
             LRFinderCB(**kwargs)
 
     def test_empty_training_data(self):
+        """No training batch: lr_find says so before fitting."""
         learn = Learner(mlp(), DataLoaders([], []), F.cross_entropy, 0.1)
         with pytest.raises(ConfigurationError, match=r"learn\.dls\.train is empty"):
             lr_find(learn)

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import BatchLosses, batches_dls, digits_dls, mlp
+from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.regression import MeanSquaredError
 
-from callbacks.metrics import MetricsCB, RunningMean, find_metrics, metrics_of
-from fsm_learner import Callback, CancelEpochException, ConfigurationError, Learner
+from callbacks.metrics import MetricsCB, RunningMean
+from fsm_learner import (
+    Callback,
+    CancelEpochException,
+    CancelFitException,
+    ConfigurationError,
+    DataLoaders,
+    Learner,
+)
 from fsm_learner.testing import HostReads
 
 
@@ -40,6 +49,39 @@ def metrics_cb() -> MetricsCB:
         MulticlassAccuracy(num_classes=10, average="micro"),
         macro=MulticlassAccuracy(num_classes=10),
     )
+
+
+def metric_notes(path) -> list[dict[str, object]]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in records if r["ev"] == "note" and r["name"] == "metrics"]
+
+
+class KeywordMLP(nn.Module):
+    """The seeded MLP, taking its input by keyword as models fed mapping batches do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.net(pixels)
+
+
+class SelfLossMLP(KeywordMLP):
+    """Computes its own loss from the whole batch, as Hugging Face models do."""
+
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.net(pixels)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def as_mappings(dls: DataLoaders) -> DataLoaders:
+    """The same batches as {"pixels": x, "labels": y}."""
+
+    def convert(batches):
+        return [{"pixels": x, "labels": y} for x, y in batches]
+
+    return DataLoaders(convert(dls.train), convert(dls.valid))
 
 
 class TestValues:
@@ -79,8 +121,7 @@ class TestValues:
         learn = Learner(mlp(), batches_dls(3, 2), F.cross_entropy, 0.1, [metrics])
         result = learn.fit(2)
         assert result.audit_path is not None
-        records = [json.loads(line) for line in result.audit_path.read_text().splitlines()]
-        notes = [r for r in records if r["ev"] == "note" and r["name"] == "metrics"]
+        notes = metric_notes(result.audit_path)
         assert [(n["ep"], n["tr"], n["batches"]) for n in notes] == [
             (0, True, 3),
             (0, False, 2),
@@ -116,11 +157,52 @@ class TestValues:
         result = learn.fit(1)
         assert metrics.values["train_loss"] == pytest.approx(losses.mean(0, True), rel=1e-6)
         assert sum(1 for e, t, _, _ in losses.seen if t) == 2
-        records = [json.loads(x) for x in result.audit_path.read_text().splitlines()]
-        notes = [r for r in records if r["ev"] == "note"]
+        notes = metric_notes(result.audit_path)
         assert [(n["tr"], n["batches"], n["complete"]) for n in notes] == [
             (True, 2, False),
             (False, 2, True),
+        ]
+
+    def test_a_pass_a_cancelled_fit_cuts_short_reports_too(self):
+        """A cancel_fit at training batch 2 ends the pass too (cleanup_epoch): its two
+        batches are reported, noted as not complete, and the history has the row."""
+
+        class StopAtThirdBatch(Callback):
+            order = 30
+
+            def before_batch(self, learn):
+                if learn.iter == 2:
+                    raise CancelFitException
+
+        metrics, losses = metrics_cb(), BatchLosses()
+        cbs = [metrics, losses, StopAtThirdBatch()]
+        result = Learner(mlp(), batches_dls(4, 2), F.cross_entropy, 0.1, cbs).fit(1)
+        assert result.status == "cancelled"
+        assert metrics.values["train_loss"] == pytest.approx(losses.mean(0, True), rel=1e-6)
+        assert metrics.history == [{"epoch": 0, **metrics.values}]
+        notes = metric_notes(result.audit_path)
+        assert [(n["tr"], n["batches"], n["complete"]) for n in notes] == [(True, 2, False)]
+
+    def test_a_pass_cancelled_before_metrics_saw_it_begin_gives_nan(self):
+        """A validation pass cancelled in an earlier callback's before_epoch is reported
+        empty (not with the training pass's sums), noted as not complete."""
+
+        class CancelValidation(Callback):
+            def before_epoch(self, learn):
+                if not learn.training:
+                    raise CancelEpochException
+
+        metrics = metrics_cb()
+        cbs = [CancelValidation(), metrics]
+        result = Learner(mlp(), batches_dls(2, 2), F.cross_entropy, 0.1, cbs).fit(1)
+        assert metrics.values["train_loss"] > 0
+        assert math.isnan(metrics.values["valid_loss"])
+        assert math.isnan(metrics.values["valid_accuracy"])
+        assert math.isnan(metrics.last_pass()["loss"])
+        notes = metric_notes(result.audit_path)
+        assert [(n["tr"], n["batches"], n["complete"]) for n in notes] == [
+            (True, 2, True),
+            (False, 0, False),
         ]
 
     def test_a_pass_without_batches_gives_nan(self):
@@ -176,30 +258,99 @@ class TestNames:
         assert learn.state == "idle"
 
 
-class TestFindMetrics:
-    def test_finds_the_callback_and_checks_the_monitor(self):
-        """find_metrics returns the MetricsCB; a known monitor passes."""
+class TestAnyBatch:
+    @pytest.mark.parametrize(
+        ("model", "loss_func"),
+        [(KeywordMLP, F.cross_entropy), (SelfLossMLP, None)],
+        ids=["mapping-batches", "model-computes-its-loss"],
+    )
+    def test_mapping_batches_give_the_values_of_tuple_batches(self, model, loss_func):
+        """Mapping batches, with a loss_func or with the model's own loss and logits, give
+        the values the same data gives as (x, y) tuples, and a hand computation's."""
+        dls = batches_dls(6, 4)
+        plain = metrics_cb()
+        reference = Learner(mlp(), dls, F.cross_entropy, 0.5, [plain], audit_log=None)
+        reference.fit(2)
+        mapped = metrics_cb()
+        learn = Learner(model(), as_mappings(dls), loss_func, 0.5, [mapped], audit_log=None)
+        learn.fit(2)
+        assert list(mapped.values) == mapped.names()
+        assert mapped.values == pytest.approx(plain.values, rel=1e-5)
+        hand = hand_evaluation(reference.model, dls.valid)
+        assert mapped.values["valid_loss"] == pytest.approx(hand["loss"], rel=1e-5)
+        assert mapped.values["valid_accuracy"] == pytest.approx(hand["accuracy"], abs=1e-6)
+        assert mapped.values["valid_macro"] == pytest.approx(hand["macro"], abs=1e-6)
+
+    def test_batches_without_a_target_add_to_the_loss_only(self):
+        """An autoencoder's batches are inputs alone: the loss is averaged, metrics are NaN."""
+
+        class AutoEncoder(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                torch.manual_seed(0)
+                self.net = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 64))
+
+            def forward(self, x):
+                out = self.net(x)
+                return {"loss": F.mse_loss(out, x), "logits": out}
+
+        train, valid = batches_dls(4, 3).train, batches_dls(4, 3).valid
+        dls = DataLoaders([x for x, _ in train], [x for x, _ in valid])
+        metrics = MetricsCB(mse=MeanSquaredError())
+        learn = Learner(AutoEncoder(), dls, None, 0.5, [metrics])
+        learn.fit(1)
+        with torch.no_grad():
+            hand = sum(F.mse_loss(learn.model(x)["logits"], x).item() for x in dls.valid) / 3
+        assert metrics.values["valid_loss"] == pytest.approx(hand, rel=1e-5)
+        assert math.isnan(metrics.values["valid_mse"])
+        assert math.isnan(metrics.values["train_mse"])
+
+
+class TestOtherRuns:
+    def test_validate_returns_the_pass_values_and_keeps_the_fit_s(self):
+        """validate() returns the loss and metrics of its pass by bare name, equal to a hand
+        computation; values and history stay the fit's; the run's log has its note."""
         metrics = metrics_cb()
-        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [metrics])
-        assert find_metrics(learn, "valid_accuracy") is metrics
-        assert metrics_of(learn) is metrics
+        dls = batches_dls(6, 4)
+        learn = Learner(mlp(), dls, F.cross_entropy, 0.5, [metrics])
+        learn.fit(2)
+        values, history = dict(metrics.values), [dict(row) for row in metrics.history]
+        other = batches_dls(6, 0).train  # the training digits: different values
+        result = learn.validate(other)
+        hand = hand_evaluation(learn.model, other)
+        assert set(result) == {"loss", "accuracy", "macro"}
+        assert result["loss"] == pytest.approx(hand["loss"], rel=1e-5)
+        assert result["accuracy"] == pytest.approx(hand["accuracy"], abs=1e-6)
+        assert result["macro"] == pytest.approx(hand["macro"], abs=1e-6)
+        assert result["accuracy"] != values["valid_accuracy"]
+        assert metrics.last_pass() == pytest.approx(result, rel=1e-5)
+        assert metrics.values == values
+        assert metrics.history == history
+        (note,) = metric_notes(learn.audit_path)
+        assert (note["batches"], note["complete"]) == (6, True)
+        assert note["valid_accuracy"] == result["accuracy"]
 
-    def test_unknown_monitor_lists_the_valid_names(self):
-        """The message names the monitor received, a close match and every valid name."""
-        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [metrics_cb()])
-        with pytest.raises(ConfigurationError) as info:
-            find_metrics(learn, "valid_acuracy")
-        assert str(info.value) == (
-            "unknown monitor 'valid_acuracy'; did you mean 'valid_accuracy'? valid: train_loss, "
-            "train_accuracy, train_macro, valid_loss, valid_accuracy, valid_macro"
-        )
+    def test_validate_before_any_fit(self):
+        """A validate run has no before_fit: the metrics are placed and reset per pass."""
+        metrics = metrics_cb()
+        learn = Learner(mlp(), batches_dls(1, 4), F.cross_entropy, 0.5, [metrics])
+        first, second = learn.validate(), learn.validate()
+        hand = hand_evaluation(learn.model, learn.dls.valid)
+        assert first == second
+        assert first["accuracy"] == pytest.approx(hand["accuracy"], abs=1e-6)
+        assert (metrics.values, metrics.history) == ({}, [])
 
-    def test_no_metrics_callback(self):
-        """Without MetricsCB the error says which callback to add."""
-        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1)
-        assert metrics_of(learn) is None
-        with pytest.raises(ConfigurationError, match=r"no MetricsCB .* to read 'valid_loss'"):
-            find_metrics(learn, "valid_loss")
+    def test_a_predict_run_changes_nothing(self):
+        """get_preds computes no loss: MetricsCB neither updates nor notes anything."""
+        metrics = metrics_cb()
+        learn = Learner(mlp(), batches_dls(2, 4), F.cross_entropy, 0.5, [metrics])
+        learn.fit(1)
+        before = (dict(metrics.values), list(metrics.history), metrics.last_pass())
+        preds, targets = learn.get_preds()
+        assert preds.shape == (32, 10)
+        assert targets is not None
+        assert (metrics.values, metrics.history, metrics.last_pass()) == before
+        assert metric_notes(learn.audit_path) == []
 
 
 class TestRunningMean:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import Boom, batches_dls, mlp
+from torch import nn
 
 from callbacks.grad_accum import GradientAccumulationCB
 from callbacks.mixed_precision import MixedPrecisionCB
@@ -25,20 +26,59 @@ def autocast_on() -> bool:
     return torch.is_autocast_enabled("cpu")
 
 
+class ProbedMLP(nn.Module):
+    """The seeded MLP, noting whether autocast is on in each forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+        self.autocast: list[bool] = []
+
+    def forward(self, x):
+        self.autocast.append(autocast_on())
+        return self.net(x)
+
+
+class ProbedLoss:
+    """Cross-entropy, noting whether autocast is on each time it runs."""
+
+    def __init__(self) -> None:
+        self.autocast: list[bool] = []
+
+    def __call__(self, preds, target):
+        self.autocast.append(autocast_on())
+        return F.cross_entropy(preds, target)
+
+
 class Look(Callback):
-    """Where autocast is on, and in which dtype the predictions come."""
+    """Whether autocast is on in the hooks, and in which dtype the predictions come."""
 
     order = 30
 
     def __init__(self) -> None:
-        self.seen: dict[str, set[object]] = {"predict": set(), "backward": set(), "preds": set()}
+        self.seen: dict[str, set[object]] = {"hooks": set(), "preds": set()}
 
     def after_predict(self, learn):
-        self.seen["predict"].add(autocast_on())
+        self.seen["hooks"].add(autocast_on())
         self.seen["preds"].add(learn.preds.dtype)
 
+    def after_loss(self, learn):
+        self.seen["hooks"].add(autocast_on())
+
     def after_backward(self, learn):
-        self.seen["backward"].add(autocast_on())
+        self.seen["hooks"].add(autocast_on())
+
+
+class InsideOverride(Callback):
+    """A predict override: whether autocast is on where its order puts it."""
+
+    def __init__(self, order: int) -> None:
+        self.order = order
+        self.autocast: list[bool] = []
+
+    def predict(self, learn, proceed):
+        self.autocast.append(autocast_on())
+        proceed()
 
 
 def learner(cbs, *, n_train=4, lr=0.5, **kwargs):
@@ -47,11 +87,36 @@ def learner(cbs, *, n_train=4, lr=0.5, **kwargs):
 
 class TestAutocastRegion:
     def test_bfloat16_on_cpu_for_forward_and_loss_only(self):
-        look, mp = Look(), MixedPrecisionCB()
-        learner([mp, look]).fit(1)
-        assert look.seen == {"predict": {True}, "backward": {False}, "preds": {torch.bfloat16}}
+        """The model's forward and the loss run under bf16 autocast; no hook does, nor the
+        backward pass, and autocast is off after the fit."""
+        look, mp, model, loss = Look(), MixedPrecisionCB(), ProbedMLP(), ProbedLoss()
+        Learner(model, batches_dls(4, 2), loss, 0.5, [mp, look], audit_log=None).fit(1)
+        assert model.autocast == loss.autocast == [True] * 6
+        assert look.seen == {"hooks": {False}, "preds": {torch.bfloat16}}
         assert mp.scaler is None
         assert not autocast_on()
+
+    def test_overrides_of_higher_order_run_inside_the_region(self):
+        """Overrides compose outer to inner by order: 10 runs outside autocast, 20 inside."""
+        outer, inner = InsideOverride(order=10), InsideOverride(order=20)
+        learner([outer, MixedPrecisionCB(), inner], audit_log=None).fit(1)
+        assert outer.autocast == [False] * 6
+        assert inner.autocast == [True] * 6
+
+    def test_validate_and_predict_runs_are_under_autocast_too(self):
+        """Runs without before_fit: the forward runs in bf16, and the loss agrees with a
+        float32 validation within bf16 precision."""
+        model, loss = ProbedMLP(), ProbedLoss()
+        learn = Learner(model, batches_dls(4, 3), loss, 0.5, [MixedPrecisionCB()], audit_log=None)
+        mixed = learn.validate()
+        preds, _ = learn.get_preds()
+        assert model.autocast == [True] * 6
+        assert loss.autocast == [True] * 3
+        assert preds.dtype == torch.bfloat16
+        learn.cbs = []
+        plain = learn.validate()
+        assert mixed["loss"] == pytest.approx(plain["loss"], rel=2e-2)
+        assert mixed["loss"] != plain["loss"]
 
     def test_training_still_learns(self):
         """bf16 forward passes train the model: the training loss falls over 3 epochs."""
@@ -67,10 +132,12 @@ class TestAutocastRegion:
 
     @pytest.mark.parametrize("cancel", [CancelBatchException, Boom])
     def test_a_batch_ended_inside_the_region_leaves_it(self, cancel):
-        """A cancel or a failure between before_batch and after_loss does not leak autocast."""
+        """A cancel or a failure inside the forward pass does not leak autocast."""
 
         class Raise(Callback):
-            def after_predict(self, learn):
+            order = 20
+
+            def predict(self, learn, proceed):
                 assert autocast_on()
                 raise cancel
 
@@ -154,6 +221,7 @@ class TestSkippedStep:
 
 class TestConfiguration:
     def test_defaults_follow_the_device_and_dtype(self):
+        """bf16 without a scaler on CPU; float16 with one, unless told otherwise."""
         learn = learner([], audit_log=None)
         for cb, scaled in (
             (MixedPrecisionCB(), False),
@@ -173,6 +241,7 @@ class TestConfiguration:
         ],
     )
     def test_bad_settings(self, kwargs, match):
+        """Each bad setting is named with what was received."""
         with pytest.raises(ConfigurationError, match=match):
             MixedPrecisionCB(**kwargs)
 

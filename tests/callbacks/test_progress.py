@@ -9,14 +9,34 @@ import pytest
 import torch.nn.functional as F
 from helpers import BatchLosses, Boom, batches_dls, mlp
 from rich.console import Console
+from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from callbacks.metrics import MetricsCB
 from callbacks.progress import ProgressCB
-from fsm_learner import Callback, CancelEpochException, ConfigurationError, Learner
+from fsm_learner import (
+    Callback,
+    CancelEpochException,
+    CancelFitException,
+    ConfigurationError,
+    DataLoaders,
+    Learner,
+)
 from fsm_learner.testing import HostReads
 
 SECONDS = re.compile(r"\d+\.\ds")
+
+
+class SelfLossMLP(nn.Module):
+    """The seeded MLP fed mapping batches, computing its own loss as Hugging Face models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, pixels, labels):
+        logits = self.net(pixels)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
 
 
 def plain_lines(text: str) -> list[str]:
@@ -78,6 +98,21 @@ class TestPlain:
             f"epoch 1/1 valid loss {fmt(losses.mean(0, False))} Ts",
         ]
 
+    def test_mapping_batches_and_a_model_s_own_loss(self):
+        """{"pixels", "labels"} batches to a model computing its loss: the lines of (x, y)."""
+        dls = batches_dls(3, 2)
+        mapped = DataLoaders(
+            *([{"pixels": x, "labels": y} for x, y in part] for part in (dls.train, dls.valid))
+        )
+        outs = io.StringIO(), io.StringIO()
+        plain = Learner(mlp(), dls, F.cross_entropy, 0.1, [ProgressCB(file=outs[0], table=False)])
+        plain.fit(2)
+        cbs = [ProgressCB(file=outs[1], table=False)]
+        Learner(SelfLossMLP(), mapped, None, 0.1, cbs).fit(2)
+        expected = plain_lines(outs[0].getvalue())
+        assert len(expected) == 4
+        assert plain_lines(outs[1].getvalue()) == expected
+
     @pytest.mark.parametrize("hook", ["before_epoch", "before_batch"])
     def test_a_cancelled_pass_says_so(self, hook):
         """A cancelled pass gets its line, marked '(cancelled)', even one cancelled before
@@ -100,6 +135,44 @@ class TestPlain:
         lines = plain_lines(out.getvalue())
         assert lines[1] == "epoch 1/1 valid loss - Ts (cancelled)"
 
+    def test_a_cancelled_fit_prints_the_cut_pass_then_the_table(self):
+        """A cancel_fit at training batch 2 of epoch 2: that pass's line, marked, comes
+        before the table, whose second row holds the cut pass's values."""
+
+        class StopAtSecondEpoch(Callback):
+            def before_batch(self, learn):
+                if learn.epoch == 1 and learn.iter == 2:
+                    raise CancelFitException
+
+        out, losses = io.StringIO(), BatchLosses()
+        progress = ProgressCB(file=out)
+        cbs = [StopAtSecondEpoch(), losses, progress]
+        Learner(mlp(), batches_dls(3, 2), F.cross_entropy, 0.1, cbs).fit(3)
+        lines = plain_lines(out.getvalue())
+        assert lines[2] == f"epoch 2/3 train loss {fmt(losses.mean(1, True))} Ts (cancelled)"
+        assert lines[3] == "epoch  train_loss  valid_loss  time"
+        assert lines[5].split()[:3] == ["2", fmt(losses.mean(1, True)), "-"]
+        assert len(lines) == 6
+
+    def test_a_failed_fit_prints_no_table(self):
+        """After a failure only the lines of the passes that ended before it are printed."""
+
+        class Fail(Callback):
+            def before_batch(self, learn):
+                if learn.epoch == 1:
+                    raise Boom
+
+        out = io.StringIO()
+        learn = Learner(
+            mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, [Fail(), ProgressCB(file=out)]
+        )
+        with pytest.raises(Boom):
+            learn.fit(2)
+        assert [line.split()[:3] for line in plain_lines(out.getvalue())] == [
+            ["epoch", "1/2", "train"],
+            ["epoch", "1/2", "valid"],
+        ]
+
     def test_no_host_read_per_batch(self):
         """Off a terminal nothing is read per batch: the reads do not grow with the batches."""
 
@@ -112,6 +185,39 @@ class TestPlain:
             return counter.count
 
         assert reads(2) == reads(6)
+
+
+class TestOtherRuns:
+    def test_a_validate_run_prints_one_line(self):
+        """validate() prints its values by name, those it returns; the fit's table stays."""
+        out = io.StringIO()
+        metrics = MetricsCB(MulticlassAccuracy(10, average="micro"))
+        learn = Learner(
+            mlp(), batches_dls(3, 2), F.cross_entropy, 0.1, [metrics, ProgressCB(file=out)]
+        )
+        learn.fit(1)
+        fitted = out.getvalue()
+        result = learn.validate()
+        assert plain_lines(out.getvalue()[len(fitted) :]) == [
+            f"validate loss {fmt(result['loss'])} accuracy {fmt(result['accuracy'])} Ts"
+        ]
+
+    def test_a_validate_run_without_metrics_shows_its_mean_loss(self):
+        """Without MetricsCB the line holds ProgressCB's own sample-weighted mean loss."""
+        out = io.StringIO()
+        learn = Learner(mlp(), batches_dls(1, 3), F.cross_entropy, 0.1, [ProgressCB(file=out)])
+        result = learn.validate()
+        assert plain_lines(out.getvalue()) == [f"validate loss {fmt(result['loss'])} Ts"]
+
+    def test_a_predict_run_prints_nothing(self):
+        """get_preds has no loss to show: ProgressCB stays quiet, off a terminal and on one."""
+        out, console = io.StringIO(), terminal()
+        cbs = [ProgressCB(file=out), ProgressCB(console=console, refresh_s=0.0)]
+        learn = Learner(mlp(), batches_dls(1, 3), F.cross_entropy, 0.1, cbs)
+        preds, _ = learn.get_preds()
+        assert preds.shape == (24, 10)
+        assert out.getvalue() == console.file.getvalue() == ""
+        assert cbs[1].live_loss_reads == 0
 
 
 def terminal() -> Console:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 import torch.nn.functional as F
 from helpers import batches_dls, mlp
 from torchmetrics.classification import MulticlassAccuracy
 
 from callbacks.metrics import MetricsCB
 from callbacks.recorder import Recorder
-from fsm_learner import Callback, CancelBatchException, Learner
+from fsm_learner import Callback, CancelBatchException, CancelFitException, DataLoaders, Learner
 from fsm_learner.testing import HostReads
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -76,6 +77,59 @@ class TestHistory:
         learn.fit(2)
         learn.fit(1)
         assert len(recorder.losses) == 3
+
+    def test_a_cancelled_fit_keeps_its_cut_epoch(self):
+        """cancel_fit in the second epoch's training pass: its losses and its row are kept
+        (the pass ended, by a cancel), and the rows equal the metrics history."""
+
+        class StopAtSecondEpoch(Callback):
+            order = 40
+
+            def after_batch(self, learn):
+                if learn.epoch == 1 and learn.iter == 1:
+                    raise CancelFitException
+
+        recorder, metrics, seen = Recorder(), MetricsCB(MulticlassAccuracy(10)), TrainingLosses()
+        cbs = [metrics, recorder, seen, StopAtSecondEpoch()]
+        Learner(mlp(), batches_dls(3, 2), F.cross_entropy, 0.1, cbs).fit(3)
+        assert recorder.epochs == metrics.history
+        assert [row["epoch"] for row in recorder.epochs] == [0, 1]
+        assert "valid_loss" not in recorder.epochs[1]
+        assert len(recorder.losses) == 5  # 3 + 2: the cancel came after both after_batch hooks
+        assert recorder.losses == pytest.approx(seen.losses, rel=1e-6)
+
+    def test_validate_and_predict_runs_leave_the_record(self):
+        """Runs that are not a fit neither reset nor extend the fit's record."""
+        recorder, metrics = Recorder(), MetricsCB(MulticlassAccuracy(10))
+        learn = Learner(mlp(), batches_dls(3, 2), F.cross_entropy, 0.1, [metrics, recorder])
+        learn.fit(2)
+        record = (recorder.losses, recorder.lrs, recorder.epochs)
+        learn.validate(batches_dls(3, 0).train)
+        learn.get_preds()
+        assert (recorder.losses, recorder.lrs, recorder.epochs) == record
+        assert len(record[0]) == 6
+
+    def test_mapping_batches(self):
+        """Mapping batches to a model that computes its own loss record the same losses."""
+
+        class SelfLoss(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = mlp()
+
+            def forward(self, pixels, labels):
+                logits = self.net(pixels)
+                return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+        dls = batches_dls(3, 1)
+        mapped = DataLoaders(
+            *([{"pixels": x, "labels": y} for x, y in part] for part in (dls.train, dls.valid))
+        )
+        plain, own = Recorder(), Recorder()
+        Learner(mlp(), dls, F.cross_entropy, 0.1, [plain]).fit(2)
+        Learner(SelfLoss(), mapped, None, 0.1, [own]).fit(2)
+        assert len(own.losses) == 6
+        assert own.losses == pytest.approx(plain.losses, rel=1e-6)
 
     def test_no_host_read_per_batch(self):
         """Recording reads nothing back from the device: the losses stay tensors until read."""

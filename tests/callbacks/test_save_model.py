@@ -29,6 +29,9 @@ class PassMetrics(Callback):
     def names(self) -> list[str]:
         return ["train_loss", "valid_loss"]
 
+    def last_pass(self) -> dict[str, float]:
+        return {"loss": self.values["valid_loss" if self.valid_history else "train_loss"]}
+
     def before_epoch(self, learn):
         self._sum, self._n = torch.zeros(()), 0
 
@@ -110,6 +113,7 @@ class TestRoundTrip:
             load_checkpoint("bad.pt", mlp())
 
     def test_loading_something_else_names_the_missing_keys(self):
+        """A file that is no checkpoint is refused, naming the keys it lacks."""
         torch.save({"state_dict": {}}, "other.pt")
         with pytest.raises(ConfigurationError, match=r"lacks \['epoch', 'model', 'opt'\]"):
             load_checkpoint("other.pt", mlp())
@@ -136,6 +140,7 @@ class TestWhatIsSaved:
         assert not Path("best/.model.pt.partial").exists()
 
     def test_every_epoch(self):
+        """every_epoch writes one file per epoch, each listed once, each loadable."""
         cb = SaveModelCB("ckpts", every_epoch=True)
         learn = adam_learner([cb])
         learn.fit(3)
@@ -147,28 +152,62 @@ class TestWhatIsSaved:
         assert load_checkpoint("ckpts/epoch_2.pt", model) == 2
         assert_same(learn.model.state_dict(), model.state_dict())
 
-    def test_latest_is_overwritten(self):
+    def test_latest_is_overwritten_and_listed_once(self):
+        """Without monitor every epoch overwrites one file, which saved lists once."""
         cb = SaveModelCB("latest.pt")
-        adam_learner([cb]).fit(2)
-        assert cb.saved == [Path("latest.pt")] * 2
-        assert load_checkpoint("latest.pt", mlp()) == 1
+        result = adam_learner([cb]).fit(3)
+        assert cb.saved == [Path("latest.pt")]
+        assert [n["ep"] for n in notes(result.audit_path, "checkpoint")] == [0, 1, 2]
+        assert load_checkpoint("latest.pt", mlp()) == 2
+        assert (cb.best, cb.best_epoch) == (None, None)
+
+    def test_best_is_readable_on_the_callback(self):
+        """save.best and save.best_epoch are the monitor's: the lowest valid_loss, once in
+        saved however often it improved."""
+        metrics = PassMetrics()
+        cb = SaveModelCB("best.pt", monitor="valid_loss")
+        result = Learner(mlp(), batches_dls(4, 4), F.cross_entropy, LR, [metrics, cb]).fit(8)
+        history = metrics.valid_history
+        assert cb.best == min(history)
+        assert cb.best_epoch == history.index(min(history))
+        assert cb.monitor is not None
+        assert (cb.best, cb.best_epoch) == (cb.monitor.best, cb.monitor.best_epoch)
+        assert len(notes(result.audit_path, "checkpoint")) > 1
+        assert cb.saved == [Path("best.pt")]
+
+    def test_validate_and_predict_runs_save_nothing(self):
+        """validate() and get_preds() after a fit are no epoch: no file, no note, same best."""
+        metrics = PassMetrics()
+        cb = SaveModelCB("best.pt", monitor="valid_loss")
+        learn = Learner(mlp(), batches_dls(4, 4), F.cross_entropy, LR, [metrics, cb])
+        learn.fit(3)
+        before = (cb.best, cb.best_epoch, list(cb.saved), Path("best.pt").read_bytes())
+        learn.validate(batches_dls(4, 0).train)  # a lower loss than any epoch's
+        assert notes(learn.audit_path, "checkpoint") == []
+        learn.get_preds()
+        assert notes(learn.audit_path, "checkpoint") == []
+        assert (cb.best, cb.best_epoch, cb.saved, Path("best.pt").read_bytes()) == before
 
 
 class TestConfiguration:
     def test_monitor_and_every_epoch_exclude_each_other(self):
+        """Best-only and every-epoch saving are exclusive: the message says to drop one."""
         with pytest.raises(ConfigurationError, match="not both"):
             SaveModelCB("d", monitor="valid_loss", every_epoch=True)
 
     @pytest.mark.parametrize("path", ["", None, 3])
     def test_bad_path(self, path):
+        """The path must be a non-empty path."""
         with pytest.raises(ConfigurationError, match="path must be a file path"):
             SaveModelCB(path)
 
     def test_bad_mode(self):
+        """An unknown mode is named with the valid ones."""
         with pytest.raises(ConfigurationError, match="mode must be one of"):
             SaveModelCB("m.pt", monitor="valid_loss", mode="best")
 
     def test_unknown_monitor(self):
+        """A monitor the provider does not produce fails at fit start, naming the valid ones."""
         learn = adam_learner([PassMetrics(), SaveModelCB("m.pt", monitor="valid_acc")])
         with pytest.raises(ConfigurationError, match=r"unknown monitor 'valid_acc'.*'valid_loss'"):
             learn.fit(1)

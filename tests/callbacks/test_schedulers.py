@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,7 @@ from torch.optim.lr_scheduler import (
     StepLR,
 )
 
+from callbacks.grad_accum import GradientAccumulationCB
 from callbacks.schedulers import BatchSchedCB, EpochSchedCB
 from fsm_learner import Callback, ConfigurationError, DataLoaders, Learner
 
@@ -36,6 +39,29 @@ class EpochLrs(Callback):
     def before_epoch(self, learn):
         if learn.training:
             self.lrs.append(learn.opt.param_groups[0]["lr"])
+
+
+class RealStepLrs(Callback):
+    """Records the learning rate of each optimizer step that happens (an inner step override)."""
+
+    order = 11
+
+    def __init__(self):
+        self.lrs: list[float] = []
+
+    def step(self, learn, proceed):
+        self.lrs.append(learn.opt.param_groups[0]["lr"])
+        proceed()
+
+
+class NoLen:
+    """Batches that can be iterated again, but have no len()."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
 
 
 class StepEveryOther(Callback):
@@ -77,7 +103,7 @@ class TestBatchSchedCB:
         Learner(mlp(), batches_dls(5, 2), F.cross_entropy, 0.1, [sched, lrs]).fit(3)
         assert lrs.lrs == one_cycle_by_hand(0.5, total_steps=15)
         assert isinstance(sched.scheduler, OneCycleLR)
-        assert sched.scheduler.last_epoch == 15
+        assert sched.scheduler.last_epoch == 14  # never stepped past its last step
 
     def test_one_cycle_trains_digits_above_90_percent(self):
         """Three epochs of OneCycle on digits reach more than 90% validation accuracy."""
@@ -105,20 +131,98 @@ class TestBatchSchedCB:
         assert cb.scheduler.last_epoch == 3
         assert cb.scheduler.get_last_lr() == [pytest.approx(0.1 / 8)]
 
-    def test_each_fit_builds_a_new_scheduler(self):
-        """fit() builds a new optimizer, so each fit gets a new schedule from its start."""
+    def test_each_fit_builds_a_new_scheduler_on_the_kept_optimizer(self):
+        """The optimizer persists across fits; each fit gets a new schedule from its start."""
         lrs, cb = StepLrs(), BatchSchedCB.one_cycle(0.5)
         learn = Learner(mlp(), batches_dls(3, 1), F.cross_entropy, 0.1, [cb, lrs])
-        learn.fit(1)
-        first = cb.scheduler
-        learn.fit(1)
+        learn.fit(2)
+        first, opt = cb.scheduler, learn.opt
+        learn.fit(2)
+        assert learn.opt is opt
         assert cb.scheduler is not first
-        assert lrs.lrs[:3] == lrs.lrs[3:] == one_cycle_by_hand(0.5, total_steps=3)
+        assert lrs.lrs[:6] == lrs.lrs[6:] == one_cycle_by_hand(0.5, total_steps=6)
+
+    def test_the_optimizer_ends_at_the_schedule_s_final_rate(self):
+        """One-cycle leaves lr and momentum where its last step had them (the final rate,
+        initial_lr / final_div_factor) and removes the keys it added; setting learn.lr
+        then sets the rate a plain fit trains at."""
+        lrs, cb = StepLrs(), BatchSchedCB.one_cycle(0.5)
+        sgd = partial(torch.optim.SGD, momentum=0.5)
+        learn = Learner(mlp(), batches_dls(3, 1), F.cross_entropy, 0.1, [cb, lrs], sgd)
+        learn.fit(1)
+        assert learn.opt is not None
+        (group,) = learn.opt.param_groups
+        final = one_cycle_by_hand(0.5, total_steps=3)[-1]
+        assert final == pytest.approx(0.5 / 25 / 1e4)
+        assert {k: v for k, v in group.items() if k != "params"} == {
+            **learn.opt.defaults,
+            "lr": final,
+            "momentum": 0.95,  # OneCycleLR's max_momentum, where its cycle ends
+        }
+        learn.cbs = [lrs]
+        learn.lr = 0.05
+        learn.fit(1)
+        assert lrs.lrs[3:] == [0.05] * 3
+
+    def test_a_failed_fit_also_removes_the_schedule_s_keys(self):
+        """cleanup_fit runs whatever the route: after a failure mid-schedule the param
+        groups hold no scheduler key, and lr is the rate of the last step taken."""
+
+        class Fail(Callback):
+            def after_step(self, learn):
+                if learn.iter == 1:
+                    raise RuntimeError("boom")
+
+        learn = Learner(mlp(), batches_dls(3, 1), F.cross_entropy, 0.1)
+        learn.cbs = [BatchSchedCB.one_cycle(0.5), Fail()]
+        with pytest.raises(RuntimeError, match="boom"):
+            learn.fit(1)
+        assert learn.opt is not None
+        assert learn.opt.param_groups[0]["lr"] == one_cycle_by_hand(0.5, total_steps=3)[2]
+        assert "initial_lr" not in learn.opt.param_groups[0]
 
     def test_zero_epochs_do_not_fail(self):
         """A fit of no epoch builds a one-step schedule rather than failing."""
         learn = Learner(mlp(), batches_dls(3, 1), F.cross_entropy, 0.1, [BatchSchedCB.one_cycle(1)])
         assert learn.fit(0).status == "completed"
+
+
+class TestWithAccumulation:
+    def test_one_cycle_ends_at_its_final_rate_on_digits(self):
+        """4 epochs of 22 batches, accumulation 4: 6 real steps a pass (the last group of 2
+        steps too), 24 in all; the last one runs at initial_lr / final_div_factor, and the
+        model learns."""
+        model, dls = mlp(), digits_dls(batch_size=64)
+        assert len(dls.train) == 22
+        real, seen = RealStepLrs(), []
+
+        def one_cycle(opt, n):
+            seen.append(n)
+            return OneCycleLR(opt, 0.5, total_steps=n)
+
+        sched = BatchSchedCB(with_total_steps=one_cycle)
+        cbs = [GradientAccumulationCB(4), sched, real]
+        learn = Learner(model, dls, F.cross_entropy, 0.1, cbs, audit_log=None)
+        learn.fit(4)
+        assert seen == [24]
+        assert len(real.lrs) == 24
+        assert sched.scheduler is not None
+        assert sched.scheduler.last_epoch == 23
+        assert real.lrs == pytest.approx(one_cycle_by_hand(0.5, total_steps=24), rel=1e-9)
+        assert real.lrs[-1] == pytest.approx(0.5 / 25 / 1e4, rel=1e-6)
+        assert learn.opt.param_groups[0]["lr"] == pytest.approx(0.5 / 25 / 1e4, rel=1e-6)
+        assert real.lrs[0] == pytest.approx(0.5 / 25, rel=1e-6)
+        assert max(real.lrs) == pytest.approx(0.5, rel=1e-2)  # the peak falls between steps
+        assert valid_accuracy(model, dls.valid) > 0.8
+
+    def test_one_cycle_factory_counts_the_same_steps(self):
+        """one_cycle(max_lr) under accumulation 4: 2 passes of 5 batches, 2 steps each."""
+        real, sched = RealStepLrs(), BatchSchedCB.one_cycle(0.5, final_div_factor=100.0)
+        cbs = [GradientAccumulationCB(4), sched, real]
+        Learner(mlp(), batches_dls(5, 1), F.cross_entropy, 0.1, cbs, audit_log=None).fit(2)
+        assert sched.scheduler is not None
+        assert sched.scheduler.total_steps == 4
+        assert real.lrs[-1] == pytest.approx(0.5 / 25 / 100, rel=1e-6)
 
 
 class TestEpochSchedCB:
@@ -153,12 +257,13 @@ class TestConfiguration:
         assert learn.state == "idle"
 
     def test_a_train_set_without_len_is_rejected(self):
-        """Total steps need len(dls.train): an iterator has none, and the message says so."""
+        """Total steps need len(dls.train): the message names the type that has none."""
         batches = batches_dls(2, 1)
-        dls = DataLoaders(iter(batches.train), batches.valid)
+        dls = DataLoaders(NoLen(batches.train), batches.valid)
         learn = Learner(mlp(), dls, F.cross_entropy, 0.1, [BatchSchedCB.one_cycle(0.5)])
-        with pytest.raises(ConfigurationError, match=r"dls\.train \(list_iterator\) has no len"):
+        with pytest.raises(ConfigurationError, match=r"dls\.train \(NoLen\) has no len"):
             learn.fit(1)
+        assert learn.state == "idle"
 
     def test_a_factory_must_return_a_scheduler(self):
         """Something other than an LRScheduler is named in the message."""

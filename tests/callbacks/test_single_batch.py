@@ -16,7 +16,8 @@ H = Hook
 
 
 def test_one_training_batch_then_cancel_fit():
-    """The whole trace, the audit log's cancel_fit and note, and the one step taken."""
+    """The whole trace (the cleanup hooks of the batch, the pass and the fit after the
+    cancel's own hook), the audit log's cancel_fit and note, and the one step taken."""
     rec = RecordingCallback()
     learn = Learner(mlp(), batches_dls(5, 2), F.cross_entropy, 0.5, [rec, SingleBatchCB()])
     before = learn.model[0].weight.detach().clone()
@@ -31,6 +32,9 @@ def test_one_training_batch_then_cancel_fit():
         H.AFTER_STEP,
         H.AFTER_BATCH,
         H.AFTER_CANCEL_FIT,
+        H.CLEANUP_BATCH,
+        H.CLEANUP_EPOCH,
+        H.CLEANUP_FIT,
     ]
     assert result.status is RunStatus.CANCELLED
     assert learn.state == "idle"

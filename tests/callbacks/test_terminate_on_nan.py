@@ -71,6 +71,7 @@ class TestCancelsTheFit:
         assert str(float(note["loss"])) == str(losses[-1])
 
     def test_a_corrupt_validation_batch_stops_the_fit(self):
+        """A NaN in validation batch 1 cancels the fit there."""
         clean = batches_dls(2, 3)
         dls = DataLoaders(clean.train, poisoned(clean.valid, 1))
         _, result, report, note = fit(dls, TerminateOnNaNCB())
@@ -79,8 +80,40 @@ class TestCancelsTheFit:
         assert (note["tr"], note["ep"], note["it"]) == (False, 0, 1)
 
     def test_finite_losses_complete(self):
+        """Finite losses never cancel: the fit completes."""
         learn = Learner(mlp(), batches_dls(3, 2), F.cross_entropy, 0.5, [TerminateOnNaNCB()])
         assert learn.fit(2).status is RunStatus.COMPLETED
+
+
+class TestOtherRuns:
+    def test_a_validate_run_is_checked_and_cancelled(self):
+        """A NaN in a validate run cancels it at that batch, with the note; the mean covers
+        the batch before; a later fit is not cancelled by what the validate run saw."""
+        clean = batches_dls(2, 3)
+        learn = Learner(mlp(), clean, F.cross_entropy, 0.5, [TerminateOnNaNCB()])
+        result = learn.validate(poisoned(clean.valid, 1))
+        records = [orjson.loads(line) for line in learn.audit_path.read_bytes().splitlines()]
+        (note,) = [r for r in records if r["ev"] == "note"]
+        assert (note["name"], note["tr"], note["it"], note["batches_checked"]) == (
+            "terminate_on_nan",
+            False,
+            1,
+            1,
+        )
+        assert audit_file(learn.audit_path)[0][0].cancels["cancel_fit"] == 1
+        with torch.no_grad():
+            x, y = clean.valid[0]
+            assert result["loss"] == pytest.approx(F.cross_entropy(learn.model(x), y).item())
+        assert learn.fit(1).status is RunStatus.COMPLETED
+
+    def test_a_predict_run_is_not_checked(self):
+        """get_preds computes no loss: NaN inputs give NaN predictions, and no cancel."""
+        clean = batches_dls(1, 2)
+        learn = Learner(mlp(), clean, F.cross_entropy, 0.5, [TerminateOnNaNCB()])
+        preds, _ = learn.get_preds(poisoned(clean.valid, 1))
+        assert preds.shape == (16, 10)
+        assert torch.isnan(preds[8]).all()
+        assert torch.isfinite(preds[:8]).all()
 
 
 class TestCheckEvery:
@@ -106,5 +139,6 @@ class TestCheckEvery:
 class TestConfiguration:
     @pytest.mark.parametrize("n", [0, -1, 2.0, True])
     def test_bad_check_every(self, n):
+        """check_every is an int >= 1 (not a bool); the message shows what came."""
         with pytest.raises(ConfigurationError, match=f"check_every must be an int >= 1.*got {n!r}"):
             TerminateOnNaNCB(check_every=n)
