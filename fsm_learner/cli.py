@@ -239,9 +239,10 @@ def _diagram_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description=(
             "Draw the transition table as Mermaid (the default), DOT, SVG or PNG; SVG and PNG "
             "need Graphviz's dot. --learner puts a learner's callbacks on the transitions they "
-            "run on; --from-log draws the path an audited run took. --write regenerates the "
-            "committed diagrams, --check compares them with the table. Exit 0 on success, 1 "
-            "when the drawing or a check fails, 2 on a usage error."
+            "run on; --from-log draws the path an audited run (a fit, a validate or a predict "
+            "run) took. --write regenerates the committed diagrams and the README's generated "
+            "parts (its diagram and path table), --check compares them with the table. Exit 0 "
+            "on success, 1 when the drawing or a check fails, 2 on a usage error."
         ),
     )
     formats = [f.value for f in DiagramFormat]
@@ -259,11 +260,15 @@ def _diagram_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="RUN.jsonl",
         help="an audit log: draw the path its run took, each edge with how often",
     )
-    view.add_argument("--write", action="store_true", help="regenerate the diagrams folder")
+    view.add_argument(
+        "--write",
+        action="store_true",
+        help="regenerate the diagrams folder (and, without --dir, the README's generated parts)",
+    )
     view.add_argument(
         "--check",
         action="store_true",
-        help="exit 1 when the diagrams folder differs from what the table generates",
+        help="exit 1 when the diagrams folder or the README differs from what the table makes",
     )
     parser.add_argument(
         "--run-id", metavar="ID", help="with --from-log: which run of the file (default: last)"
@@ -277,7 +282,10 @@ def _diagram_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--dir",
         type=Path,
         metavar="DIR",
-        help="with --write or --check: the diagrams folder (default: the checkout's diagrams/)",
+        help=(
+            "with --write or --check: the diagrams folder, the README left alone (default: the "
+            "checkout's diagrams/ and README.md)"
+        ),
     )
     parser.set_defaults(run=_run_diagram)
 

@@ -17,10 +17,17 @@ on ``idle``). Mermaid cannot draw an edge between states of different composite 
 so there each source has its own edge, and the transitions between the same two states
 share one edge, their labels joined by `` | ``.
 
-Views: ``table_view()`` labels each edge with its trigger, guard and hook;
-``callbacks_view(cbs)`` adds the callbacks that run on it, in order; ``run_view(log)``
-labels it with how many times one audited run took it, greys what the run never took,
-and marks the failure edge.
+Views: ``table_view()`` labels each edge with its trigger, guard and hooks: the row's
+own, then the cleanup hooks of the units the transition leaves, innermost first (one
+that runs only in some runs, ``cleanup_fit`` on a cancel that also ends validate runs,
+carries the guard that says which: ``cleanup_fit [fitting]``); ``callbacks_view(cbs)``
+adds the callbacks that run on each of those hooks, in order; ``run_view(log)`` labels
+each edge with how many times one audited run (a fit, a validate or a predict run) took
+it, greys what the run never took, and marks the failure edge.
+
+``path_table()`` is the path table (which hooks fire, in order, on the normal, cancel and
+failure paths of each kind of run), generated from the table as well; ``write_docs``
+writes it, with the diagrams, into ``diagrams/`` and between markers in the README.
 
 Text from outside the table (a callback's class name, a run id or failure read from a
 log, a title) is escaped: control characters become visible escapes, so a newline
@@ -43,11 +50,24 @@ import attrs
 
 from fsm_learner import machine
 from fsm_learner._compat import StrEnum
-from fsm_learner._display import exception_text, printable, shown
+from fsm_learner._display import exception_text, file_name, printable, shown
 from fsm_learner.audit.codec import FailureField
 from fsm_learner.callback import resolve_dispatch, validate_callbacks
 from fsm_learner.exceptions import ConfigurationError
-from fsm_learner.machine import Hook, State, TransitionSpec, Trigger
+from fsm_learner.machine import (
+    GUARDS,
+    HOOK_OF,
+    MODES,
+    Guard,
+    Hook,
+    Mode,
+    Routes,
+    RunKind,
+    State,
+    TransitionSpec,
+    Trigger,
+    cleanup_hooks,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -58,6 +78,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DOCS_FILES",
     "GRAPHVIZ_HINT",
+    "PATH_TABLE_END",
+    "PATH_TABLE_START",
     "Cluster",
     "DiagramFormat",
     "DiagramView",
@@ -68,6 +90,8 @@ __all__ = [
     "dot_edges",
     "learner_from_factory",
     "mermaid_edges",
+    "path_table",
+    "readme_with_docs",
     "render",
     "render_text",
     "run_view",
@@ -116,6 +140,15 @@ class Edge:
         """The node the arrow is drawn from; from a cluster, it starts at the border."""
         return self.sources[0]
 
+    @property
+    def hooks(self) -> tuple[tuple[Hook, Guard | None], ...]:
+        """The hooks the arrow runs: the row's, then its cleanups, innermost first.
+
+        The cleanups are those of the units left from any of its sources; each with the
+        guard that says in which runs it runs, when not in all the arrow's runs.
+        """
+        return ((self.spec.hook, None), *_cleanups(self.spec, self.sources))
+
 
 @attrs.frozen
 class DiagramView:
@@ -151,6 +184,63 @@ def _machine_transitions() -> list[tuple[Trigger, State, State, tuple[str, ...]]
     ]
 
 
+@cache
+def _compiled(_table: tuple[TransitionSpec, ...]) -> Mapping[Mode, Routes]:
+    """Compile the routes of the machine built from the table, once per table (the key)."""
+    return machine.compile_routes(machine.build_machine())
+
+
+def _routes() -> Mapping[Mode, Routes]:
+    """Return the routes of the table as it is now (a test may have replaced it)."""
+    return _compiled(machine.TRANSITION_TABLE)
+
+
+def _modes_taking(spec: TransitionSpec, source: State) -> list[Mode]:
+    """Return the modes that route ``spec``'s trigger from ``source`` to its dest.
+
+    Those that can reach ``source``; all that route it when none can (the table's
+    ``cancel_epoch [inferring]`` leaves ``step``, which only a fit reaches).
+    """
+    routes = _routes()
+    taking = [mode for mode in MODES if routes[mode][source].get(spec.trigger) is spec.dest]
+    return [mode for mode in taking if source in _reached(mode)] or taking
+
+
+def _reached(mode: Mode) -> frozenset[State]:
+    """Return the states a run in ``mode`` reaches from idle (a validate run never fit)."""
+    routes = _routes()[mode]
+    found, frontier = {State.IDLE}, {State.IDLE}
+    while frontier:
+        frontier = {dest for state in frontier for dest in routes[state].values()} - found
+        found |= frontier
+    return frozenset(found)
+
+
+def _cleanups(spec: TransitionSpec, sources: Iterable[State]) -> list[tuple[Hook, Guard | None]]:
+    """Return the cleanups a row runs from ``sources``, each with the guard of where it runs."""
+    taking: set[Mode] = set()
+    running: dict[Hook, set[Mode]] = {}
+    for source in sources:
+        for mode in _modes_taking(spec, source):
+            taking.add(mode)
+            for hook in cleanup_hooks(source, spec.dest, mode[0]):
+                running.setdefault(hook, set()).add(mode)
+    order = list(Hook)  # declares the cleanups innermost first, as cleanup_hooks runs them
+    return [
+        (hook, None if modes == taking else _guard_of(modes, taking))
+        for hook, modes in sorted(running.items(), key=lambda item: order.index(item[0]))
+    ]
+
+
+def _guard_of(modes: set[Mode], among: set[Mode]) -> Guard:
+    """Return the guard that holds, of the modes ``among``, in exactly ``modes``."""
+    for guard, holds in GUARDS.items():
+        if {mode for mode in among if holds(*mode)} == modes:
+            return guard
+    msg = f"no guard holds in exactly the modes {sorted(modes)} of {sorted(among)}"
+    raise LookupError(msg)
+
+
 def _row_of(trigger: Trigger, source: State, dest: State, guards: Sequence[str]) -> TransitionSpec:
     """Return the row of the table that a transition of the machine was built from."""
     for spec in machine.TRANSITION_TABLE:
@@ -184,16 +274,9 @@ def _nests(sets: Iterable[frozenset[State]]) -> bool:
     return all(a <= b or b <= a or not a & b for a in items for b in items)
 
 
-def _entry(states: frozenset[State]) -> str:
-    """Name a cluster after the one state that transitions from outside enter it at."""
-    entries = {
-        spec.dest
-        for spec in machine.TRANSITION_TABLE
-        if spec.dest in states and not set(spec.sources) <= states
-    }
-    if len(entries) == 1:
-        return str(entries.pop())
-    return "_".join(s for s in State if s in states)
+def _outermost(states: frozenset[State]) -> str:
+    """Name a cluster after its outermost state (``State`` declares them outermost first)."""
+    return str(next(s for s in State if s in states))
 
 
 def clusters() -> tuple[Cluster, ...]:
@@ -207,7 +290,9 @@ def clusters() -> tuple[Cluster, ...]:
     if not _nests(sets):
         return ()
     ordered = sorted(sets, key=lambda s: (-len(s), [i for i, x in enumerate(State) if x in s]))
-    return tuple(Cluster(f"cluster_{_entry(s)}", f"{_entry(s)} in progress", s) for s in ordered)
+    return tuple(
+        Cluster(f"cluster_{_outermost(s)}", f"{_outermost(s)} in progress", s) for s in ordered
+    )
 
 
 def dot_edges() -> list[Edge]:
@@ -274,11 +359,15 @@ def learner_from_factory(spec: str) -> Learner:
 
 
 def run_view(path: Path, *, run_id: str | None = None, key: bytes | None = None) -> DiagramView:
-    """Show the path one audited run took (the file's last unless ``run_id``); it must verify."""
+    """Show the path one audited run took (the file's last unless ``run_id``); it must verify.
+
+    The run may be of any kind: a fit, a validate or a predict run.
+    """
     report = _verified_run(path, run_id, key)
     failed_in = None if report.failed_at is None else State(report.failed_at["state"])
+    kind = report.kind or RunKind.FIT  # a run that verifies has a kind
     return DiagramView(
-        f"fsm_learner: run {_clip(report.run_id, _RUN_ID_SHOWN)} ({report.status})",
+        f"fsm_learner: {kind} run {_clip(report.run_id, _RUN_ID_SHOWN)} ({report.status})",
         counts={
             (Trigger(trigger), State(source), State(dest)): n
             for (trigger, source, dest), n in report.edges.items()
@@ -365,6 +454,14 @@ def _is_failure(view: DiagramView, edge: Edge) -> bool:
     return _is_fail(edge) and view.failed_in in edge.sources
 
 
+def _hook_text(hook: Hook, guard: Guard | None) -> str:
+    return f"{hook} [{guard}]" if guard is not None else str(hook)
+
+
+def _calls(view: DiagramView, hook: Hook) -> list[str]:
+    return list(view.calls[hook]) if view.calls is not None else []
+
+
 def _dot_label(view: DiagramView, edge: Edge) -> list[str]:
     spec = edge.spec
     first = f"{spec.trigger}{_guard(spec, cancels=True)}"
@@ -372,9 +469,12 @@ def _dot_label(view: DiagramView, edge: Edge) -> list[str]:
         failure = printable(view.failure)
         failed = [f"failed in {view.failed_in}: {failure}"] if _is_failure(view, edge) else []
         return [f"{first} {_TIMES}{_count(view, edge)}", *failed]
-    calls = [printable(call) for call in view.calls[spec.hook]] if view.calls is not None else []
+    hooks = []
+    for hook, guard in edge.hooks:
+        calls = [printable(call) for call in _calls(view, hook)]
+        hooks.append(_hook_text(hook, guard) + (f": {', '.join(calls)}" if calls else ""))
     # two lines at most: taller labels of a row's edges overlap the box around the row
-    return [first, f"/ {spec.hook}" + (f": {', '.join(calls)}" if calls else "")]
+    return [first, f"/ {'; '.join(hooks)}"]
 
 
 _MERMAID_ENTITIES: Final = str.maketrans({c: f"#{ord(c)};" for c in '#:;%{}<>"|`'})
@@ -391,15 +491,30 @@ def _mermaid_text(text: str) -> str:
     return _MERMAID_DIRECTION.sub(r"\1#32;", printable(text).translate(_MERMAID_ENTITIES))
 
 
+_MERMAID_COLON: Final = _mermaid_text(":")
+_MERMAID_SEMICOLON: Final = _mermaid_text(";")
+
+
 def _mermaid_label(view: DiagramView, edge: Edge) -> str:
+    """Label an arrow: the trigger, its guard, and the count, or the callbacks on its hooks.
+
+    The row's own hook goes unnamed (the trigger names it); a cleanup hook is named before
+    its callbacks, ``; cleanup_batch: Cb(order=0)`` with ``:`` and ``;`` as entity codes.
+    """
     spec = edge.spec
     text = f"{spec.trigger}{_guard(spec, cancels=False)}"
     if view.counts is not None:
         failure = _mermaid_text(view.failure)
         failed = f" (failed here, {failure})" if _is_failure(view, edge) else ""
         return f"{text} {_TIMES}{_count(view, edge)}{failed}"
-    calls = [_mermaid_text(c) for c in view.calls[spec.hook]] if view.calls is not None else []
-    return f"{text} / {', '.join(calls)}" if calls else text
+    (own, _), *cleanups = edge.hooks
+    parts = [", ".join(_mermaid_text(c) for c in _calls(view, own))]
+    for hook, guard in cleanups:
+        calls = ", ".join(_mermaid_text(c) for c in _calls(view, hook))
+        if calls:
+            parts.append(f"{_mermaid_text(_hook_text(hook, guard))}{_MERMAID_COLON} {calls}")
+    calls = f"{_MERMAID_SEMICOLON} ".join(part for part in parts if part)
+    return f"{text} / {calls}" if calls else text
 
 
 # -- Mermaid -------------------------------------------------------------------------------
@@ -448,12 +563,18 @@ def _attrs(values: Mapping[str, str]) -> str:
 
 @cache
 def _depth(table: tuple[TransitionSpec, ...]) -> dict[State, int]:
-    """Each state's distance from idle along the table: it ranks the states."""
+    """Each state's distance from idle along the rows a fit may take: it ranks the states.
+
+    A fit nests the most units (fit, pass, batch), so its ways forward rank them all;
+    a validate run's shortcut (``idle -> epoch``) then points down the ranks too.
+    """
+    fitting = [mode for mode in MODES if mode[0] is RunKind.FIT]
+    rows = [s for s in table if s.guard is None or any(GUARDS[s.guard](*m) for m in fitting)]
     depth, frontier = {State.IDLE: 0}, {State.IDLE}
     while frontier:
         step = len(set(depth.values()))
         frontier = {
-            spec.dest for spec in table if spec.dest not in depth and frontier & set(spec.sources)
+            spec.dest for spec in rows if spec.dest not in depth and frontier & set(spec.sources)
         }
         depth.update(dict.fromkeys(frontier, step))
     return depth
@@ -568,48 +689,223 @@ def render_text(view: DiagramView, fmt: DiagramFormat | str = DiagramFormat.MERM
     return render(view, fmt).decode()
 
 
-# -- the committed docs: diagrams/ ---------------------------------------------------------
+# -- the path table ------------------------------------------------------------------------
+
+_ABORTS: Final = frozenset(
+    spec.trigger for spec in machine.TRANSITION_TABLE if spec.cancel or spec.trigger is Trigger.FAIL
+)
+"""Triggers that abandon units of work: the cancels, and ``fail``."""
+_NEXT: Final = {State.EPOCH: "the next batch", State.FIT: "the next pass", State.IDLE: "idle"}
+"""What follows an abandoned unit, by the state the abandoning transition goes to."""
+
+
+def _code(hooks: Iterable[Hook]) -> str:
+    return ", ".join(f"`{hook}`" for hook in hooks)
+
+
+def _route(mode: Mode, source: State, trigger: Trigger) -> tuple[State, list[Hook]]:
+    """Take ``trigger`` from ``source`` in ``mode``: where it goes, and the hooks it runs."""
+    dest = _routes()[mode][source][trigger]
+    return dest, [HOOK_OF[trigger], *cleanup_hooks(source, dest, mode[0])]
+
+
+def _batch_path(mode: Mode) -> list[Hook]:
+    """Return the hooks of a batch completed in ``mode``: from ``epoch`` back to ``epoch``."""
+    routes = _routes()[mode]
+    state, hooks = _route(mode, State.EPOCH, Trigger.BEGIN_BATCH)
+    while state is not State.EPOCH:
+        ahead = [trigger for trigger in routes[state] if trigger not in _ABORTS]
+        if len(ahead) != 1:
+            msg = f"a batch in {mode} has {len(ahead)} ways on from {state} ({ahead}), not one"
+            raise LookupError(msg)
+        state, more = _route(mode, state, ahead[0])
+        hooks += more
+    return hooks
+
+
+def _unit_path(mode: Mode, outside: State, inside: str, *, begin: Trigger, end: Trigger) -> str:
+    """Describe a unit that completes: its begin hooks, what runs ``inside``, its end hooks."""
+    _, first = _route(mode, outside, begin)
+    inner = _routes()[mode][outside][begin]
+    _, last = _route(mode, inner, end)
+    return f"{_code(first)}, then {inside}, then {_code(last)}"
+
+
+def _kinds_text(modes: Iterable[Mode]) -> str:
+    kinds = dict.fromkeys(kind for kind, _ in sorted(modes, key=MODES.index))
+    return f"in a {' or '.join(kinds)} run"
+
+
+def _abort_path(trigger: Trigger) -> str:
+    """Describe the hooks an abandoning trigger runs, from wherever it fires, then what next.
+
+    Its own hook, then the cleanups of the units it leaves, innermost first, each with
+    when it runs if not always: only with its unit in progress, or only in some kinds of
+    run.
+    """
+    taking: set[Mode] = set()
+    sources: set[State] = set()
+    running: dict[Hook, set[tuple[Mode, State]]] = {}
+    nexts: dict[State, set[Mode]] = {}
+    for spec in (s for s in machine.TRANSITION_TABLE if s.trigger is trigger):
+        for source in spec.sources:
+            for mode in _modes_taking(spec, source):
+                taking.add(mode)
+                sources.add(source)
+                nexts.setdefault(spec.dest, set()).add(mode)
+                for hook in cleanup_hooks(source, spec.dest, mode[0]):
+                    running.setdefault(hook, set()).add((mode, source))
+    order = list(Hook)  # declares the cleanups innermost first
+    cells = [f"`{HOOK_OF[trigger]}`"]
+    for hook in sorted(running, key=order.index):
+        modes = {mode for mode, _ in running[hook]}
+        if {source for _, source in running[hook]} != sources:
+            cells.append(f"`{hook}` ({hook.removeprefix('cleanup_')} in progress)")
+        elif modes != taking:
+            cells.append(f"`{hook}` ({_kinds_text(modes)})")
+        else:
+            cells.append(f"`{hook}`")
+    if len(nexts) == 1:
+        after = _NEXT[next(iter(nexts))]
+    else:
+        after = ", ".join(f"{_NEXT[dest]} {_kinds_text(m)}" for dest, m in nexts.items())
+    raised = " and the exception is re-raised" if trigger is Trigger.FAIL else ""
+    return f"{', '.join(cells)}, then {after}{raised}"
+
+
+_BATCHES: Final = {
+    "training batch": (RunKind.FIT, True),
+    "validation batch": (RunKind.FIT, False),
+    "validate batch": (RunKind.VALIDATE, False),
+    "predict batch": (RunKind.PREDICT, False),
+}
+"""The batches of the path table: one per mode, those with the same hooks named once."""
+
+
+def path_table() -> str:
+    """Return the path table: which hooks fire, in order, on each path, as a Markdown table.
+
+    Generated from the table: the units' begin and end hooks, every mode's batch (one
+    row for the modes whose batches run the same hooks), and the hooks of the cancels
+    and the failure from wherever they fire, cleanups included.
+    """
+    batches: dict[str, list[Hook]] = {}
+    name_of: dict[Mode, str] = {}
+    for name, mode in _BATCHES.items():
+        hooks = _batch_path(mode)
+        name_of[mode] = next((n for n, h in batches.items() if h == hooks), name)
+        batches.setdefault(name_of[mode], hooks)
+    fit = (RunKind.FIT, False)
+    rows = {
+        "fit": _unit_path(
+            fit,
+            State.IDLE,
+            "per epoch the training pass and the validation pass",
+            begin=Trigger.BEGIN_FIT,
+            end=Trigger.END_FIT,
+        ),
+        "pass": _unit_path(
+            fit, State.FIT, "each batch", begin=Trigger.BEGIN_EPOCH, end=Trigger.END_EPOCH
+        ),
+        **{
+            f"{mode[0]} run": _unit_path(
+                mode,
+                State.IDLE,
+                f"each batch as a {name_of[mode]}",
+                begin=Trigger.BEGIN_EPOCH,
+                end=Trigger.END_EPOCH,
+            )
+            for mode in MODES
+            if mode[0] is not RunKind.FIT
+        },
+        **{name: _code(hooks) for name, hooks in batches.items()},
+        **{
+            trigger.value.replace("_", " "): _abort_path(trigger)
+            for trigger in (Trigger.CANCEL_BATCH, Trigger.CANCEL_EPOCH, Trigger.CANCEL_FIT)
+        },
+        "failure": _abort_path(Trigger.FAIL),
+    }
+    lines = ["| path | hooks, in order |", "|---|---|"]
+    lines += [f"| {path} | {hooks} |" for path, hooks in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+# -- the committed docs: diagrams/ and the README's generated parts ------------------------
 
 DOCS_FILES: Final = ("learner.md", "learner.dot", "learner.svg")
-"""What ``diagrams/`` holds, all generated from the table (and the README's path table)."""
+"""What ``diagrams/`` holds, all generated from the table."""
 
 _CHECKOUT: Final = Path(__file__).resolve().parents[1]
-_PATH_TABLE: Final = "### The path table"
+PATH_TABLE_START: Final = (
+    "<!-- the path table: generated from the transition table by `make diagrams`; do not edit -->"
+)
+PATH_TABLE_END: Final = "<!-- end of the path table -->"
+_PATH_TABLE_HEADING: Final = "### The path table"
+_MERMAID_BLOCK: Final = re.compile(r"```mermaid\n.*?```\n", re.DOTALL)
+_TABLE_LINES: Final = re.compile(r"^(?:\|.*\n)+", re.MULTILINE)
 
 
-def _path_table(readme: Path) -> str:
-    """Return the README's path-table section, its one written copy, as a level-2 section."""
-    try:
-        text = readme.read_text(encoding="utf-8")
-    except OSError as exc:
-        msg = (
-            f"cannot read the path table from {readme} ({exc.strerror or exc}); diagrams/ is "
-            "generated in a checkout of fsm_learner"
-        )
-        raise ConfigurationError(msg) from None
-    if _PATH_TABLE not in text:
-        msg = f"{readme} has no {_PATH_TABLE!r} section to copy into learner.md"
-        raise ConfigurationError(msg)
-    section = re.split(r"^#", text.split(_PATH_TABLE, 1)[1], maxsplit=1, flags=re.MULTILINE)[0]
-    return f"## The path table\n\n{section.strip()}\n"
-
-
-def _learner_md(readme: Path) -> str:
+def _learner_md() -> str:
     return (
         "# The fsm_learner state machine\n\n"
-        "Generated from `fsm_learner.TRANSITION_TABLE` (and the README's path table) by "
-        "`make diagrams`; do not edit. `fsm-learner diagram --check` fails when a file here "
-        "differs from what the table generates.\n\n"
+        "Generated from `fsm_learner.TRANSITION_TABLE` by `make diagrams`; do not edit. "
+        "`fsm-learner diagram --check` fails when a file here differs from what the table "
+        "generates.\n\n"
         f"```mermaid\n{_mermaid(table_view())}```\n\n"
-        "The same machine drawn by Graphviz ([learner.dot](learner.dot)): the cancels, dashed "
-        "orange, and the failure, dashed red, leave the box of every state they leave from.\n\n"
-        f"![the transition table](learner.svg)\n\n{_path_table(readme)}"
+        "The same machine drawn by Graphviz ([learner.dot](learner.dot)), each transition with "
+        "its hooks: its own, then the cleanup hooks of the units it leaves, innermost first. The "
+        "cancels, dashed orange, and the failure, dashed red, leave the box of every state they "
+        "leave from, running the cleanups of the units in progress there; a hook that runs in "
+        "some kinds of run only carries the guard that says which (`cleanup_fit [fitting]`).\n\n"
+        "![the transition table](learner.svg)\n\n"
+        "## The path table\n\n"
+        "Which hooks fire, in order, on each path, cleanup hooks included; one in parentheses "
+        "runs only as they say.\n\n"
+        f"{path_table()}"
     )
 
 
-def _docs(readme: Path, *, svg: bool) -> dict[str, bytes]:
+def readme_with_docs(text: str, *, name: str = "README.md") -> str:
+    """Return the README ``text`` with its generated parts as the table generates them.
+
+    Those are its one Mermaid block (the table's diagram) and the path table between its
+    markers; a README with no markers yet gets them around the table of its
+    ``### The path table`` section. Raise ConfigurationError naming what is missing.
+    """
+    return _with_path_table(_with_diagram(text, name), name)
+
+
+def _with_diagram(text: str, name: str) -> str:
+    blocks = _MERMAID_BLOCK.findall(text)
+    if len(blocks) != 1:
+        msg = f"{name} has {len(blocks)} Mermaid blocks; it must have one: the table's diagram"
+        raise ConfigurationError(msg)
+    return _MERMAID_BLOCK.sub(lambda _: f"```mermaid\n{_mermaid(table_view())}```\n", text)
+
+
+def _with_path_table(text: str, name: str) -> str:
+    generated = f"{PATH_TABLE_START}\n\n{path_table()}\n{PATH_TABLE_END}\n"
+    head, start, rest = text.partition(PATH_TABLE_START + "\n")
+    if start:
+        _, end, tail = rest.partition(PATH_TABLE_END + "\n")
+        if not end:
+            msg = f"{name} has the path table's start marker but not its end: {PATH_TABLE_END}"
+            raise ConfigurationError(msg)
+        return head + generated + tail
+    head, heading, rest = text.partition(_PATH_TABLE_HEADING + "\n")
+    table = _TABLE_LINES.search(rest.split("\n#", 1)[0])
+    if not heading or table is None:
+        msg = (
+            f"{name} has no path table to generate: neither its markers nor a table in a "
+            f"{_PATH_TABLE_HEADING!r} section"
+        )
+        raise ConfigurationError(msg)
+    return head + heading + rest[: table.start()] + generated + rest[table.end() :]
+
+
+def _docs(*, svg: bool) -> dict[str, bytes]:
     files = {
-        "learner.md": _learner_md(readme).encode(),
+        "learner.md": _learner_md().encode(),
         "learner.dot": render(table_view(), DiagramFormat.DOT),
     }
     if svg:
@@ -617,17 +913,49 @@ def _docs(readme: Path, *, svg: bool) -> dict[str, bytes]:
     return files
 
 
+def _readme_of(directory: Path | None, readme: Path | None) -> Path | None:
+    """Return the README whose generated parts go with the docs (the checkout's with its own)."""
+    if readme is not None:
+        return readme
+    return _CHECKOUT / "README.md" if directory is None else None
+
+
+def _read(readme: Path) -> str:
+    try:
+        return readme.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else None
+        msg = (
+            f"cannot read {file_name(readme)} ({reason or exc}); its generated parts are "
+            "written in a checkout of fsm_learner"
+        )
+        raise ConfigurationError(msg) from None
+
+
 def write_docs(directory: Path | None = None, *, readme: Path | None = None) -> list[Path]:
-    """Regenerate the docs (default: the checkout's ``diagrams/``); return the paths written."""
+    """Regenerate the docs; return the paths written.
+
+    The docs are ``diagrams/`` (or ``directory``) and the generated parts of ``readme``
+    (by default the checkout's README, with the checkout's ``diagrams/``; none with another
+    directory), which is written only when they changed.
+    """
+    readme = _readme_of(directory, readme)
     directory = directory if directory is not None else _CHECKOUT / "diagrams"
-    files = _docs(readme or _CHECKOUT / "README.md", svg=shutil.which("dot") is not None)
+    files = _docs(svg=shutil.which("dot") is not None)
+    paths = {directory / name: content for name, content in files.items()}
+    if readme is not None:
+        text = _read(readme)
+        fresh = readme_with_docs(text, name=file_name(readme))
+        if fresh != text:
+            paths[readme] = fresh.encode()
     directory.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        (directory / name).write_bytes(content)
+    for path, content in paths.items():
+        path.write_bytes(content)
     if len(files) < len(DOCS_FILES):
-        msg = f"wrote {', '.join(files)} but not learner.svg, which needs dot: {GRAPHVIZ_HINT}"
+        wrote = ", ".join(path.name for path in paths)
+        msg = f"wrote {wrote} but not learner.svg, which needs dot: {GRAPHVIZ_HINT}"
         raise ConfigurationError(msg)
-    return [directory / name for name in files]
+    return list(paths)
 
 
 _SVG_VERSION: Final = re.compile(rb"<!-- Generated by graphviz version (\S+)")
@@ -650,12 +978,14 @@ def check_docs(
 ) -> tuple[list[Path], list[str]]:
     """Compare the docs with what the table generates: (stale files, notes on what was skipped).
 
-    Mermaid, DOT and Markdown must match exactly; the SVG is regenerated where ``dot`` is
-    installed and compared byte for byte (text for text across Graphviz versions).
+    The docs are those ``write_docs`` writes. Mermaid, DOT and Markdown must match exactly;
+    the SVG is regenerated where ``dot`` is installed and compared byte for byte (text for
+    text across Graphviz versions).
     """
+    readme = _readme_of(directory, readme)
     directory = directory if directory is not None else _CHECKOUT / "diagrams"
     has_dot = shutil.which("dot") is not None
-    fresh = _docs(readme or _CHECKOUT / "README.md", svg=has_dot)
+    fresh = _docs(svg=has_dot)
     stale = []
     for name, content in fresh.items():
         path = directory / name
@@ -663,5 +993,9 @@ def check_docs(
         same = _same_svg(committed, content) if name.endswith(".svg") else committed == content
         if not same:
             stale.append(path)
+    if readme is not None:
+        text = _read(readme)
+        if readme_with_docs(text, name=file_name(readme)) != text:
+            stale.append(readme)
     skipped = [] if has_dot else [f"{directory / 'learner.svg'} not checked: {GRAPHVIZ_HINT}"]
     return stale, skipped

@@ -670,11 +670,14 @@ class Learner:
                 failed = self._as_failure(exc)
                 self._handle_failure(failed)
                 if failed is exc:
-                    raise
+                    # by name: on CPython 3.11 a bare raise can re-raise an exception some
+                    # handler below caught, when a KeyboardInterrupt from a trace function
+                    # cut that handler short (test_fault_injection, Ctrl-C seed 27)
+                    raise exc  # noqa: TRY201 (see above)
                 raise failed from exc
         except BaseException as exc:
             self._settle(exc)
-            raise
+            raise exc  # noqa: TRY201 (by name, as above)
         finally:
             if self._state is not State.IDLE:  # pragma: no cover (_settle saw to it)
                 self._go_idle()
@@ -860,7 +863,7 @@ class Learner:
             except BaseException as exc:
                 if route.cleanups:  # the units it left are cleaned up whatever its hook raised
                     self._run_cleanups(route, exc)
-                raise
+                raise exc  # noqa: TRY201 (by name, as in _execute)
         if route.cleanups:
             self._run_cleanups(route)
 
@@ -1003,15 +1006,19 @@ class Learner:
             for hook in cleanup_hooks(self._fail_source, State.IDLE, self._kind)
             for cb, call in hooks[hook]
         ]
-        for hook, cb, call in calls:
-            try:
-                call(self)
-            except BaseException as hook_exc:  # noqa: BLE001 (the first failure must win)
-                add_note(
-                    exc,
-                    f"fsm_learner: then {hook} of {safe_text(type(cb).__name__, 200)} "
-                    f"raised {exception_text(hook_exc, 300)} (ignored)",
-                )
+        start = _now_ns()
+        try:
+            for hook, cb, call in calls:
+                try:
+                    call(self)
+                except BaseException as hook_exc:  # noqa: BLE001 (the first failure must win)
+                    add_note(
+                        exc,
+                        f"fsm_learner: then {hook} of {safe_text(type(cb).__name__, 200)} "
+                        f"raised {exception_text(hook_exc, 300)} (ignored)",
+                    )
+        finally:  # the footer gives it to the fail transition's hooks
+            self._hook_ns[Trigger.FAIL, self._training] += _now_ns() - start
 
     def _log_failure(self, exc: BaseException) -> None:
         detail = (self._failure or Failure(exc, self._state)).detail()

@@ -51,13 +51,17 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = [
+    "GUARDS",
+    "HOOK_OF",
     "MODES",
+    "TIMING_OF",
     "TRANSITION_TABLE",
     "Guard",
     "Hook",
     "HookTiming",
     "MachineModel",
     "Mode",
+    "Routes",
     "RunKind",
     "State",
     "TransitionSpec",
@@ -225,7 +229,7 @@ TRANSITION_TABLE: Final[tuple[TransitionSpec, ...]] = (
     ),
     _T(
         Trigger.CANCEL_EPOCH,
-        _IN_EPOCH,
+        _IN_EPOCH,  # backward and step too, though a validate or predict run never gets there
         State.IDLE,
         Hook.AFTER_CANCEL_EPOCH,
         guard=Guard.INFERRING,

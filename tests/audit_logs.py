@@ -5,7 +5,8 @@ then its seal: five lines. Runs built one after another in a file bind to it as 
 writer binds them: each header's ``prev`` is the digest of the last seal before it, and
 each block is sealed over its run's previous seal, the file's last seal before it and its
 lines (``SealChain``). ``training_run`` builds a longer run (one training pass, then
-validation) in blocks; ``SharedFile`` appends blocks of several runs in any order.
+validation) in blocks, ``inference_blocks`` a validate or predict run; ``SharedFile`` appends
+blocks of several runs in any order.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ BATCH = [
     ("end_batch", "step", "epoch"),
 ]
 VALID_BATCH = [*BATCH[:3], ("end_batch", "loss", "epoch")]
+PREDICT_BATCH = [*BATCH[:2], ("end_batch", "predict", "epoch")]
 
 
 def transitions_of(run_id: str) -> Encoder:
@@ -186,6 +188,37 @@ def training_blocks(
         )
     )
     return [lines[i : i + block] for i in range(0, len(lines), block)]
+
+
+def inference_blocks(
+    run_id: str, kind: str, batches: int, *, step_ns: int = 1000, hook_ns: dict | None = None
+) -> list[list[bytes]]:
+    """A validate or predict run of ``batches`` batches, as one block of records."""
+    enc, moves = Encoder(run_id), transitions_of(run_id)
+    lines = [header_line(enc, header={Field.KIND: kind, Field.N_EPOCHS: 0})]
+    path = VALID_BATCH if kind == "validate" else PREDICT_BATCH
+    counts: dict[str, list[int]] = {}
+    t = 0
+
+    def add(trigger: str, source: str, dest: str, it: int = 0) -> None:
+        nonlocal t
+        t += step_ns
+        lines.append(moves.transition((trigger, source, dest, False), 0, it, t))
+        counts.setdefault(trigger, [0, 0])[1] += 1
+
+    add("begin_epoch", "idle", "epoch")
+    for it in range(batches):
+        for trigger, source, dest in path:
+            add(trigger, source, dest, it)
+    add("end_epoch", "epoch", "idle")
+    footer = enc.footer(
+        t_ns=t + step_ns,
+        status=RunStatus.COMPLETED,
+        records=len(lines),
+        counts=counts,
+        hook_ns=hook_ns or {},
+    )
+    return [[*lines, footer]]
 
 
 def training_run(run_id: str, batches: int, **kwargs) -> tuple[bytes, str]:

@@ -25,6 +25,7 @@ from audit_logs import (
     VALID_BATCH,
     SharedFile,
     header_line,
+    inference_blocks,
     reseal,
     run_lines,
     seal_blocks,
@@ -45,9 +46,11 @@ from fsm_learner import (
     CancelFitException,
     Hook,
     Learner,
+    RunKind,
     RunStatus,
     Trigger,
 )
+from fsm_learner._display import shown
 from fsm_learner.audit import replay
 from fsm_learner.audit import writer as writer_module
 from fsm_learner.audit.codec import (
@@ -201,7 +204,10 @@ class TestRealRunsVerify:
         result = learn.fit(2)
         code, out, err = audit(str(result.audit_path), "--expect-head", result.head, capsys=capsys)
         assert (code, err) == (0, "")
-        assert "epochs 2, batches 44 train / 14 valid, cancels: batch 0, epoch 0, fit 0" in out
+        assert (
+            "\n  fit run: epochs 2, batches 44 train / 14 valid, cancels: batch 0, epoch 0, fit 0"
+            in out
+        )
         assert "where the time went" in out
         for work in Work:
             assert f" {work.value} " in out
@@ -235,6 +241,269 @@ class TestRealRunsVerify:
         result = learn.fit(1)
         assert (result.audit_path, result.head, learn.audit_path) == (None, None, None)
         assert not (tmp_path / "runs").exists()
+
+
+# -- validate and predict runs ------------------------------------------------------------
+
+INFER = {"validate": RunKind.VALIDATE, "get_preds": RunKind.PREDICT}
+
+
+def infer(run: str, plan=None, *, dls=None, **kwargs):
+    """A real validate or predict run (``run`` names the method) with a Raiser; the learner."""
+    learn = Learner(
+        mlp(), dls or digits_dls(), F.cross_entropy, 0.1, [Raiser(plan or {})], **kwargs
+    )
+    with contextlib.suppress(Boom):
+        getattr(learn, run)()
+    return learn
+
+
+def relabelled(path: Path, kind: str | None) -> bytes:
+    """A log whose header says another kind (None: no kind at all), its seals recomputed."""
+    content = lines(path)
+    header = orjson.loads(content[0])
+    if kind is None:
+        del header[Field.KIND.value]
+    else:
+        header[Field.KIND.value] = kind
+    content[0] = orjson.dumps(header) + b"\n"
+    return reseal(b"".join(content))
+
+
+class TestInferenceRuns:
+    @pytest.mark.parametrize("run", list(INFER))
+    def test_a_real_run_verifies(self, run, capsys):
+        """learn.validate() and learn.get_preds() on the digits: verified, their kind shown."""
+        learn = infer(run)
+        [report], problem = audit_file(learn.audit_path)
+        assert problem is None
+        assert report.verified, report.problem
+        assert (report.kind, report.status) == (INFER[run], RunStatus.COMPLETED)
+        assert (report.epochs, report.batches) == (0, (0, 7))  # 397 digits in batches of 64
+        assert report.transitions == learn.seq
+        assert report.head == learn.audit_head
+        assert report.header[Field.OPTIMIZER.value] is None
+        assert report.header[Field.N_EPOCHS.value] == 0
+        assert sum(report.time_by_work_ns.values()) == report.wall_ns
+        code, out, err = audit(str(learn.audit_path), capsys=capsys)
+        assert (code, err) == (0, "")
+        kind = INFER[run].value
+        assert f"\n  {kind} run: batches 7, cancels: batch 0, epoch 0, fit 0, notes 0\n" in out
+        code, out, _ = audit("--json", str(learn.audit_path), capsys=capsys)
+        [found] = orjson.loads(out)["runs"]
+        assert (found["kind"], found["verified"], found["batches"]) == (
+            kind,
+            True,
+            {"train": 0, "valid": 7},
+        )
+
+    @pytest.mark.parametrize("run", list(INFER))
+    def test_the_counts_are_the_learners(self, run):
+        """Per trigger, the audit counts what the learner did; a predict run computes no loss."""
+        learn = infer(run)
+        [report], _ = audit_file(learn.audit_path)
+        assert dict(report.counts) == {k: n for k, n in learn.counts.items() if n}
+        assert (report.counts["compute_loss", False] == 7) == (run == "validate")
+        assert report.counts["begin_fit", False] == report.counts["backward", True] == 0
+
+    def test_where_a_validate_runs_time_went(self):
+        """A validate run's pass is validation work, as a fit's validation pass."""
+        [report], _ = audit_file(infer("validate").audit_path)
+        work = report.time_by_work_ns
+        assert work[Work.VALIDATION] > 0
+        assert work[Work.FORWARD] == work[Work.DATA] == work[Work.LOSS] == 0
+
+    def test_where_a_predict_runs_time_went(self):
+        """A predict run's forward is forward; the rest of its pass, validation."""
+        [report], _ = audit_file(infer("get_preds").audit_path)
+        work = report.time_by_work_ns
+        assert work[Work.FORWARD] > 0
+        assert work[Work.DATA] == work[Work.LOSS] == work[Work.BACKWARD] == 0
+
+    @pytest.mark.parametrize("run", list(INFER))
+    @pytest.mark.parametrize(
+        ("plan", "cancels"),
+        [
+            ({(H.AFTER_BATCH, 2): CancelEpochException}, {"cancel_epoch": 1}),
+            ({(H.BEFORE_EPOCH, 1): CancelEpochException}, {"cancel_epoch": 1}),
+            ({(H.AFTER_PREDICT, 3): CancelFitException}, {"cancel_fit": 1}),
+        ],
+        ids=["epoch-in-a-batch", "epoch-before-any", "fit"],
+    )
+    def test_a_cancelled_run_verifies_as_cancelled(self, run, plan, cancels, capsys):
+        """A cancel from a callback ends the run in idle: it audits OK, as cancelled."""
+        learn = infer(run, plan)
+        [report], _ = audit_file(learn.audit_path)
+        assert report.verified, report.problem
+        assert report.status is RunStatus.CANCELLED
+        assert {k: v for k, v in report.cancels.items() if v} == cancels
+        assert report.last_state == "idle"
+        code, out, _ = audit(str(learn.audit_path), capsys=capsys)
+        assert code == 0
+        assert "  cancelled  verified\n" in out
+
+    def test_a_failed_predict_run_says_where(self, capsys):
+        """A predict run failing in a batch: verified, failed in its predict pass."""
+        learn = infer("get_preds", {(H.AFTER_PREDICT, 2): Boom})
+        code, out, _ = audit(str(learn.audit_path), capsys=capsys)
+        assert code == 0
+        assert "  failed  verified\n" in out
+        assert "(hook after_predict of Raiser), epoch 0, iter 1, predict pass" in out
+
+    def test_a_slow_cleanup_hook_verifies(self):
+        """cleanup_batch runs after end_batch changed state: its time fits where it ran.
+
+        end_batch's hook time (after_batch in the batch's last state, cleanup_batch in
+        epoch) is one number in the footer; it fills its source's time first, then epoch's.
+        """
+
+        class SlowCleanup(Callback):
+            def cleanup_batch(self, learn):
+                time.sleep(0.002)
+
+        for run in ("fit", "validate", "get_preds"):
+            learn = Learner(mlp(), batches_dls(3, 2), F.cross_entropy, 0.1, [SlowCleanup()])
+            getattr(learn, run)(*(1,) if run == "fit" else ())
+            [report], _ = audit_file(learn.audit_path)
+            assert report.verified, (run, report.problem)
+            work = report.time_by_work_ns
+            assert work[Work.HOOKS] >= (5 if run == "fit" else 2) * 2_000_000
+            assert min(work.values()) >= 0
+            assert sum(work.values()) == report.wall_ns
+
+
+@pytest.mark.unchecked_records("headers and footers forged, seals recomputed")
+class TestInferenceLogsForged:
+    @pytest.mark.parametrize("kind", ["fit", None], ids=["fit", "absent"])
+    def test_an_inference_log_claiming_to_be_a_fit(self, kind, tmp_path):
+        """A validate run's records under a fit's header: illegal at its first begin_epoch."""
+        learn = infer("validate", dls=batches_dls(1, 2))
+        (tmp_path / "x.jsonl").write_bytes(relabelled(learn.audit_path, kind))
+        [report], _ = audit_file(tmp_path / "x.jsonl")
+        assert report.problem.line == 2
+        assert report.problem.reason == (
+            "illegal transition begin_epoch: idle -> epoch in a fit run (training=False); from "
+            "idle it may take begin_fit -> fit, fail -> idle"
+        )
+
+    def test_a_predict_log_with_a_compute_loss(self, tmp_path):
+        """A validate run's records under a predict header: its first compute_loss is illegal."""
+        learn = infer("validate", dls=batches_dls(1, 2))
+        (tmp_path / "x.jsonl").write_bytes(relabelled(learn.audit_path, "predict"))
+        [report], _ = audit_file(tmp_path / "x.jsonl")
+        content = lines(learn.audit_path)
+        assert report.problem.line == transition_at(content, "compute_loss") + 1
+        assert report.problem.reason == (
+            "illegal transition compute_loss: predict -> loss in a predict run (training=False); "
+            "from predict it may take end_batch -> epoch, cancel_batch -> epoch, cancel_epoch -> "
+            "idle, cancel_fit -> idle, fail -> idle"
+        )
+        (tmp_path / "spaced.jsonl").write_bytes(spaced_log(learn.audit_path.read_bytes()))
+        (tmp_path / "spaced.jsonl").write_bytes(relabelled(tmp_path / "spaced.jsonl", "predict"))
+        [slow], _ = audit_file(tmp_path / "spaced.jsonl")
+        assert (slow.problem.line, slow.problem.reason) == (
+            report.problem.line,
+            report.problem.reason,
+        )
+
+    def test_a_training_record_in_a_validate_run(self, tmp_path):
+        """A validate run has no training pass: a record with tr=true is illegal, said so."""
+        learn = infer("validate", dls=batches_dls(1, 2))
+        data = learn.audit_path.read_bytes().replace(
+            b'"ev":"predict","src":"batch","dst":"predict","tr":false',
+            b'"ev":"predict","src":"batch","dst":"predict","tr":true',
+            1,
+        )
+        (tmp_path / "x.jsonl").write_bytes(reseal(data))
+        [report], _ = audit_file(tmp_path / "x.jsonl")
+        assert report.problem.reason == (
+            "illegal transition predict: batch -> predict in a validate run (training=True): a "
+            "validate run has no training pass"
+        )
+
+    @pytest.mark.parametrize("kind", ["train", "", 3, ["fit"]])
+    def test_an_unknown_kind(self, kind, tmp_path, capsys):
+        """A header whose kind is none of the three: a problem naming it and the valid ones."""
+        learn = infer("get_preds", dls=batches_dls(1, 1))
+        (tmp_path / "x.jsonl").write_bytes(relabelled(learn.audit_path, kind))
+        code, out, err = audit(str(tmp_path / "x.jsonl"), capsys=capsys)
+        assert code == 1
+        assert err.endswith(
+            f":1: header field 'kind' is {shown(kind)}, no kind of run: valid are 'fit', "
+            "'validate', 'predict' (absent: a fit)\n"
+        )
+        assert "kind unknown" in out
+        code, out, _ = audit("--json", str(tmp_path / "x.jsonl"), capsys=capsys)
+        assert orjson.loads(out)["runs"][0]["kind"] is None
+
+    @pytest.mark.parametrize(
+        ("run", "status", "reason"),
+        [
+            (
+                "validate",
+                "cancelled",
+                (
+                    "its last transition is end_epoch: a cancelled validate run ends with "
+                    "cancel_epoch or cancel_fit"
+                ),
+            ),
+            (
+                "get_preds",
+                "failed",
+                "its last transition is end_epoch: a failed predict run ends with fail",
+            ),
+        ],
+    )
+    def test_the_footers_status_is_the_replays(self, run, status, reason, tmp_path):
+        """An inference run completes with end_epoch; its footer cannot say otherwise."""
+        learn = infer(run, dls=batches_dls(1, 1))
+        content = lines(learn.audit_path)
+        footer = orjson.loads(content[-2]) | {Field.STATUS.value: status}
+        if status == "failed":
+            footer[Field.FAILURE.value] = {"type": "X"}
+        content[-2] = orjson.dumps(footer) + b"\n"
+        (tmp_path / "x.jsonl").write_bytes(reseal(b"".join(content)))
+        [report], _ = audit_file(tmp_path / "x.jsonl")
+        assert report.problem.reason == f"run_end says {status}, but {reason}"
+
+    def test_hook_time_of_a_loss_in_a_predict_run(self, tmp_path):
+        """A predict run computes no loss: hook time for compute_loss cannot be."""
+        blocks = inference_blocks("0123456789ab", "predict", 3, hook_ns={"compute_loss": [0, 5]})
+        (tmp_path / "x.jsonl").write_bytes(b"".join(seal_blocks("0123456789ab", blocks)[0]))
+        [report], _ = audit_file(tmp_path / "x.jsonl")
+        assert report.problem.reason == (
+            "run_end hook_ns has hook time for compute_loss in validation in a predict run, "
+            "where it cannot fire"
+        )
+
+
+class TestInferenceTimeByWork:
+    def test_a_predict_pass_by_work(self, tmp_path):
+        """Known times: batch is forward; epoch and predict, validation; idle, the loop."""
+        blocks = inference_blocks("0123456789ab", "predict", 10, step_ns=1000)
+        (tmp_path / "x.jsonl").write_bytes(b"".join(seal_blocks("0123456789ab", blocks)[0]))
+        [report], _ = audit_file(tmp_path / "x.jsonl")
+        assert report.verified, report.problem
+        assert report.kind is RunKind.PREDICT
+        assert report.time_by_work_ns == dict.fromkeys(Work, 0) | {
+            Work.FORWARD: 10_000,  # each predict, after the time in batch
+            Work.VALIDATION: 21_000,  # begin_batch and end_batch (x10), end_epoch
+            Work.LOOP: 2000,  # idle: before begin_epoch, and before the footer
+        }
+
+    def test_a_validate_pass_by_work(self, tmp_path):
+        """Known times: every state of the pass is validation; after_batch hooks come out of it."""
+        blocks = inference_blocks(
+            "0123456789ab", "validate", 10, step_ns=1000, hook_ns={"end_batch": [0, 700]}
+        )
+        (tmp_path / "x.jsonl").write_bytes(b"".join(seal_blocks("0123456789ab", blocks)[0]))
+        [report], _ = audit_file(tmp_path / "x.jsonl")
+        assert report.verified, report.problem
+        assert report.time_by_work_ns == dict.fromkeys(Work, 0) | {
+            Work.VALIDATION: 41_000 - 700,
+            Work.HOOKS: 700,
+            Work.LOOP: 2000,
+        }
 
 
 # -- where the time went --------------------------------------------------------------------
@@ -612,14 +881,22 @@ class TestStatus:
     @pytest.mark.parametrize(
         ("last", "status", "reason"),
         [
-            ("end_fit", "failed", "its last transition is end_fit: a failed run ends with fail"),
+            (
+                "end_fit",
+                "failed",
+                "its last transition is end_fit: a failed fit run ends with fail",
+            ),
             (
                 "end_fit",
                 "cancelled",
-                "its last transition is end_fit: a cancelled run ends with cancel_fit",
+                "its last transition is end_fit: a cancelled fit run ends with cancel_fit",
             ),
-            ("fail", "completed", "its last transition is fail: a completed run ends with end_fit"),
-            (None, "failed", "it has no transition: a failed run ends with fail"),
+            (
+                "fail",
+                "completed",
+                "its last transition is fail: a completed fit run ends with end_fit",
+            ),
+            (None, "failed", "it has no transition: a failed fit run ends with fail"),
         ],
     )
     def test_the_footers_status_is_the_replays(self, last, status, reason, tmp_path):
@@ -1019,6 +1296,31 @@ class TestBothPathsAgree:
         assert fast.verified
         assert summary(slow) | {"path": fast.path} == summary(fast)
 
+    @pytest.mark.parametrize("run", list(INFER))
+    @pytest.mark.parametrize(
+        "plan",
+        [
+            {(H.BEFORE_BATCH, 2): CancelBatchException, (H.AFTER_BATCH, 4): CancelEpochException},
+            {(H.AFTER_PREDICT, 3): Boom},
+        ],
+        ids=["cancels", "failed"],
+    )
+    def test_an_inference_log_in_other_bytes(self, run, plan, tmp_path):
+        """A validate or predict run, read by decode() or in bulk: one verdict."""
+
+        class Notes(Callback):
+            def after_batch(self, learn):
+                learn.note("probe", loss=0.5)
+
+        learn = Learner(mlp(), digits_dls(), F.cross_entropy, 0.1, [Raiser(plan), Notes()])
+        with contextlib.suppress(Boom):
+            getattr(learn, run)()
+        (tmp_path / "spaced.jsonl").write_bytes(spaced_log(learn.audit_path.read_bytes()))
+        [fast], _ = audit_file(learn.audit_path)
+        [slow], _ = audit_file(tmp_path / "spaced.jsonl")
+        assert fast.verified
+        assert summary(slow) | {"path": fast.path} == summary(fast)
+
     @pytest.mark.parametrize(
         "edit",
         [
@@ -1081,10 +1383,14 @@ def passes(draw):
     walk=st.one_of(walks(), passes()),
     cut=st.integers(0, 60),
     slow=st.lists(st.integers(0, 500), max_size=5),
+    kind=st.sampled_from(RunKind),
 )
-def test_bulk_replay_is_record_by_record_replay(walk, cut, slow):
-    """A batch replayed in bulk, or one record at a time: the same tally, the same problem."""
-    start = replay._Tally(records=1, state=replay._tables().source[walk[0][0]])
+def test_bulk_replay_is_record_by_record_replay(walk, cut, slow, kind):
+    """A batch replayed in bulk, or one record at a time: the same tally, the same problem.
+
+    Whatever the run's kind: a route of another kind's is illegal either way.
+    """
+    start = replay._Tally(records=1, kind=kind, state=replay._tables().source[walk[0][0]])
     start.slow = sorted((span, 0, 0, 0, 0, 0) for span in slow)  # the header's: index 0
     batch_of = lambda steps: replay.Transitions(
         bytes(r for r, *_ in steps), [n for _, *rest in steps for n in rest]

@@ -728,6 +728,14 @@ class TestHostileValues:
             (0, "schema", b"1", "schema version 1 (per-line hashes, fsm_learner 0.1)"),
             (0, "table", b"[]", "written by a machine whose table digest is []"),
             (0, "prev", b"[]", "header field 'prev' must be the hex digest of the seal"),
+            (0, "kind", deep(1000), "header field 'kind' is [[[[...]]]], no kind of run: valid"),
+            (0, "kind", b'"\\u001b[31m"', "header field 'kind' is '\\x1b[31m', no kind of run"),
+            (
+                0,
+                "kind",
+                b'"validate"',
+                "illegal transition begin_fit: idle -> fit in a validate run",
+            ),
         ],
     )
     def test_deep_and_confused_fields(self, case, tmp_path, capsys):

@@ -8,7 +8,7 @@ import textwrap
 
 import orjson
 import pytest
-from audit_logs import training_run
+from audit_logs import inference_blocks, seal_blocks, training_run
 
 import fsm_learner
 
@@ -27,17 +27,29 @@ COMMAND = textwrap.dedent(
 )
 
 
+def fit_run(run_id: str) -> bytes:
+    """A fit of 50 training and 10 validation batches, in blocks of 100 records."""
+    return training_run(run_id, 50, valid=10, block=100)[0]
+
+
+def predict_run(run_id: str) -> bytes:
+    """A predict run of 50 batches, sealed as the writer seals it."""
+    [data], _ = seal_blocks(run_id, inference_blocks(run_id, "predict", 50))
+    return data
+
+
+@pytest.mark.parametrize("log", [fit_run, predict_run], ids=["fit", "predict"])
 @pytest.mark.parametrize(
     "args",
     [["audit"], ["audit", "--json"], ["diagram", "--from-log"]],
     ids=["audit", "audit-json", "diagram"],
 )
-def test_reading_a_log_imports_no_torch(args, tmp_path):
+def test_reading_a_log_imports_no_torch(args, log, tmp_path):
     """In a fresh interpreter: exit 0, torch never imported, import and audit well under 0.5 s.
 
     A guard against an import that drags torch in (about a second), not a benchmark.
     """
-    data, _ = training_run("0123456789ab", 50, valid=10, block=100)
+    data = log("0123456789ab")
     (tmp_path / "x.jsonl").write_bytes(data)
     done = subprocess.run(
         [sys.executable, "-c", COMMAND, *args, str(tmp_path / "x.jsonl")],

@@ -21,6 +21,7 @@ from fsm_learner.audit.codec import (
     note_fields,
     route_keys,
 )
+from fsm_learner.machine import table_routes
 
 RUN_IDS = ["0123456789ab", "50%-off", '%d %s "quoted" \\ é']
 
@@ -92,6 +93,23 @@ class TestRoundTrips:
             ("compute_loss", "predict", "loss", True), 999, 99_999, 9_999_999_999_999
         )
         assert len(line) <= 125
+
+
+class TestRouteKeys:
+    def test_every_route_of_every_mode_once(self):
+        """The route keys are the union of every mode's routes, each once, in a fixed order."""
+        keys = route_keys()
+        assert len(keys) == len(set(keys))
+        expected = {
+            (trigger.value, source.value, dest.value, training)
+            for (_, training), routes in table_routes().items()
+            for source, by_trigger in routes.items()
+            for trigger, dest in by_trigger.items()
+        }
+        assert set(keys) == expected
+        assert ("begin_epoch", "idle", "epoch", False) in keys  # a validate or predict run's
+        assert ("end_batch", "predict", "epoch", False) in keys  # a predict run's
+        assert len(keys) < 256  # the bulk reader keeps a route index in a byte
 
 
 class TestRefused:

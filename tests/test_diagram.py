@@ -27,9 +27,11 @@ from fsm_learner import (
     CancelEpochException,
     ConfigurationError,
     DiagramFormat,
+    Guard,
     Hook,
     InvalidCallbackError,
     Learner,
+    RunKind,
     State,
     Trigger,
     machine,
@@ -224,6 +226,39 @@ def dot_transitions(dot: Dot):
 
 # -- the table's view ------------------------------------------------------------------------
 
+# What each DOT arrow of the table view runs: its hook, then the cleanup hooks of the units
+# it leaves, innermost first; cleanup_fit only where a fit is left ([fitting] where the
+# arrow also ends validate and predict runs, which open no fit).
+DOT_HOOKS = {
+    ("begin_fit", "idle", "fit"): "before_fit",
+    ("begin_epoch", "fit", "epoch"): "before_epoch",
+    ("begin_epoch", "idle", "epoch"): "before_epoch",
+    ("begin_batch", "epoch", "batch"): "before_batch",
+    ("predict", "batch", "predict"): "after_predict",
+    ("compute_loss", "predict", "loss"): "after_loss",
+    ("backward", "loss", "backward"): "after_backward",
+    ("step", "backward", "step"): "after_step",
+    ("end_batch", "step", "epoch"): "after_batch; cleanup_batch",
+    ("end_batch", "loss", "epoch"): "after_batch; cleanup_batch",
+    ("end_batch", "predict", "epoch"): "after_batch; cleanup_batch",
+    ("end_epoch", "epoch", "fit"): "after_epoch; cleanup_epoch",
+    ("end_epoch", "epoch", "idle"): "after_epoch; cleanup_epoch",
+    ("end_fit", "fit", "idle"): "after_fit; cleanup_fit",
+    ("cancel_batch", "batch", "epoch"): "after_cancel_batch; cleanup_batch",
+    ("cancel_epoch", "epoch", "fit"): "after_cancel_epoch; cleanup_batch; cleanup_epoch",
+    ("cancel_epoch", "epoch", "idle"): "after_cancel_epoch; cleanup_batch; cleanup_epoch",
+    ("cancel_fit", "fit", "idle"): (
+        "after_cancel_fit; cleanup_batch; cleanup_epoch; cleanup_fit [fitting]"
+    ),
+    ("fail", "fit", "idle"): "after_fail; cleanup_batch; cleanup_epoch; cleanup_fit [fitting]",
+    ("fail", "idle", "idle"): "after_fail",
+}
+
+
+def hook_names(line: str) -> list[str]:
+    """The hooks a DOT label's second line names, without guards or callbacks."""
+    return [part.split(" ")[0].split(":")[0] for part in line.removeprefix("/ ").split("; ")]
+
 
 class TestTableView:
     def test_mermaid_has_the_tables_states_and_transitions_and_nothing_else(self):
@@ -251,9 +286,37 @@ class TestTableView:
             spec = row(trigger, next(iter(sources)), dest)
             assert all(spec is row(trigger, s, dest) for s in sources)
             guard = guard_text(spec, cancels=True)
-            assert lines == [f"{trigger} [{guard}]" if guard else trigger, f"/ {spec.hook}"]
+            assert lines[0] == (f"{trigger} [{guard}]" if guard else trigger)
+            assert hook_names(lines[1])[0] == spec.hook
             drawn.update((Trigger(trigger), State(s), State(dest)) for s in sources)
         assert drawn == EXPANDED
+
+    def test_dot_edges_run_their_hook_then_the_cleanups_of_the_units_they_leave(self):
+        """Each arrow's second line: its hook, then its cleanups, innermost first (golden)."""
+        dot = parse_dot(dg.render_text(dg.table_view(), "dot"))
+        drawn = {}
+        for tail, head, values in dot.edges:
+            first, second = values["label"].split("\n")
+            drawn[first.split(" ")[0], tail, head] = second
+        assert drawn == {key: f"/ {hooks}" for key, hooks in DOT_HOOKS.items()}
+        cleanups = {h for line in DOT_HOOKS.values() for h in hook_names(line)}
+        assert {Hook.CLEANUP_BATCH, Hook.CLEANUP_EPOCH, Hook.CLEANUP_FIT} <= cleanups
+
+    def test_the_new_rows_carry_their_guards(self):
+        """Validate and predict runs' rows are drawn with the guards that choose them."""
+        parsed = parse_mermaid(dg.render_text(dg.table_view(), "mermaid"))
+        labels = {(src, dst): parts for src, dst, parts in parsed.edges}
+        assert labels["idle", "epoch"] == ["begin_epoch [inferring]"]
+        assert labels["idle", "fit"] == ["begin_fit [fitting]"]
+        assert labels["predict", "loss"] == ["compute_loss [supervised]"]
+        assert labels["predict", "epoch"] == ["end_batch [predicting]", "cancel_batch"]
+        assert labels["epoch", "fit"] == ["end_epoch [fitting]", "cancel_epoch [fitting]"]
+        assert labels["epoch", "idle"] == [
+            "end_epoch [inferring]",
+            "cancel_epoch [inferring]",
+            "cancel_fit",
+            "fail",
+        ]
 
     def test_multi_source_rows_leave_nested_clusters(self):
         """Cancels and fail are one edge from the box of their sources, not one per state."""
@@ -264,8 +327,10 @@ class TestTableView:
             "cluster_batch": {State.BATCH, State.PREDICT, State.LOSS, State.BACKWARD, State.STEP},
         }
         per_trigger = Counter(t for t, *_ in dot_transitions(dot))
-        assert per_trigger["cancel_batch"] == per_trigger["cancel_epoch"] == 1
-        assert per_trigger["cancel_fit"] == 1
+        assert per_trigger["cancel_batch"] == per_trigger["cancel_fit"] == 1
+        assert (
+            per_trigger["cancel_epoch"] == 2
+        )  # a fit's to fit, a validate or predict run's to idle
         assert per_trigger["fail"] == 2  # from the fit's box, and the loop on idle
         assert dot.graph["compound"] == "true"
         assert dot.same_rank == [["batch", "predict", "loss", "backward", "step"]]
@@ -366,6 +431,9 @@ class Early(Callback):
     def after_fail(self, learn):
         pass
 
+    def cleanup_fit(self, learn):
+        pass
+
 
 class Middle(Callback):
     def before_batch(self, learn):
@@ -390,6 +458,9 @@ class Late(Callback):
     def after_cancel_batch(self, learn):
         pass
 
+    def cleanup_batch(self, learn):
+        pass
+
 
 def implements(cb: Callback, hook: Hook) -> bool:
     return getattr(type(cb), hook) is not getattr(Callback, hook)
@@ -411,30 +482,57 @@ class TestLearnerView:
         return Learner(mlp(), dls, F.cross_entropy, cbs=sample_callbacks())
 
     def test_dot_lists_each_callback_on_exactly_its_hooks_edges(self, learn):
-        """Each edge lists the callbacks of its hook, in the order they run, and no others."""
+        """Each hook of an edge lists the callbacks implementing it, in order, and no others."""
         dot = parse_dot(learn.diagram("dot"))
         on_edges = Counter()
-        for trigger, sources, dest, lines, _ in dot_transitions(dot):
-            spec = row(trigger, next(iter(sources)), dest)
-            hook, _, calls = lines[1].removeprefix("/ ").partition(": ")
-            assert hook == spec.hook
-            assert (calls.split(", ") if calls else []) == expected_calls(learn.cbs, spec.hook)
-            on_edges.update(calls.split(", ") if calls else [])
+        for tail, head, values in dot.edges:
+            first, second = values["label"].split("\n")
+            trigger = first.split(" ")[0]
+            hooks = []
+            for part in second.removeprefix("/ ").split("; "):
+                hook_text, _, calls = part.partition(": ")
+                hook = Hook(hook_text.split(" ")[0])
+                hooks.append(hook)
+                assert (calls.split(", ") if calls else []) == expected_calls(learn.cbs, hook)
+                on_edges.update(calls.split(", ") if calls else [])
+            assert hooks == hook_names(DOT_HOOKS[trigger, tail, head])
         for cb in learn.cbs:
-            edges = [spec for spec in dg.dot_edges() if implements(cb, spec.spec.hook)]
-            assert on_edges[f"{type(cb).__name__}(order={cb.order})"] == len(edges), cb
+            runs_on = [h for line in DOT_HOOKS.values() for h in hook_names(line)]
+            expected = sum(implements(cb, Hook(hook)) for hook in runs_on)
+            assert on_edges[f"{type(cb).__name__}(order={cb.order})"] == expected, cb
+        assert on_edges["Late(order=7)"] > on_edges["Middle(order=0)"]  # cleanup_batch counted
 
     def test_mermaid_lists_each_callback_on_exactly_its_hooks_edges(self, learn):
-        """The same in Mermaid, on every per-state edge."""
+        """The same in Mermaid, on every per-state edge: its hook's, then named cleanups'."""
         parsed = parse_mermaid(learn.diagram())
         drawn = Counter()
         for trigger, src, dst, _, rest in mermaid_transitions(parsed):
             spec = row(trigger, src, dst)
-            calls = rest.removeprefix(" / ").split(", ") if rest else []
-            assert calls == expected_calls(learn.cbs, spec.hook), (trigger, src)
+            own, cleanups = [], {}
+            for part in rest.removeprefix(" / ").split("#59; ") if rest else []:
+                hook_text, colon, calls = part.rpartition("#58; ")
+                if colon:
+                    cleanups[Hook(hook_text.split(" ")[0])] = calls.split(", ")
+                else:
+                    own = calls.split(", ")
+            assert own == expected_calls(learn.cbs, spec.hook), (trigger, src)
+            kind = RunKind.VALIDATE if spec.guard is Guard.INFERRING else RunKind.FIT
+            left = machine.cleanup_hooks(State(src), State(dst), kind)
+            expected = {h: expected_calls(learn.cbs, h) for h in left}
+            assert cleanups == {h: calls for h, calls in expected.items() if calls}, (trigger, src)
             drawn[trigger, src, dst] += 1
         assert drawn == EXPANDED
         assert "Early(order=-3)" in parsed.edges[-1][2][0]  # idle's fail loop: after_fail
+
+    def test_cleanup_fit_is_marked_where_a_run_may_have_no_fit(self):
+        """From a pass a cancel_fit also ends validate runs: its cleanup_fit says [fitting]."""
+        text = dg.render_text(dg.callbacks_view([Early()]), "mermaid")
+        assert "fit --> idle : end_fit / cleanup_fit#58; Early(order=-3) | " in text
+        assert (
+            "    epoch --> idle : end_epoch [inferring] | cancel_epoch [inferring] | cancel_fit / "
+            "cleanup_fit [fitting]#58; Early(order=-3) | fail / Early(order=-3)#59; cleanup_fit "
+            "[fitting]#58; Early(order=-3)\n"
+        ) in text
 
     def test_order_is_shown_and_sorts(self, learn):
         """The before_batch edge reads Early, Middle, the recorder: ascending order, ties kept."""
@@ -597,6 +695,47 @@ class TestRunView:
         err = capsys.readouterr().err
         assert err.strip().endswith(f"its runs: {reports[0].run_id}, {reports[1].run_id}")
 
+    def test_a_validate_run(self, tmp_path, capsys):
+        """A validate run's path: idle -> epoch and back, its batches validated, no fit drawn."""
+        learn = Learner(mlp(), batches_dls(2, 3), F.cross_entropy, audit_log=tmp_path / "v.jsonl")
+        learn.validate()
+        view = dg.run_view(learn.audit_path)
+        assert view.title == f"fsm_learner: validate run {learn.run_id} (completed)"
+        dot = parse_dot(dg.render_text(view, "dot"))
+        taken = {}
+        for tail, head, values in dot.edges:
+            label, count = values["label"].split("\n")[0].rsplit(" ×", 1)  # noqa: RUF001
+            greyed = values.get("color", "").startswith("gray")
+            assert greyed == (count == "0"), label
+            if not greyed:
+                taken[label, tail, head] = int(count)
+        assert taken == {
+            ("begin_epoch [inferring]", "idle", "epoch"): 1,
+            ("begin_batch", "epoch", "batch"): 3,
+            ("predict", "batch", "predict"): 3,
+            ("compute_loss [supervised]", "predict", "loss"): 3,
+            ("end_batch [validating]", "loss", "epoch"): 3,
+            ("end_epoch [inferring]", "epoch", "idle"): 1,
+        }
+        assert dot.nodes["fit"] == {"color": "gray75", "fontcolor": "gray60"}  # never entered
+        assert main(["diagram", "--from-log", str(learn.audit_path)]) == 0
+        assert capsys.readouterr().out == dg.render_text(view, "mermaid")
+
+    def test_a_predict_run_from_the_cli(self, tmp_path, capsys):
+        """A predict run's batches end after predict: end_batch [predicting] taken, no loss."""
+        learn = Learner(mlp(), batches_dls(2, 3), F.cross_entropy, audit_log=tmp_path / "p.jsonl")
+        learn.get_preds()
+        assert main(["diagram", "--from-log", str(learn.audit_path), "--format", "dot"]) == 0
+        dot = parse_dot(capsys.readouterr().out)
+        assert dot.graph["label"] == f"fsm_learner: predict run {learn.run_id} (completed)"
+        labels = {v["label"] for _, _, v in dot.edges}
+        assert "end_batch [predicting] ×3" in labels  # noqa: RUF001
+        assert "compute_loss [supervised] ×0" in labels  # noqa: RUF001
+        drawn = Counter()
+        for trigger, _, _, lines, _ in dot_transitions(dot):
+            drawn[Trigger(trigger)] += int(lines[0].rsplit("×", 1)[1])  # noqa: RUF001
+        assert drawn == audit_totals(learn.audit_path)
+
     def test_keyed_log(self, dls, monkeypatch, capsys):
         """A keyed log needs its key, read from --key-env's variable."""
         learn = Learner(mlp(), dls, F.cross_entropy, audit_key="secret")
@@ -635,17 +774,70 @@ class TestDocs:
         readme = (ROOT / "README.md").read_text()
         assert mermaid_blocks(readme) == [dg.render_text(dg.table_view(), "mermaid")]
 
-    def test_learner_md_has_the_mermaid_and_the_readmes_path_table(self):
-        """learner.md: the same Mermaid, and the README's path table, copied, not rewritten."""
+    def test_learner_md_and_the_readme_have_the_generated_path_table(self):
+        """learner.md: the same Mermaid and path table as the README, both generated."""
         readme = (ROOT / "README.md").read_text()
         learner_md = (ROOT / "diagrams" / "learner.md").read_text()
         assert mermaid_blocks(learner_md) == mermaid_blocks(readme)
-        path_table = section(readme, "### The path table")
-        assert "| cancel fit | `after_cancel_fit`, then idle |" in path_table
-        assert section(learner_md, "## The path table") == path_table
+        table = dg.path_table()
+        assert section(learner_md, "## The path table").endswith(table.strip())
+        assert f"{dg.PATH_TABLE_START}\n\n{table}\n{dg.PATH_TABLE_END}\n" in readme
+        assert (
+            "| cancel fit | `after_cancel_fit`, `cleanup_batch` (batch in progress), "
+            "`cleanup_epoch` (epoch in progress), `cleanup_fit` (in a fit run), then idle |"
+        ) in table
+
+    def test_a_stale_readme_is_found_and_regenerated(self, tmp_path):
+        """The README's path table and diagram are checked and written with the docs."""
+        docs, readme = tmp_path / "docs", tmp_path / "README.md"
+        text = (ROOT / "README.md").read_text()
+        readme.write_text(text.replace("`cleanup_batch`, then the next batch", "then the next"))
+        dg.write_docs(docs)
+        assert dg.check_docs(docs, readme=readme)[0] == [readme]
+        assert dg.write_docs(docs, readme=readme)[-1] == readme
+        assert readme.read_text() == text
+        assert dg.check_docs(docs, readme=readme)[0] == []
+        assert readme not in dg.write_docs(docs, readme=readme)  # unchanged: not written
+
+    def test_the_markers_are_placed_around_the_sections_table(self):
+        """A README without markers gets them around its path table section's table."""
+        text = (ROOT / "README.md").read_text()
+        generated = text.split(dg.PATH_TABLE_START + "\n", 1)[1].split(dg.PATH_TABLE_END + "\n")[0]
+        bare = text.replace(
+            f"{dg.PATH_TABLE_START}\n{generated}{dg.PATH_TABLE_END}\n", "| a | b |\n"
+        )
+        assert dg.PATH_TABLE_START not in bare
+        assert dg.readme_with_docs(bare) == text.replace(
+            f"{dg.PATH_TABLE_START}\n{generated}", f"{dg.PATH_TABLE_START}\n\n{dg.path_table()}\n"
+        )
+
+    @pytest.mark.parametrize(
+        ("edit", "reason"),
+        [
+            (
+                lambda t: t.replace(dg.PATH_TABLE_END, ""),
+                "has the path table's start marker but not its end",
+            ),
+            (lambda t: t + "```mermaid\nx\n```\n", "has 2 Mermaid blocks; it must have one"),
+            (
+                lambda t: t.replace(dg.PATH_TABLE_START, "").replace("### The path table", "## X"),
+                "has no path table to generate",
+            ),
+        ],
+        ids=["no-end-marker", "two-diagrams", "no-table"],
+    )
+    def test_a_readme_it_cannot_generate_into(self, edit, reason):
+        """Missing markers or a second diagram: refused, naming what is wrong."""
+        text = edit((ROOT / "README.md").read_text())
+        with pytest.raises(ConfigurationError, match=re.escape(reason)):
+            dg.readme_with_docs(text)
 
     def test_check_fails_after_a_table_change(self, tmp_path, monkeypatch, capsys):
-        """Change the table: --check exits 1 naming the stale files; --write fixes them."""
+        """Change the table: --check exits 1 naming the stale files; --write fixes them.
+
+        With --dir, the checkout's README is left alone.
+        """
+        readme = (ROOT / "README.md").read_bytes()
         docs = tmp_path / "docs"
         wrote = 0 if HAS_DOT else 1  # without dot, --write writes the sources and exits 1
         assert main(["diagram", "--write", "--dir", str(docs)]) == wrote
@@ -666,10 +858,11 @@ class TestDocs:
         assert ("learner.svg" in stale) == HAS_DOT
         assert main(["diagram", "--write", "--dir", str(docs)]) == wrote
         assert main(["diagram", "--check", "--dir", str(docs)]) == 0
+        assert (ROOT / "README.md").read_bytes() == readme
 
     def test_check_names_a_missing_file(self, tmp_path, capsys):
         """A missing file is stale too."""
-        for name, content in dg._docs(ROOT / "README.md", svg=HAS_DOT).items():
+        for name, content in dg._docs(svg=HAS_DOT).items():
             (tmp_path / name).write_bytes(content)
         (tmp_path / "learner.dot").unlink()
         assert main(["diagram", "--check", "--dir", str(tmp_path)]) == 1

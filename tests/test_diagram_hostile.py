@@ -36,7 +36,10 @@ class TestLearnerView:
         text = dg.render_text(dg.callbacks_view([hooked(INJECTED)]), "mermaid")
         drawn = diagram_lines(text)
         assert not any(line.startswith("idle --> PWNED") for line in drawn)
-        assert r"idle --> fit : begin_fit / A\nidle --#62; PWNED #58; injected(order=0)" in drawn
+        assert (
+            r"idle --> fit : begin_fit [fitting] / A\nidle --#62; PWNED #58; injected(order=0)"
+            in drawn
+        )
 
     @pytest.mark.parametrize(
         ("name", "label"),
@@ -51,13 +54,13 @@ class TestLearnerView:
     def test_characters_the_mermaid_lexer_acts_on(self, name, label):
         """Statement ends, comments, directives, markup, direction statements, controls."""
         text = dg.render_text(dg.callbacks_view([hooked(name)]), "mermaid")
-        assert f"    idle --> fit : begin_fit / {label}(order=0)\n" in text
+        assert f"    idle --> fit : begin_fit [fitting] / {label}(order=0)\n" in text
 
     def test_dot_keeps_the_name_in_its_quoted_label(self):
         """DOT: the newline is an escaped backslash and n, not a line break or a new edge."""
         text = dg.render_text(dg.callbacks_view([hooked(INJECTED + "\x1b")]), "dot")
         assert (
-            r'idle -> fit [label="begin_fit\n/ before_fit: A\\nidle --> PWNED : '
+            r'idle -> fit [label="begin_fit [fitting]\n/ before_fit: A\\nidle --> PWNED : '
             r'injected\\x1b(order=0)"'
         ) in text
         assert "\x1b" not in text
@@ -78,7 +81,7 @@ class TestRunView:
         log.write_bytes(data)
         assert main(["diagram", "--from-log", str(log)]) == 0
         drawn = diagram_lines(capsys.readouterr().out)
-        assert drawn[1] == r"%% fsm_learner: run r\nidle --> PWNED : x (failed)"
+        assert drawn[1] == r"%% fsm_learner: fit run r\nidle --> PWNED : x (failed)"
         assert not any(line.startswith("idle --> PWNED") for line in drawn)
         [fit_idle] = [line for line in drawn if line.startswith("fit --> idle")]
         assert fit_idle.endswith(
@@ -87,7 +90,7 @@ class TestRunView:
         )
         assert main(["diagram", "--from-log", str(log), "--format", "dot"]) == 0
         dot = capsys.readouterr().out
-        assert r'label="fsm_learner: run r\\nidle --> PWNED : x (failed)"' in dot
+        assert r'label="fsm_learner: fit run r\\nidle --> PWNED : x (failed)"' in dot
 
     def test_an_unknown_run_id_names_a_few_runs(self, tmp_path, capsys):
         """--run-id not in a file of many runs: the message lists eight and counts the rest."""
@@ -108,7 +111,7 @@ class TestRunView:
         assert main(["diagram", "--from-log", str(log)]) == 0
         drawn = diagram_lines(capsys.readouterr().out)
         assert drawn[1] == (
-            '%% fsm_learner: run #37;#37;#123;init: #123;"theme": "dark"#125;#125;#37;#37; '
+            '%% fsm_learner: fit run #37;#37;#123;init: #123;"theme": "dark"#125;#125;#37;#37; '
             "(completed)"
         )
         assert not any("%%{" in line for line in drawn)
@@ -126,7 +129,7 @@ class TestRunView:
             check=False,
         )
         assert (done.returncode, done.stderr) == (0, b"")
-        assert b"idle --> fit : begin_fit \\xd71" in done.stdout
+        assert b"idle --> fit : begin_fit [fitting] \\xd71" in done.stdout
 
 
 class TestLearnerFactory:

@@ -1,8 +1,8 @@
 """record.schema.json: current with the table and the codec, and right about every record kind.
 
-The enums of triggers, states, hooks and run statuses are generated from the code; after
-changing the table, ``python tests/test_record_schema.py`` writes them into the file (the
-rest of the file is edited by hand). conftest.py checks every log the suite writes against
+The enums of triggers, states, hooks, run kinds and run statuses are generated from the
+code; after changing the table, ``python tests/test_record_schema.py`` writes them into the
+file (the rest of the file is edited by hand). conftest.py checks every log the suite writes against
 the schema; the cases here say what it accepts and what it refuses.
 """
 
@@ -37,7 +37,7 @@ from fsm_learner.audit.codec import (
     note_fields,
     route_keys,
 )
-from fsm_learner.machine import Hook, State, Trigger
+from fsm_learner.machine import Hook, RunKind, State, Trigger
 
 SCHEMA_FILE = resources.files("fsm_learner.audit").joinpath("record.schema.json")
 CALLBACKS = Path(__file__).parents[1] / "callbacks"
@@ -52,6 +52,7 @@ def generated(schema: dict[str, Any]) -> dict[str, Any]:
     defs["trigger"]["enum"] = [t.value for t in Trigger]
     defs["state"]["enum"] = [s.value for s in State]
     defs["hook"]["enum"] = [h.value for h in Hook]
+    defs["run_start"]["properties"][Field.KIND]["enum"] = [k.value for k in RunKind]
     ended = [s.value for s in RunStatus if s is not RunStatus.TRUNCATED]
     defs["run_end"]["properties"][Field.STATUS]["enum"] = ended
     return schema
@@ -134,6 +135,7 @@ HEADER_FIELDS = {
     Field.LR: 0.1,
     Field.DEVICE: "cpu",
     Field.TORCH: "2.13.0+cpu",
+    Field.KIND: "fit",
 }
 FAILURE = {
     FailureField.TYPE: "ZeroDivisionError",
@@ -235,7 +237,7 @@ VALUES = st.sampled_from(POOL)
 
 class TestTheFileIsCurrent:
     def test_generated_parts_match_the_code(self):
-        """Triggers, states, hooks and statuses are those of the code: regenerate, don't edit."""
+        """Triggers, states, hooks, kinds and statuses are the code's: regenerate, don't edit."""
         text = SCHEMA_FILE.read_text()
         assert text == render(generated(json.loads(text))), (
             "record.schema.json is stale: run `python tests/test_record_schema.py`"
@@ -313,6 +315,12 @@ class TestValidRecords:
         assert valid(note("probe", {}))
         assert valid(seal())
 
+    @pytest.mark.parametrize("kind", [RunKind.VALIDATE, RunKind.PREDICT])
+    def test_headers_of_inference_runs(self, kind):
+        """A validate or predict run's header: its kind, no optimizer, no epochs asked for."""
+        assert valid(header(kind=kind.value, opt=None, n_epochs=0))
+        assert valid(without(header(), Field.KIND))  # a header without a kind is a fit's
+
     def test_optional_parts(self):
         """A checkpoint without a monitor; a failure outside any hook; a pass without batches."""
         assert valid(note("checkpoint", {"path": "model.pt"}))
@@ -337,6 +345,18 @@ class TestARealFit:
         noted = {r["name"] for r in records if r["ev"] == RecordKind.NOTE}
         assert noted == {"device", "metrics", "checkpoint"}
 
+    @pytest.mark.parametrize("run", ["validate", "get_preds"])
+    def test_every_record_of_an_inference_run_is_valid(self, run):
+        """learn.validate() and learn.get_preds() with a noting callback: each line valid."""
+        learn = Learner(mlp(), batches_dls(2, 3), F.cross_entropy, 0.1, [MetricsCB()])
+        getattr(learn, run)()
+        assert learn.audit_path is not None
+        records = [line(data) for data in learn.audit_path.read_bytes().splitlines()]
+        assert [r for r in records if not valid(r)] == []
+        assert set(records[0]) == set(DEFS["run_start"]["properties"])
+        kind = RunKind.VALIDATE if run == "validate" else RunKind.PREDICT
+        assert (records[0]["kind"], records[0]["opt"], records[0]["n_epochs"]) == (kind, None, 0)
+
 
 class TestInvalidRecords:
     @pytest.mark.parametrize(
@@ -353,6 +373,9 @@ class TestInvalidRecords:
             (header, "prev", "ABCDEF"),
             (header, "cbs", [["MetricsCB", "20"]]),
             (header, "lr", -0.1),
+            (header, "kind", "train"),
+            (header, "kind", None),
+            (header, "opt", 3),
             (note, "name", 3),
             (note, "tr", None),
             (footer, "status", "truncated"),

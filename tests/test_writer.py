@@ -90,6 +90,22 @@ class TestBlocks:
         with pytest.raises(AssertionError):
             sealed_blocks(path)
 
+    @pytest.mark.parametrize(("run", "kind"), [("validate", "validate"), ("get_preds", "predict")])
+    def test_an_inference_run_is_one_sealed_block_with_its_kind(self, run, kind, tmp_path):
+        """A validate or predict run: a header saying its kind, no optimizer, one block."""
+        path = tmp_path / "runs.jsonl"
+        learn = learner(path)
+        getattr(learn, run)()
+        [blocks] = sealed_blocks(path).values()
+        assert len(blocks) == 1
+        [header] = headers(path)
+        assert (header.fields["kind"], header.fields["opt"], header.fields["n_epochs"]) == (
+            kind,
+            None,
+            0,
+        )
+        assert records(path)[-1].digest.hex() == learn.audit_head
+
 
 class TestPrev:
     def test_each_run_binds_to_the_last_seal_before_it(self, tmp_path):
@@ -97,6 +113,23 @@ class TestPrev:
         path = tmp_path / "runs.jsonl"
         heads = [learner(path).fit(1).head for _ in range(3)]
         assert [h.prev for h in headers(path)] == ["", heads[0], heads[1]]
+
+    def test_runs_of_every_kind_chain_in_one_file(self, tmp_path):
+        """A fit, a validate and a predict run appended to one file: bound and verified."""
+        path = tmp_path / "runs.jsonl"
+        learn = learner(path)
+        heads = [learn.fit(1).head]
+        for run in (learn.validate, learn.get_preds):
+            run()
+            heads.append(learn.audit_head)
+        assert [h.prev for h in headers(path)] == ["", heads[0], heads[1]]
+        reports, problem = audit_file(path)
+        assert problem is None
+        assert [(r.kind, r.verified, r.head) for r in reports] == [
+            ("fit", True, heads[0]),
+            ("validate", True, heads[1]),
+            ("predict", True, heads[2]),
+        ]
 
     def test_a_directory_gives_each_run_a_new_file(self, tmp_path):
         """In a directory every run starts its own file: prev is empty."""

@@ -13,12 +13,14 @@ still open at the end of the file are reported as truncated.
 
 A run verifies when each of its blocks holds only its records and matches its seal
 (same run, same line count, same digest: a block of any run removed, moved or inserted
-breaks the seal of the block after it), every transition is a route of the table
-(``machine.table_routes``) leaving the state the one before entered, time never goes
-backwards, the header opens the run's first block, names this table and binds to the
-file (``prev``: the last seal before it), and the footer ends the run, agreeing with
-the replay (records, counts, machine idle, a status its last transition gives: ``end_fit``
-completed, ``cancel_fit`` cancelled, ``fail`` failed; hook time that fits). A line that is no
+breaks the seal of the block after it), every transition is a route of the table for the
+run's kind (``machine.table_routes`` per mode; the header's ``kind``, a fit when absent)
+leaving the state the one before entered, time never goes backwards, the header opens the
+run's first block, names this table and a kind of run and binds to the file (``prev``:
+the last seal before it), and the footer ends the run, agreeing with the replay (records,
+counts, machine idle, a status its last transition gives: ``end_fit``, or a validate or
+predict run's ``end_epoch``, completed, ``cancel_*`` cancelled, ``fail`` failed; hook time
+that fits). A line that is no
 record, or a record of another run, cuts the block it is in: that block was never
 sealed. ``RunSet`` checks the runs taken together: no (run id, rank) twice, each
 expected chain head ending exactly one run (a run's head is its last seal).
@@ -44,6 +46,7 @@ from collections import Counter
 from functools import cache
 from itertools import compress
 from operator import sub
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -79,10 +82,20 @@ from fsm_learner.audit.files import (
     open_log,
     read_chunks,
 )
-from fsm_learner.machine import TIMING_OF, HookTiming, State, Trigger, table_digest, table_routes
+from fsm_learner.machine import (
+    TIMING_OF,
+    TRANSITION_TABLE,
+    HookTiming,
+    RunKind,
+    State,
+    Trigger,
+    cleanup_hooks,
+    table_digest,
+    table_routes,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable, Iterator, Mapping
     from pathlib import Path
 
 __all__ = [
@@ -112,12 +125,12 @@ _ENDED_KEPT: Final = 1 << 16
 
 
 class Work(StrEnum):
-    """Where a run's time went, named by the work done (the states of a pass, by training)."""
+    """Where a run's time went, named by the work done (the states of a pass, by its kind)."""
 
     DATA = "data"
     """Training, in ``epoch``: waiting for the next batch."""
     FORWARD = "forward"
-    """Training, in ``batch``: the forward pass."""
+    """Training, or a predict run, in ``batch``: the forward pass."""
     LOSS = "loss"
     """Training, in ``predict``: the loss."""
     BACKWARD = "backward"
@@ -125,7 +138,8 @@ class Work(StrEnum):
     STEP = "step"
     """Training, in ``backward``: the optimizer step."""
     VALIDATION = "validation"
-    """Every state of a validation pass."""
+    """Every state of a validation pass (a fit's, or a validate run's); the states of a
+    predict run's pass but its forward."""
     HOOKS = "hooks"
     """The callbacks' hooks, wherever they ran (the footer's ``hook_ns``)."""
     LOOP = "loop"
@@ -142,10 +156,12 @@ _TRAINING_WORK: Final = {
 _VALIDATION_STATES: Final = frozenset({State.EPOCH, State.BATCH, State.PREDICT, State.LOSS})
 
 
-def _work_of(state: State, *, training: bool) -> Work:
-    """Name the work of time spent in ``state`` during a pass with that training value."""
+def _work_of(state: State, *, training: bool, kind: RunKind) -> Work:
+    """Name the work of time spent in ``state`` during a pass of a run of that kind."""
     if training:
         return _TRAINING_WORK.get(state, Work.LOOP)
+    if kind is RunKind.PREDICT and state is State.BATCH:
+        return Work.FORWARD
     return Work.VALIDATION if state in _VALIDATION_STATES else Work.LOOP
 
 
@@ -153,6 +169,7 @@ _STATES: Final = tuple(State)
 _STATE_INDEX: Final = {state.value: index for index, state in enumerate(_STATES)}
 _IDLE: Final = _STATE_INDEX[State.IDLE.value]
 _FAIL: Final = Trigger.FAIL.value
+_TRIGGER_ORDER: Final = {trigger.value: index for index, trigger in enumerate(Trigger)}
 
 
 def _line_start(kind: RecordKind) -> bytes:
@@ -168,20 +185,77 @@ _SEAL_AFTER_LINE: Final = b"\n" + SEAL_START
 
 @attrs.frozen
 class _Tables:
-    """The table's routes as the replay reads them: per route index, in bulk-friendly forms."""
+    """The table's routes as the replay reads them: per route index, in bulk-friendly forms.
+
+    The routes are those of every kind of run (``route_keys``); ``kinds`` says which of
+    them a run of each kind may take.
+    """
 
     keys: tuple[RouteKey, ...]
     source: bytes
     """A ``bytes.translate`` table: route index -> index of its source state."""
     dest: bytes
-    work: tuple[Work, ...]
-    """The work of the time a record of the route ends (spent in its source state)."""
     masks: tuple[bytes, ...]
     """Per route, a ``bytes.translate`` table: 1 for that route, 0 for any other."""
     not_fails: bytes
     """Every byte but the routes of ``fail``: ``translate(None, not_fails)`` keeps those."""
     by_key: dict[RouteKey, int]
+    kinds: Mapping[RunKind, _KindTables]
+
+
+@attrs.frozen
+class _KindTables:
+    """The routes a run of one kind may take, and what its time in each state is spent on."""
+
+    legal: bytes
+    """The indices of its routes: ``routes.translate(None, legal)`` leaves the illegal ones."""
+    allowed: frozenset[int]
+    work: tuple[Work, ...]
+    """Per route index: the work of the time a record of the route ends (in its source)."""
     by_trigger: dict[tuple[str, bool], tuple[int, ...]]
+    """Its routes of each trigger, in a training pass or not."""
+    ends: Mapping[str, RunStatus]
+    """The triggers its runs end with (their last transition), and the status each gives."""
+
+
+_CANCEL_TRIGGERS: Final = frozenset(spec.trigger.value for spec in TRANSITION_TABLE if spec.cancel)
+
+
+def _kind_tables(kind: RunKind, keys: tuple[RouteKey, ...]) -> _KindTables:
+    """Read off the routes of ``kind``'s modes which of ``keys`` its runs may take."""
+    routes = table_routes()
+    allowed = [
+        index
+        for index, (trigger, source, dest, training) in enumerate(keys)
+        if (kind, training) in routes
+        and routes[kind, training][State(source)].get(Trigger(trigger)) == dest
+    ]
+    by_trigger: dict[tuple[str, bool], list[int]] = {}
+    for index in allowed:
+        trigger, _, _, training = keys[index]
+        by_trigger.setdefault((trigger, training), []).append(index)
+    ends = {
+        keys[index][0]: _status_given(keys[index][0])
+        for index in sorted(allowed, key=lambda index: _TRIGGER_ORDER[keys[index][0]])
+        if keys[index][2] == State.IDLE.value
+        and (keys[index][1] != State.IDLE.value or keys[index][0] == _FAIL)
+    }
+    return _KindTables(
+        legal=bytes(allowed),
+        allowed=frozenset(allowed),
+        work=tuple(
+            _work_of(State(source), training=training, kind=kind) for _, source, _, training in keys
+        ),
+        by_trigger={key: tuple(found) for key, found in by_trigger.items()},
+        ends=MappingProxyType(ends),
+    )
+
+
+def _status_given(trigger: str) -> RunStatus:
+    """Return the status of a run whose last transition (to idle) is ``trigger``."""
+    if trigger == _FAIL:
+        return RunStatus.FAILED
+    return RunStatus.CANCELLED if trigger in _CANCEL_TRIGGERS else RunStatus.COMPLETED
 
 
 @cache
@@ -192,19 +266,24 @@ def _tables() -> _Tables:
         found = [_STATE_INDEX[str(key[column])] for key in keys]
         return bytes(found + [255] * (256 - len(found)))
 
-    by_trigger: dict[tuple[str, bool], list[int]] = {}
-    for index, (trigger, _, _, training) in enumerate(keys):
-        by_trigger.setdefault((trigger, training), []).append(index)
     return _Tables(
         keys=keys,
         source=states(1),
         dest=states(2),
-        work=tuple(_work_of(State(source), training=training) for _, source, _, training in keys),
         masks=tuple(bytes(int(i == index) for i in range(256)) for index in range(len(keys))),
         not_fails=bytes(i for i in range(256) if i >= len(keys) or keys[i][0] != _FAIL),
         by_key={key: index for index, key in enumerate(keys)},
-        by_trigger={key: tuple(found) for key, found in by_trigger.items()},
+        kinds=MappingProxyType({kind: _kind_tables(kind, keys) for kind in RunKind}),
     )
+
+
+_KINDS: Final = frozenset(kind.value for kind in RunKind)
+
+
+def _run_kind(header: Mapping[str, Any]) -> RunKind | None:
+    """Return the kind of run a header begins (absent: a fit); None for an unknown kind."""
+    kind = header.get(Field.KIND.value, RunKind.FIT.value)
+    return RunKind(kind) if type(kind) is str and kind in _KINDS else None
 
 
 # -- reports -----------------------------------------------------------------------------
@@ -280,6 +359,11 @@ class RunReport:
         return self.problem is None and self.status is not RunStatus.TRUNCATED
 
     @property
+    def kind(self) -> RunKind | None:
+        """What the run did, as its header says (absent: a fit); None for an unknown kind."""
+        return _run_kind(self.header)
+
+    @property
     def keyed(self) -> bool | None:
         """Whether the run's chain is keyed, as its header says (None: no header read)."""
         keyed = self.header.get(Field.KEYED.value)
@@ -287,12 +371,12 @@ class RunReport:
 
     @property
     def epochs(self) -> int:
-        """Training passes begun (one per epoch)."""
+        """Training passes begun (one per epoch of a fit; none in other runs)."""
         return self.counts[Trigger.BEGIN_EPOCH.value, True]
 
     @property
     def batches(self) -> tuple[int, int]:
-        """Completed batches: (training, validation)."""
+        """Completed batches: (training, validation); a validate or predict run's are the latter."""
         end = Trigger.END_BATCH.value
         return self.counts[end, True], self.counts[end, False]
 
@@ -306,6 +390,7 @@ class RunReport:
         return {
             "path": self.path,
             "run_id": self.run_id,
+            "kind": None if self.kind is None else self.kind.value,
             "status": self.status.value,
             "verified": self.verified,
             "keyed": self.keyed,
@@ -349,6 +434,8 @@ class _Tally:
     records: int = 0
     transitions: int = 0
     notes: int = 0
+    kind: RunKind = RunKind.FIT
+    """What the run does, as its header says: the routes it may take."""
     state: int = _IDLE
     training: bool = False
     start_ns: int = 0
@@ -393,12 +480,14 @@ def _before(tally: _Tally, t_ns: int, line: int) -> None:
 def _step(tally: _Tally, route: int, numbers: list[int], at: int, line: int) -> None:
     """Replay one transition record (route and ``numbers[at:at + 3]``), or raise _Invalid."""
     tables = _tables()
-    trigger, source, _, training = tables.keys[route]
+    trigger, source, dest, training = tables.keys[route]
     epoch, it, t_ns = numbers[at : at + 3]
     _before(tally, t_ns, line)
     if tables.source[route] != tally.state:
         state = _state_name(tally.state)
         raise _Invalid(line, f"{trigger} from {source!r}, but the replayed state is {state!r}")
+    if route not in tables.kinds[tally.kind].allowed:
+        raise _Invalid(line, _illegal(tally.kind, trigger, source, dest, training=training))
     span = t_ns - tally.t_ns
     tally.routes[route] += 1
     tally.route_ns[route] += span
@@ -422,8 +511,9 @@ def _replay_batch(tally: _Tally, batch: Transitions, line: int) -> None:
 def _bulk(tally: _Tally, batch: Transitions, line: int) -> bool:
     """Replay a batch in bulk; False, with nothing changed, when a record does not check out.
 
-    The same as ``_step`` record after record (a test checks it): state continuity is
-    the sources shifted by one against the destinations, time by the spans' minimum.
+    The same as ``_step`` record after record (a test checks it): legality is no route
+    left once the run kind's are deleted, state continuity the sources shifted by one
+    against the destinations, time the spans' minimum.
     """
     tables = _tables()
     routes, numbers = batch.routes, batch.numbers
@@ -431,6 +521,7 @@ def _bulk(tally: _Tally, batch: Transitions, line: int) -> bool:
     sources, dests = routes.translate(tables.source), routes.translate(tables.dest)
     if (
         tally.footer is not None
+        or routes.translate(None, tables.kinds[tally.kind].legal)
         or sources[0] != tally.state
         or sources[1:] != dests[:-1]
         or times[0] < tally.last_ns
@@ -511,6 +602,7 @@ def _replay_header(tally: _Tally, header: Header, line: int, first_line: int) ->
             "first block",
         )
     tally.records = 1
+    tally.kind = _run_kind(header.fields) or RunKind.FIT  # an unknown kind fails the header
     tally.start_ns = tally.t_ns = tally.last_ns = header.t_ns
 
 
@@ -528,12 +620,20 @@ def _replay_odd(tally: _Tally, record: Transition, line: int) -> None:
     if record.source != state:
         msg = f"{record.trigger} from {record.source!r}, but the replayed state is {state!r}"
         raise _Invalid(line, msg)
-    allowed = table_routes()[record.training][State(record.source)].get(Trigger(record.trigger))
-    raise _Invalid(
-        line,
-        f"illegal transition {record.trigger}: {record.source} -> {record.dest} (training="
-        f"{record.training}); the table allows {allowed or 'no such transition'}",
+    reason = _illegal(
+        tally.kind, record.trigger, record.source, record.dest, training=record.training
     )
+    raise _Invalid(line, reason)
+
+
+def _illegal(kind: RunKind, trigger: str, source: str, dest: str, *, training: bool) -> str:
+    """Say why a transition is no route of a run of ``kind``, and what the table allows."""
+    taken = f"illegal transition {trigger}: {source} -> {dest} in a {kind} run"
+    routes = table_routes().get((kind, training))
+    if routes is None:
+        return f"{taken} (training={training}): a {kind} run has no training pass"
+    allowed = ", ".join(f"{t} -> {d}" for t, d in routes[State(source)].items())
+    return f"{taken} (training={training}); from {source} it may take {allowed or 'nothing'}"
 
 
 def _replay_footer(tally: _Tally, footer: Footer, line: int) -> None:
@@ -550,38 +650,29 @@ def _replay_footer(tally: _Tally, footer: Footer, line: int) -> None:
         state = _state_name(tally.state)
         raise _Invalid(line, f"run_end while the replayed machine is in {state!r}, not idle")
     _check_status(tally, footer.status, line)
-    spent = _work_before_hooks(tally, footer.t_ns)
-    hooks = _hook_work(footer, tally.routes, line)
-    for work, ns in hooks.items():
-        if ns > spent[work]:
-            raise _Invalid(
-                line,
-                f"run_end hook_ns gives {ns:,} ns to hooks during {work.value} time, but the "
-                f"run spent only {spent[work]:,} ns there",
-            )
+    _hook_work(footer, tally, _work_before_hooks(tally, footer.t_ns), line)
     tally.footer = footer
     tally.records += 1
     tally.last_ns = footer.t_ns
 
 
-_ENDED_BY: Final = {
-    RunStatus.COMPLETED: Trigger.END_FIT.value,
-    RunStatus.CANCELLED: Trigger.CANCEL_FIT.value,
-    RunStatus.FAILED: Trigger.FAIL.value,
-}
-"""The transition a run ends with, by its footer's status (a fit failing before ``begin_fit``
-fires ``fail`` from idle: it ends with ``fail`` too)."""
-
-
 def _check_status(tally: _Tally, status: RunStatus, line: int) -> None:
-    """Check the footer's status against the replay: the run's last transition says it."""
-    last = _tables().keys[tally.last_route][0] if tally.last_route >= 0 else None
-    expected = _ENDED_BY.get(status)
-    if last != expected:
+    """Check the footer's status against the replay: the run's last transition says it.
+
+    The transitions that end a run are its kind's routes back to idle (``fail`` from idle
+    too: a run failing before its first transition): a fit completes with ``end_fit``, a
+    validate or predict run with ``end_epoch``; ``cancel_*`` cancel it, ``fail`` fails it.
+    """
+    tables = _tables()
+    ends = tables.kinds[tally.kind].ends
+    last = tables.keys[tally.last_route][0] if tally.last_route >= 0 else None
+    if last is None or ends.get(last) is not status:
+        expected = " or ".join(trigger for trigger, given in ends.items() if given is status)
         ended = f"its last transition is {last}" if last else "it has no transition"
         raise _Invalid(
             line,
-            f"run_end says {status.value}, but {ended}: a {status.value} run ends with {expected}",
+            f"run_end says {status.value}, but {ended}: a {status.value} {tally.kind} run ends "
+            f"with {expected}",
         )
 
 
@@ -598,42 +689,78 @@ def _trigger_counts(routes: Counter[int]) -> dict[str, list[int]]:
 def _work_before_hooks(tally: _Tally, end_ns: int | None) -> Counter[Work]:
     """Add up the run's time by work, hooks still in it; the last interval up to ``end_ns``."""
     work: Counter[Work] = Counter()
-    kinds = _tables().work
+    kinds = _tables().kinds[tally.kind].work
     for route, ns in tally.route_ns.items():
         work[kinds[route]] += ns
     if end_ns is not None:
         state = _STATES[tally.state]
-        work[_work_of(state, training=tally.training)] += end_ns - tally.t_ns
+        work[_work_of(state, training=tally.training, kind=tally.kind)] += end_ns - tally.t_ns
     return work
 
 
-def _hook_work(footer: Footer, taken: Counter[int], line: int) -> Counter[Work]:
-    """Add up the footer's hook time by the work of the state where the hooks ran."""
-    hooks: Counter[Work] = Counter()
-    for trigger, pair in footer.hook_ns.items():
+def _hook_work(footer: Footer, tally: _Tally, spent: Counter[Work], line: int) -> Counter[Work]:
+    """Place the footer's hook time in the work where the hooks ran; raise if it does not fit.
+
+    A trigger's hook time goes to the work of the state its hooks ran in. One whose own
+    hooks run before its change and whose cleanup hooks after it (``end_batch``:
+    ``after_batch`` in ``step``, ``cleanup_batch`` in ``epoch``) ran hooks in two states,
+    which the footer does not tell apart: its time fills the source's work first, then
+    the destination's.
+    """
+    placed: Counter[Work] = Counter()
+    shared: list[tuple[Work, Work, int]] = []
+    for trigger, pair in sorted(footer.hook_ns.items(), key=lambda item: _TRIGGER_ORDER[item[0]]):
         for training, ns in zip((True, False), pair, strict=True):
             if ns:
-                hooks[_where_hooks_ran(trigger, training, taken, line)] += ns
-    return hooks
+                first, then = _where_hooks_ran(trigger, training, tally, line)
+                if then is None or then is first:
+                    placed[first] += ns
+                else:
+                    shared.append((first, then, ns))
+    for work, ns in placed.items():
+        _check_fits(work, ns, spent, line)
+    for first, then, ns in shared:
+        into_first = max(0, min(ns, spent[first] - placed[first]))
+        placed[first] += into_first
+        placed[then] += ns - into_first
+        _check_fits(then, placed[then], spent, line)
+    return placed
 
 
-def _where_hooks_ran(trigger: str, training: bool, taken: Counter[int], line: int) -> Work:
-    """Hooks of a before-change trigger run in its source, the others in its destination.
+def _check_fits(work: Work, ns: int, spent: Counter[Work], line: int) -> None:
+    if ns > spent[work]:
+        raise _Invalid(
+            line,
+            f"run_end hook_ns gives {ns:,} ns to hooks during {work.value} time, but the "
+            f"run spent only {spent[work]:,} ns there",
+        )
 
-    A trigger with several sources (``end_batch``) is placed in the source the run took
-    it from most often.
+
+def _where_hooks_ran(
+    trigger: str, training: bool, tally: _Tally, line: int
+) -> tuple[Work, Work | None]:
+    """Where a trigger's hooks ran: its own, and its cleanups' when they ran elsewhere.
+
+    Hooks of a before-change trigger run in its source, the others in its destination;
+    cleanup hooks in the destination. A trigger with several sources (``end_batch``) is
+    placed in the source the run took it from most often.
     """
     tables = _tables()
-    routes = tables.by_trigger.get((trigger, training))
+    kind = tally.kind
+    routes = tables.kinds[kind].by_trigger.get((trigger, training))
     if not routes:
         pass_name = "training" if training else "validation"
-        msg = f"run_end hook_ns has hook time for {trigger} in {pass_name}, where it cannot fire"
+        msg = (
+            f"run_end hook_ns has hook time for {trigger} in {pass_name} in a {kind} run, "
+            "where it cannot fire"
+        )
         raise _Invalid(line, msg)
+    _, source, dest, _ = tables.keys[max(routes, key=tally.routes.__getitem__)]
+    after = _work_of(State(dest), training=training, kind=kind)
     if TIMING_OF[Trigger(trigger)] is HookTiming.AFTER_CHANGE:
-        state = tables.keys[routes[0]][2]
-    else:
-        state = tables.keys[max(routes, key=taken.__getitem__)][1]
-    return _work_of(State(state), training=training)
+        return after, None
+    before = _work_of(State(source), training=training, kind=kind)
+    return before, after if cleanup_hooks(State(source), State(dest), kind) else None
 
 
 def _apply(tally: _Tally, item: object, line: int, first_line: int) -> None:
@@ -683,8 +810,8 @@ def _finish(report: RunReport, tally: _Tally) -> RunReport:
 def _time_by_work(tally: _Tally) -> dict[Work, int]:
     footer = tally.footer
     work = _work_before_hooks(tally, None if footer is None else footer.t_ns)
-    if footer is not None:
-        for kind, ns in _hook_work(footer, tally.routes, 0).items():
+    if footer is not None:  # checked when the footer was replayed: it fits
+        for kind, ns in _hook_work(footer, tally, work.copy(), 0).items():
             work[kind] -= ns
             work[Work.HOOKS] += ns
     return {kind: work[kind] for kind in Work}
@@ -745,6 +872,12 @@ def _header_problem(header: Header, key: bytes | None) -> str | None:
         return (
             f"written by a machine whose table digest is {shown(table)}; this "
             f"fsm_learner's table is {table_digest()!r}, so its transitions cannot be replayed"
+        )
+    if _run_kind(header.fields) is None:
+        kind = header.fields.get(Field.KIND.value)
+        return (
+            f"header field {Field.KIND.value!r} is {shown(kind)}, no kind of run: valid are "
+            f"{', '.join(repr(k.value) for k in RunKind)} (absent: a fit)"
         )
     if header.keyed and key is None:
         return "this run's chain is keyed: give the key (FSM_LEARNER_AUDIT_KEY or --key-env VAR)"

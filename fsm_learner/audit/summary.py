@@ -16,11 +16,12 @@ import attrs
 
 from fsm_learner._display import printable, shown
 from fsm_learner.audit.codec import FailureField
+from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from fsm_learner.audit.replay import RunReport
+    from fsm_learner.audit.replay import RunReport, SlowTransition
 
 __all__ = ["Table", "render_report", "render_reports", "render_table", "render_totals"]
 
@@ -108,13 +109,22 @@ def _work_table(report: RunReport) -> Table:
 _OUTSIDE_PASSES: Final = frozenset({"idle", "fit"})
 
 
-def _pass_name(source: str, dest: str, *, training: bool) -> str:
-    if source in _OUTSIDE_PASSES and dest in _OUTSIDE_PASSES:
+def _pass_name(kind: RunKind | None, *, training: bool) -> str:
+    """Name a pass: a fit's training or validation pass, or a predict run's."""
+    if training:
+        return "train"
+    return "predict" if kind is RunKind.PREDICT else "valid"
+
+
+def _pass_of(slow: SlowTransition, kind: RunKind | None) -> str:
+    """Name the pass a transition was taken in; "-" between passes."""
+    if slow.source in _OUTSIDE_PASSES and slow.dest in _OUTSIDE_PASSES:
         return "-"
-    return "train" if training else "valid"
+    return _pass_name(kind, training=slow.training)
 
 
 def _slow_table(report: RunReport) -> Table:
+    kind = report.kind
     rows = tuple(
         (
             _ms(s.duration_ns),
@@ -123,7 +133,7 @@ def _slow_table(report: RunReport) -> Table:
             f"{s.source} -> {s.dest}",
             str(s.epoch),
             str(s.iter),
-            _pass_name(s.source, s.dest, training=s.training),
+            _pass_of(s, kind),
         )
         for s in report.slowest
     )
@@ -141,16 +151,18 @@ def _text(value: object, limit: int = 80) -> str:
     return shown(value)
 
 
-def _failure_line(failure: Mapping[str, object], at: Mapping[str, object]) -> str:
+def _failure_line(
+    failure: Mapping[str, object], at: Mapping[str, object], kind: RunKind | None
+) -> str:
     hook = failure.get(FailureField.HOOK.value)
     callback = failure.get(FailureField.CALLBACK.value)
     where = f" (hook {_text(hook)} of {_text(callback)})" if hook else ""
-    kind, message = failure.get(FailureField.TYPE.value), failure.get(FailureField.MESSAGE.value)
+    error, message = failure.get(FailureField.TYPE.value), failure.get(FailureField.MESSAGE.value)
     state = failure.get(FailureField.STATE.value)
     return (
-        f"  failed: {_text(kind)}: {shown(message, 300)} in "
+        f"  failed: {_text(error)}: {shown(message, 300)} in "
         f"state {_text(state)}{where}, epoch {at.get('epoch')}, iter "
-        f"{at.get('iter')}, {'train' if at.get('training') else 'valid'} pass"
+        f"{at.get('iter')}, {_pass_name(kind, training=at.get('training') is True)} pass"
     )
 
 
@@ -168,19 +180,28 @@ def _describe(report: RunReport) -> list[str]:
     lines = [f"{report.path}  run {run_id}  {report.status.value}  {verdict}"]
     if report.problem is not None:
         lines.append(f"  problem: {report.problem}")
-    train, valid = report.batches
-    cancels = ", ".join(f"{k.removeprefix('cancel_')} {v}" for k, v in report.cancels.items())
-    lines.append(
-        f"  epochs {report.epochs}, batches {train} train / {valid} valid, "
-        f"cancels: {cancels}, notes {report.notes}",
-    )
+    lines.append(f"  {_work_done(report)}, notes {report.notes}")
     lines.append(
         f"  records {report.records}, transitions {report.transitions}, "
         f"wall {report.wall_ns / 1e9:.3f} s, head {report.head or '-'} ({_chain(report)})",
     )
     if report.failure is not None:
-        lines.append(_failure_line(report.failure, report.failed_at or {}))
+        lines.append(_failure_line(report.failure, report.failed_at or {}, report.kind))
     return [printable(line) for line in lines]
+
+
+def _work_done(report: RunReport) -> str:
+    """Say what the run did: its kind, then its epochs and batches, and its cancels."""
+    train, valid = report.batches
+    cancels = ", ".join(f"{k.removeprefix('cancel_')} {v}" for k, v in report.cancels.items())
+    kind = report.kind
+    if kind is None:
+        return f"kind unknown, cancels: {cancels}"
+    if kind is RunKind.FIT:
+        batches = f"epochs {report.epochs}, batches {train} train / {valid} valid"
+    else:
+        batches = f"batches {valid}"
+    return f"{kind} run: {batches}, cancels: {cancels}"
 
 
 def render_report(report: RunReport, *, rich: bool | None = None) -> str:
