@@ -170,7 +170,7 @@ class Callback:
 
 _HOOK_NAMES: Final = frozenset(Hook)
 _OVERRIDE_NAMES: Final = frozenset(Override)
-_HOOKLIKE_PREFIXES: Final = ("before_", "after_", "on_")
+_HOOKLIKE_PREFIXES: Final = ("before_", "after_", "cleanup_", "on_")
 
 
 def _own_callables(cb: Callback) -> Iterable[str]:

@@ -397,7 +397,7 @@ class Learner:
         self.model = model
         self.dls = dls
         self.loss_func = loss_func
-        self.target_key = _check_target_key(target_key)
+        self._target_key = _check_target_key(target_key)
         self.param_groups: ParamGroups = param_groups or _all_parameters
         self._lr = _check_lr(lr)
         self._cbs: list[Callback] = validate_callbacks(cbs)
@@ -448,6 +448,15 @@ class Learner:
         if self.opt is not None:
             for group in self.opt.param_groups:
                 group["lr"] = self._lr
+
+    @property
+    def target_key(self) -> str:
+        """The target's key in mapping batches ("labels" by default)."""
+        return self._target_key
+
+    @target_key.setter
+    def target_key(self, value: str) -> None:
+        self._target_key = _check_target_key(value)
 
     @property
     def cbs(self) -> list[Callback]:

@@ -1,17 +1,23 @@
-"""Real data and models for the tests: the digits set that ships with scikit-learn."""
+"""Real data and models for the tests (the digits set that ships with scikit-learn), and the
+callbacks and readers several test modules share."""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
 from functools import cache
+from pathlib import Path
+from typing import Any
 
+import orjson
 import torch
+import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fsm_learner import Callback, DataLoaders, Hook, Learner
+from fsm_learner.testing import RecordingCallback
 
 
 @cache
@@ -118,3 +124,35 @@ class BatchLosses(Callback):
         """The sample-weighted mean loss of one pass."""
         rows = [(loss, n) for e, t, loss, n in self.seen if e == epoch and t == training]
         return sum(loss * n for loss, n in rows) / sum(n for _, n in rows)
+
+
+def raising_learner(
+    plan: dict[tuple[Hook, int], Callable[[], BaseException]],
+    *,
+    n_train: int = 2,
+    n_valid: int = 1,
+) -> tuple[Learner, RecordingCallback, Raiser]:
+    """A learner on real digits whose Raiser follows ``plan``, recorded by a callback before it."""
+    rec = RecordingCallback(order=-1)
+    raiser = Raiser(plan)
+    learn = Learner(mlp(), batches_dls(n_train, n_valid), F.cross_entropy, 0.1, [raiser, rec])
+    return learn, rec, raiser
+
+
+def run_records(learn: Learner) -> list[dict[str, Any]]:
+    """The records of the learner's last run, read from its audit log as JSON objects."""
+    path = learn.audit_path
+    assert isinstance(path, Path), "the run wrote no log"
+    records = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+    return [r for r in records if r.get("run") == learn.run_id]
+
+
+def same(a: object, b: object) -> bool:
+    """Whether two state dicts (nested dicts, lists, tensors, numbers) are equal bit for bit."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b

@@ -55,16 +55,49 @@ class TestRegistration:
             make([Bad()])
 
     def test_helper_methods_are_fine(self):
-        """Ordinary helper names are not mistaken for hooks."""
+        """Ordinary helper names are not mistaken for hooks: accepted, and never called."""
+        called: list[str] = []
 
         class Fine(Callback):
             def reset(self):
-                return None
+                called.append("reset")
 
             def _private(self):
-                return None
+                called.append("_private")
 
-        make([Fine()]).fit(1)
+        fine = Fine()
+        learn = make([fine])
+        assert learn.cbs == [fine]
+        assert learn.fit(1).status == "completed"
+        assert called == []
+        dispatch = resolve_dispatch([fine])
+        assert not any(dispatch.hooks.values())
+        assert not any(dispatch.overrides.values())
+
+    @pytest.mark.parametrize(
+        ("name", "suggestion"),
+        [("cleanup_btach", "cleanup_batch"), ("cleanupfit", "cleanup_fit")],
+    )
+    def test_misspelt_cleanup_hook(self, name, suggestion):
+        """The cleanup hooks are hooks too: a near miss is refused with the likely one."""
+
+        def hook(self, learn):
+            return None
+
+        bad = type("Bad", (Callback,), {name: hook})
+        with pytest.raises(InvalidCallbackError, match=f"did you mean {suggestion}"):
+            make([bad()])
+
+    @pytest.mark.parametrize("name", ["cleanup_all", "cleanup_run"])
+    def test_cleanup_prefix_without_close_match(self, name):
+        """A cleanup_ name far from every cleanup hook never runs: it is refused, like after_x."""
+
+        def hook(self, learn):
+            return None
+
+        bad = type("Bad", (Callback,), {name: hook})
+        with pytest.raises(InvalidCallbackError, match=f"Bad.{name} looks like a hook but is none"):
+            make([bad()])
 
     @pytest.mark.parametrize("order", [1.5, "1", None, True])
     def test_order_must_be_an_int(self, order):
@@ -82,18 +115,19 @@ class TestRegistration:
             learn.fit(1)
         assert learn.state == "idle"
 
-    def test_override_signature(self):
+    @pytest.mark.parametrize("override", list(Override))
+    def test_override_signature(self, override):
         """An override must take (learn, proceed); the message shows what it takes."""
 
-        class Old(Callback):
-            def step(self, learn):
-                return None
+        def old(self, learn):
+            return None
 
+        bad = type("Old", (Callback,), {override.value: old})
         with pytest.raises(
             InvalidCallbackError,
-            match=r"Old.step must accept \(learn, proceed\), got step\(learn\)",
+            match=rf"Old.{override} must accept \(learn, proceed\), got {override}\(learn\)",
         ):
-            make([Old()])
+            make([bad()])
 
     def test_hook_signature(self):
         """A hook must take the learner."""
@@ -130,15 +164,82 @@ class TestDispatch:
         assert all(
             not dispatch.hooks[h] for h in Hook if h not in {Hook.BEFORE_FIT, Hook.AFTER_LOSS}
         )
-        assert dict(dispatch.overrides) == {Override.BACKWARD: (), Override.STEP: ()}
+        assert dict(dispatch.overrides) == dict.fromkeys(Override, ())
 
     def test_overrides_are_found(self):
-        """A callback defining backward or step is the override for it."""
+        """A callback defining predict, compute_loss, backward or step is the override for it."""
 
         class Acc(Callback):
             def backward(self, learn, proceed):
                 return None
 
-        acc = Acc()
-        overrides = resolve_dispatch([acc]).overrides
-        assert dict(overrides) == {Override.BACKWARD: (acc,), Override.STEP: ()}
+        class Smooth(Callback):
+            order = -1
+
+            def compute_loss(self, learn, proceed):
+                return None
+
+            def predict(self, learn, proceed):
+                return None
+
+        acc, smooth, late = Acc(), Smooth(), Smooth()
+        late.order = 3
+        overrides = resolve_dispatch([late, acc, smooth]).overrides
+        assert dict(overrides) == {
+            Override.PREDICT: (smooth, late),
+            Override.COMPUTE_LOSS: (smooth, late),
+            Override.BACKWARD: (acc,),
+            Override.STEP: (),
+        }
+
+    def test_cleanup_hooks_are_dispatched(self):
+        """A cleanup hook is dispatched like any hook: to exactly the callbacks that have it."""
+
+        class Tidy(Callback):
+            def cleanup_epoch(self, learn):
+                return None
+
+        tidy = Tidy()
+        dispatch = resolve_dispatch([Callback(), tidy])
+        assert {h for h in Hook if dispatch.hooks[h]} == {Hook.CLEANUP_EPOCH}
+        assert [cb for cb, _ in dispatch.hooks[Hook.CLEANUP_EPOCH]] == [tidy]
+
+    def test_a_new_equal_callback_is_dispatched(self):
+        """Dispatch is resolved every run: a new callback equal to the old one runs, not the old."""
+        import attrs
+
+        calls = []
+
+        @attrs.define
+        class Tagged(Callback):
+            tag: str = "x"
+
+            def before_fit(self, learn):
+                calls.append(id(self))
+
+        first = Tagged()
+        learn = make([first])
+        learn.fit(0)
+        second = Tagged()
+        assert first == second
+        learn.cbs[0] = second
+        learn.fit(0)
+        assert calls == [id(first), id(second)]
+
+    def test_a_hook_added_to_the_class_between_runs_runs(self):
+        """A method given to a callback's class after a run is dispatched in the next one."""
+        calls: list[str] = []
+
+        class Late(Callback):
+            pass
+
+        learn = make([Late()])
+        learn.fit(0)
+
+        def after_fit(self, learn):
+            calls.append("after_fit")
+
+        Late.after_fit = after_fit  # type: ignore[method-assign]
+        learn.fit(0)
+        learn.validate()
+        assert calls == ["after_fit"]

@@ -38,5 +38,11 @@ def test_issue_exports():
 
 
 def test_testing_module_exports():
-    """fsm_learner.testing exports the recording callback."""
-    assert set(fsm_learner.testing.__all__) == {"HookRecord", "HostReads", "RecordingCallback"}
+    """fsm_learner.testing exports the recording callback and the expected traces."""
+    assert set(fsm_learner.testing.__all__) == {
+        "HookRecord",
+        "HostReads",
+        "RecordingCallback",
+        "expected_hooks",
+        "expected_trace",
+    }

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from helpers import Boom, Raiser, batches_dls, mlp
 
 from fsm_learner import Hook, Learner, RunStatus, State
+from fsm_learner._compat import add_note
 from fsm_learner.cli import main
 from fsm_learner.learner import Learner as LearnerClass
 
@@ -349,6 +350,22 @@ class InterruptAt:
 
 
 class TestInterruptsInsideTheLibrary:
+    def test_ctrl_c_in_a_handler_does_not_change_what_fit_raises(self, tmp_path, capsys):
+        """Ctrl-C as add_note gives up on a frozen exception: fit still raises that exception.
+
+        A KeyboardInterrupt from a trace function on the line after an except clause leaves
+        CPython 3.11 thinking the clause's exception is still being handled: a bare
+        ``raise`` further up re-raised the FrozenInstanceError add_note had caught.
+        """
+        line = _line_of(add_note, "return False")
+        raised = FrozenError(7)
+        log = tmp_path / "runs.jsonl"
+        learn = learner({(H.AFTER_LOSS, 1): lambda: raised}, log=log)
+        with pytest.raises(FrozenError) as info, InterruptAt(add_note.__code__, line, 1):
+            learn.fit(1)
+        assert info.value is raised
+        assert_failed_and_reusable(learn, log, capsys, message=str(raised))
+
     @pytest.mark.parametrize("nth", [1, 2, 3, 9, 20, 31])
     def test_between_a_state_change_and_what_follows_it(self, nth, tmp_path, capsys):
         """Ctrl-C right after the state changes in _fire: the log still replays, as failed."""

@@ -62,6 +62,7 @@ from fsm_learner import (
 )
 from fsm_learner.audit.codec import derive_key
 from fsm_learner.audit.replay import Problem, RunReport, audit_file
+from fsm_learner.testing import expected_hooks
 
 H, S = Hook, State
 # a log file left open is reported by the trial that left it (open_under), not when the
@@ -188,15 +189,9 @@ class Setup:
 
     def calls(self, hook: Hook) -> int:
         """How often ``hook`` runs in a fit without faults."""
-        batches = (self.n_train + self.n_valid) * self.n_epochs
-        return {
-            H.BEFORE_FIT: 1,
-            H.AFTER_FIT: 1,
-            H.BEFORE_EPOCH: 2 * self.n_epochs,
-            H.AFTER_EPOCH: 2 * self.n_epochs,
-            H.AFTER_BACKWARD: self.n_train * self.n_epochs,
-            H.AFTER_STEP: self.n_train * self.n_epochs,
-        }.get(hook, batches)
+        return expected_hooks(n_epochs=self.n_epochs, batches=(self.n_train, self.n_valid)).count(
+            hook
+        )
 
     @property
     def audit_key(self) -> bytes | None:
@@ -216,18 +211,9 @@ class Setup:
         )
 
 
-NORMAL_HOOKS = (
-    H.BEFORE_FIT,
-    H.BEFORE_EPOCH,
-    H.BEFORE_BATCH,
-    H.AFTER_PREDICT,
-    H.AFTER_LOSS,
-    H.AFTER_BACKWARD,
-    H.AFTER_STEP,
-    H.AFTER_BATCH,
-    H.AFTER_EPOCH,
-    H.AFTER_FIT,
-)
+NORMAL_HOOKS = tuple(dict.fromkeys(expected_hooks(batches=(1, 1))))
+"""The hooks of a fit without faults, the cleanup hooks included, in their first order."""
+CLEANUPS = frozenset({H.CLEANUP_BATCH, H.CLEANUP_EPOCH, H.CLEANUP_FIT})
 COMPONENTS = ("data", "model", "loss", "step")
 
 
@@ -459,10 +445,13 @@ class Injection:
         for raised in self.hooks.raised:
             if raised.hook is H.AFTER_FAIL:  # its errors become notes on the first
                 continue
-            allowed = ALLOWED_IN.get(type(raised.exc))
-            if allowed is None or raised.state not in allowed:
-                illegal = allowed is not None
-                return Expect(raised.exc, illegal_cancel=illegal, status=RunStatus.FAILED)
+            cancel = type(raised.exc) in ALLOWED_IN
+            # a cleanup hook runs once its unit ended: no cancel is allowed there
+            allowed = ALLOWED_IN.get(type(raised.exc), set()) - (
+                set(S) if raised.hook in CLEANUPS else set()
+            )
+            if raised.state not in allowed:
+                return Expect(raised.exc, illegal_cancel=cancel, status=RunStatus.FAILED)
             if isinstance(raised.exc, CancelFitException):
                 status = RunStatus.CANCELLED
         return Expect(None, illegal_cancel=False, status=status)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batches_dls, digits_dls, mlp
+from helpers import batches_dls, digits_dls, digits_tensors, mlp, same
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from fsm_learner import (
     Callback,
@@ -13,31 +17,11 @@ from fsm_learner import (
     Hook,
     InvalidTransitionError,
     Learner,
-    State,
+    RunKind,
 )
-from fsm_learner.testing import HookRecord, HostReads, RecordingCallback
+from fsm_learner.testing import HostReads, RecordingCallback, expected_hooks, expected_trace
 
-H, S = Hook, State
-
-
-def train_batch(epoch: int, it: int) -> list[HookRecord]:
-    return [
-        HookRecord(H.BEFORE_BATCH, S.BATCH, epoch, it, True),
-        HookRecord(H.AFTER_PREDICT, S.PREDICT, epoch, it, True),
-        HookRecord(H.AFTER_LOSS, S.LOSS, epoch, it, True),
-        HookRecord(H.AFTER_BACKWARD, S.BACKWARD, epoch, it, True),
-        HookRecord(H.AFTER_STEP, S.STEP, epoch, it, True),
-        HookRecord(H.AFTER_BATCH, S.STEP, epoch, it, True),
-    ]
-
-
-def valid_batch(epoch: int, it: int) -> list[HookRecord]:
-    return [
-        HookRecord(H.BEFORE_BATCH, S.BATCH, epoch, it, False),
-        HookRecord(H.AFTER_PREDICT, S.PREDICT, epoch, it, False),
-        HookRecord(H.AFTER_LOSS, S.LOSS, epoch, it, False),
-        HookRecord(H.AFTER_BATCH, S.LOSS, epoch, it, False),
-    ]
+H = Hook
 
 
 class TestNormalPath:
@@ -46,19 +30,7 @@ class TestNormalPath:
         rec = RecordingCallback()
         learn = Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, [rec])
         learn.fit(2)
-        expected = [HookRecord(H.BEFORE_FIT, S.FIT, 0, 0, False)]
-        for epoch in range(2):
-            # iter is 0 when a pass starts, then the index of the current batch
-            expected += [HookRecord(H.BEFORE_EPOCH, S.EPOCH, epoch, 0, True)]
-            expected += train_batch(epoch, 0) + train_batch(epoch, 1)
-            expected += [
-                HookRecord(H.AFTER_EPOCH, S.EPOCH, epoch, 1, True),
-                HookRecord(H.BEFORE_EPOCH, S.EPOCH, epoch, 0, False),
-            ]
-            expected += valid_batch(epoch, 0)
-            expected += [HookRecord(H.AFTER_EPOCH, S.EPOCH, epoch, 0, False)]
-        expected += [HookRecord(H.AFTER_FIT, S.FIT, 1, 0, False)]
-        assert expected == rec.records
+        assert expected_trace(n_epochs=2, batches=(2, 1)) == rec.records
         assert learn.state == "idle"
         # 1 begin_fit + per epoch (2 passes x (begin+end) + 2 train x 6 + 1 valid x 4) + end_fit
         assert learn.seq == 1 + 2 * (4 + 12 + 4) + 1
@@ -68,17 +40,21 @@ class TestNormalPath:
         rec = RecordingCallback()
         learn = Learner(mlp(), DataLoaders([], []), F.cross_entropy, 0.1, [rec])
         learn.fit(0)
-        assert rec.hooks == [H.BEFORE_FIT, H.AFTER_FIT]
+        assert rec.hooks == [H.BEFORE_FIT, H.AFTER_FIT, H.CLEANUP_FIT]
         rec.records.clear()
         learn.fit(1)
         assert rec.hooks == [
             H.BEFORE_FIT,
             H.BEFORE_EPOCH,
             H.AFTER_EPOCH,
+            H.CLEANUP_EPOCH,
             H.BEFORE_EPOCH,
             H.AFTER_EPOCH,
+            H.CLEANUP_EPOCH,
             H.AFTER_FIT,
+            H.CLEANUP_FIT,
         ]
+        assert rec.hooks == expected_hooks(batches=(0, 0))
         assert learn.state == "idle"
 
     def test_callbacks_run_in_order_ties_in_list_order(self):
@@ -135,7 +111,7 @@ class TestWhatHooksSee:
         assert seen == [(True, True, True), (False, False, False)]
 
     def test_readable_attributes(self):
-        """Every attribute the issue lists is readable in a hook, with the right values."""
+        """Every attribute the Learner documents is readable in a hook, with the right values."""
         seen: dict[str, object] = {}
         dls = batches_dls(1, 1)
 
@@ -153,14 +129,19 @@ class TestWhatHooksSee:
                         n_epochs=learn.n_epochs,
                         iter=learn.iter,
                         batch=learn.batch,
+                        output=learn.output is learn.preds,
                         preds=learn.preds.shape,
+                        target=learn.target is learn.batch[1],
                         loss=learn.loss.shape,
                         training=learn.training,
                         state=learn.state,
+                        kind=learn.kind,
+                        running=learn.running,
                     )
 
         model = mlp()
-        Learner(model, dls, F.cross_entropy, 0.25, [Look()], torch.optim.Adam).fit(1)
+        learn = Learner(model, dls, F.cross_entropy, 0.25, [Look()], torch.optim.Adam)
+        learn.fit(1)
         assert seen == {
             "model": model,
             "opt": torch.optim.Adam,
@@ -172,11 +153,16 @@ class TestWhatHooksSee:
             "n_epochs": 1,
             "iter": 0,
             "batch": dls.train[0],
+            "output": True,  # a tensor output is the predictions themselves
             "preds": torch.Size([8, 10]),
+            "target": True,  # the last element of a tuple batch
             "loss": torch.Size([]),
             "training": True,
             "state": "loss",
+            "kind": RunKind.FIT,
+            "running": True,
         }
+        assert (learn.running, learn.kind) == (False, RunKind.FIT)
 
     def test_hooks_replace_batch_preds_and_loss(self):
         """Values a hook assigns are the ones the loop uses next."""
@@ -203,6 +189,26 @@ class TestWhatHooksSee:
         assert losses == [7.0, 7.0, 7.0]
         # the replaced preds do not depend on the weights: the step changes nothing
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+    def test_fit_from_a_hook_is_refused(self):
+        """fit() inside a running fit is an InvalidTransitionError (and fails the outer fit)."""
+
+        class Nested(Callback):
+            def before_fit(self, learn):
+                learn.fit(1)
+
+        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [Nested()])
+        try:
+            learn.fit(1)
+        except InvalidTransitionError as exc:
+            assert "fit() called in state 'fit'" in str(exc)
+        else:  # pragma: no cover
+            raise AssertionError("nested fit was not refused")
+        assert learn.state == "idle"
+
+
+class TestOverrides:
+    """Overrides replace a piece of the batch's work; ``proceed()`` runs the rest of the chain."""
 
     def test_step_and_backward_overrides(self):
         """Overrides run per training batch; proceed() runs the default work."""
@@ -249,21 +255,210 @@ class TestWhatHooksSee:
         learn.fit(1)
         assert calls == ["outer 0", "outer 1", "inner 1"]
 
-    def test_fit_from_a_hook_is_refused(self):
-        """fit() inside a running fit is an InvalidTransitionError (and fails the outer fit)."""
+    def test_a_predict_override_calls_the_model_its_own_way(self):
+        """A model called with an extra keyword: its predictions are what every run uses."""
+        model = Scalable()
+        dls = batches_dls(2, 2)
+        plain = Learner(model, dls, F.cross_entropy, 0.1, audit_log=None).get_preds()[0]
+        calls: list[RunKind] = []
 
-        class Nested(Callback):
-            def before_fit(self, learn):
-                learn.fit(1)
+        class Doubled(Callback):
+            def predict(self, learn, proceed):
+                calls.append(learn.kind)
+                learn.output = learn.preds = learn.model(learn.batch[0], scale=2.0)
 
-        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [Nested()])
-        try:
-            learn.fit(1)
-        except InvalidTransitionError as exc:
-            assert "fit() called in state 'fit'" in str(exc)
-        else:  # pragma: no cover
-            raise AssertionError("nested fit was not refused")
-        assert learn.state == "idle"
+        learn = Learner(model, dls, F.cross_entropy, 0.1, [Doubled()], audit_log=None)
+        preds, _ = learn.get_preds()
+        assert torch.equal(preds, 2 * plain)
+        x, y = torch.cat([b[0] for b in dls.valid]), torch.cat([b[1] for b in dls.valid])
+        with torch.no_grad():
+            expected = F.cross_entropy(2 * model.eval()(x), y).item()
+        assert learn.validate()["loss"] == pytest.approx(expected, rel=1e-6)
+        learn.fit(1)
+        assert calls == [RunKind.PREDICT] * 2 + [RunKind.VALIDATE] * 2 + [RunKind.FIT] * 4
+
+    def test_a_compute_loss_override_smooths_the_labels(self):
+        """Label smoothing as an override: validate() reports the smoothed loss, fit uses it."""
+
+        class Smoothed(Callback):
+            def compute_loss(self, learn, proceed):
+                learn.loss = F.cross_entropy(learn.preds, learn.target, label_smoothing=0.2)
+
+        dls = batches_dls(2, 2)
+        model = mlp()
+        x, y = torch.cat([b[0] for b in dls.valid]), torch.cat([b[1] for b in dls.valid])
+        with torch.no_grad():
+            logits = model.eval()(x)
+        smoothed = F.cross_entropy(logits, y, label_smoothing=0.2).item()
+        assert smoothed != pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-3)
+        learn = Learner(model, dls, F.cross_entropy, 0.1, [Smoothed()], audit_log=None)
+        assert learn.validate()["loss"] == pytest.approx(smoothed, rel=1e-6)
+
+        losses: list[torch.Tensor] = []
+
+        class Keep(Callback):
+            def after_loss(self, learn):
+                losses.append(learn.loss.detach())
+
+        smoothing = Learner(mlp(), dls, F.cross_entropy, 0.1, [Smoothed(), Keep()], audit_log=None)
+        smoothing.fit(1)
+        first_x, first_y = dls.train[0]
+        with torch.no_grad():
+            first = F.cross_entropy(mlp()(first_x), first_y, label_smoothing=0.2)
+        assert torch.equal(losses[0], first)
+
+    def test_predict_runs_skip_compute_loss(self):
+        """get_preds() never computes a loss: neither the override nor the loss function runs."""
+        calls: list[str] = []
+
+        class Count(Callback):
+            def compute_loss(self, learn, proceed):
+                calls.append(learn.kind)
+                proceed()
+
+        def no_loss(preds, target):
+            raise AssertionError("a predict run computed a loss")
+
+        learn = Learner(mlp(), batches_dls(1, 3), no_loss, 0.1, [Count()], audit_log=None)
+        preds, targets = learn.get_preds()
+        assert (calls, preds.shape, targets is not None) == ([], torch.Size([24, 10]), True)
+
+    def test_predict_and_compute_loss_overrides_compose_in_order(self):
+        """The lower order wraps the higher: it sees and may change what the inner one did."""
+        dls = batches_dls(1, 2)
+        model = Scalable()
+        x, y = torch.cat([b[0] for b in dls.valid]), torch.cat([b[1] for b in dls.valid])
+        with torch.no_grad():
+            plain = model.eval()(x)
+
+        class Shift(Callback):
+            order = 1
+
+            def predict(self, learn, proceed):
+                proceed()
+                learn.preds = learn.preds + 1
+
+            def compute_loss(self, learn, proceed):
+                proceed()
+                learn.loss = learn.loss / 2
+
+        class Double(Callback):
+            order = 2
+
+            def predict(self, learn, proceed):
+                learn.output = learn.preds = learn.model(learn.batch[0], scale=2.0)
+
+            def compute_loss(self, learn, proceed):
+                learn.loss = F.cross_entropy(learn.preds, learn.target, label_smoothing=0.2)
+
+        inner_first = Learner(model, dls, F.cross_entropy, 0.1, [Double(), Shift()], audit_log=None)
+        preds, _ = inner_first.get_preds()
+        assert torch.equal(preds, 2 * plain + 1)
+        loss = F.cross_entropy(2 * plain + 1, y, label_smoothing=0.2).item() / 2
+        assert inner_first.validate()["loss"] == pytest.approx(loss, rel=1e-6)
+
+        class Last(Shift):
+            order = 3
+
+        shift_inner = Learner(model, dls, F.cross_entropy, 0.1, [Last(), Double()], audit_log=None)
+        preds, _ = shift_inner.get_preds()  # Double never proceeds: the shift never runs
+        assert torch.equal(preds, 2 * plain)
+
+
+class Scalable(nn.Module):
+    """The MLP with a keyword its callers may pass: ``model(x, scale=2.0)`` doubles the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+        return self.net(x) * scale
+
+
+def ordered_digits() -> DataLoaders:
+    """512 training and 128 validation digits in batches of 64, in the same order every epoch."""
+    x, y = digits_tensors()
+    return DataLoaders(
+        DataLoader(TensorDataset(x[:512], y[:512]), batch_size=64),
+        DataLoader(TensorDataset(x[1400:1528], y[1400:1528]), batch_size=64),
+    )
+
+
+def adam_learner() -> Learner:
+    return Learner(mlp(), ordered_digits(), F.cross_entropy, 0.01, opt_func=torch.optim.Adam)
+
+
+def trained_state(learn: Learner) -> tuple[dict, dict]:
+    assert learn.opt is not None
+    return copy.deepcopy(learn.model.state_dict()), copy.deepcopy(learn.opt.state_dict())
+
+
+class TestOptimizerAcrossFits:
+    def test_two_fits_of_two_epochs_are_one_of_four(self):
+        """Adam's moments and step count carry over: weights and state equal fit(4) bit for bit."""
+        once = adam_learner()
+        once.fit(4)
+        twice = adam_learner()
+        twice.fit(2)
+        opt = twice.opt
+        twice.fit(2)
+        assert twice.opt is opt
+        weights, state = trained_state(twice)
+        assert same(weights, once.model.state_dict())
+        assert same(state, once.opt.state_dict())
+        assert state["state"][0]["step"].item() == 4 * 8  # 8 training batches an epoch
+
+    def test_reset_opt_starts_a_new_optimizer(self):
+        """fit(2, reset_opt=True) builds a fresh Adam: its steps restart, the weights differ."""
+        once = adam_learner()
+        once.fit(4)
+        reset = adam_learner()
+        reset.fit(2)
+        first = reset.opt
+        reset.fit(2, reset_opt=True)
+        assert reset.opt is not first
+        weights, state = trained_state(reset)
+        assert state["state"][0]["step"].item() == 2 * 8
+        assert not same(weights, once.model.state_dict())
+
+    def test_a_user_set_optimizer_is_used_and_kept(self):
+        """learn.opt set before the first fit is the one that steps; opt_func is never called."""
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        built: list[object] = []
+
+        def opt_func(params, lr):
+            built.append(lr)
+            return torch.optim.SGD(params, lr)
+
+        learn = Learner(model, ordered_digits(), F.cross_entropy, 0.1, opt_func=opt_func)
+        learn.opt = opt
+        before = copy.deepcopy(model.state_dict())
+        learn.fit(1)
+        learn.fit(1)
+        assert (learn.opt, built) == (opt, [])
+        assert opt.param_groups[0]["lr"] == 0.05  # the learner's lr does not overwrite it
+        assert all(opt.state[p]["momentum_buffer"] is not None for p in model.parameters())
+        assert not same(before, model.state_dict())
+        learn.lr = 0.2
+        assert opt.param_groups[0]["lr"] == 0.2  # until lr is set: then it is the optimizer's
+
+    def test_param_groups_reach_the_optimizer(self):
+        """param_groups(model) is what opt_func gets: a group with lr 0 keeps its weights."""
+
+        def frozen_first_layer(model):
+            return [{"params": model[0].parameters(), "lr": 0.0}, {"params": model[2].parameters()}]
+
+        learn = Learner(
+            mlp(), ordered_digits(), F.cross_entropy, 0.1, param_groups=frozen_first_layer
+        )
+        first, last = (learn.model[i].weight.detach().clone() for i in (0, 2))
+        learn.fit(1)
+        assert learn.opt is not None
+        assert [g["lr"] for g in learn.opt.param_groups] == [0.0, 0.1]
+        assert torch.equal(first, learn.model[0].weight)
+        assert not torch.equal(last, learn.model[2].weight)
 
 
 class TestNoSync:

@@ -19,7 +19,7 @@ from fsm_learner import (
     InvalidDataLoadersError,
     Learner,
 )
-from fsm_learner.testing import RecordingCallback
+from fsm_learner.testing import RecordingCallback, expected_hooks
 
 
 class TestLearnerArguments:
@@ -51,12 +51,61 @@ class TestLearnerArguments:
             Learner(mlp(), batches_dls(1, 1), F.cross_entropy, lr)
 
     def test_loss_func_must_be_callable(self):
-        """A string is not a loss function."""
-        with pytest.raises(ConfigurationError, match="loss_func must be callable, got 'mse'"):
+        """A string is not a loss function; None is valid (the model computes its own loss)."""
+        with pytest.raises(
+            ConfigurationError, match="loss_func must be callable or None, got 'mse'"
+        ):
             Learner(mlp(), batches_dls(1, 1), "mse")  # type: ignore[arg-type]
+        assert Learner(mlp(), batches_dls(1, 1), None).loss_func is None
 
-    def test_defaults_follow_the_seed(self):
-        """Defaults: mse loss, lr 0.1, no callbacks, SGD."""
+    @pytest.mark.parametrize("name", ["opt_func", "param_groups"])
+    def test_optimizer_factories_must_be_callable(self, name):
+        """opt_func and param_groups run at the first fit: refused at once if not callable."""
+        with pytest.raises(ConfigurationError, match=f"{name} must be callable.*, got 3"):
+            Learner(mlp(), batches_dls(1, 1), F.cross_entropy, **{name: 3})
+
+    @pytest.mark.parametrize(("key", "shown"), [("", "''"), (3, "3"), (None, "a NoneType")])
+    def test_target_key(self, key, shown):
+        """target_key names the target in mapping batches: a non-empty str."""
+        with pytest.raises(
+            ConfigurationError, match=rf"target_key must be a non-empty str .* got {shown}$"
+        ):
+            Learner(mlp(), batches_dls(1, 1), target_key=key)
+
+    @pytest.mark.parametrize(("key", "shown"), [("", "''"), (3, "3"), (None, "a NoneType")])
+    def test_target_key_is_checked_when_set(self, key, shown):
+        """Set after construction, target_key is checked the same way, and kept on refusal."""
+        learn = Learner(mlp(), batches_dls(1, 1), target_key="y")
+        with pytest.raises(
+            ConfigurationError, match=rf"target_key must be a non-empty str .* got {shown}$"
+        ):
+            learn.target_key = key
+        assert learn.target_key == "y"
+        learn.target_key = "labels"
+        assert learn.target_key == "labels"
+
+    @pytest.mark.parametrize("part", ["train", "valid"])
+    @pytest.mark.parametrize(
+        ("make", "kind"),
+        [
+            (lambda batches: (b for b in batches), "generator"),
+            (iter, "list_iterator"),
+            (lambda batches: map(tuple, batches), "map"),
+        ],
+    )
+    def test_iterators_are_refused_as_data(self, part, make, kind):
+        """An iterator runs dry after one pass: refused at construction, naming part and type."""
+        good = batches_dls(2, 2)
+        parts = {"train": good.train, "valid": good.valid}
+        parts[part] = make(parts[part])
+        with pytest.raises(
+            InvalidDataLoadersError,
+            match=rf"dls\.{part} is a {kind}, an iterator that can be read only once",
+        ):
+            Learner(mlp(), DataLoaders(**parts), F.cross_entropy)
+
+    def test_defaults(self):
+        """Defaults: mse loss, lr 0.1, no callbacks, SGD, targets under "labels", no optimizer."""
         learn = Learner(mlp(), batches_dls(1, 1))
         assert (learn.loss_func, learn.lr, learn.cbs, learn.opt_func) == (
             F.mse_loss,
@@ -64,9 +113,16 @@ class TestLearnerArguments:
             [],
             torch.optim.SGD,
         )
+        assert (learn.target_key, learn.opt, learn.kind, learn.running) == (
+            "labels",
+            None,
+            "fit",
+            False,
+        )
+        assert list(learn.param_groups(learn.model)) == list(learn.model.parameters())
 
 
-class TestFitArguments:
+class TestRunArguments:
     @pytest.mark.parametrize("n", [-1, 1.0, "2", None, False])
     def test_n_epochs(self, n):
         """n_epochs is an int >= 0; the learner stays idle and runs nothing."""
@@ -75,6 +131,24 @@ class TestFitArguments:
             learn.fit(n)  # type: ignore[arg-type]
         assert learn.state == "idle"
         assert learn.seq == 0
+
+    @pytest.mark.parametrize("value", [1, "yes", None])
+    def test_reset_opt(self, value):
+        """reset_opt is True or False; nothing runs and no optimizer is built otherwise."""
+        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy)
+        with pytest.raises(ConfigurationError, match="reset_opt must be True or False, got"):
+            learn.fit(1, reset_opt=value)  # type: ignore[arg-type]
+        assert (learn.opt, learn.seq, learn.run_id) == (None, 0, "")
+
+    @pytest.mark.parametrize("run", ["validate", "get_preds"])
+    def test_inference_data_must_be_iterable(self, run):
+        """validate(dl) and get_preds(dl) take batches, or None for dls.valid."""
+        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy)
+        with pytest.raises(
+            InvalidDataLoadersError, match=rf"{run}\(dl\): dl must be an iterable .* got int"
+        ):
+            getattr(learn, run)(5)
+        assert (learn.state, learn.run_id) == ("idle", "")
 
 
 class TestSettingsAreCheckedWheneverSet:
@@ -101,13 +175,31 @@ class TestSettingsAreCheckedWheneverSet:
         assert learn.opt is not None
         assert learn.opt.param_groups[0]["lr"] == 3.0
 
+    def test_lr_set_between_fits_reaches_the_kept_optimizer(self):
+        """The optimizer is kept across fits, so setting lr sets every one of its groups' lr."""
+        groups = lambda model: [
+            {"params": model[0].parameters()},
+            {"params": model[2].parameters()},
+        ]
+        learn = Learner(
+            mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, param_groups=groups, audit_log=None
+        )
+        learn.fit(1)
+        opt = learn.opt
+        assert opt is not None
+        learn.lr = 0.5
+        assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5]
+        learn.fit(1)
+        assert learn.opt is opt
+        assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5]
+
     def test_one_callback_alone(self):
         """cbs=Callback() (not in a list) used to raise a raw TypeError; fastai takes it."""
         rec = RecordingCallback()
         learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, cbs=rec, audit_log=None)
         assert learn.cbs == [rec]
         learn.fit(1)
-        assert rec.hooks[0] == "before_fit"
+        assert rec.hooks == expected_hooks(batches=(1, 1))
 
     @pytest.mark.parametrize(
         ("cbs", "shown"), [("cb", "str"), (5, "int"), ({"a": Callback()}, "dict")]
@@ -129,7 +221,7 @@ class TestSettingsAreCheckedWheneverSet:
         learn.cbs = (cb for cb in [rec])
         assert learn.cbs == [rec]
         learn.fit(1)
-        assert rec.hooks[0] == "before_fit"
+        assert rec.hooks == expected_hooks(batches=(1, 1))
         with pytest.raises(InvalidCallbackError, match=r"cbs\[0\] must be an instance"):
             learn.cbs = [object()]
         assert learn.cbs == [rec]

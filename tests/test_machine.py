@@ -4,23 +4,50 @@ from __future__ import annotations
 
 import logging
 
+import attrs
+import pytest
 import transitions
 import transitions.core
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fsm_learner import TRANSITION_TABLE, Hook, HookTiming, State, Trigger, build_machine
+from fsm_learner import TRANSITION_TABLE, Hook, HookTiming, RunKind, State, Trigger, build_machine
+from fsm_learner import machine as machine_module
 from fsm_learner.exceptions import CancelException
-from fsm_learner.machine import MachineModel, cancel_trigger, compile_routes, table_digest
+from fsm_learner.machine import (
+    MODES,
+    Guard,
+    MachineModel,
+    cancel_trigger,
+    cleanup_hooks,
+    compile_routes,
+    table_digest,
+)
+
+H, S = Hook, State
+CLEANUPS = {H.CLEANUP_BATCH, H.CLEANUP_EPOCH, H.CLEANUP_FIT}
+
+
+def every_cleanup_run() -> set[Hook]:
+    """The cleanup hooks some row of the table runs, in some kind of run."""
+    return {
+        hook
+        for spec in TRANSITION_TABLE
+        for source in spec.sources
+        for kind in RunKind
+        for hook in cleanup_hooks(source, spec.dest, kind)
+    }
 
 
 class TestTable:
     def test_every_state_trigger_and_hook_is_used(self):
         """The enums hold exactly what the table uses: no dead state, trigger or hook."""
         assert {s.trigger for s in TRANSITION_TABLE} == set(Trigger)
-        assert {s.hook for s in TRANSITION_TABLE} == set(Hook)
+        assert {s.hook for s in TRANSITION_TABLE} == set(Hook) - CLEANUPS
+        assert every_cleanup_run() == CLEANUPS
         used = {s.dest for s in TRANSITION_TABLE} | {x for s in TRANSITION_TABLE for x in s.sources}
         assert used == set(State)
+        assert {s.guard for s in TRANSITION_TABLE} - {None} == set(Guard)
 
     def test_each_trigger_fires_one_hook(self):
         """A trigger with several rows (end_batch) fires the same hook with the same timing."""
@@ -51,11 +78,60 @@ class TestTable:
 
         assert cancel_trigger(Stray()) is None
 
-    def test_digest_is_stable_and_hex(self):
-        """The table digest names the table; computing it twice gives the same value."""
-        assert table_digest() == table_digest()
+    def test_digest_is_hex(self):
+        """The table digest is 16 bytes of hex: what a log header's ``table`` holds."""
         assert len(table_digest()) == 32
         int(table_digest(), 16)
+
+    @pytest.mark.parametrize(
+        "change",
+        [
+            {"dest": S.IDLE},
+            {"hook": H.AFTER_FAIL},
+            {"timing": HookTiming.BEFORE_CHANGE},
+            {"guard": Guard.TRAINING},
+            {"sources": (S.BATCH, S.LOSS)},
+            {"trigger": Trigger.END_BATCH},
+        ],
+    )
+    def test_digest_changes_with_any_field_of_any_row(self, change, monkeypatch):
+        """Changing one field of one row gives another digest: a log names the machine it ran on."""
+        digest = table_digest.__wrapped__  # the digest computed afresh, not the cached one
+        assert digest() == table_digest()
+        for i, spec in enumerate(TRANSITION_TABLE):
+            edited = (
+                *TRANSITION_TABLE[:i],
+                attrs.evolve(spec, **change),
+                *TRANSITION_TABLE[i + 1 :],
+            )
+            if edited == TRANSITION_TABLE:
+                continue  # this row already has that value
+            monkeypatch.setattr(machine_module, "TRANSITION_TABLE", edited)
+            assert digest() != table_digest(), (i, change)
+        monkeypatch.undo()
+        assert digest() == table_digest()
+
+
+class TestCleanupHooks:
+    @pytest.mark.parametrize(
+        ("source", "dest", "kind", "expected"),
+        [
+            (S.STEP, S.EPOCH, RunKind.FIT, [H.CLEANUP_BATCH]),
+            (S.EPOCH, S.FIT, RunKind.FIT, [H.CLEANUP_EPOCH]),
+            (S.FIT, S.IDLE, RunKind.FIT, [H.CLEANUP_FIT]),
+            (S.BACKWARD, S.IDLE, RunKind.FIT, [H.CLEANUP_BATCH, H.CLEANUP_EPOCH, H.CLEANUP_FIT]),
+            (S.LOSS, S.FIT, RunKind.FIT, [H.CLEANUP_BATCH, H.CLEANUP_EPOCH]),
+            (S.EPOCH, S.IDLE, RunKind.VALIDATE, [H.CLEANUP_EPOCH]),
+            (S.PREDICT, S.IDLE, RunKind.PREDICT, [H.CLEANUP_BATCH, H.CLEANUP_EPOCH]),
+            (S.IDLE, S.FIT, RunKind.FIT, []),
+            (S.FIT, S.EPOCH, RunKind.FIT, []),
+            (S.BATCH, S.PREDICT, RunKind.FIT, []),
+            (S.IDLE, S.IDLE, RunKind.FIT, []),
+        ],
+    )
+    def test_the_units_a_transition_leaves(self, source, dest, kind, expected):
+        """Innermost first; entering or staying inside a unit cleans nothing up."""
+        assert list(cleanup_hooks(source, dest, kind)) == expected
 
 
 class TestBuiltMachine:
@@ -67,7 +143,7 @@ class TestBuiltMachine:
 
     def test_a_training_batch_walks_through_the_machine(self):
         """Firing triggers on the transitions machine itself follows the table."""
-        model = MachineModel(training=True)
+        model = MachineModel(kind=RunKind.FIT, training=True)
         build_machine(model)
         for trigger in ("begin_fit", "begin_epoch", "begin_batch", "predict", "compute_loss"):
             model.trigger(trigger)  # type: ignore[attr-defined]
@@ -85,6 +161,26 @@ class TestBuiltMachine:
             model.trigger(trigger)  # type: ignore[attr-defined]
         assert model.trigger("backward") is False  # type: ignore[attr-defined]
         assert model.state == "loss"
+
+    @pytest.mark.parametrize(
+        ("kind", "work", "refused"),
+        [
+            (RunKind.VALIDATE, ("predict", "compute_loss"), "backward"),
+            (RunKind.PREDICT, ("predict",), "compute_loss"),
+        ],
+    )
+    def test_inference_runs_enter_a_pass_from_idle(self, kind, work, refused):
+        """validate and predict: idle -> epoch -> idle, no fit, no backward (predict: no loss)."""
+        model = MachineModel(kind=kind, training=False)
+        build_machine(model)
+        assert model.trigger("begin_fit") is False  # type: ignore[attr-defined]
+        for trigger in ("begin_epoch", "begin_batch", *work):
+            model.trigger(trigger)  # type: ignore[attr-defined]
+        assert model.trigger(refused) is False  # type: ignore[attr-defined]
+        model.trigger("end_batch")  # type: ignore[attr-defined]
+        assert model.state == "epoch"
+        model.trigger("end_epoch")  # type: ignore[attr-defined]
+        assert model.state == "idle"
 
     def test_quiets_transitions_without_touching_root(self, caplog):
         """transitions' INFO chatter is quieted on its own logger; the root logger is untouched."""
@@ -117,16 +213,19 @@ class TestCompiledRoutesMatchTheMachine:
     """The hot path's routes and the transitions machine accept exactly the same sequences."""
 
     @settings(max_examples=300, deadline=None)
-    @given(st.lists(st.tuples(TRIGGERS, st.booleans()), max_size=40))
-    def test_same_acceptance_and_states(self, steps):
-        """For any trigger sequence (and training flag per step) both agree at every step."""
+    @given(
+        st.sampled_from(list(RunKind)), st.lists(st.tuples(TRIGGERS, st.booleans()), max_size=40)
+    )
+    def test_same_acceptance_and_states(self, kind, steps):
+        """For any run kind and trigger sequence (training per step) both agree at every step."""
         routes = compile_routes(build_machine())
-        model = MachineModel()
+        model = MachineModel(kind=kind)
         machine = build_machine(model)
         state = State.IDLE
-        for trigger, training in steps:
+        for trigger, flag in steps:
+            training = flag and kind is RunKind.FIT  # only a fit has training passes
             model.training = training
-            expected = routes[training][state].get(trigger)
+            expected = routes[kind, training][state].get(trigger)
             try:
                 accepted = machine.events[trigger].trigger(model)
             except transitions.core.MachineError:
@@ -137,9 +236,18 @@ class TestCompiledRoutesMatchTheMachine:
             assert model.state == state.value
 
     def test_routes_cover_each_row(self):
-        """Every (source, trigger) of the table is routed for some value of training."""
+        """Every (source, trigger) of the table is routed in some mode of some kind of run."""
         routes = compile_routes(build_machine())
+        assert set(routes) == set(MODES)
         for spec in TRANSITION_TABLE:
             for source in spec.sources:
-                dests = {routes[t][source].get(spec.trigger) for t in (True, False)}
-                assert spec.dest in dests
+                dests = {routes[mode][source].get(spec.trigger) for mode in MODES}
+                assert spec.dest in dests, (spec.trigger, source)
+
+    def test_guards_split_the_rows_of_a_trigger_by_kind(self):
+        """end_epoch and cancel_epoch go back to the fit in a fit, to idle in a validate run."""
+        routes = compile_routes(build_machine())
+        for trigger in (Trigger.END_EPOCH, Trigger.CANCEL_EPOCH):
+            assert routes[RunKind.FIT, True][S.EPOCH][trigger] is S.FIT
+            assert routes[RunKind.VALIDATE, False][S.EPOCH][trigger] is S.IDLE
+            assert routes[RunKind.PREDICT, False][S.EPOCH][trigger] is S.IDLE

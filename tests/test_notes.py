@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import orjson
 import pytest
 import torch.nn.functional as F
-from helpers import batches_dls, mlp
+from helpers import batches_dls, mlp, run_records
 
-from fsm_learner import Callback, Learner, RunStatus
+from fsm_learner import Callback, InvalidTransitionError, Learner, RunStatus
 from fsm_learner.audit.replay import audit_file
 
 
@@ -32,9 +31,7 @@ def fit_with(noter: Noter) -> Learner:
 
 
 def notes_in(learn: Learner) -> list[dict]:
-    assert learn.audit_path is not None
-    records = [orjson.loads(line) for line in learn.audit_path.read_bytes().splitlines()]
-    return [r for r in records if r["ev"] == "note"]
+    return [r for r in run_records(learn) if r["ev"] == "note"]
 
 
 class TestValuesJsonLacks:
@@ -94,3 +91,50 @@ class TestNotesRefused:
         """The name of a note is a str."""
         _, exc = failing_fit(Noter(name=3))
         assert str(exc) == "a note's name must be a str, got int"
+
+
+class TestWhereNotesBelong:
+    def test_outside_a_run(self):
+        """Notes belong to a run: before any, and after one closed, note() is refused."""
+        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1)
+        with pytest.raises(InvalidTransitionError, match=r"note\('x'\) outside a run"):
+            learn.note("x", a=1)
+        learn.fit(1)
+        with pytest.raises(InvalidTransitionError, match=r"note\('x'\) outside a run"):
+            learn.note("x", a=1)
+
+    def test_in_cleanup_hooks_and_inference_runs(self):
+        """A cleanup hook of a fit, and a hook of a validate or predict run, note into their run."""
+
+        class Closing(Callback):
+            def cleanup_fit(self, learn):
+                learn.note("closing", kind=str(learn.kind))
+
+            def cleanup_epoch(self, learn):
+                if learn.kind != "fit":
+                    learn.note("closing", kind=str(learn.kind))
+
+        learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [Closing()])
+        for run in (lambda: learn.fit(1), learn.validate, learn.get_preds):
+            run()
+            [note] = notes_in(learn)
+            assert (note["name"], note["kind"], note["run"]) == (
+                "closing",
+                learn.kind,
+                learn.run_id,
+            )
+            [report], _ = audit_file(learn.audit_path)
+            assert report.verified
+
+    def test_checked_when_the_log_is_off_and_for_json(self):
+        """A note JSON cannot hold fails in the hook that made it, log on or off."""
+
+        class Big(Callback):
+            def before_fit(self, learn):
+                learn.note("big", value=2**70)
+
+        for log in (None, "runs"):
+            learn = Learner(mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [Big()], audit_log=log)
+            with pytest.raises(TypeError, match="cannot be written as JSON") as info:
+                learn.fit(1)
+            assert "in hook before_fit of Big" in info.value.__notes__[0]
