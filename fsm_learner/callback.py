@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
@@ -173,14 +174,21 @@ _OVERRIDE_NAMES: Final = frozenset(Override)
 _HOOKLIKE_PREFIXES: Final = ("before_", "after_", "cleanup_", "on_")
 
 
-def _own_callables(cb: Callback) -> Iterable[str]:
-    """Names of callables that ``cb``'s class defines itself (not Callback, not object)."""
-    for klass in type(cb).__mro__:
-        if klass in {Callback, object}:
-            continue
-        for name, value in vars(klass).items():
-            if callable(value) and not name.startswith("_"):
-                yield name
+_Methods = tuple[tuple[str, object], ...]
+
+_CHECKED: Final[weakref.WeakKeyDictionary[type, _Methods]] = weakref.WeakKeyDictionary()
+"""The classes whose hook names and signatures were checked, with the methods checked."""
+
+
+def _own_callables(klass: type) -> _Methods:
+    """Return the public callables ``klass`` defines itself (not Callback, not object)."""
+    return tuple(
+        (name, value)
+        for base in klass.__mro__
+        if base not in {Callback, object}
+        for name, value in vars(base).items()
+        if callable(value) and not name.startswith("_")
+    )
 
 
 def _check_signature(cb: Callback, name: str, params: str, n_args: int) -> None:
@@ -196,7 +204,17 @@ def _check_signature(cb: Callback, name: str, params: str, n_args: int) -> None:
 
 
 def _check_hook_names(cb: Callback) -> None:
-    for name in _own_callables(cb):
+    """Check ``cb``'s hook-like methods, once per class while its methods stay the same."""
+    klass = type(cb)
+    methods = _own_callables(klass)
+    if _CHECKED.get(klass) == methods:  # the same function objects: checked already
+        return
+    _check_methods(cb, methods)
+    _CHECKED[klass] = methods
+
+
+def _check_methods(cb: Callback, methods: _Methods) -> None:
+    for name, _ in methods:
         if name in _HOOK_NAMES:
             _check_signature(cb, name, "learn", 1)
             continue

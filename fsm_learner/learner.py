@@ -722,8 +722,8 @@ class Learner:
 
     def _resolve_callbacks(self, kind: RunKind) -> None:
         """Check the callbacks and compile their dispatch, every run (they may have changed)."""
-        self.cbs = validate_callbacks(self.cbs)
-        dispatch = resolve_dispatch(self.cbs)
+        self._cbs = validate_callbacks(self._cbs)
+        dispatch = resolve_dispatch(self._cbs)
         # together: the compiled routes always hold the modes of the kind
         self._dispatch, self._compiled, self._kind = dispatch, _compile(dispatch, kind), kind
         self._go_idle()  # the routes match the mode

@@ -115,6 +115,33 @@ class TestRegistration:
             learn.fit(1)
         assert learn.state == "idle"
 
+    def test_a_class_changed_between_runs_is_checked_again(self):
+        """Checks are kept per class while its methods stay the same: a misspelt hook, or a
+        hook with a wrong signature, given to the class after a run is refused at the next."""
+
+        class Late(Callback):
+            def after_fit(self, learn):
+                return None
+
+        learn = make([Late()])
+        learn.fit(0)
+
+        def before_btach(self, learn):
+            return None
+
+        Late.before_btach = before_btach  # type: ignore[attr-defined]
+        with pytest.raises(InvalidCallbackError, match="did you mean before_batch"):
+            learn.fit(0)
+        del Late.before_btach  # type: ignore[attr-defined]
+        learn.fit(0)
+
+        def after_fit(self):
+            return None
+
+        Late.after_fit = after_fit  # type: ignore[method-assign, assignment]
+        with pytest.raises(InvalidCallbackError, match=r"Late.after_fit must accept \(learn\)"):
+            learn.fit(0)
+
     @pytest.mark.parametrize("override", list(Override))
     def test_override_signature(self, override):
         """An override must take (learn, proceed); the message shows what it takes."""
