@@ -16,8 +16,24 @@ follows the mean gradient of its batches, exactly as one batch of their union wo
 (with a mean-reduced loss and equal batch sizes). With a data loader that has no
 ``len()``, a short last group cannot be known in advance and its gradients are dropped.
 Gradients are zeroed at the start of every training pass, so nothing left over from a
-short group or a cancelled step leaks into the next pass. A cancelled batch simply
-contributes nothing to its group.
+short group leaks into the next pass.
+
+Cancelled batches (``CancelBatchException``, or a cancelled pass or fit) never leak
+gradients into a later step. When a training batch ends (``cleanup_batch``, by any
+route) without having reached its ``step`` transition:
+
+- a batch cancelled before its backward contributes nothing: its group steps with the
+  gradients of its other batches (each still divided by the group's size);
+- a batch cancelled after its backward (in ``after_backward``, or inside the backward
+  chain) has added its gradient, which cannot be told apart from those of the group's
+  earlier batches: the gradients are zeroed, so the group loses what it had accumulated
+  so far, and its later batches still step at the group's close;
+- a batch that closes its group and is cancelled before the step ran drops its group:
+  the gradients are zeroed, the group takes no step, and the next group starts from zero
+  (as a short last group without ``len()`` is dropped).
+
+A batch cancelled after its step (in ``after_step`` or ``after_batch``) has contributed,
+as it would have without accumulation.
 
 ``after_step`` still fires on every training batch (the ``step`` transition is taken);
 the weights change only when a group steps. ``optimizer_steps(n)`` says how many steps a
@@ -52,6 +68,10 @@ class GradientAccumulationCB(Callback):
             "n_batches", n_batches, minimum=1, meaning="batches per optimizer step"
         )
         self._n_in_pass: int | None = None
+        self._backward_began = False
+        """Whether the current batch's backward began (its gradient may be in ``.grad``)."""
+        self._reached_step = False
+        """Whether the current batch got through its ``step`` work (stepped or not)."""
 
     def before_epoch(self, learn: Learner) -> None:
         """At the start of a training pass: learn its length, if any, and zero the gradients."""
@@ -84,6 +104,7 @@ class GradientAccumulationCB(Callback):
         """Back-propagate the loss divided by the group size; leave the loss unscaled."""
         loss = learn.loss
         learn.loss = loss / self.group_size(learn.iter)
+        self._backward_began = True
         try:
             proceed()
         finally:
@@ -93,3 +114,17 @@ class GradientAccumulationCB(Callback):
         """Run the step (the rest of the chain) only on the last batch of a group."""
         if self.closes_group(learn.iter):
             proceed()
+        self._reached_step = True
+
+    def cleanup_batch(self, learn: Learner) -> None:
+        """Zero the gradients a batch that missed its step leaves behind (see the module doc)."""
+        leaked = self._leaves_gradients(learn)
+        self._backward_began = self._reached_step = False
+        if leaked and learn.opt is not None:
+            learn.opt.zero_grad()
+
+    def _leaves_gradients(self, learn: Learner) -> bool:
+        """Whether the batch ending now left gradients that no step of its group may use."""
+        if not learn.training or self._reached_step:
+            return False
+        return self._backward_began or self.closes_group(learn.iter)

@@ -2,9 +2,9 @@
 
 Over ``num_it`` training batches the learning rate of every parameter group grows
 exponentially from ``start_lr`` to ``end_lr`` (set in ``before_batch``; order 70, after
-the schedulers, so the sweep wins). After each batch the loss is smoothed (an
-exponential moving average with bias correction) and recorded with its rate in
-``lrs``/``losses``. The sweep ends in one of two ways:
+any scheduler, so the sweep wins; ``lr_find`` runs none). After each batch the loss is
+smoothed (an exponential moving average with bias correction) and recorded with its
+rate in ``lrs``/``losses``. The sweep ends in one of two ways:
 
 - the smoothed loss exceeds ``div`` times the best so far (or is not finite): a
   ``lr_finder`` note says so, and ``CancelFitException`` ends the fit, whose audit log
@@ -14,19 +14,25 @@ exponential moving average with bias correction) and recorded with its rate in
 
 Validation passes are skipped (cancelled as they begin). Whatever the ending (failure
 included: ``cleanup_fit``), the model's state dict and the optimizer's state dict
-(learning rates, momentum buffers) taken in ``before_fit`` are loaded back: the sweep
-leaves no trace but ``lrs``, ``losses`` and the audit log. The random number generators
-are not restored.
+(learning rates and the other hyperparameters of each param group, momentum buffers)
+are loaded back as ``keep_state`` took them (in ``before_fit``, unless taken before):
+the sweep leaves no trace but ``lrs``, ``losses`` and the audit log. The random number
+generators are not restored. Validate and predict runs (``learn.kind`` is not
+``RunKind.FIT``) are no sweep: the finder does nothing in them.
 
 ``lr_find(learn, ...)`` runs a sweep: it fits with the finder added to ``learn.cbs`` for
 as many epochs as ``num_it`` batches need (``ceil(num_it / len(train))``; ``num_it``
 epochs when the training data loader has no ``len()``), then removes it. The learner's
 optimizer persists across fits, so ``lr_find`` leaves it as it found it: none when there
-was none (the sweep's own is dropped), else the same optimizer with its state loaded
-back. The sweep's passes are not epochs of training: ``lr_find`` takes the learner's
-ProgressCBs out for the sweep (they would print a line per cancelled pass and a table)
-and puts them back after. ``suggestion()`` proposes a rate, ``plot(path)`` draws the
-curve (matplotlib, the ``callbacks`` extra).
+was none (the sweep's own is dropped), else the same optimizer with the state it had
+when ``lr_find`` was called (kept before the fit starts, so before anything that runs
+at a fit's start changes it), keys and values of every param group included. The
+sweep's passes are not epochs of training, so ``lr_find`` takes out of ``learn.cbs`` for
+the sweep, and puts back after, the callbacks that treat them as such: ProgressCB (it
+would print a line per cancelled pass and a table), BatchSchedCB and EpochSchedCB
+(their schedules would fight the sweep for the rate), SaveModelCB (it would count the
+sweep's passes as epochs) and any other LRFinderCB. ``suggestion()`` proposes a rate,
+``plot(path)`` draws the curve (matplotlib, the ``callbacks`` extra).
 
 Host-device sync: once per training batch, to read the loss. It is inherent: deciding
 after each batch whether the loss diverged needs its value on the host.
@@ -42,6 +48,8 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from callbacks._checks import check_count, check_number
 from callbacks.progress import ProgressCB
+from callbacks.save_model import SaveModelCB
+from callbacks.schedulers import BatchSchedCB, EpochSchedCB
 from fsm_learner import (
     Callback,
     CancelEpochException,
@@ -49,6 +57,7 @@ from fsm_learner import (
     ConfigurationError,
     FsmLearnerError,
 )
+from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
     import os
@@ -112,20 +121,46 @@ class LRFinderCB(Callback):
         ratio = self.end_lr / self.start_lr
         return float(self.start_lr * ratio ** (index / (self.num_it - 1)))
 
-    # -- hooks -------------------------------------------------------------------------
+    # -- the state loaded back ---------------------------------------------------------
 
-    def before_fit(self, learn: Learner) -> None:
-        """Keep the model's and the optimizer's state to load back afterwards."""
+    def keep_state(self, learn: Learner) -> None:
+        """Keep the model's and the optimizer's state now, to load back when the fit ends.
+
+        ``before_fit`` calls it unless a state is already kept: ``lr_find`` calls it before
+        fitting, so that nothing that runs as the fit starts changes what is loaded back.
+        """
         opt = learn.opt
         model_state = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
         opt_state = {} if opt is None else copy.deepcopy(opt.state_dict())
         self._saved = (model_state, opt_state)
+
+    def restore(self, learn: Learner) -> None:
+        """Load the kept state back into the model and the optimizer, and forget it.
+
+        Nothing when no state is kept (it was loaded back already).
+        """
+        saved, self._saved = self._saved, None
+        if saved is None:
+            return
+        model_state, opt_state = saved
+        learn.model.load_state_dict(model_state)
+        if learn.opt is not None and opt_state:
+            learn.opt.load_state_dict(opt_state)
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def before_fit(self, learn: Learner) -> None:
+        """Keep the state to load back afterwards (unless kept already); start recording."""
+        if self._saved is None:
+            self.keep_state(learn)
         self.lrs, self.losses = [], []
         self.diverged = False
         self._avg, self._best = 0.0, math.inf
 
     def before_epoch(self, learn: Learner) -> None:
-        """Skip validation passes, and every pass once the sweep is over."""
+        """Skip validation passes, and every pass once the sweep is over (in fits only)."""
+        if learn.kind is not RunKind.FIT:
+            return
         if self.done or not learn.training:
             msg = "LRFinderCB: sweep over" if self.done else "LRFinderCB: no validation"
             raise CancelEpochException(msg)
@@ -151,7 +186,7 @@ class LRFinderCB(Callback):
 
     def cleanup_fit(self, learn: Learner) -> None:
         """Load the model and optimizer back, however the fit ended."""
-        self._restore(learn)
+        self.restore(learn)
 
     # -- the sweep ---------------------------------------------------------------------
 
@@ -175,15 +210,6 @@ class LRFinderCB(Callback):
         )
         msg = f"LRFinderCB: loss diverged at lr {self.lrs[-1]:.3g} ({smoothed:.4g})"
         raise CancelFitException(msg)
-
-    def _restore(self, learn: Learner) -> None:
-        saved, self._saved = self._saved, None
-        if saved is None:
-            return
-        model_state, opt_state = saved
-        learn.model.load_state_dict(model_state)
-        if learn.opt is not None and opt_state:
-            learn.opt.load_state_dict(opt_state)
 
     # -- results -----------------------------------------------------------------------
 
@@ -242,6 +268,10 @@ class LRFinderCB(Callback):
         return target
 
 
+_SET_ASIDE: Final = (ProgressCB, BatchSchedCB, EpochSchedCB, SaveModelCB, LRFinderCB)
+"""The callbacks ``lr_find`` takes out for the sweep (see the module doc)."""
+
+
 def _epochs_for(train: object, num_it: int) -> int:
     if not isinstance(train, Sized):
         return num_it
@@ -264,10 +294,12 @@ def lr_find(  # noqa: PLR0913 (the finder's settings, keyword-only)
     finder = LRFinderCB(start_lr, end_lr, num_it, beta=beta, div=div)
     n_epochs = _epochs_for(learn.dls.train, num_it)
     cbs, opt = learn.cbs, learn.opt
-    learn.cbs = [*(cb for cb in cbs if not isinstance(cb, ProgressCB)), finder]
+    learn.cbs = [*(cb for cb in cbs if not isinstance(cb, _SET_ASIDE)), finder]
+    finder.keep_state(learn)  # before the fit starts: nothing of its start is kept
     try:
         finder.result = learn.fit(n_epochs)
     finally:
+        finder.restore(learn)  # already done, unless the fit failed before it began
         learn.cbs = cbs
         learn.opt = opt  # the sweep's own optimizer, built when there was none, goes
     return finder

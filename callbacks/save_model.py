@@ -8,8 +8,24 @@ When it saves, at the end of each validation pass:
 
 - ``monitor=None, every_epoch=False``: every epoch, over the same file (the latest);
 - ``monitor="valid_loss"`` (any name the metrics callback provides): only when the
-  monitored value improved (the best), over the same file;
+  monitored value improved on the best so far (the best), over the same file;
 - ``every_epoch=True``: every epoch, into ``<dir>/epoch_<n>.pt``.
+
+Across fits. The learner's optimizer persists across fits, so training goes on from one
+fit to the next (``fit(2); fit(2)`` trains as ``fit(4)``), and so does the callback:
+
+- it numbers epochs by its own count of the fit epochs it has seen (``epochs``): a fit's
+  epoch ``n`` is number ``n`` plus the epochs of the earlier fits (those begun, cancelled
+  ones included), so ``fit(2)`` then ``fit(2)`` write ``epoch_0.pt`` to ``epoch_3.pt``,
+  as ``fit(4)`` does. That number is the checkpoint's ``"epoch"`` and ``best_epoch``; the
+  audit note's ``ep`` stays the learner's ``learn.epoch``, the fit's own count. The
+  passes of an ``lr_find`` sweep are not counted (``lr_find`` takes the callback out);
+- the best value persists: a later fit saves only when it beats the best of every
+  earlier one;
+- ``saved`` lists every file written since the callback was made, each once.
+
+``reset()`` starts over: no best, epochs numbered from 0 again, nothing listed in
+``saved`` (the files stay on disk, to be overwritten by the next saves).
 
 Each save adds a ``checkpoint`` note to the audit log. Validate and predict runs are not
 epochs of a fit: nothing is saved in them. No per-batch work, so no per-batch host-device
@@ -20,6 +36,7 @@ monitor, that epoch did not improve anyway.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,9 +95,11 @@ class SaveModelCB(Callback):
     ``path`` is the checkpoint file, or the directory of ``epoch_<n>.pt`` files when
     ``every_epoch=True``. With ``monitor`` (a name of the metrics callback such as
     ``"valid_loss"``), only epochs that improve on the best so far by more than
-    ``min_delta`` are saved (``mode`` as in EarlyStoppingCB). ``saved`` lists the files
-    the last fit wrote, each once, in the order first written; ``best`` and ``best_epoch``
-    are the monitored value's best so far and its epoch (None without ``monitor``).
+    ``min_delta`` are saved (``mode`` as in EarlyStoppingCB). Since the callback was made
+    or last ``reset()``, across fits (see the module doc): ``epochs`` counts the fit
+    epochs seen, which number the epochs; ``saved`` lists the files written, each once,
+    in the order first written; ``best`` and ``best_epoch`` are the monitored value's
+    best so far and its epoch's number (None without ``monitor``).
     """
 
     order = 60
@@ -105,22 +124,55 @@ class SaveModelCB(Callback):
         self.monitor = None if monitor is None else Monitor(monitor, mode, min_delta)
         self.every_epoch = every_epoch
         self.saved: list[Path] = []
+        self._epochs = 0
+        self._first = 0
+        """The number of the current fit's first epoch: the epochs of the earlier fits."""
+
+    @property
+    def epochs(self) -> int:
+        """The fit epochs seen (begun) so far across fits, the current one included."""
+        return self._epochs
 
     @property
     def best(self) -> float | None:
-        """The best monitored value of the last fit (NaN before one); None without monitor."""
+        """The best monitored value so far, across fits (NaN before one); None without monitor."""
         return None if self.monitor is None else self.monitor.best
 
     @property
     def best_epoch(self) -> int | None:
-        """The epoch of ``best`` (-1 before one); None without monitor."""
+        """The number of the epoch of ``best`` (-1 before one); None without monitor."""
         return None if self.monitor is None else self.monitor.best_epoch
 
-    def before_fit(self, learn: Learner) -> None:
-        """Find the metrics provider when monitoring; forget the files of past fits."""
+    def reset(self) -> None:
+        """Start over: forget the best, count epochs from 0 again, list no saved file.
+
+        The files already written stay on disk; the next save may overwrite them.
+        """
         if self.monitor is not None:
-            self.monitor.bind(learn, type(self).__name__)
+            self.monitor.best, self.monitor.best_epoch = math.nan, -1
         self.saved = []
+        self._epochs = self._first = 0
+
+    def before_fit(self, learn: Learner) -> None:
+        """Find the metrics provider when monitoring, keeping the best of earlier fits."""
+        monitor = self.monitor
+        if monitor is not None:
+            best, best_epoch = monitor.best, monitor.best_epoch
+            monitor.bind(learn, type(self).__name__)  # forgets the best: put it back
+            monitor.best, monitor.best_epoch = best, best_epoch
+
+    def cleanup_epoch(self, learn: Learner) -> None:
+        """Count the fit's epoch, however its pass ended."""
+        if learn.kind is RunKind.FIT:
+            self._epochs = self.epoch_number(learn) + 1
+
+    def cleanup_fit(self, learn: Learner) -> None:
+        """Start the next fit's epoch numbers after this fit's, however it ended."""
+        self._first = self._epochs
+
+    def epoch_number(self, learn: Learner) -> int:
+        """Return the number of the fit's current epoch: ``learn.epoch`` plus earlier fits'."""
+        return self._first + learn.epoch
 
     def after_epoch(self, learn: Learner) -> None:
         """At the end of the validation pass, save when this epoch is to be kept."""
@@ -131,20 +183,21 @@ class SaveModelCB(Callback):
             monitor.capture()
         if learn.training:
             return
-        if monitor is None or monitor.update(learn.epoch):
+        if monitor is None or monitor.update(self.epoch_number(learn)):
             self._save(learn)
 
     def checkpoint_path(self, epoch: int) -> Path:
-        """Where the checkpoint of ``epoch`` goes."""
+        """Where the checkpoint of the epoch numbered ``epoch`` goes."""
         return self.path / f"epoch_{epoch}.pt" if self.every_epoch else self.path
 
     def _save(self, learn: Learner) -> None:
-        target = self.checkpoint_path(learn.epoch)
+        epoch = self.epoch_number(learn)
+        target = self.checkpoint_path(epoch)
         opt = learn.opt
         checkpoint: dict[str, Any] = {
             "model": learn.model.state_dict(),
             "opt": {} if opt is None else opt.state_dict(),
-            "epoch": learn.epoch,
+            "epoch": epoch,
         }
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.partial")

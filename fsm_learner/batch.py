@@ -82,8 +82,19 @@ def batch_size(batch: Any, target_key: str) -> int:
 
 
 def _length(value: Any) -> int:
+    """Count the samples in a target or an input.
+
+    A tensor holds ``shape[0]``; a mapping, or a tuple or list of tensors, holds fields
+    of the same samples (``(ya, yb)``, ``{"a": ya, "b": yb}``): its first field counts;
+    any other sized value (a list of labels, a tuple of per-sample dicts as detection
+    targets are) holds one sample per element.
+    """
     if isinstance(value, torch.Tensor):
         return int(value.shape[0]) if value.ndim else 1
+    if isinstance(value, Mapping):
+        return _length(next(iter(value.values()))) if value else 1
+    if _is_sequence(value) and value and isinstance(value[0], torch.Tensor | tuple | list):
+        return _length(value[0])
     try:
         return len(value)
     except TypeError:
@@ -91,16 +102,24 @@ def _length(value: Any) -> int:
 
 
 def _part(output: Any, name: str) -> Any:
-    """``output.<name>`` or ``output[name]``, whichever the output has; None otherwise."""
+    """``output.<name>`` or ``output[name]``, whichever the output has; None otherwise.
+
+    A named tuple's fields count (``Out(loss, logits)``); a plain tuple has no names.
+    """
     if isinstance(output, Mapping):
         return output.get(name)
-    if isinstance(output, torch.Tensor | tuple | list):
+    if isinstance(output, torch.Tensor | list) or (
+        isinstance(output, tuple) and not hasattr(output, "_fields")
+    ):
         return None
     return getattr(output, name, None)
 
 
-def output_loss(output: Any) -> torch.Tensor:
-    """Return the loss a model computed: ``output.loss`` or ``output["loss"]``."""
+def output_loss(output: Any, hint: str = "") -> torch.Tensor:
+    """Return the loss a model computed: ``output.loss`` or ``output["loss"]``.
+
+    ``hint`` ends the error message when there is none (what the batch lacked, say).
+    """
     loss = _part(output, "loss")
     if not isinstance(loss, torch.Tensor):
         got = "no loss" if loss is None else f"a loss of type {type(loss).__name__}"
@@ -108,7 +127,7 @@ def output_loss(output: Any) -> torch.Tensor:
             f"loss_func=None: the model computes its own loss, but its output "
             f"({safe_text(type(output).__name__, 80)}) has {got}; return an object with a "
             f"tensor .loss or a mapping with a tensor 'loss' (include the target in the "
-            f"batch), or give the Learner a loss_func"
+            f"batch), or give the Learner a loss_func{hint}"
         )
         raise InvalidBatchError(msg)
     return loss

@@ -171,6 +171,7 @@ class Callback:
 
 _HOOK_NAMES: Final = frozenset(Hook)
 _OVERRIDE_NAMES: Final = frozenset(Override)
+_KNOWN_NAMES: Final = sorted(_HOOK_NAMES | _OVERRIDE_NAMES)
 _HOOKLIKE_PREFIXES: Final = ("before_", "after_", "cleanup_", "on_")
 
 
@@ -221,12 +222,13 @@ def _check_methods(cb: Callback, methods: _Methods) -> None:
         if name in _OVERRIDE_NAMES:
             _check_signature(cb, name, "learn, proceed", 2)
             continue
-        close = difflib.get_close_matches(name, sorted(_HOOK_NAMES), n=1, cutoff=0.8)
+        close = difflib.get_close_matches(name, _KNOWN_NAMES, n=1, cutoff=0.8)
         if close or name.startswith(_HOOKLIKE_PREFIXES):
             hint = f"did you mean {close[0]}? " if close else ""
             msg = (
-                f"{type(cb).__name__}.{name} looks like a hook but is none: {hint}"
-                f"valid hooks are {', '.join(Hook)}"
+                f"{type(cb).__name__}.{name} looks like a hook or an override but is none: "
+                f"{hint}valid hooks are {', '.join(Hook)}; overrides are "
+                f"{', '.join(Override)} (rename a helper method, or start it with _)"
             )
             raise InvalidCallbackError(msg)
 

@@ -16,6 +16,12 @@ is the guard of a cancel transition in the machine. Errors are failures of ours:
         └── InvalidTransitionError       (also RuntimeError)
             └── IllegalCancelError       a cancel raised where its transition is not allowed
 
+Warnings::
+
+    UserWarning
+    └── FsmLearnerWarning
+        └── PartialResultWarning         (also RuntimeWarning) validate/get_preds cancelled
+
 Any other exception raised during a fit is not wrapped: it takes the machine's failure
 transition and is re-raised as the same object, with a note naming where it happened.
 """
@@ -29,11 +35,13 @@ __all__ = [
     "CancelFitException",
     "ConfigurationError",
     "FsmLearnerError",
+    "FsmLearnerWarning",
     "IllegalCancelError",
     "InvalidBatchError",
     "InvalidCallbackError",
     "InvalidDataLoadersError",
     "InvalidTransitionError",
+    "PartialResultWarning",
 ]
 
 
@@ -82,3 +90,11 @@ class IllegalCancelError(InvalidTransitionError):
 
     Raised ``from`` the cancel itself, naming the hook and the state.
     """
+
+
+class FsmLearnerWarning(UserWarning):
+    """Base class of every warning fsm_learner issues."""
+
+
+class PartialResultWarning(FsmLearnerWarning, RuntimeWarning):
+    """``validate`` or ``get_preds`` was cancelled: what it returns covers part of the data."""

@@ -75,10 +75,10 @@ class Gathered:
                 f"model (or one with .logits), or set learn.preds to one in after_predict"
             )
             raise InvalidBatchError(msg)
-        self._preds.append(preds.detach())
+        self._preds.append(_same_shape(self._preds, preds.detach(), "predictions", learn.iter))
         target = learn.target
         if isinstance(target, torch.Tensor):
-            self._targets.append(target.detach())
+            self._targets.append(_same_shape(self._targets, target.detach(), "targets", learn.iter))
         else:
             self._without_target += 1
 
@@ -88,3 +88,17 @@ class Gathered:
         if self._without_target or not self._targets:
             return preds, None
         return preds, torch.cat(self._targets).cpu()
+
+
+def _same_shape(kept: list[torch.Tensor], new: torch.Tensor, what: str, index: int) -> torch.Tensor:
+    """Return ``new`` if it concatenates with ``kept`` along dim 0; refuse it otherwise."""
+    if not kept or (new.ndim and new.shape[1:] == kept[0].shape[1:]):
+        return new
+    first = kept[0]
+    msg = (
+        f"get_preds() concatenates the batches' {what} along their first dimension, but "
+        f"batch {index} gave shape {list(new.shape)} where the first gave {list(first.shape)}; "
+        f"all but the first dimension must agree (pad to one length in the model, or in a "
+        f"predict override), and a scalar per batch cannot be concatenated"
+    )
+    raise InvalidBatchError(msg)

@@ -13,6 +13,7 @@ import math
 import os
 import stat
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
@@ -48,8 +49,10 @@ from fsm_learner.exceptions import (
     CancelFitException,
     ConfigurationError,
     IllegalCancelError,
+    InvalidCallbackError,
     InvalidDataLoadersError,
     InvalidTransitionError,
+    PartialResultWarning,
 )
 from fsm_learner.inference import Gathered, LossMean
 from fsm_learner.machine import (
@@ -67,6 +70,7 @@ from fsm_learner.machine import (
     cleanup_hooks,
     table_routes,
 )
+from fsm_learner.optim import BaseHypers, held_ids
 from fsm_learner.run import Run
 from fsm_learner.work import DEFAULT_WORK
 
@@ -221,17 +225,26 @@ def _zero_counts() -> dict[tuple[Trigger, bool], int]:
     return dict.fromkeys(_COUNT_KEYS, 0)
 
 
+_MISSING: Final = object()
+
+
 def _check_dls(dls: object) -> None:
     for name in ("train", "valid"):
-        part = getattr(dls, name, None)
-        if part is None or not isinstance(part, Iterable):
+        part = getattr(dls, name, _MISSING)
+        if not _is_data(part):
+            shown = "missing" if part is _MISSING else f"a {type(part).__name__}"
             msg = (
                 f"dls must have iterable .train and .valid of batches "
                 f"(fsm_learner.DataLoaders(train_dl, valid_dl), say); got {type(dls).__name__} "
-                f"whose .{name} is {type(part).__name__ if part is not None else 'missing'}"
+                f"whose .{name} is {shown}"
             )
             raise InvalidDataLoadersError(msg)
         _check_reiterable(part, f"dls.{name}")
+
+
+def _is_data(data: object) -> bool:
+    """Whether ``data`` can be batches: iterable, and not a string or a mapping."""
+    return isinstance(data, Iterable) and not isinstance(data, str | bytes | Mapping)
 
 
 def _check_reiterable(data: object, name: str) -> None:
@@ -239,7 +252,7 @@ def _check_reiterable(data: object, name: str) -> None:
     if isinstance(data, Iterator):
         msg = (
             f"{name} is a {safe_text(type(data).__name__, 80)}, an iterator that can be read "
-            f"only once: every epoch after the first would train on no batch. Pass something "
+            f"only once: every epoch after the first would run no batch. Pass something "
             f"that can be iterated again: a torch DataLoader, a list of batches, or an object "
             f"whose __iter__ returns a new iterator each time"
         )
@@ -347,6 +360,8 @@ def _rank() -> int:
 
 
 _NAN: Final = float("nan")
+_NO_LOSS: Final = torch.tensor(_NAN)
+"""``learn.loss`` until the batch's loss is computed: the loop checks it was replaced."""
 _now_ns: Final = time.monotonic_ns
 
 
@@ -395,7 +410,7 @@ class Learner:
         _check_callable("opt_func", opt_func)
         _check_callable("param_groups", param_groups, optional=True)
         self.model = model
-        self.dls = dls
+        self._dls = dls
         self.loss_func = loss_func
         self._target_key = _check_target_key(target_key)
         self.param_groups: ParamGroups = param_groups or _all_parameters
@@ -404,6 +419,10 @@ class Learner:
         self.opt_func = opt_func
         self.opt: torch.optim.Optimizer | None = None
         """Built at the first fit and kept; set it yourself to train with your own."""
+        self._built: _Built | None = None
+        """What the learner built its optimizer from: rebuilt when that changes."""
+        self._hypers: BaseHypers | None = None
+        """The optimizer's own hyperparameters, which every fit starts from."""
         self.dl: Iterable[Any] = dls.train
         self.batch: Any = None
         self.output: Any = None
@@ -412,27 +431,25 @@ class Learner:
         self.loss: torch.Tensor = torch.tensor(_NAN)
         self._state = State.IDLE
         self._kind = RunKind.FIT
-        self._epoch = 0
-        self._n_epochs = 0
-        self._iter = 0
+        self._epoch = self._n_epochs = self._iter = 0
         self._training = False
         self._rank = 0
         self._counts: dict[tuple[Trigger, bool], int] = _zero_counts()
         self._hook_ns: dict[tuple[Trigger, bool], int] = _zero_counts()
         self._failure: Failure | None = None
-        self._origin: Failure | None = None
+        self._origin: Failure | None = self._failure
         self._dispatch = resolve_dispatch(())
         self._compiled: Mapping[Mode, _Routes] = _compile(self._dispatch, RunKind.FIT)
         self._node: _Node = self._compiled[RunKind.FIT, False][State.IDLE]
         self._fail_source = State.IDLE
-        self._predict: HookCall = DEFAULT_WORK[Override.PREDICT]
-        self._compute_loss: HookCall = DEFAULT_WORK[Override.COMPUTE_LOSS]
-        self._backward: HookCall = DEFAULT_WORK[Override.BACKWARD]
-        self._step: HookCall = DEFAULT_WORK[Override.STEP]
+        self._predict, self._compute_loss, self._backward, self._step = (
+            DEFAULT_WORK[work] for work in Override
+        )
         self._audit_log = _check_audit_log(audit_log)
         self._audit_key = _check_audit_key(audit_key)
         self._run: Run | None = None
         """The current (or last) run."""
+        self._last_result: FitResult | None = None
         self._pending: list[Any] | None = None
 
     # -- settings, checked whenever they are set ------------------------------------
@@ -445,9 +462,21 @@ class Learner:
     @lr.setter
     def lr(self, value: float) -> None:
         self._lr = _check_lr(value)
-        if self.opt is not None:
-            for group in self.opt.param_groups:
-                group["lr"] = self._lr
+        opt, hypers = self.opt, self._hypers
+        if opt is not None:
+            if hypers is None or hypers.opt is not opt:
+                hypers = self._hypers = BaseHypers(opt)
+            hypers.set_lr(self._lr)
+
+    @property
+    def dls(self) -> DataLoaders | Any:
+        """The training and validation data (``.train`` and ``.valid``), checked when set."""
+        return self._dls
+
+    @dls.setter
+    def dls(self, value: DataLoaders | Any) -> None:
+        _check_dls(value)
+        self._dls = value
 
     @property
     def target_key(self) -> str:
@@ -550,6 +579,11 @@ class Learner:
         return None if self._run is None else self._run.head
 
     @property
+    def last_result(self) -> FitResult | None:
+        """How the last run ended (id, status, log, head); None before any and while one runs."""
+        return self._last_result
+
+    @property
     def failure(self) -> Failure | None:
         """What failed the last run, or None when it did not fail."""
         return self._failure
@@ -603,8 +637,7 @@ class Learner:
 
         def prepare() -> None:
             self._n_epochs = n_epochs
-            if reset_opt or self.opt is None:
-                self.opt = self.opt_func(self.param_groups(self.model), self.lr)
+            self._ready_optimizer(reset=reset_opt)
 
         return self._execute(RunKind.FIT, prepare, self._train)
 
@@ -620,7 +653,8 @@ class Learner:
         self._check_idle("validate()")
         data = self._inference_data(dl, "validate")
         mean = LossMean(self.target_key)
-        self._execute(RunKind.VALIDATE, _nothing, lambda: self._infer(data, mean.add))
+        result = self._execute(RunKind.VALIDATE, _nothing, lambda: self._infer(data, mean.add))
+        self._warn_if_partial(result, "validate")
         return {"loss": mean.value(), **self._pass_metrics()}
 
     def get_preds(
@@ -636,12 +670,84 @@ class Learner:
         self._check_idle("get_preds()")
         data = self._inference_data(dl, "get_preds")
         gathered = Gathered(self.target_key)
-        self._execute(RunKind.PREDICT, _nothing, lambda: self._infer(data, gathered.add))
+        result = self._execute(RunKind.PREDICT, _nothing, lambda: self._infer(data, gathered.add))
+        self._warn_if_partial(result, "get_preds")
         return gathered.result()
+
+    def _ready_optimizer(self, *, reset: bool) -> None:
+        """Build the optimizer, or keep it; either way start from its own hyperparameters.
+
+        Kept unless ``reset``, or the learner built it and what it was built from changed
+        (``opt_func``, ``param_groups``, or the parameters ``param_groups(model)`` gives:
+        another model, say). An optimizer the user set is kept, but must hold some of the
+        model's parameters.
+        """
+        opt, built = self.opt, self._built
+        if opt is not None and not isinstance(opt, torch.optim.Optimizer):
+            msg = (
+                f"learn.opt must be a torch.optim.Optimizer, or None to build one from opt_func "
+                f"at the next fit; got {_shown(opt)}"
+            )
+            raise ConfigurationError(msg)
+        try:
+            params = list(self.param_groups(self.model))
+        except Exception as exc:
+            msg = (
+                f"param_groups(model) raised {exception_text(exc, 300)}; it must return the "
+                f"model's parameters, or parameter groups (dicts with 'params'), for opt_func"
+            )
+            raise ConfigurationError(msg) from exc
+        learners = built is not None and built[0] is opt
+        if reset or opt is None or (learners and built != self._built_from(opt, params)):
+            opt = self._build_optimizer(params)
+        elif not learners and not held_ids(params) & _opt_ids(opt):
+            msg = (
+                f"learn.opt ({type(opt).__name__}) holds none of learn.model's parameters (set "
+                f"for another model?): set learn.opt to an optimizer of this model's "
+                f"parameters, or call fit(..., reset_opt=True) to build one from opt_func"
+            )
+            raise ConfigurationError(msg)
+        hypers = self._hypers
+        if hypers is None or hypers.opt is not opt:
+            hypers = self._hypers = BaseHypers(opt)  # a user's optimizer, adopted as it is
+        hypers.restore()
+
+    def _built_from(self, opt: torch.optim.Optimizer, params: list[Any]) -> _Built:
+        return (opt, self.opt_func, self.param_groups, held_ids(params))
+
+    def _build_optimizer(self, params: list[Any]) -> torch.optim.Optimizer:
+        try:
+            opt = self.opt_func(params, self.lr)
+        except Exception as exc:
+            msg = (
+                f"building the optimizer failed: opt_func(param_groups(model), lr) raised "
+                f"{exception_text(exc, 300)} (opt_func={safe_text(self.opt_func, 80)}, "
+                f"{len(held_ids(params))} parameter(s) from param_groups); opt_func is called "
+                f"as opt_func(params, lr) with what param_groups(model) returns"
+            )
+            raise ConfigurationError(msg) from exc
+        if not isinstance(opt, torch.optim.Optimizer):
+            msg = f"opt_func must return a torch.optim.Optimizer, got {_shown(opt)}"
+            raise ConfigurationError(msg)
+        self.opt, self._built = opt, self._built_from(opt, params)
+        self._hypers = BaseHypers(opt)
+        return opt
+
+    def _warn_if_partial(self, result: FitResult, what: str) -> None:
+        if result.status is not RunStatus.CANCELLED:
+            return
+        done = self._counts[Trigger.END_BATCH, False]
+        warnings.warn(
+            f"{what}() was cancelled (a callback raised a cancel) after {done} completed "
+            f"batch(es): what it returns covers those batches only; learn.last_result "
+            f"says so too, and the run's audit log is {result.audit_path}",
+            PartialResultWarning,
+            stacklevel=3,
+        )
 
     def _inference_data(self, dl: Iterable[Any] | None, what: str) -> Iterable[Any]:
         data = self.dls.valid if dl is None else dl
-        if not isinstance(data, Iterable):
+        if not _is_data(data):
             msg = (
                 f"{what}(dl): dl must be an iterable of batches (a DataLoader, a list) or None "
                 f"for dls.valid; got {safe_text(type(data).__name__, 80)}"
@@ -700,6 +806,7 @@ class Learner:
                 self._one_pass(self.dls.valid, training=False)
             self._fire(Trigger.END_FIT)
         except CancelFitException:
+            self._drop_unstepped_gradients()
             self._fire(Trigger.CANCEL_FIT)
             return RunStatus.CANCELLED
         return RunStatus.COMPLETED
@@ -708,11 +815,13 @@ class Learner:
         try:
             completed = self._one_pass(data, training=False, on_batch=on_batch)
         except CancelFitException:
+            self._drop_unstepped_gradients()
             self._fire(Trigger.CANCEL_FIT)
             return RunStatus.CANCELLED
         return RunStatus.COMPLETED if completed else RunStatus.CANCELLED
 
     def _prepare(self, kind: RunKind) -> None:
+        self._last_result = None
         self._resolve_callbacks(kind)
         self._epoch = self._iter = 0
         self._counts = _zero_counts()
@@ -769,7 +878,7 @@ class Learner:
             Field.OPTIMIZER: type(self.opt).__name__ if fitting else None,
             Field.PARAMS: sum(p.numel() for p in params),
             Field.N_EPOCHS: self._n_epochs if fitting else 0,
-            Field.LR: self.lr,
+            Field.LR: self.opt.param_groups[0]["lr"] if fitting and self.opt else self.lr,
             Field.DEVICE: str(params[0].device) if params else "cpu",
             Field.TORCH: torch.__version__,
         }
@@ -792,7 +901,8 @@ class Learner:
         run = self._the_run()
         run.finish(status, self._hook_ns)
         self._pending = None
-        return FitResult(run.run_id, status, run.path, run.head)
+        self._last_result = FitResult(run.run_id, status, run.path, run.head)
+        return self._last_result
 
     def _one_pass(
         self,
@@ -822,6 +932,7 @@ class Learner:
                         flush_if_due()
                 self._fire(Trigger.END_EPOCH)
         except CancelEpochException:
+            self._drop_unstepped_gradients()
             self._fire(Trigger.CANCEL_EPOCH)
             completed = False
         self._end_pass()
@@ -830,12 +941,19 @@ class Learner:
     def _one_batch(self) -> bool:
         """Run one batch; return False when it was cancelled."""
         fire = self._fire
+        # nothing of the last batch's: work that sets nothing is caught, not reused
+        self.output = self.preds = None
+        self.loss = _NO_LOSS
         try:
             fire(Trigger.BEGIN_BATCH)
             self._predict(self)
+            if self.preds is None:
+                self._refuse_work(Override.PREDICT, "learn.preds")
             fire(Trigger.PREDICT)
             if self._kind is not RunKind.PREDICT:
                 self._compute_loss(self)
+                if self.loss is _NO_LOSS:
+                    self._refuse_work(Override.COMPUTE_LOSS, "learn.loss")
                 fire(Trigger.COMPUTE_LOSS)
                 if self._training:
                     self._backward(self)
@@ -844,6 +962,7 @@ class Learner:
                     fire(Trigger.STEP)
             fire(Trigger.END_BATCH)
         except CancelBatchException:
+            self._drop_unstepped_gradients()
             fire(Trigger.CANCEL_BATCH)
             return False
         return True
@@ -930,6 +1049,23 @@ class Learner:
             f"{exception_text(exc, 300)} (it ran anyway; the first error wins)",
         )
         return first
+
+    def _drop_unstepped_gradients(self) -> None:
+        """Zero the gradients of a batch cancelled between its backward and its step.
+
+        Left in ``.grad``, they would add to the next batch's (or pass's, or fit's) step.
+        """
+        if self._state is State.BACKWARD:
+            self.model.zero_grad(set_to_none=True)
+
+    def _refuse_work(self, work: Override, attribute: str) -> NoReturn:
+        overrides = self._dispatch.overrides[work]
+        by = ", ".join(type(cb).__name__ for cb in overrides) or "no callback"
+        msg = (
+            f"the {work} work of batch {self._iter} set no {attribute}: its overrides ({by}) "
+            f"must either call proceed() or set {attribute} themselves"
+        )
+        raise InvalidCallbackError(msg)
 
     def _refuse(self, trigger: Trigger) -> NoReturn:
         allowed = ", ".join(self._node) or "none"
@@ -1034,6 +1170,7 @@ class Learner:
         run = self._run
         if run is not None:
             run.fail(detail, self._hook_ns, self._fail_transition)
+            self._last_result = FitResult(run.run_id, RunStatus.FAILED, run.path, run.head)
             if run.head is not None:
                 add_note(exc, f"fsm_learner: audit log {run.path}")
         self._pending = None
@@ -1063,6 +1200,14 @@ class Learner:
             if run is not None:
                 run.abandon()  # closes; cuts off only a write that never committed
             self._go_idle()
+
+
+_Built = tuple[torch.optim.Optimizer, Callable[..., Any], Callable[..., Any], frozenset[int]]
+"""An optimizer the learner built, with its opt_func, param_groups and parameters' ids."""
+
+
+def _opt_ids(opt: torch.optim.Optimizer) -> frozenset[int]:
+    return held_ids(opt.param_groups)
 
 
 def _nothing() -> None:

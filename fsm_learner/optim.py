@@ -1,4 +1,4 @@
-"""Parameter groups for the optimizer: ``Learner(..., param_groups=...)``.
+"""Parameter groups for the optimizer (``Learner(..., param_groups=...)``), and its hyperparameters.
 
 The learner builds its optimizer as ``opt_func(param_groups(model), lr)``. By default
 ``param_groups`` is ``model.parameters``; ``weight_decay_groups(wd)`` splits the
@@ -15,14 +15,15 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Final
 
+import torch
 from torch import nn
 
 from fsm_learner.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
-__all__ = ["NORM_LAYERS", "weight_decay_groups"]
+__all__ = ["NORM_LAYERS", "SCHEDULED", "BaseHypers", "held_ids", "weight_decay_groups"]
 
 NORM_LAYERS: Final[tuple[type[nn.Module], ...]] = (
     nn.BatchNorm1d,
@@ -43,8 +44,9 @@ NORM_LAYERS: Final[tuple[type[nn.Module], ...]] = (
 def weight_decay_groups(weight_decay: float) -> Callable[[nn.Module], list[dict[str, Any]]]:
     """Return a ``param_groups`` function: ``weight_decay`` on weights, 0 on biases and norms.
 
-    Each parameter is in exactly one group, in the model's order; a group with no
-    parameter is left out (torch refuses empty groups).
+    Each parameter is in exactly one group, in the model's order, frozen ones included (an
+    optimizer skips a parameter without a gradient, and one unfrozen later then trains); a
+    group with no parameter is left out (torch refuses empty groups).
     """
     if (
         isinstance(weight_decay, bool)
@@ -71,8 +73,45 @@ def _split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     for module in model.modules():
         norm = isinstance(module, NORM_LAYERS)
         for name, param in module.named_parameters(recurse=False):
-            if id(param) in seen or not param.requires_grad:
+            if id(param) in seen:
                 continue
             seen.add(id(param))
             (no_decay if norm or name.endswith("bias") else decay).append(param)
     return decay, no_decay
+
+
+SCHEDULED: Final = ("lr", "momentum", "betas")
+"""The hyperparameters schedulers change; every fit starts from the optimizer's own."""
+
+
+def held_ids(params: Iterable[Any]) -> frozenset[int]:
+    """Return the ids of the tensors in ``params``: tensors, or param groups (dicts)."""
+    ids: set[int] = set()
+    for item in params:
+        if isinstance(item, dict):
+            group = item["params"]
+            ids.update(map(id, [group] if isinstance(group, torch.Tensor) else group))
+        else:
+            ids.add(id(item))
+    return frozenset(ids)
+
+
+class BaseHypers:
+    """An optimizer's scheduled hyperparameters per group, as it was built (or adopted)."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        """Record ``opt``'s groups' ``lr``, ``momentum`` and ``betas`` as they are now."""
+        self.opt = opt
+        self._groups: list[dict[str, Any]] = [
+            {k: g[k] for k in SCHEDULED if k in g} for g in opt.param_groups
+        ]
+
+    def restore(self) -> None:
+        """Set them back (a schedule of the last fit may have left them elsewhere)."""
+        for group, base in zip(self.opt.param_groups, self._groups, strict=False):
+            group.update(base)
+
+    def set_lr(self, lr: float) -> None:
+        """Make ``lr`` every group's rate, now and at every fit start."""
+        for group, base in zip(self.opt.param_groups, self._groups, strict=False):
+            group["lr"] = base["lr"] = lr

@@ -21,6 +21,7 @@ Library code never imports this module.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Final, NamedTuple
 
 from torch.overrides import TorchFunctionMode
@@ -39,8 +40,6 @@ from fsm_learner.machine import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from fsm_learner.learner import Learner
 
 __all__ = ["HookRecord", "HostReads", "RecordingCallback", "expected_hooks", "expected_trace"]
@@ -218,8 +217,10 @@ def expected_trace(
     """
     run = RunKind(kind)
     passes = 2 if run is RunKind.FIT else 1
-    counts = tuple(batches)
-    if len(counts) != passes or any(isinstance(n, bool) or n < 0 for n in counts):
+    counts = tuple(batches) if isinstance(batches, Sequence) else (batches,)
+    if len(counts) != passes or any(
+        isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts
+    ):
         msg = (
             f"batches must hold {passes} int(s) >= 0 for a {run} run (the batches of "
             f"{'its training and validation pass' if passes == 2 else 'its one pass'}), "

@@ -7,6 +7,7 @@ chain. They read and set the learner's public batch state only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -19,7 +20,7 @@ from fsm_learner.callback import HookCall, Override
 from fsm_learner.exceptions import InvalidBatchError, InvalidTransitionError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable, Iterator
 
     from torch import nn
 
@@ -42,13 +43,43 @@ def _default_predict(learn: Learner) -> None:
     try:
         output = learn.model(*args, **kwargs)
     except RuntimeError as exc:
-        _note_dtype_mismatch(exc, learn.model, (*args, *kwargs.values()))
+        _note_dtype_mismatch(exc, learn.model, _tensors((*args, *kwargs.values())))
+        raise
+    except TypeError as exc:
+        _note_call(exc, learn, args, kwargs)
         raise
     learn.output = output
     learn.preds = output if type(output) is torch.Tensor else output_preds(output)
 
 
 _NO_KWARGS: Final[Mapping[str, Any]] = MappingProxyType({})
+
+
+def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:
+    """Yield the tensors in ``values``, at any depth of tuples, lists and mappings."""
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, tuple | list):
+            yield from _tensors(value)
+        elif isinstance(value, Mapping):
+            yield from _tensors(value.values())
+
+
+def _note_call(
+    exc: TypeError, learn: Learner, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> None:
+    """Say how the batch became the model's arguments when the call did not fit them."""
+    called = ", ".join([*(f"<{type(a).__name__}>" for a in args), *(f"{k}=..." for k in kwargs)])
+    whole = " (loss_func=None: the whole batch, target included)" if learn.loss_func is None else ""
+    add_note(
+        exc,
+        f"fsm_learner: the model was called as model({safe_text(called, 300)}) from a "
+        f"{safe_text(type(learn.batch).__name__, 80)} batch{whole}: a tuple or list batch "
+        f"gives its elements but the last as positional inputs, a mapping batch its keys "
+        f"but target_key={learn.target_key!r} as keyword inputs; override predict in a "
+        f"callback to call the model otherwise",
+    )
 
 
 def _note_dtype_mismatch(exc: RuntimeError, model: nn.Module, inputs: Iterable[Any]) -> None:
@@ -68,7 +99,7 @@ def _note_dtype_mismatch(exc: RuntimeError, model: nn.Module, inputs: Iterable[A
 def _default_loss(learn: Learner) -> None:
     loss_func = learn.loss_func
     if loss_func is None:
-        learn.loss = output_loss(learn.output)
+        learn.loss = output_loss(learn.output, _missing_target(learn))
         return
     batch = learn.batch
     if type(batch) in _PAIR and len(batch) == 2:  # (x, y): the fast path
@@ -77,14 +108,35 @@ def _default_loss(learn: Learner) -> None:
         target = batch_target(batch, learn.target_key)
     if target is None:
         msg = (
-            f"loss_func needs a target, but the batch "
-            f"({safe_text(type(learn.batch).__name__, 80)}) has none: a tuple or list "
-            f"batch holds its target last, a mapping batch under "
+            f"loss_func needs a target, but the batch ({_describe(batch)}) has none: a "
+            f"tuple or list batch holds its target last, a mapping batch under "
             f"target_key={learn.target_key!r}; or give loss_func=None for a model that "
             f"computes its own loss"
         )
         raise InvalidBatchError(msg)
     learn.loss = loss_func(learn.preds, target)
+
+
+def _describe(batch: Any) -> str:
+    """Name a batch's type, and a mapping's keys."""
+    kind = safe_text(type(batch).__name__, 80)
+    if isinstance(batch, Mapping):
+        keys = ", ".join(repr(safe_text(k, 40)) for k in list(batch)[:12])
+        return f"a {kind} with keys {keys}" if keys else f"an empty {kind}"
+    if isinstance(batch, tuple | list):
+        return f"a {kind} of {len(batch)}"
+    return f"a {kind}"
+
+
+def _missing_target(learn: Learner) -> str:
+    """Say what the batch lacks when a model computing its own loss returned none."""
+    batch = learn.batch
+    if isinstance(batch, Mapping) and learn.target_key not in batch:
+        return (
+            f"; the batch ({_describe(batch)}) has no target_key={learn.target_key!r}, "
+            f"which such models need to compute a loss"
+        )
+    return ""
 
 
 def _default_backward(learn: Learner) -> None:

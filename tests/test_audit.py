@@ -330,6 +330,7 @@ class TestInferenceRuns:
         ],
         ids=["epoch-in-a-batch", "epoch-before-any", "fit"],
     )
+    @pytest.mark.filterwarnings("ignore::fsm_learner.PartialResultWarning")  # cancelled on purpose
     def test_a_cancelled_run_verifies_as_cancelled(self, run, plan, cancels, capsys):
         """A cancel from a callback ends the run in idle: it audits OK, as cancelled."""
         learn = infer(run, plan)
@@ -1305,6 +1306,7 @@ class TestBothPathsAgree:
         ],
         ids=["cancels", "failed"],
     )
+    @pytest.mark.filterwarnings("ignore::fsm_learner.PartialResultWarning")  # cancelled on purpose
     def test_an_inference_log_in_other_bytes(self, run, plan, tmp_path):
         """A validate or predict run, read by decode() or in bulk: one verdict."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import cache
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -246,16 +247,32 @@ def assert_failed_log(learn: Learner, error: type[BaseException]) -> None:
 
 
 class TestBatchesTheLoopCannotRead:
+    def test_a_misnamed_target_key_reaches_the_model_with_a_note(self):
+        """A mapping batch whose target is under 'label' (not target_key 'labels'): the
+        model's TypeError carries a note saying how the batch became its arguments."""
+        batch = {"pixels": torch.ones(4, 64), "label": torch.zeros(4, dtype=torch.long)}
+        learn = Learner(PixelsModel(), DataLoaders([batch], []), F.cross_entropy, 0.1)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'label'") as info:
+            learn.fit(1)
+        assert info.value.__notes__[0] == (
+            "fsm_learner: the model was called as model(pixels=..., label=...) from a dict "
+            "batch: a tuple or list batch gives its elements but the last as positional "
+            "inputs, a mapping batch its keys but target_key='labels' as keyword inputs; "
+            "override predict in a callback to call the model otherwise"
+        )
+        assert_failed_log(learn, TypeError)
+
     @pytest.mark.parametrize(
         ("batch", "shown"),
         [
-            ({"pixels": torch.ones(4, 64)}, "dict"),
-            ((torch.ones(4, 64),), "tuple"),
-            (torch.ones(4, 64), "Tensor"),
+            ({"pixels": torch.ones(4, 64)}, "a dict with keys 'pixels'"),
+            ((torch.ones(4, 64),), "a tuple of 1"),
+            (torch.ones(4, 64), "a Tensor"),
         ],
     )
     def test_a_loss_func_without_a_target(self, batch, shown):
-        """The error names the batch's type and target_key, and says how to give a target."""
+        """The error names the batch's type (a mapping's keys) and target_key, and says how
+        to give a target."""
         model = PixelsModel() if isinstance(batch, dict) else mlp()
         learn = Learner(model, DataLoaders([batch], []), F.cross_entropy, 0.1)
         with pytest.raises(InvalidBatchError) as info:
@@ -301,6 +318,48 @@ class TestBatchesTheLoopCannotRead:
         assert info.value.__notes__[0] == "fsm_learner: InvalidBatchError in state 'predict'"
         assert_failed_log(learn, InvalidBatchError)
 
+    def test_a_model_computing_its_loss_on_a_batch_without_the_target_key(self):
+        """loss_func=None, the target under "label": the error adds that the batch has no
+        target_key, which the model needed to compute its loss."""
+        xt = digits_split()[0][:8]
+        batch = {"pixels": xt, "label": torch.zeros(8, dtype=torch.long)}
+
+        class Lenient(SelfLoss):
+            def forward(self, pixels, labels=None, **_others):
+                return super().forward(pixels, labels)
+
+        learn = Learner(Lenient(as_dict=True), DataLoaders([batch], []), None, 0.1)
+        with pytest.raises(InvalidBatchError) as info:
+            learn.fit(1)
+        assert str(info.value).endswith(
+            "; the batch (a dict with keys 'pixels', 'label') has no target_key='labels', "
+            "which such models need to compute a loss"
+        )
+
+    def test_a_named_tuple_output_with_loss_and_logits(self):
+        """A model returning a named tuple Out(loss, logits) computes its own loss: the
+        named fields count as .loss and .logits; a plain tuple still has none."""
+
+        class Out(NamedTuple):
+            loss: torch.Tensor
+            logits: torch.Tensor
+
+        class Named(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = mlp()
+
+            def forward(self, x, y):
+                logits = self.net(x)
+                return Out(F.cross_entropy(logits, y), logits)
+
+        xt, yt, xv, yv = digits_split()
+        learn = Learner(Named(), DataLoaders([(xt[:64], yt[:64])], [(xv[:8], yv[:8])]), None, 0.1)
+        assert learn.fit(1).status is RunStatus.COMPLETED
+        preds, targets = learn.get_preds()
+        assert preds.shape == (8, 10)
+        assert torch.equal(targets, yv[:8])
+
     def test_an_empty_tuple(self):
         """An empty batch holds no input: refused before the model is called."""
         learn = Learner(mlp(), DataLoaders([()], []), F.cross_entropy, 0.1)
@@ -335,6 +394,24 @@ class TestDtypes:
         assert learn.fit(1).status is RunStatus.COMPLETED
         preds, _ = learn.get_preds()
         assert preds.dtype == torch.float64
+
+    def test_nested_inputs_get_the_note_too(self):
+        """A float32 tensor inside a nested mapping input of a float64 model: the same note."""
+
+        class Nested(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = mlp().double()
+
+            def forward(self, inputs):
+                return self.net(inputs["image"]["pixels"])
+
+        xt, yt, _, _ = digits_split()
+        batch = {"inputs": {"image": {"pixels": xt[:8]}}, "labels": yt[:8]}
+        learn = Learner(Nested(), DataLoaders([batch], []), F.cross_entropy)
+        with pytest.raises(RuntimeError) as info:
+            learn.fit(1)
+        assert any("DeviceCB(dtype=torch.float64)" in note for note in info.value.__notes__)
 
     def test_an_error_of_another_kind_gets_no_dtype_note(self):
         """A shape error with matching dtypes is torch's own: no note suggests a dtype."""

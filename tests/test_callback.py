@@ -29,7 +29,15 @@ class TestRegistration:
 
     @pytest.mark.parametrize(
         ("name", "suggestion"),
-        [("before_btach", "before_batch"), ("after_los", "after_loss"), ("afterfit", "after_fit")],
+        [
+            ("before_btach", "before_batch"),
+            ("after_los", "after_loss"),
+            ("afterfit", "after_fit"),
+            ("compute_los", "compute_loss"),
+            ("prdict", "predict"),
+            ("backwards", "backward"),
+            ("stepp", "step"),
+        ],
     )
     def test_misspelt_hook(self, name, suggestion):
         """A method that looks like a hook but is none is refused with the likely hook."""
@@ -40,7 +48,10 @@ class TestRegistration:
         bad = type("Bad", (Callback,), {name: hook})
         with pytest.raises(
             InvalidCallbackError,
-            match=f"Bad.{name} looks like a hook but is none: did you mean {suggestion}",
+            match=(
+                f"Bad.{name} looks like a hook or an override but is none: "
+                f"did you mean {suggestion}"
+            ),
         ):
             make([bad()])
 
@@ -96,7 +107,9 @@ class TestRegistration:
             return None
 
         bad = type("Bad", (Callback,), {name: hook})
-        with pytest.raises(InvalidCallbackError, match=f"Bad.{name} looks like a hook but is none"):
+        with pytest.raises(
+            InvalidCallbackError, match=f"Bad.{name} looks like a hook or an override but is none"
+        ):
             make([bad()])
 
     @pytest.mark.parametrize("order", [1.5, "1", None, True])

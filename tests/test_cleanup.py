@@ -19,6 +19,7 @@ from fsm_learner import (
     Hook,
     IllegalCancelError,
     Learner,
+    PartialResultWarning,
     RunKind,
     RunStatus,
     State,
@@ -177,7 +178,8 @@ class TestCancelledRuns:
             (H.AFTER_PREDICT, 1): CancelBatchException,
             (H.BEFORE_BATCH, 2): CancelEpochException,
         }
-        learn, first, _, raised = run(kind, plan, n_valid=3)
+        with pytest.warns(PartialResultWarning, match=r"cancelled .* after 0 completed batch"):
+            learn, first, _, raised = run(kind, plan, n_valid=3)
         assert raised is None
         assert first.records == [
             r(H.BEFORE_EPOCH, S.EPOCH, training=False),
@@ -194,9 +196,10 @@ class TestCancelledRuns:
 
     def test_cancel_fit_in_a_validate_run(self):
         """CancelFitException in a validate run cancels the run: no fit, so no cleanup_fit."""
-        learn, first, _, raised = run(
-            RunKind.VALIDATE, {(H.AFTER_LOSS, 1): CancelFitException}, n_valid=2
-        )
+        with pytest.warns(PartialResultWarning, match=r"validate\(\) was cancelled"):
+            learn, first, _, raised = run(
+                RunKind.VALIDATE, {(H.AFTER_LOSS, 1): CancelFitException}, n_valid=2
+            )
         assert raised is None
         assert first.hooks == [
             H.BEFORE_EPOCH,

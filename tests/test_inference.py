@@ -10,7 +10,17 @@ import torch.nn.functional as F
 from helpers import batches_dls, digits_dls, digits_tensors, mlp, run_records, same
 from torch import nn
 
-from fsm_learner import Callback, DataLoaders, InvalidBatchError, Learner, RunKind, RunStatus
+from fsm_learner import (
+    Callback,
+    CancelEpochException,
+    DataLoaders,
+    InvalidBatchError,
+    InvalidDataLoadersError,
+    Learner,
+    PartialResultWarning,
+    RunKind,
+    RunStatus,
+)
 from fsm_learner.audit.replay import audit_file
 from fsm_learner.testing import RecordingCallback, expected_trace
 
@@ -268,6 +278,89 @@ class TestWhatInferenceCannotRead:
             expected = learn.model.net(torch.cat([x for x, _ in unequal_batches()]))
         assert targets is None
         assert torch.equal(preds, expected)
+
+
+class TestPartialResults:
+    def test_a_cancelled_get_preds_warns_and_says_so(self):
+        """A cancel mid-pass: get_preds returns the completed batches' predictions, warns, and
+        last_result is cancelled."""
+
+        class StopAtTwo(Callback):
+            def before_batch(self, learn):
+                if learn.iter == 2:
+                    raise CancelEpochException
+
+        learn = Learner(mlp(), DataLoaders([], unequal_batches()), F.cross_entropy, 0.1)
+        learn.cbs = [StopAtTwo()]
+        with pytest.warns(PartialResultWarning, match=r"get_preds\(\) was cancelled .* after 2"):
+            preds, targets = learn.get_preds()
+        assert preds.shape == (16, 10)
+        assert targets is not None
+        assert targets.shape == (16,)
+        assert learn.last_result is not None
+        assert learn.last_result.status == RunStatus.CANCELLED
+
+    def test_a_completed_validate_does_not_warn(self):
+        """Without a cancel, no warning: last_result is completed."""
+        learn = Learner(mlp(), DataLoaders([], unequal_batches()), F.cross_entropy, 0.1)
+        learn.validate()
+        assert learn.last_result is not None
+        assert learn.last_result.status == RunStatus.COMPLETED
+
+
+class TestSamplesCounted:
+    @pytest.mark.parametrize("shape", ["tuple", "dict"])
+    def test_a_target_of_several_fields(self, shape):
+        """(x, (ya, yb)) and (x, {"a": ya, "b": yb}): each batch counts its samples, not its
+        fields, so validate's mean over samples is exact on unequal batches."""
+
+        def pack(ya, yb):
+            return (ya, yb) if shape == "tuple" else {"a": ya, "b": yb}
+
+        def unpack(target):
+            return target if shape == "tuple" else (target["a"], target["b"])
+
+        def two_heads(preds, target):
+            ya, yb = unpack(target)
+            return F.cross_entropy(preds, ya) + F.mse_loss(preds[:, 0], yb)
+
+        batches = [(x, pack(y, y.float())) for x, y in unequal_batches()]
+        learn = Learner(mlp(), DataLoaders([], batches), two_heads, 0.1)
+        with torch.no_grad():
+            learn.model.eval()
+            x = torch.cat([x for x, _ in unequal_batches()])
+            y = torch.cat([y for _, y in unequal_batches()])
+            preds = learn.model(x)
+            per_sample = (
+                F.cross_entropy(preds, y, reduction="none") + (preds[:, 0] - y.float()) ** 2
+            )
+        assert learn.validate()["loss"] == pytest.approx(per_sample.mean().item(), rel=1e-6)
+
+
+class TestDataInferenceRefuses:
+    @pytest.mark.parametrize("dl", ["abc", b"abc", {"x": 1}, 3])
+    def test_what_is_no_batches(self, dl):
+        """A string, bytes or a mapping is no iterable of batches: refused, naming its type."""
+        learn = Learner(mlp(), DataLoaders([], unequal_batches()), F.cross_entropy, 0.1)
+        with pytest.raises(InvalidDataLoadersError, match=rf"got {type(dl).__name__}$"):
+            learn.validate(dl)
+        assert learn.run_id == ""
+
+    def test_predictions_of_different_shapes(self):
+        """Padded per batch (7 then 9 columns): get_preds fails in the run, naming both
+        shapes, instead of after it with a bare torch error."""
+
+        class Padded(nn.Module):
+            def forward(self, x):
+                return torch.zeros(len(x), 7 if len(x) == 8 else 9)
+
+        batches = [(torch.ones(8, 2),), (torch.ones(5, 2),)]
+        learn = Learner(Padded(), DataLoaders([], batches), F.cross_entropy, 0.1)
+        with pytest.raises(
+            InvalidBatchError, match=r"batch 1 gave shape \[5, 9\] where the first gave \[8, 7\]"
+        ):
+            learn.get_preds()
+        assert_failed(learn)
 
 
 def assert_failed(learn: Learner) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
+import orjson
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +15,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fsm_learner import (
     Callback,
+    CancelBatchException,
+    CancelEpochException,
+    ConfigurationError,
     DataLoaders,
     Hook,
+    InvalidCallbackError,
+    InvalidDataLoadersError,
     InvalidTransitionError,
     Learner,
     RunKind,
@@ -459,6 +466,184 @@ class TestOptimizerAcrossFits:
         assert [g["lr"] for g in learn.opt.param_groups] == [0.0, 0.1]
         assert torch.equal(first, learn.model[0].weight)
         assert not torch.equal(last, learn.model[2].weight)
+
+    def test_a_new_model_gets_a_new_optimizer(self):
+        """learn.model replaced between fits: the kept optimizer holds none of its parameters,
+        so the learner builds one for it, and the new model trains."""
+        learn = adam_learner()
+        learn.fit(1)
+        old = learn.opt
+        learn.model = mlp(seed=1)
+        before = copy.deepcopy(learn.model.state_dict())
+        result = learn.fit(1)
+        assert learn.opt is not old
+        assert not same(before, learn.model.state_dict())
+        assert result.status == "completed"
+
+    def test_a_new_opt_func_builds_a_new_optimizer(self):
+        """opt_func changed between fits: the next fit builds from it."""
+        learn = adam_learner()
+        learn.fit(1)
+        learn.opt_func = torch.optim.SGD
+        learn.fit(1)
+        assert isinstance(learn.opt, torch.optim.SGD)
+
+    def test_an_optimizer_of_another_model_is_refused(self):
+        """A user's optimizer that holds none of the model's parameters trains nothing: refused
+        at fit, before the run, with what to do instead."""
+        learn = adam_learner()
+        learn.opt = torch.optim.SGD(mlp(seed=3).parameters(), lr=0.1)
+        with pytest.raises(ConfigurationError, match=r"learn\.opt \(SGD\) holds none of"):
+            learn.fit(1)
+        assert learn.fit(1, reset_opt=True).status == "completed"
+
+    @pytest.mark.parametrize(
+        ("setting", "message"),
+        [
+            (
+                {"opt_func": lambda _params, _lr: 1 / 0},
+                r"opt_func\(param_groups\(model\), lr\) raised ZeroDivisionError",
+            ),
+            (
+                {"opt_func": lambda _params, _lr: "adam"},
+                r"opt_func must return a torch\.optim\.Optimizer, got 'adam'",
+            ),
+            (
+                {"param_groups": lambda _model: 1 / 0},
+                r"param_groups\(model\) raised ZeroDivisionError",
+            ),
+        ],
+    )
+    def test_an_optimizer_that_cannot_be_built(self, setting, message):
+        """A failing opt_func or param_groups is a ConfigurationError naming it, before any run."""
+        learn = Learner(mlp(), ordered_digits(), F.cross_entropy, 0.1, **setting)
+        with pytest.raises(ConfigurationError, match=message):
+            learn.fit(1)
+        assert (learn.state, learn.run_id, learn.opt) == ("idle", "", None)
+
+    def test_a_model_without_parameters(self):
+        """torch refuses an empty parameter list: the message says what was called with what."""
+        learn = Learner(nn.Flatten(), ordered_digits(), F.cross_entropy, 0.1)
+        with pytest.raises(ConfigurationError, match=r"empty parameter list .* 0 parameter\(s\)"):
+            learn.fit(1)
+
+    def test_an_opt_that_is_no_optimizer(self):
+        """learn.opt set to something else is refused at the next fit, not at its first step."""
+        learn = adam_learner()
+        learn.opt = "adam"  # type: ignore[assignment]
+        with pytest.raises(
+            ConfigurationError, match=r"learn\.opt must be a torch\.optim\.Optimizer, .* got 'adam'"
+        ):
+            learn.fit(1)
+
+    def test_every_fit_starts_from_the_optimizer_s_own_rates(self):
+        """A one-cycle fit ends at its final rate and momentum; the next fit starts from the
+        optimizer's own (its lr, learn.lr once set), as the header records."""
+        from callbacks import BatchSchedCB
+
+        sgd = partial(torch.optim.SGD, momentum=0.5)
+        learn = Learner(
+            mlp(), ordered_digits(), F.cross_entropy, 0.1, [BatchSchedCB.one_cycle(1.0)], sgd
+        )
+        learn.fit(1)
+        assert learn.opt is not None
+        (group,) = learn.opt.param_groups
+        assert group["lr"] == pytest.approx(1.0 / 25 / 1e4)
+        learn.cbs = []
+        seen: list[tuple[float, float]] = []
+
+        class Rates(Callback):
+            def after_step(self, learn):
+                seen.append((group["lr"], group["momentum"]))
+
+        learn.cbs = [Rates()]
+        result = learn.fit(1)
+        assert set(seen) == {(0.1, 0.5)}
+        header = orjson.loads(result.audit_path.read_bytes().split(b"\n", 1)[0])
+        assert header["lr"] == 0.1
+        learn.lr = 0.02
+        seen.clear()
+        learn.fit(1)
+        assert set(seen) == {(0.02, 0.5)}
+
+    def test_the_header_records_a_user_optimizer_s_rate(self):
+        """With the user's optimizer at lr 0.01, the header says 0.01, not Learner(lr=0.5)'s."""
+        model = mlp()
+        learn = Learner(model, ordered_digits(), F.cross_entropy, 0.5)
+        learn.opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        result = learn.fit(1)
+        header = orjson.loads(result.audit_path.read_bytes().split(b"\n", 1)[0])
+        assert header["lr"] == 0.01
+
+
+class TestWorkThatSetsNothing:
+    def test_a_predict_override_that_sets_no_preds(self):
+        """An override that skips proceed() and sets no preds fails the batch, naming itself,
+        rather than reusing the last batch's predictions."""
+
+        class Skip(Callback):
+            def predict(self, learn, proceed):
+                if learn.iter == 0:
+                    proceed()
+
+        learn = Learner(mlp(), ordered_digits(), F.cross_entropy, 0.1, [Skip()])
+        with pytest.raises(
+            InvalidCallbackError,
+            match=r"the predict work of batch 1 set no learn\.preds: its overrides \(Skip\) must",
+        ):
+            learn.get_preds()
+        assert learn.last_result is not None
+        assert learn.last_result.status == "failed"
+
+    def test_a_compute_loss_override_that_sets_no_loss(self):
+        """The same for compute_loss: validate() fails rather than averaging a stale loss."""
+
+        class NoLoss(Callback):
+            def compute_loss(self, learn, proceed):
+                return None
+
+        learn = Learner(mlp(), ordered_digits(), F.cross_entropy, 0.1, [NoLoss()])
+        with pytest.raises(
+            InvalidCallbackError, match=r"compute_loss work of batch 0 set no learn\.loss"
+        ):
+            learn.validate()
+
+
+class TestCancelledGradients:
+    @pytest.mark.parametrize("cancel", [CancelBatchException, CancelEpochException])
+    def test_a_batch_cancelled_after_its_backward_leaves_no_gradient(self, cancel):
+        """Cancelled in after_backward, a batch's gradients are dropped: the weights end as if
+        it had been cancelled before its forward pass."""
+
+        def cancelling(hook: str) -> Callback:
+            class Cancel(Callback):
+                pass
+
+            def raise_at_one(self, learn):
+                if learn.training and learn.iter == 1:
+                    raise cancel
+
+            setattr(Cancel, hook, raise_at_one)
+            return Cancel()
+
+        runs = []
+        for hook in ("before_batch", "after_backward"):
+            torch.manual_seed(0)
+            learn = Learner(mlp(), ordered_digits(), F.cross_entropy, 0.1, [cancelling(hook)])
+            learn.fit(2)
+            runs.append(copy.deepcopy(learn.model.state_dict()))
+        assert same(*runs)
+        assert all(p.grad is None for p in learn.model.parameters())
+
+
+class TestDataSetLater:
+    def test_dls_set_later_is_checked(self):
+        """learn.dls set after construction is checked as at construction (an iterator)."""
+        learn = adam_learner()
+        batches = list(ordered_digits().train)
+        with pytest.raises(InvalidDataLoadersError, match=r"dls\.train is a list_iterator"):
+            learn.dls = DataLoaders(iter(batches), [])
+        assert learn.dls.train is not None
 
 
 class TestNoSync:

@@ -34,7 +34,10 @@ class TestLearnerArguments:
         ("dls", "shown"),
         [
             ([1, 2], "list whose .train is missing"),
-            (DataLoaders(3, []), "DataLoaders whose .train is int"),
+            (DataLoaders(3, []), "DataLoaders whose .train is a int"),
+            (DataLoaders([], None), "DataLoaders whose .valid is a NoneType"),
+            (DataLoaders("abc", []), "DataLoaders whose .train is a str"),
+            (DataLoaders([], {"x": 1}), "DataLoaders whose .valid is a dict"),
         ],  # type: ignore[arg-type]
     )
     def test_dls_needs_train_and_valid(self, dls, shown):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import digits_dls
 from torch import nn
 
@@ -29,14 +30,40 @@ class TestGroups:
         assert [id(p) for p in no_decay["params"]] == [id(p) for p in expected]
 
     def test_shared_and_frozen_parameters(self):
-        """A shared parameter is listed once; a frozen one not at all; empty groups are left out."""
+        """A shared parameter is listed once, a frozen one too; empty groups are left out."""
         layer = nn.Linear(4, 4, bias=False)
         model = nn.Sequential(layer, layer)
+        assert [[id(p) for p in g["params"]] for g in weight_decay_groups(0.1)(model)] == [
+            [id(layer.weight)]
+        ]
         frozen = nn.Linear(4, 4)
         frozen.requires_grad_(False)
-        groups = weight_decay_groups(0.1)(nn.Sequential(model, frozen))
-        assert len(groups) == 1
-        assert [id(p) for p in groups[0]["params"]] == [id(layer.weight)]
+        decay, no_decay = weight_decay_groups(0.1)(nn.Sequential(model, frozen))
+        assert [id(p) for p in decay["params"]] == [id(layer.weight), id(frozen.weight)]
+        assert [id(p) for p in no_decay["params"]] == [id(frozen.bias)]
+
+    def test_a_layer_frozen_for_the_first_fit_trains_after_unfreezing(self):
+        """Freeze, fit, unfreeze, fit: the kept optimizer holds the frozen layer, which then
+        moves; it did not move while frozen."""
+        torch.manual_seed(0)
+        model = _model()
+        model[0].requires_grad_(False)
+        frozen = model[0].weight.detach().clone()
+        learn = Learner(
+            model,
+            digits_dls(n_train=128, n_valid=64),
+            F.cross_entropy,
+            0.1,
+            param_groups=weight_decay_groups(0.01),
+            audit_log=None,
+        )
+        learn.fit(1)
+        assert torch.equal(model[0].weight, frozen)
+        opt = learn.opt
+        model[0].requires_grad_(True)
+        learn.fit(1)
+        assert learn.opt is opt
+        assert not torch.equal(model[0].weight, frozen)
 
     @pytest.mark.parametrize("bad", [-0.1, float("inf"), float("nan"), "0.1", True, None])
     def test_bad_weight_decay_is_refused(self, bad):

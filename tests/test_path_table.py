@@ -152,6 +152,7 @@ class TestRealRuns:
             ("failure", {(H.AFTER_PREDICT, 1): Boom}, "after_fail", ["cleanup_fit"]),
         ],
     )
+    @pytest.mark.filterwarnings("ignore::fsm_learner.PartialResultWarning")  # cancelled on purpose
     @pytest.mark.parametrize("run", ["validate", "get_preds"])
     def test_an_inference_run_abandoned_in_a_batch(self, path, plan, hook, fit_only, run):
         """Abandoned mid-batch, a validate or predict run has no fit to clean up: it ends idle."""

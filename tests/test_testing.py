@@ -108,6 +108,10 @@ class TestExpectedTrace:
         # per epoch: each pass's 3 hooks, 7 per training batch and 5 per validation batch
         assert len(trace) == 1 + 2 * ((3 + 2 * 7) + (3 + 5)) + 2
 
+    def test_one_pass_may_be_counted_by_an_int(self):
+        """A validate or predict run's one pass count may be given as an int."""
+        assert expected_trace("validate", batches=3) == expected_trace("validate", batches=(3,))
+
     @pytest.mark.parametrize(
         ("kind", "kwargs", "message"),
         [
@@ -115,6 +119,8 @@ class TestExpectedTrace:
             ("validate", {"batches": (1, 1)}, r"1 int\(s\) >= 0 for a validate run .* its one"),
             ("fit", {"batches": (1, -1)}, r"got \(1, -1\)"),
             ("predict", {"batches": (1,), "n_epochs": 2}, "one pass: n_epochs must be 1, got 2"),
+            ("fit", {"batches": 3}, r"2 int\(s\) >= 0 for a fit run .* got \(3,\)"),
+            ("fit", {"batches": (1, "2")}, r"got \(1, '2'\)"),
         ],
     )
     def test_refuses_what_no_run_does(self, kind, kwargs, message):

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from helpers import batches_dls, digits_tensors, mlp
 
 from callbacks.grad_accum import GradientAccumulationCB
-from fsm_learner import Callback, ConfigurationError, DataLoaders, Learner
+from fsm_learner import (
+    Callback,
+    CancelBatchException,
+    ConfigurationError,
+    DataLoaders,
+    Learner,
+)
 
 
 class CountSteps(Callback):
@@ -89,6 +95,77 @@ class TestMatchesALargerBatch:
             train(batches_dls(3, 1).train, [GradientAccumulationCB(1)]),
             train(batches_dls(3, 1).train, []),
         )
+
+
+def cancelling(hook: str, iters: set[int]) -> Callback:
+    """A callback (order 0: before accumulation's) cancelling batches ``iters`` in ``hook``."""
+
+    def cancel(self, learn):
+        if learn.training and learn.iter in iters:
+            raise CancelBatchException
+
+    return type(f"Cancel{hook.title().replace('_', '')}", (Callback,), {"order": 0, hook: cancel})()
+
+
+class TestCancelledBatches:
+    @pytest.mark.parametrize("hook", ["before_batch", "after_loss", "after_backward"])
+    def test_a_cancelled_closing_batch_drops_its_group(self, hook):
+        """4 batches, k=2, batch 1 (which closes group 0) cancelled before its step: group 0
+        takes no step and leaves nothing; group 1 steps exactly as one batch of its union."""
+        steps = CountSteps()
+        cbs = [GradientAccumulationCB(2), cancelling(hook, {1}), steps]
+        accumulated = train(digits_batches([8] * 4), cbs)
+        assert steps.steps == [3]
+        assert_close(accumulated, train(digits_batches([16], start=16), []))
+
+    def test_the_step_sees_exactly_the_mean_gradient_of_the_next_group(self):
+        """The gradient at group 1's step is the mean of batches 2 and 3's, computed by hand."""
+        seen: list[list[torch.Tensor]] = []
+
+        class Grads(Callback):
+            order = 6
+
+            def step(self, learn, proceed):
+                seen.append([p.grad.clone() for p in learn.model.parameters()])
+                proceed()
+
+        train(
+            digits_batches([8] * 4),
+            [GradientAccumulationCB(2), cancelling("after_loss", {1}), Grads()],
+        )
+        model = mlp()
+        for x, y in digits_batches([8] * 4)[2:]:
+            (F.cross_entropy(model(x), y) / 2).backward()
+        (at_step,) = seen
+        for got, want in zip(at_step, model.parameters(), strict=True):
+            torch.testing.assert_close(got, want.grad, rtol=1e-5, atol=1e-7)
+
+    @pytest.mark.parametrize(
+        ("k", "after_backward", "before_backward"),
+        [(2, {2}, {2}), (3, {1}, {0, 1}), (3, {0}, {0})],
+    )
+    def test_a_batch_cancelled_after_its_backward_leaves_no_gradient(
+        self, k, after_backward, before_backward
+    ):
+        """A mid-group batch cancelled in after_backward drops what its group had so far: the
+        weights are those of cancelling that batch and the group's earlier ones before their
+        backward, which contribute nothing."""
+        batches = digits_batches([8] * 4)
+        late = train(
+            batches, [GradientAccumulationCB(k), cancelling("after_backward", after_backward)]
+        )
+        early = train(
+            batches, [GradientAccumulationCB(k), cancelling("after_loss", before_backward)]
+        )
+        assert_close(late, early)
+        plain = train(batches, [GradientAccumulationCB(k)])
+        assert any(not torch.equal(late[n], plain[n]) for n in late)
+
+    def test_a_batch_cancelled_after_its_step_still_counts(self):
+        """Cancelled in after_step, the closing batch has stepped: the weights of no cancel."""
+        batches = digits_batches([8] * 4)
+        cancelled = train(batches, [GradientAccumulationCB(2), cancelling("after_step", {1, 2})])
+        assert_close(cancelled, train(batches, [GradientAccumulationCB(2)]))
 
 
 class TestOptimizerSteps:

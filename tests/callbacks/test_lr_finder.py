@@ -7,15 +7,19 @@ import io
 import math
 import sys
 from functools import partial
+from pathlib import Path
 
 import orjson
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Boom, digits_dls, mlp
+from helpers import Boom, batches_dls, digits_dls, mlp
+from torch.optim.lr_scheduler import StepLR
 
 from callbacks.lr_finder import LRFinderCB, lr_find
 from callbacks.progress import ProgressCB
+from callbacks.save_model import SaveModelCB, load_checkpoint
+from callbacks.schedulers import BatchSchedCB, EpochSchedCB
 from fsm_learner import (
     Callback,
     ConfigurationError,
@@ -172,6 +176,111 @@ class TestTheLearnerAfterwards:
         lines = out.getvalue().splitlines()
         assert lines[0].startswith("epoch 1/1 train loss ")
         assert lines[1].startswith("epoch 1/1 valid loss ")
+
+
+def groups(opt):
+    """Each param group's hyperparameters (all but its params), keys and values."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+
+
+def adam_on_lists(cbs):
+    """Adam on fixed lists of digit batches: fits repeat exactly, whatever ran between."""
+    return Learner(mlp(), batches_dls(4, 2), F.cross_entropy, 1e-3, cbs, torch.optim.Adam)
+
+
+def one_cycle():
+    return BatchSchedCB.one_cycle(0.05)
+
+
+def step_lr():
+    return EpochSchedCB(lambda opt: StepLR(opt, step_size=1, gamma=0.5))
+
+
+class TestWithSchedulers:
+    @pytest.mark.parametrize("make_sched", [one_cycle, step_lr])
+    def test_the_optimizer_is_given_back_exactly(self, make_sched):
+        """After a scheduled fit, lr_find leaves every param group as it found it (the same
+        keys, none a scheduler adds, and the same values: lr, betas) and the same state."""
+        sched = make_sched()
+        learn = adam_on_lists([sched])
+        learn.fit(1)
+        before, state = groups(learn.opt), copy.deepcopy(learn.opt.state_dict())
+        lr_find(learn, num_it=20)
+        assert groups(learn.opt) == before
+        assert_same_state(learn.opt.state_dict(), state)
+        assert learn.cbs == [sched]
+
+    @pytest.mark.parametrize("make_sched", [one_cycle, step_lr])
+    def test_the_schedule_runs_in_the_next_fit_as_without_the_sweep(self, make_sched):
+        """fit, lr_find, fit trains exactly as fit, fit: the scheduler is back and works."""
+        sched, twin = make_sched(), make_sched()
+        learn, other = adam_on_lists([sched]), adam_on_lists([twin])
+        learn.fit(1)
+        other.fit(1)
+        lr_find(learn, num_it=20)
+        learn.fit(2)
+        other.fit(2)
+        assert_same_state(learn.model.state_dict(), other.model.state_dict())
+        assert_same_state(learn.opt.state_dict(), other.opt.state_dict())
+        assert groups(learn.opt) == groups(other.opt)
+        assert sched.scheduler is not None
+        assert sched.scheduler.last_epoch == twin.scheduler.last_epoch > 0
+
+    def test_the_sweep_runs_without_the_scheduler(self):
+        """The rates the optimizer steps with are the sweep's alone, not a schedule's."""
+        applied: list[float] = []
+
+        class SeenLR(Callback):
+            order = 71
+
+            def after_step(self, learn):
+                applied.append(learn.opt.param_groups[0]["lr"])
+
+        sched = one_cycle()
+        learn = adam_on_lists([sched, SeenLR()])
+        finder = lr_find(learn, start_lr=1e-5, end_lr=1e-3, num_it=10)
+        assert applied == finder.lrs
+        assert sched.scheduler is None  # it never built one: it was out for the sweep
+
+
+class TestOtherCallbacksDuringTheSweep:
+    def test_save_model_does_not_count_the_sweep(self):
+        """A SaveModelCB is taken out for the sweep: it saves nothing, and the next fit's
+        epochs are numbered from 0."""
+        save = SaveModelCB("ckpts", every_epoch=True)
+        learn = adam_on_lists([save])
+        lr_find(learn, num_it=20)
+        assert learn.cbs == [save]
+        assert (save.epochs, save.saved) == (0, [])
+        learn.fit(1)
+        assert save.saved == [Path("ckpts/epoch_0.pt")]
+        assert load_checkpoint("ckpts/epoch_0.pt", mlp(seed=1)) == 0
+
+
+class TestOtherRuns:
+    def test_validate_and_get_preds_ignore_the_finder(self):
+        """A finder left in cbs does nothing in validate and predict runs: their results are
+        those of the same learner without it, and it records nothing."""
+        finder = LRFinderCB()
+        learn = Learner(mlp(), digits_dls(), F.cross_entropy, 0.05, [finder])
+        plain = Learner(mlp(), digits_dls(), F.cross_entropy, 0.05, [])
+        assert learn.validate() == plain.validate()
+        assert math.isfinite(learn.validate()["loss"])
+        preds, targets = learn.get_preds()
+        plain_preds, plain_targets = plain.get_preds()
+        assert preds.shape == (397, 10)
+        assert torch.equal(preds, plain_preds)
+        assert torch.equal(targets, plain_targets)
+        assert (finder.lrs, finder.losses) == ([], [])
+
+    def test_a_sweep_after_them_still_runs(self):
+        """After validate and get_preds, the same finder sweeps in a fit as usual."""
+        finder = LRFinderCB(1e-4, 1e-2, num_it=10)
+        learn = learner([finder])
+        learn.validate()
+        learn.get_preds()
+        assert learn.fit(1).status is RunStatus.COMPLETED
+        assert len(finder.lrs) == 10
 
 
 class TestSuggestion:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from helpers import batches_dls, mlp
 
 from callbacks.save_model import SaveModelCB, load_checkpoint
-from fsm_learner import Callback, ConfigurationError, Learner
+from fsm_learner import Callback, CancelFitException, ConfigurationError, Learner
 
 LR = 1.0  # the validation loss goes up and down on 32 training digits (see early stopping)
 
@@ -187,6 +187,119 @@ class TestWhatIsSaved:
         learn.get_preds()
         assert notes(learn.audit_path, "checkpoint") == []
         assert (cb.best, cb.best_epoch, cb.saved, Path("best.pt").read_bytes()) == before
+
+
+def monitored(cb: SaveModelCB, lr: float = 0.01) -> tuple[Learner, PassMetrics]:
+    """An Adam learner on 32 digits with a PassMetrics provider and ``cb``."""
+    metrics = PassMetrics()
+    return adam_learner([metrics, cb], lr=lr), metrics
+
+
+class TestAcrossFits:
+    def test_a_worse_later_fit_keeps_the_best_of_an_earlier_one(self):
+        """Fit 1 finds a best; the weights are zeroed (valid loss ln 10, worse than it) and
+        fit 2 never beats it: nothing is saved, the file, best and best_epoch are fit 1's."""
+        cb = SaveModelCB("best.pt", monitor="valid_loss")
+        learn, metrics = monitored(cb)
+        learn.fit(3)
+        best, best_epoch = cb.best, cb.best_epoch
+        assert best == min(metrics.valid_history)
+        assert best_epoch == metrics.valid_history.index(best)
+        written = Path("best.pt").read_bytes()
+        with torch.no_grad():
+            for param in learn.model.parameters():
+                param.zero_()
+        learn.fit(2)
+        assert min(metrics.valid_history[3:]) > best  # the second fit is worse throughout
+        assert notes(learn.audit_path, "checkpoint") == []
+        assert (cb.best, cb.best_epoch, cb.saved) == (best, best_epoch, [Path("best.pt")])
+        assert Path("best.pt").read_bytes() == written
+        assert load_checkpoint("best.pt", mlp(seed=1)) == best_epoch
+
+    def test_two_fits_save_as_one_fit_of_their_epochs(self):
+        """fit(2) then fit(2) saves what fit(4) saves: the same values, best, best_epoch
+        (numbered across fits) and checkpoint."""
+        split, one = (
+            SaveModelCB("split.pt", monitor="valid_loss"),
+            SaveModelCB("one.pt", monitor="valid_loss"),
+        )
+        learn, _ = monitored(split)
+        first = notes(learn.fit(2).audit_path, "checkpoint")
+        second = notes(learn.fit(2).audit_path, "checkpoint")
+        whole = notes(monitored(one)[0].fit(4).audit_path, "checkpoint")
+        assert [n["value"] for n in first + second] == [n["value"] for n in whole]
+        assert (split.best, split.best_epoch, split.epochs) == (one.best, one.best_epoch, 4)
+        assert split.best_epoch == 3  # the loss still falls: the best is the second fit's
+        split_model, one_model = mlp(seed=1), mlp(seed=2)
+        assert load_checkpoint("split.pt", split_model) == load_checkpoint("one.pt", one_model) == 3
+        assert_same(split_model.state_dict(), one_model.state_dict())
+
+    def test_every_epoch_numbers_files_across_fits(self):
+        """every_epoch: fit(2) then fit(2) writes epoch_0.pt to epoch_3.pt, as fit(4) does,
+        each holding its epoch's number and fit(4)'s weights at that epoch; none overwritten."""
+        split, one = SaveModelCB("split", every_epoch=True), SaveModelCB("one", every_epoch=True)
+        learn = adam_learner([split])
+        learn.fit(2)
+        first_files = {p: p.read_bytes() for p in split.saved}
+        learn.fit(2)
+        adam_learner([one]).fit(4)
+        assert split.saved == [Path("split") / f"epoch_{n}.pt" for n in range(4)]
+        assert all(path.read_bytes() == data for path, data in first_files.items())
+        for n in range(4):
+            a, b = mlp(seed=1), mlp(seed=2)
+            assert load_checkpoint(f"split/epoch_{n}.pt", a) == n
+            assert load_checkpoint(f"one/epoch_{n}.pt", b) == n
+            assert_same(a.state_dict(), b.state_dict())
+
+    def test_cancelled_epochs_are_counted(self):
+        """A fit cancelled in its second epoch's training pass counted two epochs: the next
+        fit's first epoch is number 2, and validate or predict runs count none."""
+
+        class CancelSecondEpoch(Callback):
+            def before_epoch(self, learn):
+                if learn.epoch == 1 and learn.training:
+                    raise CancelFitException
+
+        cb = SaveModelCB("ckpts", every_epoch=True)
+        learn = adam_learner([CancelSecondEpoch(), cb])
+        learn.fit(3)
+        assert cb.saved == [Path("ckpts/epoch_0.pt")]
+        assert cb.epochs == 2
+        learn.validate()
+        learn.get_preds()
+        learn.fit(1)
+        assert cb.epochs == 3
+        assert cb.saved == [Path("ckpts/epoch_0.pt"), Path("ckpts/epoch_2.pt")]
+        assert load_checkpoint("ckpts/epoch_2.pt", mlp(seed=1)) == 2
+
+    def test_reset_starts_over(self):
+        """After reset() a worse fit saves again, numbered from 0: best, best_epoch, saved
+        and the file are its own."""
+        cb = SaveModelCB("best.pt", monitor="valid_loss")
+        learn, metrics = monitored(cb)
+        learn.fit(3)
+        first_best = cb.best
+        with torch.no_grad():
+            for param in learn.model.parameters():
+                param.zero_()
+        cb.reset()
+        assert (cb.best_epoch, cb.saved, cb.epochs) == (-1, [], 0)
+        learn.fit(1)
+        assert cb.best == metrics.valid_history[-1] > first_best
+        assert (cb.best_epoch, cb.saved, cb.epochs) == (0, [Path("best.pt")], 1)
+        assert load_checkpoint("best.pt", mlp(seed=1)) == 0
+
+    def test_reset_every_epoch_numbers_from_zero_again(self):
+        """every_epoch: after reset() the next fit writes epoch_0.pt again."""
+        cb = SaveModelCB("ckpts", every_epoch=True)
+        learn = adam_learner([cb])
+        learn.fit(2)
+        cb.reset()
+        learn.fit(1)
+        assert cb.saved == [Path("ckpts/epoch_0.pt")]
+        model = mlp(seed=1)
+        assert load_checkpoint("ckpts/epoch_0.pt", model) == 0
+        assert_same(model.state_dict(), learn.model.state_dict())
 
 
 class TestConfiguration:

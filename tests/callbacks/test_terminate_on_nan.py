@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from helpers import batches_dls, mlp
 
 from callbacks.terminate_on_nan import TerminateOnNaNCB
-from fsm_learner import Callback, ConfigurationError, DataLoaders, Learner, RunStatus
+from fsm_learner import (
+    Callback,
+    ConfigurationError,
+    DataLoaders,
+    Learner,
+    PartialResultWarning,
+    RunStatus,
+)
 from fsm_learner.audit.replay import audit_file
 
 
@@ -91,7 +98,10 @@ class TestOtherRuns:
         the batch before; a later fit is not cancelled by what the validate run saw."""
         clean = batches_dls(2, 3)
         learn = Learner(mlp(), clean, F.cross_entropy, 0.5, [TerminateOnNaNCB()])
-        result = learn.validate(poisoned(clean.valid, 1))
+        with pytest.warns(PartialResultWarning, match=r"after 1 completed batch"):
+            result = learn.validate(poisoned(clean.valid, 1))
+        assert learn.last_result is not None
+        assert learn.last_result.status is RunStatus.CANCELLED
         records = [orjson.loads(line) for line in learn.audit_path.read_bytes().splitlines()]
         (note,) = [r for r in records if r["ev"] == "note"]
         assert (note["name"], note["tr"], note["it"], note["batches_checked"]) == (
