@@ -34,25 +34,31 @@ _PAIR: Final = (tuple, list)
 
 
 def _default_predict(learn: Learner) -> None:
-    batch, whole = learn.batch, learn.loss_func is None
-    if type(batch) in _PAIR and len(batch) == 2 and not whole:  # (x, y): the fast path
-        args: tuple[Any, ...] = (batch[0],)
-        kwargs: Mapping[str, Any] = _NO_KWARGS
-    else:  # the model computes its own loss: give it the target too
-        args, kwargs = model_args(batch, learn.target_key, whole=whole)
+    batch = learn.batch
     try:
-        output = learn.model(*args, **kwargs)
+        if type(batch) in _PAIR and len(batch) == 2 and learn.loss_func is not None:
+            output = learn.model(batch[0])  # (x, y): the fast path
+        else:
+            args, kwargs = _model_args(learn)
+            output = learn.model(*args, **kwargs)
     except RuntimeError as exc:
+        args, kwargs = _model_args(learn)
         _note_dtype_mismatch(exc, learn.model, _tensors((*args, *kwargs.values())))
         raise
     except TypeError as exc:
+        args, kwargs = _model_args(learn)
         _note_call(exc, learn, args, kwargs)
         raise
     learn.output = output
-    learn.preds = output if type(output) is torch.Tensor else output_preds(output)
+    learn.preds = output if type(output) is _TENSOR else output_preds(output)
 
 
-_NO_KWARGS: Final[Mapping[str, Any]] = MappingProxyType({})
+_TENSOR: Final = torch.Tensor
+
+
+def _model_args(learn: Learner) -> tuple[tuple[Any, ...], Mapping[str, Any]]:
+    """Return the model's arguments: with ``loss_func=None`` the whole batch, target included."""
+    return model_args(learn.batch, learn.target_key, whole=learn.loss_func is None)
 
 
 def _tensors(values: Iterable[Any]) -> Iterator[torch.Tensor]:
