@@ -429,8 +429,7 @@ class Learner:
         """The model's output for the batch, as it returned it (``preds`` derive from it)."""
         self.preds: Any = None
         self.loss: torch.Tensor = torch.tensor(_NAN)
-        self._state = State.IDLE
-        self._kind = RunKind.FIT
+        self._state, self._kind = State.IDLE, RunKind.FIT
         self._epoch = self._n_epochs = self._iter = 0
         self._training = False
         self._rank = 0
@@ -440,6 +439,9 @@ class Learner:
         self._origin: Failure | None = self._failure
         self._dispatch = resolve_dispatch(())
         self._compiled: Mapping[Mode, _Routes] = _compile(self._dispatch, RunKind.FIT)
+        self._compiled_for = self._compiled
+        self._compiled_key: tuple[object, ...] = ()
+        """What ``_compiled_for`` was compiled from (``_dispatch_key``), with the callbacks."""
         self._node: _Node = self._compiled[RunKind.FIT, False][State.IDLE]
         self._fail_source = State.IDLE
         self._predict, self._compute_loss, self._backward, self._step = (
@@ -833,8 +835,11 @@ class Learner:
         """Check the callbacks and compile their dispatch, every run (they may have changed)."""
         self._cbs = validate_callbacks(self._cbs)
         dispatch = resolve_dispatch(self._cbs)
+        key = (kind, *_dispatch_key(dispatch))
+        if key != self._compiled_key:  # the same callbacks running the same functions: reuse
+            self._compiled_key, self._compiled_for = key, _compile(dispatch, kind)
         # together: the compiled routes always hold the modes of the kind
-        self._dispatch, self._compiled, self._kind = dispatch, _compile(dispatch, kind), kind
+        self._dispatch, self._compiled, self._kind = dispatch, self._compiled_for, kind
         self._go_idle()  # the routes match the mode
         chains = {
             override: chain_overrides(dispatch.overrides[override], override, default)
@@ -1208,6 +1213,20 @@ _Built = tuple[torch.optim.Optimizer, Callable[..., Any], Callable[..., Any], fr
 
 def _opt_ids(opt: torch.optim.Optimizer) -> frozenset[int]:
     return held_ids(opt.param_groups)
+
+
+def _dispatch_key(dispatch: Dispatch) -> tuple[object, ...]:
+    """Return what compiled routes depend on: each hook's callbacks and functions, in order.
+
+    Callbacks are compared by identity (``id``); the key holds them too, so that no id in
+    it can be another object's while it is kept.
+    """
+    calls = [(cb, call) for hook_calls in dispatch.hooks.values() for cb, call in hook_calls]
+    return (
+        *(len(hook_calls) for hook_calls in dispatch.hooks.values()),
+        *((id(cb), getattr(call, "__func__", call)) for cb, call in calls),
+        tuple(cb for cb, _ in calls),
+    )
 
 
 def _nothing() -> None:
