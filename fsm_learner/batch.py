@@ -123,6 +123,8 @@ def output_loss(output: Any, hint: str = "") -> torch.Tensor:
     loss = _part(output, "loss")
     if not isinstance(loss, torch.Tensor):
         got = "no loss" if loss is None else f"a loss of type {type(loss).__name__}"
+        if isinstance(output, tuple) and not hasattr(output, "_fields"):
+            got += " (a plain tuple has no names: return a named tuple, a dict or an object)"
         msg = (
             f"loss_func=None: the model computes its own loss, but its output "
             f"({safe_text(type(output).__name__, 80)}) has {got}; return an object with a "

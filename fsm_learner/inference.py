@@ -92,7 +92,14 @@ class Gathered:
 
 def _same_shape(kept: list[torch.Tensor], new: torch.Tensor, what: str, index: int) -> torch.Tensor:
     """Return ``new`` if it concatenates with ``kept`` along dim 0; refuse it otherwise."""
-    if not kept or (new.ndim and new.shape[1:] == kept[0].shape[1:]):
+    if not new.ndim:
+        msg = (
+            f"get_preds() concatenates the batches' {what} along their first dimension, but "
+            f"batch {index} gave a 0-d tensor (one value for the whole batch); return one "
+            f"value per sample, shape [batch, ...]"
+        )
+        raise InvalidBatchError(msg)
+    if not kept or new.shape[1:] == kept[0].shape[1:]:
         return new
     first = kept[0]
     msg = (

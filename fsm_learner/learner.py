@@ -407,13 +407,11 @@ class Learner:
             raise ConfigurationError(msg)
         _check_dls(dls)
         _check_callable("loss_func", loss_func, optional=True)
-        _check_callable("opt_func", opt_func)
-        _check_callable("param_groups", param_groups, optional=True)
         self.model = model
         self._dls = dls
         self.loss_func = loss_func
         self._target_key = _check_target_key(target_key)
-        self.param_groups: ParamGroups = param_groups or _all_parameters
+        self.param_groups = param_groups
         self._lr = _check_lr(lr)
         self._cbs: list[Callback] = validate_callbacks(cbs)
         self.opt_func = opt_func
@@ -429,6 +427,17 @@ class Learner:
         """The model's output for the batch, as it returned it (``preds`` derive from it)."""
         self.preds: Any = None
         self.loss: torch.Tensor = torch.tensor(_NAN)
+        self._init_loop()
+        self._audit_log = _check_audit_log(audit_log)
+        self._audit_key = _check_audit_key(audit_key)
+        self._run: Run | None = None
+        """The current (or last) run."""
+        self._last_result: FitResult | None = None
+        self._unstepped = False
+        self._pending: list[Any] | None = None
+
+    def _init_loop(self) -> None:
+        """Set the machine's state before any run: idle, nothing counted, no callback."""
         self._state, self._kind = State.IDLE, RunKind.FIT
         self._epoch = self._n_epochs = self._iter = 0
         self._training = False
@@ -447,18 +456,38 @@ class Learner:
         self._predict, self._compute_loss, self._backward, self._step = (
             DEFAULT_WORK[work] for work in Override
         )
-        self._audit_log = _check_audit_log(audit_log)
-        self._audit_key = _check_audit_key(audit_key)
-        self._run: Run | None = None
-        """The current (or last) run."""
-        self._last_result: FitResult | None = None
-        self._pending: list[Any] | None = None
 
     # -- settings, checked whenever they are set ------------------------------------
 
     @property
+    def opt_func(self) -> OptimizerFactory:
+        """Builds the optimizer as ``opt_func(param_groups(model), lr)``; checked when set."""
+        return self._opt_func
+
+    @opt_func.setter
+    def opt_func(self, value: OptimizerFactory) -> None:
+        _check_callable("opt_func", value)
+        self._opt_func = value
+
+    @property
+    def param_groups(self) -> ParamGroups:
+        """Gives ``opt_func`` the model's parameters or groups (``model.parameters``)."""
+        return self._param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: ParamGroups | None) -> None:
+        _check_callable("param_groups", value, optional=True)
+        self._param_groups = value or _all_parameters
+
+    @property
     def lr(self) -> float:
-        """The learning rate: the optimizer is built with it; setting it sets the optimizer's."""
+        """The rate fits start from: once there is an optimizer, its first group's.
+
+        Setting it sets every group's rate (per-group rates become one).
+        """
+        hypers = self._hypers
+        if hypers is not None and hypers.opt is self.opt:
+            return hypers.lr
         return self._lr
 
     @lr.setter
@@ -582,7 +611,7 @@ class Learner:
 
     @property
     def last_result(self) -> FitResult | None:
-        """How the last run ended (id, status, log, head); None before any and while one runs."""
+        """How the last call's run ended (id, status, log, head); None when it started none."""
         return self._last_result
 
     @property
@@ -633,6 +662,7 @@ class Learner:
         The optimizer is built at the first fit (or taken from ``learn.opt``) and kept,
         so ``fit(2); fit(2)`` trains as ``fit(4)``; ``reset_opt=True`` builds a new one.
         """
+        self._last_result = None  # whatever happens next, not the last call's
         self._check_idle("fit()")
         n_epochs = _check_n_epochs(n_epochs)
         reset_opt = _check_bool("reset_opt", reset_opt)
@@ -652,6 +682,7 @@ class Learner:
         batches' losses, and the values a metrics callback (``MetricsCB``) computed for
         the pass, by name (``"accuracy"``). The weights and the optimizer are untouched.
         """
+        self._last_result = None
         self._check_idle("validate()")
         data = self._inference_data(dl, "validate")
         mean = LossMean(self.target_key)
@@ -669,6 +700,7 @@ class Learner:
         and its own audit log. Predictions and targets are concatenated in batch order,
         on the CPU; the targets are None when the batches have none.
         """
+        self._last_result = None
         self._check_idle("get_preds()")
         data = self._inference_data(dl, "get_preds")
         gathered = Gathered(self.target_key)
@@ -691,14 +723,7 @@ class Learner:
                 f"at the next fit; got {_shown(opt)}"
             )
             raise ConfigurationError(msg)
-        try:
-            params = list(self.param_groups(self.model))
-        except Exception as exc:
-            msg = (
-                f"param_groups(model) raised {exception_text(exc, 300)}; it must return the "
-                f"model's parameters, or parameter groups (dicts with 'params'), for opt_func"
-            )
-            raise ConfigurationError(msg) from exc
+        params = self._params()
         learners = built is not None and built[0] is opt
         if reset or opt is None or (learners and built != self._built_from(opt, params)):
             opt = self._build_optimizer(params)
@@ -713,6 +738,26 @@ class Learner:
         if hypers is None or hypers.opt is not opt:
             hypers = self._hypers = BaseHypers(opt)  # a user's optimizer, adopted as it is
         hypers.restore()
+
+    def _params(self) -> list[Any]:
+        """Return what ``param_groups(model)`` gives, as a list; refuse what is none."""
+        what = (
+            "; it must return the model's parameters, or parameter groups (dicts with "
+            "'params'), for opt_func"
+        )
+        try:
+            given = self.param_groups(self.model)
+            params = None if isinstance(given, Mapping | nn.Module | torch.Tensor) else list(given)
+        except Exception as exc:
+            msg = f"param_groups(model) raised {exception_text(exc, 300)}{what}"
+            raise ConfigurationError(msg) from exc
+        if params is None:
+            msg = (
+                f"param_groups(model) returned one {type(given).__name__}{what} (wrap one group "
+                f"or parameter in a list)"
+            )
+            raise ConfigurationError(msg)
+        return params
 
     def _built_from(self, opt: torch.optim.Optimizer, params: list[Any]) -> _Built:
         return (opt, self.opt_func, self.param_groups, held_ids(params))
@@ -798,6 +843,9 @@ class Learner:
         finally:
             if self._state is not State.IDLE:  # pragma: no cover (_settle saw to it)
                 self._go_idle()
+            hypers = self._hypers
+            if kind is RunKind.FIT and hypers is not None and hypers.opt is self.opt:
+                hypers.end_fit()
 
     def _train(self) -> RunStatus:
         try:
@@ -823,7 +871,7 @@ class Learner:
         return RunStatus.COMPLETED if completed else RunStatus.CANCELLED
 
     def _prepare(self, kind: RunKind) -> None:
-        self._last_result = None
+        self._unstepped = False
         self._resolve_callbacks(kind)
         self._epoch = self._iter = 0
         self._counts = _zero_counts()
@@ -961,9 +1009,11 @@ class Learner:
                     self._refuse_work(Override.COMPUTE_LOSS, "learn.loss")
                 fire(Trigger.COMPUTE_LOSS)
                 if self._training:
+                    self._unstepped = True  # from here to the step, gradients are pending
                     self._backward(self)
                     fire(Trigger.BACKWARD)
                     self._step(self)
+                    self._unstepped = False
                     fire(Trigger.STEP)
             fire(Trigger.END_BATCH)
         except CancelBatchException:
@@ -1055,12 +1105,14 @@ class Learner:
         )
         return first
 
-    def _drop_unstepped_gradients(self) -> None:
-        """Zero the gradients of a batch cancelled between its backward and its step.
+    def _drop_unstepped_gradients(self, _exc: BaseException | None = None) -> None:
+        """Zero the gradients of a batch cancelled (or failed) between its backward and step.
 
-        Left in ``.grad``, they would add to the next batch's (or pass's, or fit's) step.
+        From the start of the backward work to the end of the step work: left in ``.grad``,
+        they would add to the next batch's (or pass's, or fit's) step.
         """
-        if self._state is State.BACKWARD:
+        if self._unstepped:
+            self._unstepped = False
             self.model.zero_grad(set_to_none=True)
 
     def _refuse_work(self, work: Override, attribute: str) -> NoReturn:
@@ -1107,6 +1159,7 @@ class Learner:
         steps = (
             ("recording it", self._record_failure),
             ("the fail transition", self._fail_step),
+            ("dropping the batch's gradients", self._drop_unstepped_gradients),
             (f"{Hook.AFTER_FAIL}", self._run_fail_hooks),
             ("closing the audit log", self._log_failure),
         )
@@ -1241,7 +1294,13 @@ def _check_callable(name: str, func: object, *, optional: bool = False) -> None:
     if callable(func) or (optional and func is None):
         return
     also = " or None" if optional else ""
-    msg = f"{name} must be callable{also}, got {_shown(func)}"
+    hint = ""
+    if isinstance(func, torch.optim.Optimizer):
+        hint = (
+            ": an optimizer already built; pass its class (torch.optim.Adam) or a "
+            "functools.partial of it, or set learn.opt to the optimizer itself"
+        )
+    msg = f"{name} must be callable{also}, got {_shown(func)}{hint}"
     raise ConfigurationError(msg)
 
 

@@ -89,7 +89,7 @@ def held_ids(params: Iterable[Any]) -> frozenset[int]:
     ids: set[int] = set()
     for item in params:
         if isinstance(item, dict):
-            group = item["params"]
+            group = item.get("params", ())
             ids.update(map(id, [group] if isinstance(group, torch.Tensor) else group))
         else:
             ids.add(id(item))
@@ -97,21 +97,43 @@ def held_ids(params: Iterable[Any]) -> frozenset[int]:
 
 
 class BaseHypers:
-    """An optimizer's scheduled hyperparameters per group, as it was built (or adopted)."""
+    """An optimizer's scheduled hyperparameters per group, as it was built (or adopted).
+
+    A fit's schedule may leave them elsewhere; the next fit starts from these again. What
+    the user set in a group between two fits is theirs, and becomes the base.
+    """
 
     def __init__(self, opt: torch.optim.Optimizer) -> None:
         """Record ``opt``'s groups' ``lr``, ``momentum`` and ``betas`` as they are now."""
         self.opt = opt
-        self._groups: list[dict[str, Any]] = [
-            {k: g[k] for k in SCHEDULED if k in g} for g in opt.param_groups
-        ]
+        self._groups = _scheduled(opt)
+        self._ended: list[dict[str, Any]] | None = None
+        """The values the last fit ended with: a value changed since was set by the user."""
+
+    def end_fit(self) -> None:
+        """Note the values a fit ended with."""
+        self._ended = _scheduled(self.opt)
 
     def restore(self) -> None:
-        """Set them back (a schedule of the last fit may have left them elsewhere)."""
-        for group, base in zip(self.opt.param_groups, self._groups, strict=False):
-            group.update(base)
+        """Start a fit from the base values (taking in what the user set since the last)."""
+        ended = self._ended or [{} for _ in self._groups]
+        for group, base, last in zip(self.opt.param_groups, self._groups, ended, strict=False):
+            for key in base:
+                if key in last and group.get(key) != last[key]:  # the user's since
+                    base[key] = group[key]
+                group[key] = base[key]
+        self._ended = None
+
+    @property
+    def lr(self) -> float:
+        """The first group's base rate: the rate the next fit starts from."""
+        return float(self._groups[0]["lr"]) if self._groups else math.nan
 
     def set_lr(self, lr: float) -> None:
         """Make ``lr`` every group's rate, now and at every fit start."""
         for group, base in zip(self.opt.param_groups, self._groups, strict=False):
             group["lr"] = base["lr"] = lr
+
+
+def _scheduled(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return [{k: g[k] for k in SCHEDULED if k in g} for g in opt.param_groups]

@@ -120,7 +120,24 @@ def _default_loss(learn: Learner) -> None:
             f"computes its own loss"
         )
         raise InvalidBatchError(msg)
-    learn.loss = loss_func(learn.preds, target)
+    try:
+        learn.loss = loss_func(learn.preds, target)
+    except (TypeError, AttributeError) as exc:
+        _note_preds(exc, learn.preds)
+        raise
+
+
+def _note_preds(exc: Exception, preds: Any) -> None:
+    """Say what ``learn.preds`` was when loss_func could not read it (not a tensor)."""
+    if isinstance(preds, torch.Tensor):
+        return
+    add_note(
+        exc,
+        f"fsm_learner: loss_func got learn.preds = the model's output, a "
+        f"{safe_text(type(preds).__name__, 80)} (an output with .logits or a 'logits' key "
+        f"gives its logits; other outputs are passed as they are): return a tensor, or "
+        f"logits, or set learn.preds in after_predict",
+    )
 
 
 def _describe(batch: Any) -> str:
@@ -146,7 +163,17 @@ def _missing_target(learn: Learner) -> str:
 
 
 def _default_backward(learn: Learner) -> None:
-    torch.autograd.backward(learn.loss)
+    loss = learn.loss
+    try:
+        torch.autograd.backward(loss)
+    except RuntimeError as exc:
+        if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+            add_note(
+                exc,
+                f"fsm_learner: learn.loss has shape {list(loss.shape)}; backward needs a scalar "
+                f"loss (the batch's mean: reduction='mean')",
+            )
+        raise
 
 
 def _default_step(learn: Learner) -> None:

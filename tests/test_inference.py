@@ -346,6 +346,20 @@ class TestDataInferenceRefuses:
             learn.validate(dl)
         assert learn.run_id == ""
 
+    @pytest.mark.parametrize("n_batches", [1, 2])
+    def test_one_prediction_per_batch(self, n_batches):
+        """A 0-d prediction per batch cannot be concatenated: the first batch fails the run."""
+
+        class Mean(nn.Module):
+            def forward(self, x):
+                return x.mean()
+
+        batches = [(torch.ones(8, 2),)] * n_batches
+        learn = Learner(Mean(), DataLoaders([], batches), F.cross_entropy, 0.1)
+        with pytest.raises(InvalidBatchError, match=r"batch 0 gave a 0-d tensor"):
+            learn.get_preds()
+        assert_failed(learn)
+
     def test_predictions_of_different_shapes(self):
         """Padded per batch (7 then 9 columns): get_preds fails in the run, naming both
         shapes, instead of after it with a bare torch error."""

@@ -20,6 +20,7 @@ from fsm_learner import (
     ConfigurationError,
     DataLoaders,
     Hook,
+    InvalidBatchError,
     InvalidCallbackError,
     InvalidDataLoadersError,
     InvalidTransitionError,
@@ -527,6 +528,38 @@ class TestOptimizerAcrossFits:
         with pytest.raises(ConfigurationError, match=r"empty parameter list .* 0 parameter\(s\)"):
             learn.fit(1)
 
+    @pytest.mark.parametrize(
+        ("groups", "message"),
+        [
+            (
+                lambda _model: [{"lr": 0.1}],
+                r"opt_func\(param_groups\(model\), lr\) raised KeyError: 'params'",
+            ),
+            (
+                lambda model: {"params": model.parameters()},
+                r"returned one dict; .*\(wrap one group",
+            ),
+            (lambda model: model, r"returned one Sequential"),
+        ],
+    )
+    def test_param_groups_that_give_no_groups(self, groups, message):
+        """param_groups giving one dict, the model, or groups without params: a message."""
+        learn = Learner(mlp(), ordered_digits(), F.cross_entropy, 0.1, param_groups=groups)
+        with pytest.raises(ConfigurationError, match=message):
+            learn.fit(1)
+
+    def test_settings_that_build_the_optimizer_are_checked_when_set(self):
+        """opt_func and param_groups set on the learner are checked as in the constructor;
+        an optimizer given as opt_func is told where it belongs."""
+        learn = adam_learner()
+        with pytest.raises(
+            ConfigurationError, match="param_groups must be callable or None, got 5"
+        ):
+            learn.param_groups = 5  # type: ignore[assignment]
+        built = torch.optim.Adam(learn.model.parameters())
+        with pytest.raises(ConfigurationError, match=r"set learn\.opt to the optimizer itself"):
+            learn.opt_func = built  # type: ignore[assignment]
+
     def test_an_opt_that_is_no_optimizer(self):
         """learn.opt set to something else is refused at the next fit, not at its first step."""
         learn = adam_learner()
@@ -565,6 +598,25 @@ class TestOptimizerAcrossFits:
         seen.clear()
         learn.fit(1)
         assert set(seen) == {(0.02, 0.5)}
+
+    def test_a_rate_the_user_sets_in_the_optimizer_between_fits_is_kept(self):
+        """A rate set in opt.param_groups by hand between fits is the user's: the next fit
+        starts from it (only what a schedule left is set back)."""
+        learn = adam_learner()
+        learn.fit(1)
+        assert learn.opt is not None
+        learn.opt.param_groups[0]["lr"] = 0.001
+        learn.fit(1)
+        assert learn.opt.param_groups[0]["lr"] == 0.001
+        assert learn.lr == 0.001
+
+    def test_learn_lr_is_a_user_optimizer_s_rate(self):
+        """With the user's optimizer, learn.lr reads its rate, before and after a fit."""
+        model = mlp()
+        learn = Learner(model, ordered_digits(), F.cross_entropy, 0.5)
+        learn.opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        learn.fit(1)
+        assert learn.lr == 0.01
 
     def test_the_header_records_a_user_optimizer_s_rate(self):
         """With the user's optimizer at lr 0.01, the header says 0.01, not Learner(lr=0.5)'s."""
@@ -609,6 +661,64 @@ class TestWorkThatSetsNothing:
             learn.validate()
 
 
+class TestMessagesOfTheDefaultWork:
+    def test_a_loss_per_sample_in_a_fit(self):
+        """reduction='none': backward's bare error gets a note naming the shape and the fix."""
+        learn = Learner(
+            mlp(),
+            ordered_digits(),
+            lambda preds, target: F.cross_entropy(preds, target, reduction="none"),
+            0.1,
+        )
+        with pytest.raises(RuntimeError) as info:
+            learn.fit(1)
+        assert any(
+            "learn.loss has shape [" in note and "reduction='mean'" in note
+            for note in info.value.__notes__
+        )
+
+    def test_a_dict_output_without_logits(self):
+        """The model returns {"scores": ...}: loss_func's error says learn.preds is that dict."""
+
+        class Scores(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = mlp()
+
+            def forward(self, x):
+                return {"scores": self.net(x)}
+
+        learn = Learner(Scores(), ordered_digits(), F.cross_entropy, 0.1)
+        with pytest.raises(TypeError) as info:
+            learn.fit(1)
+        assert any("learn.preds = the model's output, a dict" in n for n in info.value.__notes__)
+
+    def test_a_plain_tuple_output_is_not_read_for_a_loss(self):
+        """loss_func=None and a (loss, logits) tuple: the error says plain tuples have no names."""
+
+        class Pair(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = mlp()
+
+            def forward(self, x, y):
+                logits = self.net(x)
+                return F.cross_entropy(logits, y), logits
+
+        learn = Learner(Pair(), ordered_digits(), None, 0.1)
+        with pytest.raises(InvalidBatchError, match="a plain tuple has no names"):
+            learn.fit(1)
+
+    def test_last_result_is_none_after_a_refused_call(self):
+        """A call refused before its run started leaves no last_result (not the last run's)."""
+        learn = adam_learner()
+        learn.fit(1)
+        assert learn.last_result is not None
+        with pytest.raises(ConfigurationError):
+            learn.fit(-1)
+        assert learn.last_result is None
+
+
 class TestCancelledGradients:
     @pytest.mark.parametrize("cancel", [CancelBatchException, CancelEpochException])
     def test_a_batch_cancelled_after_its_backward_leaves_no_gradient(self, cancel):
@@ -634,6 +744,55 @@ class TestCancelledGradients:
             runs.append(copy.deepcopy(learn.model.state_dict()))
         assert same(*runs)
         assert all(p.grad is None for p in learn.model.parameters())
+
+    def test_a_cancel_inside_the_backward_work_drops_its_gradients(self):
+        """A backward override that computes the gradients (proceed) and then cancels: the
+        state is still loss, and the gradients are dropped all the same."""
+
+        class CancelAfterProceed(Callback):
+            order = 20
+
+            def backward(self, learn, proceed):
+                proceed()
+                if learn.iter == 1:
+                    raise CancelBatchException
+
+        class CancelBefore(Callback):
+            def before_batch(self, learn):
+                if learn.training and learn.iter == 1:
+                    raise CancelBatchException
+
+        runs = []
+        for cb in (CancelBefore(), CancelAfterProceed()):
+            torch.manual_seed(0)
+            learn = Learner(mlp(), ordered_digits(), F.cross_entropy, 0.1, [cb])
+            learn.fit(1)
+            runs.append(copy.deepcopy(learn.model.state_dict()))
+        assert same(*runs)
+
+    def test_a_failure_after_backward_leaves_no_gradient_for_the_next_fit(self):
+        """after_backward raises: the failed fit's gradients are dropped, so the next fit
+        trains as one started clean."""
+
+        class FailOnce(Callback):
+            failed = False
+
+            def after_backward(self, learn):
+                if not self.failed:
+                    self.failed = True
+                    raise ValueError("once")
+
+        torch.manual_seed(0)
+        learn = Learner(mlp(), ordered_digits(), F.cross_entropy, 0.1, [FailOnce()])
+        before = copy.deepcopy(learn.model.state_dict())
+        with pytest.raises(ValueError, match="once"):
+            learn.fit(1)
+        assert all(p.grad is None for p in learn.model.parameters())
+        assert same(before, learn.model.state_dict())
+        learn.fit(1)
+        clean = Learner(mlp(), ordered_digits(), F.cross_entropy, 0.1)
+        clean.fit(1)
+        assert same(learn.model.state_dict(), clean.model.state_dict())
 
 
 class TestDataSetLater:
