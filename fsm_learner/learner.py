@@ -682,12 +682,8 @@ class Learner:
         batches' losses, and the values a metrics callback (``MetricsCB``) computed for
         the pass, by name (``"accuracy"``). The weights and the optimizer are untouched.
         """
-        self._last_result = None
-        self._check_idle("validate()")
-        data = self._inference_data(dl, "validate")
         mean = LossMean(self.target_key)
-        result = self._execute(RunKind.VALIDATE, _nothing, lambda: self._infer(data, mean.add))
-        self._warn_if_partial(result, "validate")
+        self._inference_run(RunKind.VALIDATE, dl, mean.add)
         return {"loss": mean.value(), **self._pass_metrics()}
 
     def get_preds(
@@ -700,13 +696,20 @@ class Learner:
         and its own audit log. Predictions and targets are concatenated in batch order,
         on the CPU; the targets are None when the batches have none.
         """
-        self._last_result = None
-        self._check_idle("get_preds()")
-        data = self._inference_data(dl, "get_preds")
         gathered = Gathered(self.target_key)
-        result = self._execute(RunKind.PREDICT, _nothing, lambda: self._infer(data, gathered.add))
-        self._warn_if_partial(result, "get_preds")
+        self._inference_run(RunKind.PREDICT, dl, gathered.add)
         return gathered.result()
+
+    def _inference_run(
+        self, kind: RunKind, dl: Iterable[Any] | None, on_batch: Callable[[Learner], None]
+    ) -> None:
+        """Run one pass over ``dl`` as ``kind``, handing each completed batch to ``on_batch``."""
+        what = _ENTRY_POINT[kind]
+        self._last_result = None  # whatever happens next, not the last call's
+        self._check_idle(f"{what}()")
+        data = self._inference_data(dl, what)
+        result = self._execute(kind, _nothing, lambda: self._infer(data, on_batch))
+        self._warn_if_partial(result, what)
 
     def _ready_optimizer(self, *, reset: bool) -> None:
         """Build the optimizer, or keep it; either way start from its own hyperparameters.
@@ -1280,6 +1283,12 @@ def _dispatch_key(dispatch: Dispatch) -> tuple[object, ...]:
         *((id(cb), getattr(call, "__func__", call)) for cb, call in calls),
         tuple(cb for cb, _ in calls),
     )
+
+
+_ENTRY_POINT: Final = MappingProxyType(
+    {RunKind.VALIDATE: "validate", RunKind.PREDICT: "get_preds"},
+)
+"""The method that starts each kind of inference run, for messages."""
 
 
 def _nothing() -> None:
