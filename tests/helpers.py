@@ -156,3 +156,24 @@ def same(a: object, b: object) -> bool:
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and a == b
+
+
+class SelfLossMLP(nn.Module):
+    """The seeded MLP fed mapping batches, computing its own loss as Hugging Face models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.net(pixels)
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def as_mappings(dls: DataLoaders) -> DataLoaders:
+    """The same batches as {"pixels": x, "labels": y}."""
+
+    def convert(batches):
+        return [{"pixels": x, "labels": y} for x, y in batches]
+
+    return DataLoaders(convert(dls.train), convert(dls.valid))

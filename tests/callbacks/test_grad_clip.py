@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batches_dls, mlp
+from helpers import SelfLossMLP, as_mappings, batches_dls, mlp
 
 from callbacks.grad_accum import GradientAccumulationCB
 from callbacks.grad_clip import GradientClipCB
 from callbacks.mixed_precision import MixedPrecisionCB
-from fsm_learner import Callback, ConfigurationError, DataLoaders, Learner
+from fsm_learner import Callback, ConfigurationError, Learner
 
 
 def grad_norm(model: torch.nn.Module) -> float:
@@ -97,21 +97,10 @@ class TestOtherBatchesAndRuns:
         """A model computing its own loss from mapping batches is clipped like any; validate
         and get_preds take no step, so nothing is clipped in them."""
 
-        class SelfLoss(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.net = mlp()
-
-            def forward(self, pixels, labels):
-                logits = self.net(pixels)
-                return {"loss": F.cross_entropy(logits, labels), "logits": logits}
-
         dls = batches_dls(6, 2)
-        mapped = DataLoaders(
-            *([{"pixels": x, "labels": y} for x, y in part] for part in (dls.train, dls.valid))
-        )
+        mapped = as_mappings(dls)
         before, after = NormProbe(order=7), NormProbe(order=9)
-        learn = Learner(SelfLoss(), mapped, None, 0.5, [before, GradientClipCB(0.05), after])
+        learn = Learner(SelfLossMLP(), mapped, None, 0.5, [before, GradientClipCB(0.05), after])
         learn.fit(1)
         assert min(before.norms) > 0.05
         assert len(after.norms) == 6

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BatchLosses, batches_dls, digits_dls, mlp
+from helpers import BatchLosses, SelfLossMLP, as_mappings, batches_dls, digits_dls, mlp
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.regression import MeanSquaredError
@@ -65,23 +65,6 @@ class KeywordMLP(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.net(pixels)
-
-
-class SelfLossMLP(KeywordMLP):
-    """Computes its own loss from the whole batch, as Hugging Face models do."""
-
-    def forward(self, pixels: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.net(pixels)
-        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
-
-
-def as_mappings(dls: DataLoaders) -> DataLoaders:
-    """The same batches as {"pixels": x, "labels": y}."""
-
-    def convert(batches):
-        return [{"pixels": x, "labels": y} for x, y in batches]
-
-    return DataLoaders(convert(dls.train), convert(dls.valid))
 
 
 class TestValues:

@@ -7,9 +7,8 @@ import re
 
 import pytest
 import torch.nn.functional as F
-from helpers import BatchLosses, Boom, batches_dls, mlp
+from helpers import BatchLosses, Boom, SelfLossMLP, as_mappings, batches_dls, mlp
 from rich.console import Console
-from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from callbacks.metrics import MetricsCB
@@ -19,24 +18,11 @@ from fsm_learner import (
     CancelEpochException,
     CancelFitException,
     ConfigurationError,
-    DataLoaders,
     Learner,
 )
 from fsm_learner.testing import HostReads
 
 SECONDS = re.compile(r"\d+\.\ds")
-
-
-class SelfLossMLP(nn.Module):
-    """The seeded MLP fed mapping batches, computing its own loss as Hugging Face models do."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = mlp()
-
-    def forward(self, pixels, labels):
-        logits = self.net(pixels)
-        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
 
 
 def plain_lines(text: str) -> list[str]:
@@ -101,9 +87,7 @@ class TestPlain:
     def test_mapping_batches_and_a_model_s_own_loss(self):
         """{"pixels", "labels"} batches to a model computing its loss: the lines of (x, y)."""
         dls = batches_dls(3, 2)
-        mapped = DataLoaders(
-            *([{"pixels": x, "labels": y} for x, y in part] for part in (dls.train, dls.valid))
-        )
+        mapped = as_mappings(dls)
         outs = io.StringIO(), io.StringIO()
         plain = Learner(mlp(), dls, F.cross_entropy, 0.1, [ProgressCB(file=outs[0], table=False)])
         plain.fit(2)

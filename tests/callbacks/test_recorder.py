@@ -5,14 +5,13 @@ from __future__ import annotations
 import sys
 
 import pytest
-import torch
 import torch.nn.functional as F
-from helpers import batches_dls, mlp
+from helpers import SelfLossMLP, as_mappings, batches_dls, mlp
 from torchmetrics.classification import MulticlassAccuracy
 
 from callbacks.metrics import MetricsCB
 from callbacks.recorder import Recorder
-from fsm_learner import Callback, CancelBatchException, CancelFitException, DataLoaders, Learner
+from fsm_learner import Callback, CancelBatchException, CancelFitException, Learner
 from fsm_learner.testing import HostReads
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -112,22 +111,11 @@ class TestHistory:
     def test_mapping_batches(self):
         """Mapping batches to a model that computes its own loss record the same losses."""
 
-        class SelfLoss(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.net = mlp()
-
-            def forward(self, pixels, labels):
-                logits = self.net(pixels)
-                return {"loss": F.cross_entropy(logits, labels), "logits": logits}
-
         dls = batches_dls(3, 1)
-        mapped = DataLoaders(
-            *([{"pixels": x, "labels": y} for x, y in part] for part in (dls.train, dls.valid))
-        )
+        mapped = as_mappings(dls)
         plain, own = Recorder(), Recorder()
         Learner(mlp(), dls, F.cross_entropy, 0.1, [plain]).fit(2)
-        Learner(SelfLoss(), mapped, None, 0.1, [own]).fit(2)
+        Learner(SelfLossMLP(), mapped, None, 0.1, [own]).fit(2)
         assert len(own.losses) == 6
         assert own.losses == pytest.approx(plain.losses, rel=1e-6)
 
