@@ -23,7 +23,7 @@ import inspect
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 import attrs
 
@@ -147,6 +147,26 @@ class Callback:
 
     def cleanup_fit(self, learn: Learner) -> None:
         """Run when a fit ends by any route (completed, cancelled, failed), after its hook."""
+
+    def after_preempt(self, learn: Learner) -> None:
+        """Run after a preemption (SIGTERM) stopped the fit at a checkpoint (after_fit does not)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return what a checkpoint must hold to resume this callback exactly ({}: nothing).
+
+        Values are what ``torch.load(weights_only=True)`` reads back: tensors, numbers,
+        strings, booleans, None, and lists, tuples and dicts of them.
+        """
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back what ``state_dict`` returned (a callback with state overrides both)."""
+        if state:
+            msg = (
+                f"{type(self).__name__} was given state ({', '.join(map(str, state))}) but "
+                "keeps none: it does not override load_state_dict"
+            )
+            raise InvalidCallbackError(msg)
 
     def predict(self, learn: Learner, proceed: Proceed) -> None:  # noqa: ARG002 (the signature overrides keep)
         """Override: set ``learn.preds`` (and ``learn.output``); ``proceed()`` runs the rest."""

@@ -13,6 +13,7 @@ is the guard of a cancel transition in the machine. Errors are failures of ours:
         ├── InvalidCallbackError         (also TypeError)
         ├── InvalidDataLoadersError      (also TypeError)
         ├── InvalidBatchError            (also TypeError) a batch or output the loop cannot read
+        ├── CheckpointError              (also ValueError) a checkpoint that cannot be used
         └── InvalidTransitionError       (also RuntimeError)
             └── IllegalCancelError       a cancel raised where its transition is not allowed
 
@@ -20,7 +21,8 @@ Warnings::
 
     UserWarning
     └── FsmLearnerWarning
-        └── PartialResultWarning         (also RuntimeWarning) validate/get_preds cancelled
+        ├── PartialResultWarning         (also RuntimeWarning) validate/get_preds cancelled
+        └── ResumeWarning                (also RuntimeWarning) a resume fell back or may drift
 
 Any other exception raised during a fit is not wrapped: it takes the machine's failure
 transition and is re-raised as the same object, with a note naming where it happened.
@@ -33,6 +35,7 @@ __all__ = [
     "CancelEpochException",
     "CancelException",
     "CancelFitException",
+    "CheckpointError",
     "ConfigurationError",
     "FsmLearnerError",
     "FsmLearnerWarning",
@@ -42,6 +45,7 @@ __all__ = [
     "InvalidDataLoadersError",
     "InvalidTransitionError",
     "PartialResultWarning",
+    "ResumeWarning",
 ]
 
 
@@ -81,6 +85,10 @@ class InvalidBatchError(FsmLearnerError, TypeError):
     """A batch, or a model's output, has no part the loop needs (a target, a loss)."""
 
 
+class CheckpointError(FsmLearnerError, ValueError):
+    """A checkpoint that cannot be read or resumed from: the message names the file."""
+
+
 class InvalidTransitionError(FsmLearnerError, RuntimeError):
     """A trigger was fired in a state the transition table does not allow it from."""
 
@@ -98,3 +106,7 @@ class FsmLearnerWarning(UserWarning):
 
 class PartialResultWarning(FsmLearnerWarning, RuntimeWarning):
     """``validate`` or ``get_preds`` was cancelled: what it returns covers part of the data."""
+
+
+class ResumeWarning(FsmLearnerWarning, RuntimeWarning):
+    """A resume that fell back to an older checkpoint, or that may not be exact."""

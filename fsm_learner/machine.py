@@ -113,6 +113,7 @@ class Trigger(StrEnum):
     CANCEL_BATCH = "cancel_batch"
     CANCEL_EPOCH = "cancel_epoch"
     CANCEL_FIT = "cancel_fit"
+    PREEMPT = "preempt"
     FAIL = "fail"
 
 
@@ -132,6 +133,7 @@ class Hook(StrEnum):
     AFTER_CANCEL_BATCH = "after_cancel_batch"
     AFTER_CANCEL_EPOCH = "after_cancel_epoch"
     AFTER_CANCEL_FIT = "after_cancel_fit"
+    AFTER_PREEMPT = "after_preempt"
     AFTER_FAIL = "after_fail"
     CLEANUP_BATCH = "cleanup_batch"
     CLEANUP_EPOCH = "cleanup_epoch"
@@ -236,6 +238,15 @@ TRANSITION_TABLE: Final[tuple[TransitionSpec, ...]] = (
         cancel=CancelEpochException,
     ),
     _T(Trigger.CANCEL_FIT, _IN_FIT, State.IDLE, Hook.AFTER_CANCEL_FIT, cancel=CancelFitException),
+    # a fit asked to stop (SIGTERM) checkpoints at the next boundary, between two batches
+    # or two passes, and stops there: the checkpoint resumes it
+    _T(
+        Trigger.PREEMPT,
+        (State.FIT, State.EPOCH),
+        State.IDLE,
+        Hook.AFTER_PREEMPT,
+        guard=Guard.FITTING,
+    ),
     _T(Trigger.FAIL, tuple(State), State.IDLE, Hook.AFTER_FAIL),
 )
 """The loop, as data. Rows with the same trigger are tried in order, as in transitions."""

@@ -123,6 +123,10 @@ class RecordingCallback(Callback):
         """Record after_cancel_fit."""
         self._record(Hook.AFTER_CANCEL_FIT, learn)
 
+    def after_preempt(self, learn: Learner) -> None:
+        """Record after_preempt."""
+        self._record(Hook.AFTER_PREEMPT, learn)
+
     def after_fail(self, learn: Learner) -> None:
         """Record after_fail."""
         self._record(Hook.AFTER_FAIL, learn)

@@ -123,6 +123,7 @@ class Field(StrEnum):
     PYTHON = "python"
     RANK = "rank"
     KIND = "kind"
+    RESUMED_FROM = "resumed_from"
     # footer
     STATUS = "status"
     RECORDS = "records"
@@ -159,6 +160,7 @@ class RunStatus(StrEnum):
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"
+    PREEMPTED = "preempted"
     TRUNCATED = "truncated"
 
 
@@ -169,7 +171,7 @@ _ENVELOPE: Final = frozenset({Field.EVENT.value, Field.RUN.value, Field.TIME_NS.
 _COUNTERS: Final = frozenset({Field.EPOCH.value, Field.ITER.value, Field.TRAINING.value})
 _NOTE_RESERVED: Final = _ENVELOPE | _COUNTERS | {Field.NAME.value}
 _HEADER_OWN: Final = _ENVELOPE | {Field.SCHEMA.value, Field.KEYED.value, Field.PREV.value}
-_ENDED: Final = (RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED)
+_ENDED: Final = (RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED, RunStatus.PREEMPTED)
 
 
 # -- keys and the seal chain -------------------------------------------------------------

@@ -255,6 +255,8 @@ def _status_given(trigger: str) -> RunStatus:
     """Return the status of a run whose last transition (to idle) is ``trigger``."""
     if trigger == _FAIL:
         return RunStatus.FAILED
+    if trigger == Trigger.PREEMPT.value:
+        return RunStatus.PREEMPTED
     return RunStatus.CANCELLED if trigger in _CANCEL_TRIGGERS else RunStatus.COMPLETED
 
 
