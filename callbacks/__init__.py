@@ -10,6 +10,7 @@ from callbacks.early_stopping import EarlyStoppingCB
 from callbacks.grad_accum import GradientAccumulationCB
 from callbacks.grad_clip import GradientClipCB
 from callbacks.lr_finder import LRFinderCB, lr_find
+from callbacks.checkpoint import CheckpointCB
 from callbacks.metrics import MetricsCB
 from callbacks.mixed_precision import MixedPrecisionCB
 from callbacks.monitor import Monitor, metrics_of
@@ -22,6 +23,7 @@ from callbacks.terminate_on_nan import TerminateOnNaNCB
 
 __all__ = [
     "BatchSchedCB",
+    "CheckpointCB",
     "DeviceCB",
     "EarlyStoppingCB",
     "EpochSchedCB",

@@ -10,6 +10,7 @@ from fsm_learner.exceptions import (
     CancelEpochException,
     CancelException,
     CancelFitException,
+    CheckpointError,
     ConfigurationError,
     FsmLearnerError,
     FsmLearnerWarning,
@@ -19,6 +20,7 @@ from fsm_learner.exceptions import (
     InvalidDataLoadersError,
     InvalidTransitionError,
     PartialResultWarning,
+    ResumeWarning,
 )
 from fsm_learner.machine import (
     TRANSITION_TABLE,
@@ -46,6 +48,7 @@ __all__ = [
     "CancelEpochException",
     "CancelException",
     "CancelFitException",
+    "CheckpointError",
     "ConfigurationError",
     "DataLoaders",
     "DiagramFormat",
@@ -65,6 +68,7 @@ __all__ = [
     "MetricsProvider",
     "Override",
     "PartialResultWarning",
+    "ResumeWarning",
     "RunKind",
     "RunStatus",
     "State",

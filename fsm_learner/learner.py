@@ -9,12 +9,16 @@ cleanup hooks of the units it leaves, and numbers the transition. Nothing else c
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import stat
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from enum import Enum
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
@@ -28,6 +32,7 @@ from torch import nn
 from fsm_learner._compat import add_note
 from fsm_learner._display import exception_text, safe_text
 from fsm_learner.audit.codec import KEY_ENV, FailureField, Field, RouteKey, RunStatus, derive_key
+from fsm_learner.audit.writer import emit_run_event
 from fsm_learner.batch import (
     DEFAULT_TARGET_KEY,
     batch_target,
@@ -42,17 +47,44 @@ from fsm_learner.callback import (
     resolve_dispatch,
     validate_callbacks,
 )
+from fsm_learner.checkpoint import (
+    FORMAT,
+    VERSION,
+    Checkpoint,
+    Checkpointer,
+    Position,
+    callback_keys,
+    callback_states,
+    check_callbacks,
+    find_latest,
+    gradients,
+    load_callbacks,
+    load_loader_state,
+    load_model,
+    loader_generators,
+    loader_state,
+    read_checkpoint,
+    rng_state,
+    set_gradients,
+    set_rng_state,
+    skip_batches,
+    stateful,
+    unwrap_model,
+    write_atomic,
+)
 from fsm_learner.exceptions import (
     CancelBatchException,
     CancelEpochException,
     CancelException,
     CancelFitException,
+    CheckpointError,
     ConfigurationError,
     IllegalCancelError,
     InvalidCallbackError,
     InvalidDataLoadersError,
     InvalidTransitionError,
     PartialResultWarning,
+    ResumeWarning,
 )
 from fsm_learner.inference import Gathered, LossMean
 from fsm_learner.machine import (
@@ -359,6 +391,23 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+class _PassEnd(Enum):
+    """How a pass ended: completed, cancelled, or stopped at a boundary (preempted)."""
+
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    STOPPED = "stopped"
+
+
+def _check_checkpoint_path(path: object, what: str) -> Path:
+    if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+        msg = (
+            f"{what}: a checkpoint path must be a non-empty str or os.PathLike, got {_shown(path)}"
+        )
+        raise ConfigurationError(msg)
+    return Path(path)
+
+
 _NAN: Final = float("nan")
 _NO_LOSS: Final = torch.tensor(_NAN)
 """``learn.loss`` until the batch's loss is computed: the loop checks it was replaced."""
@@ -435,6 +484,17 @@ class Learner:
         self._last_result: FitResult | None = None
         self._unstepped = False
         self._pending: list[Any] | None = None
+        self._checkpointers: tuple[Checkpointer, ...] = ()
+        """The callbacks that write checkpoints in this fit (a fit with one is preemptible)."""
+        self._boundary_due = False
+        """A checkpoint or a preemption waits for the next boundary (checked once per batch)."""
+        self._checkpoint_wanted = False
+        self._preempt_wanted = False
+        self._resume: Checkpoint | None = None
+        """The checkpoint this fit resumes, until the machine is back at its position."""
+        self._resumed_from: dict[str, Any] | None = None
+        self._pass_start: dict[str, Any] | None = None
+        """The generators' states when the current pass began (a mid-pass checkpoint's)."""
 
     def _init_loop(self) -> None:
         """Set the machine's state before any run: idle, nothing counted, no callback."""
@@ -631,7 +691,13 @@ class Learner:
 
     # -- the three kinds of run ------------------------------------------------------
 
-    def fit(self, n_epochs: int, *, reset_opt: bool = False) -> FitResult:
+    def fit(
+        self,
+        n_epochs: int,
+        *,
+        reset_opt: bool = False,
+        resume_from: str | os.PathLike[str] | None = None,
+    ) -> FitResult:
         """Train for ``n_epochs`` epochs, each a training pass then a validation pass.
 
         The loop, as the machine runs it (``[trigger]`` fires the hooks the table
@@ -661,17 +727,299 @@ class Learner:
 
         The optimizer is built at the first fit (or taken from ``learn.opt``) and kept,
         so ``fit(2); fit(2)`` trains as ``fit(4)``; ``reset_opt=True`` builds a new one.
+
+        ``resume_from`` (a checkpoint file, or a directory: its newest checkpoint that
+        reads) finishes the fit a checkpoint was taken in: the same ``n_epochs``, the
+        same callbacks. The machine takes ``begin_fit`` (and ``begin_epoch`` when the
+        checkpoint is mid-pass), then everything is as it was at the checkpoint (model,
+        optimizer, callbacks' states, generators, counters) and the fit goes on from the
+        next batch: the final state is the uninterrupted fit's. A directory without any
+        checkpoint starts the fit afresh (a restarted worker's first start). With a
+        checkpointing callback (``CheckpointCB``), SIGTERM stops the fit at the next
+        boundary with a checkpoint: the ``preempt`` transition, status ``preempted``.
         """
         self._last_result = None  # whatever happens next, not the last call's
         self._check_idle("fit()")
         n_epochs = _check_n_epochs(n_epochs)
         reset_opt = _check_bool("reset_opt", reset_opt)
+        resume = self._resume_point(resume_from, n_epochs, reset_opt=reset_opt)
 
         def prepare() -> None:
             self._n_epochs = n_epochs
             self._ready_optimizer(reset=reset_opt)
+            self._start_resume(resume)
 
-        return self._execute(RunKind.FIT, prepare, self._train)
+        with self._preemptible():
+            return self._execute(RunKind.FIT, prepare, self._train)
+
+    # -- checkpoints -----------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a checkpoint of the learner at idle: model, optimizer, callbacks, generators.
+
+        ``learn.load(path)`` in another process gives all of it back, so that
+        ``fit(2); save(p)`` then ``load(p); fit(2)`` trains as ``fit(4)``. Written
+        atomically; returns the path.
+        """
+        self._check_idle("save()")
+        target = _check_checkpoint_path(path, "save")
+        write_atomic(target, self._payload(Position(State.IDLE), None))
+        return target
+
+    def load(self, path: str | os.PathLike[str], *, strict: bool = True) -> Position:
+        """Load a checkpoint (``save``'s, or ``CheckpointCB``'s) at idle; return where it was taken.
+
+        Everything it holds comes back: weights, optimizer (built first if need be),
+        callbacks' states, generators. ``strict`` refuses a checkpoint whose callback
+        states do not match ``learn.cbs``; ``strict=False`` loads those that match.
+        To finish a fit from a mid-fit checkpoint, use ``fit(n, resume_from=path)``.
+        """
+        self._check_idle("load()")
+        strict = _check_bool("strict", strict)
+        checkpoint = read_checkpoint(_check_checkpoint_path(path, "load"))
+        name = safe_text(checkpoint.path, 300)
+        states = checkpoint.payload["callbacks"]
+        if strict:
+            check_callbacks(self.cbs, states, name)
+        load_model(self.model, checkpoint.payload["model"], name)
+        if checkpoint.payload.get("optimizer") is not None:
+            self._ready_optimizer(reset=False)
+            self._load_optimizer(checkpoint, name)
+        set_gradients(self.model, checkpoint.payload["grads"], name)
+        keys = {key for key, _ in callback_keys(self.cbs)}
+        load_callbacks(self.cbs, {k: v for k, v in states.items() if k in keys}, name)
+        set_rng_state(checkpoint.payload["rng"])
+        return checkpoint.position
+
+    def request_checkpoint(self) -> None:
+        """Ask for a checkpoint at the fit's next boundary (between two batches or passes).
+
+        ``CheckpointCB`` calls it; the learner then writes where each checkpointing
+        callback says, after the batch or pass has ended (every hook of it run).
+        """
+        if not self.running or self._kind is not RunKind.FIT:
+            msg = "request_checkpoint() outside a fit: checkpoints are taken during a fit"
+            raise InvalidTransitionError(msg)
+        if not self._checkpointers:
+            msg = (
+                "request_checkpoint(): no callback of this fit writes checkpoints; add "
+                "callbacks.CheckpointCB(dir) to learn.cbs"
+            )
+            raise ConfigurationError(msg)
+        self._checkpoint_wanted = self._boundary_due = True
+
+    @property
+    def resumed_from(self) -> Mapping[str, Any] | None:
+        """What the current (or last) fit resumed: its log header's ``resumed_from``, or None."""
+        resumed = self._resumed_from
+        return None if resumed is None else MappingProxyType(resumed)
+
+    def _resume_point(
+        self, resume_from: object, n_epochs: int, *, reset_opt: bool
+    ) -> Checkpoint | None:
+        """Read and check the checkpoint to resume, before anything runs (None: a fresh fit)."""
+        if resume_from is None:
+            return None
+        path = _check_checkpoint_path(resume_from, "fit(resume_from=...)")
+        if reset_opt:
+            msg = (
+                "fit(reset_opt=True, resume_from=...) contradict each other: a resumed fit "
+                "goes on with the checkpoint's optimizer state"
+            )
+            raise ConfigurationError(msg)
+        checkpoint = self._newest(path) if path.is_dir() or not path.exists() else None
+        if checkpoint is None and not (path.is_dir() or not path.exists()):
+            checkpoint = read_checkpoint(path)
+        if checkpoint is None:
+            emit_run_event("resume_fresh", directory=os.fspath(path))
+            return None
+        self._check_resumable(checkpoint, n_epochs)
+        return checkpoint
+
+    def _newest(self, directory: Path) -> Checkpoint | None:
+        """Return the newest checkpoint of ``directory`` that reads; say which did not."""
+        checkpoint, skipped = find_latest(directory)
+        if checkpoint is None and skipped:
+            msg = (
+                f"no checkpoint in {safe_text(directory, 300)} can be read "
+                f"({len(skipped)} tried); the newest: {skipped[0]}"
+            )
+            raise CheckpointError(msg)
+        if checkpoint is not None and skipped:
+            warnings.warn(
+                f"resuming from {safe_text(checkpoint.path, 300)}, the newest checkpoint "
+                f"that reads; newer ones do not: {'; '.join(skipped)}",
+                ResumeWarning,
+                stacklevel=4,
+            )
+        return checkpoint
+
+    def _check_resumable(self, checkpoint: Checkpoint, n_epochs: int) -> None:
+        name = safe_text(checkpoint.path, 300)
+        at = checkpoint.position
+        if at.state is State.IDLE:
+            msg = (
+                f"checkpoint {name} was saved at idle (Learner.save): there is no fit in it to "
+                f"resume; load it with learn.load(path), then call fit"
+            )
+            raise CheckpointError(msg)
+        if checkpoint.n_epochs != n_epochs:
+            msg = (
+                f"checkpoint {name} was taken in a fit of {checkpoint.n_epochs} epoch(s); resume "
+                f"that fit with fit({checkpoint.n_epochs}, resume_from=...), got fit({n_epochs})"
+            )
+            raise CheckpointError(msg)
+        last = at.epoch > n_epochs or (at.epoch == n_epochs and (at.state is State.EPOCH))
+        if last or (at.state is State.EPOCH and at.iter < 1):
+            msg = f"checkpoint {name} holds an impossible position: {at.describe()}"
+            raise CheckpointError(msg)
+        check_callbacks(self.cbs, checkpoint.payload["callbacks"], name)
+
+    def _start_resume(self, checkpoint: Checkpoint | None) -> None:
+        """Put back what the fit starts from (weights, optimizer, gradients); the rest waits."""
+        self._resume = checkpoint
+        if checkpoint is None:
+            return
+        name = safe_text(checkpoint.path, 300)
+        load_model(self.model, checkpoint.payload["model"], name)
+        self._load_optimizer(checkpoint, name)
+        set_gradients(self.model, checkpoint.payload["grads"], name)
+        run = checkpoint.run or {}
+        self._resumed_from = {
+            "run": run.get("id", ""),
+            "records": run.get("records"),
+            "head": run.get("head"),
+            "sha256": checkpoint.sha256,
+            "path": os.fspath(checkpoint.path),
+            "at": checkpoint.position.to_json(),
+        }
+
+    def _load_optimizer(self, checkpoint: Checkpoint, name: str) -> None:
+        saved, opt = checkpoint.payload.get("optimizer"), self.opt
+        if saved is None or opt is None:
+            return
+        kind = checkpoint.payload.get("opt_type")
+        if kind != type(opt).__name__:
+            msg = (
+                f"checkpoint {name} holds the state of a {kind} optimizer; learn.opt is a "
+                f"{type(opt).__name__}: build the same optimizer (opt_func) to resume"
+            )
+            raise CheckpointError(msg)
+        try:
+            opt.load_state_dict(saved)
+            hypers = self._hypers
+            if hypers is not None and checkpoint.payload.get("hypers") is not None:
+                hypers.load_state_dict(checkpoint.payload["hypers"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            msg = f"checkpoint {name}: its optimizer state does not fit learn.opt: {exc}"
+            raise CheckpointError(msg) from exc
+
+    def _reenter(self) -> None:
+        """Back at the checkpoint's position: give the callbacks, generators and counters back."""
+        checkpoint, self._resume = self._resume, None
+        if checkpoint is None:
+            return
+        payload = checkpoint.payload
+        load_callbacks(self.cbs, payload["callbacks"], safe_text(checkpoint.path, 300))
+        set_rng_state(payload["rng"])
+        counts = _zero_counts()
+        for trigger, training, n in payload["position"].get("counts", ()):
+            counts[Trigger(trigger), bool(training)] = int(n)
+        self._counts = counts
+
+    def _payload(self, at: Position, sealed: tuple[int, str] | None) -> dict[str, Any]:
+        """Return what a checkpoint at ``at`` holds (``sealed``: the log's records and head)."""
+        opt, hypers, run = self.opt, self._hypers, self._run
+        fitting = at.state is not State.IDLE
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": unwrap_model(self.model).state_dict(),
+            "grads": gradients(self.model),
+            "optimizer": None if opt is None else opt.state_dict(),
+            "opt_type": None if opt is None else type(opt).__name__,
+            "hypers": None if hypers is None or hypers.opt is not opt else hypers.state_dict(),
+            "callbacks": callback_states(self.cbs),
+            "rng": rng_state(),
+            "position": {
+                "state": at.state.value,
+                "epoch": at.epoch,
+                "training": at.training,
+                "iter": at.iter,
+                "n_epochs": self._n_epochs if fitting else 0,
+                "counts": [[t.value, tr, n] for (t, tr), n in self._counts.items() if n]
+                if fitting
+                else [],
+            },
+            "pass": self._pass_payload() if at.state is State.EPOCH else None,
+            "run": {
+                "id": run.run_id,
+                "records": None if sealed is None else sealed[0],
+                "head": None if sealed is None else sealed[1],
+            }
+            if fitting and run is not None
+            else None,
+            "meta": {"torch": str(torch.__version__), "model": type(self.model).__name__},
+        }
+
+    def _pass_payload(self) -> dict[str, Any]:
+        """Return how the current pass began, and the loader's own state when it keeps one."""
+        start = dict(self._pass_start or {})
+        start["loader"] = loader_state(self.dl)
+        return start
+
+    @contextlib.contextmanager
+    def _preemptible(self) -> Iterator[None]:
+        """Let SIGTERM preempt the fit, when a callback checkpoints and this is the main thread."""
+        self._boundary_due = self._checkpoint_wanted = self._preempt_wanted = False
+        if threading.current_thread() is not threading.main_thread() or not any(
+            isinstance(cb, Checkpointer) for cb in self._cbs
+        ):
+            yield
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+    def _on_sigterm(self, _signum: int, _frame: object) -> None:
+        self._preempt_wanted = self._boundary_due = True
+
+    def _at_boundary(self, at: Position) -> bool:
+        """At a boundary: take the checkpoint asked for; say whether the fit stops (preempted)."""
+        self._boundary_due = False
+        wanted, self._checkpoint_wanted = self._checkpoint_wanted, False
+        if self._kind is not RunKind.FIT or not self._checkpointers:
+            self._preempt_wanted = False
+            return False
+        preempt = self._preempt_wanted
+        if wanted or preempt:
+            self._checkpoint(at)
+        return preempt
+
+    def _checkpoint(self, at: Position) -> None:
+        """Seal the log, write each checkpointer's file, note each in the log, seal again."""
+        run = self._the_run()
+        sealed = run.seal()
+        paths = [cb.checkpoint_path(self, at) for cb in self._checkpointers]
+        payload = self._payload(at, sealed)
+        for cb, path in zip(self._checkpointers, paths, strict=True):
+            digest = write_atomic(path, payload)
+            if sealed is not None:
+                records, head = sealed
+                at_json = at.to_json()
+                self.note(
+                    "resume_point",
+                    path=os.fspath(path),
+                    sha256=digest,
+                    records=records,
+                    head=head,
+                    at=at_json,
+                )
+            cb.checkpoint_written(self, path)
+        run.seal()
 
     def validate(self, dl: Iterable[Any] | None = None) -> dict[str, float]:
         """Run one pass without gradients over ``dl`` (default ``dls.valid``); return its values.
@@ -851,12 +1199,25 @@ class Learner:
                 hypers.end_fit()
 
     def _train(self) -> RunStatus:
+        passes = [
+            (epoch, training) for epoch in range(self._n_epochs) for training in (True, False)
+        ]
+        first, skip = self._resume_start(passes)
         try:
+            self._epoch = passes[first][0] if first < len(passes) else self._n_epochs
             self._fire(Trigger.BEGIN_FIT)
-            for epoch in range(self._n_epochs):
+            if not skip:  # resuming between passes: back at the position already
+                self._reenter()
+            for index in range(first, len(passes)):
+                epoch, training = passes[index]
                 self._epoch = epoch
-                self._one_pass(self.dls.train, training=True)
-                self._one_pass(self.dls.valid, training=False)
+                data = self.dls.train if training else self.dls.valid
+                if self._one_pass(data, training=training, skip=skip) is _PassEnd.STOPPED:
+                    return self._preempt()
+                skip = 0
+                after = passes[index + 1] if index + 1 < len(passes) else (self._n_epochs, True)
+                if self._boundary_due and self._at_boundary(Position(State.FIT, *after)):
+                    return self._preempt()
             self._fire(Trigger.END_FIT)
         except CancelFitException:
             self._drop_unstepped_gradients()
@@ -864,18 +1225,37 @@ class Learner:
             return RunStatus.CANCELLED
         return RunStatus.COMPLETED
 
+    def _preempt(self) -> RunStatus:
+        self._fire(Trigger.PREEMPT)
+        return RunStatus.PREEMPTED
+
+    def _resume_start(self, passes: list[tuple[int, bool]]) -> tuple[int, int]:
+        """Return the index of the fit's first pass and the batches of it to skip."""
+        checkpoint = self._resume
+        if checkpoint is None:
+            return 0, 0
+        at = checkpoint.position
+        index = passes.index((at.epoch, at.training)) if at.epoch < self._n_epochs else len(passes)
+        return index, at.iter if at.state is State.EPOCH else 0
+
     def _infer(self, data: Iterable[Any], on_batch: Callable[[Learner], None]) -> RunStatus:
         try:
-            completed = self._one_pass(data, training=False, on_batch=on_batch)
+            ended = self._one_pass(data, training=False, on_batch=on_batch)
         except CancelFitException:
             self._drop_unstepped_gradients()
             self._fire(Trigger.CANCEL_FIT)
             return RunStatus.CANCELLED
-        return RunStatus.COMPLETED if completed else RunStatus.CANCELLED
+        return RunStatus.COMPLETED if ended is _PassEnd.COMPLETED else RunStatus.CANCELLED
 
     def _prepare(self, kind: RunKind) -> None:
         self._unstepped = False
+        self._resume = self._resumed_from = self._pass_start = None
         self._resolve_callbacks(kind)
+        self._checkpointers = (
+            tuple(cb for cb in self._cbs if isinstance(cb, Checkpointer))
+            if kind is RunKind.FIT
+            else ()
+        )
         self._epoch = self._iter = 0
         self._counts = _zero_counts()
         self._hook_ns = _zero_counts()
@@ -937,7 +1317,7 @@ class Learner:
             Field.LR: self.opt.param_groups[0]["lr"] if fitting and self.opt else self.lr,
             Field.DEVICE: str(params[0].device) if params else "cpu",
             Field.TORCH: torch.__version__,
-        }
+        } | ({} if self._resumed_from is None else {Field.RESUMED_FROM: self._resumed_from})
 
     def _the_run(self) -> Run:
         run = self._run
@@ -966,33 +1346,73 @@ class Learner:
         *,
         training: bool,
         on_batch: Callable[[Learner], None] | None = None,
-    ) -> bool:
-        """Run one pass over ``data``; return False when it was cancelled."""
+        skip: int = 0,
+    ) -> _PassEnd:
+        """Run one pass over ``data`` (from batch ``skip``, resuming); say how it ended."""
         self._training = training
-        self._iter = 0
+        self._iter = skip
         self._node = self._compiled[self._kind, training][self._state]
         self.model.train(training)
         self.dl = data
         logged = self._pending is not None
         flush_if_due = self._the_run().flush_if_due  # looked up once a pass, not per batch
-        completed = True
+        ended = _PassEnd.COMPLETED
         try:
             with torch.set_grad_enabled(training):
                 self._fire(Trigger.BEGIN_EPOCH)
-                for i, batch in enumerate(data):
+                for i, batch in self._batches(data, skip):
                     self._iter = i
                     self.batch = batch
                     if self._one_batch() and on_batch is not None:
                         on_batch(self)
+                    if self._boundary_due and self._at_boundary(
+                        Position(State.EPOCH, self._epoch, training, i + 1)
+                    ):
+                        return _PassEnd.STOPPED
                     if logged:
                         flush_if_due()
                 self._fire(Trigger.END_EPOCH)
         except CancelEpochException:
             self._drop_unstepped_gradients()
             self._fire(Trigger.CANCEL_EPOCH)
-            completed = False
+            ended = _PassEnd.CANCELLED
         self._end_pass()
-        return completed
+        return ended
+
+    def _batches(self, data: Iterable[Any], skip: int) -> Iterator[tuple[int, Any]]:
+        """Iterate the pass's batches, numbered; resuming mid-pass, from batch ``skip``.
+
+        With a checkpointing callback, the generators' states are kept first: a mid-pass
+        checkpoint holds them, so that its resume draws the same order again.
+        """
+        checkpoint = self._resume
+        if checkpoint is not None and skip:
+            return enumerate(self._resumed_batches(checkpoint, data, skip), start=skip)
+        if self._checkpointers:
+            self._pass_start = {
+                "rng": rng_state(),
+                "generators": [g.get_state() for g in loader_generators(data)],
+            }
+        return enumerate(data)
+
+    def _resumed_batches(
+        self, checkpoint: Checkpoint, data: Iterable[Any], skip: int
+    ) -> Iterator[Any]:
+        """Start the pass again from batch ``skip``, its order drawn as it was; then re-enter."""
+        start = checkpoint.payload["pass"] or {}
+        self._pass_start = {"rng": start["rng"], "generators": start["generators"]}
+        set_rng_state(start["rng"])
+        for generator, state in zip(loader_generators(data), start["generators"], strict=False):
+            generator.set_state(state)
+        if start.get("loader") is not None and stateful(data):
+            load_loader_state(data, start["loader"])
+            iterator: Iterator[Any] = iter(data)
+        else:
+            iterator, warning = skip_batches(data, skip)
+            if warning is not None:
+                warnings.warn(warning, ResumeWarning, stacklevel=6)
+        self._reenter()
+        return iterator
 
     def _one_batch(self) -> bool:
         """Run one batch; return False when it was cancelled."""

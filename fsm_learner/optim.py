@@ -21,7 +21,7 @@ from torch import nn
 from fsm_learner.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Mapping
 
 __all__ = ["NORM_LAYERS", "SCHEDULED", "BaseHypers", "held_ids", "weight_decay_groups"]
 
@@ -123,6 +123,22 @@ class BaseHypers:
                     base[key] = group[key]
                 group[key] = base[key]
         self._ended = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the base values (and those the last fit ended with), for a checkpoint."""
+        return {"base": [dict(g) for g in self._groups], "ended": self._ended}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back what ``state_dict`` returned."""
+        base, ended = state["base"], state["ended"]
+        if len(base) != len(self.opt.param_groups):
+            msg = (
+                f"the saved base rates are for {len(base)} parameter group(s); the optimizer "
+                f"has {len(self.opt.param_groups)}"
+            )
+            raise ValueError(msg)
+        self._groups = [dict(g) for g in base]
+        self._ended = None if ended is None else [dict(g) for g in ended]
 
     @property
     def lr(self) -> float:

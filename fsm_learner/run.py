@@ -126,6 +126,17 @@ class Run:
         if self._writer is not None:
             self._writer.flush_if_due()
 
+    def seal(self) -> tuple[int, str] | None:
+        """Write what is pending now; return the records written and the chain head (None: no log).
+
+        A checkpoint calls it first, so that the checkpoint names the seal it follows.
+        """
+        writer = self._writer
+        if writer is None:
+            return None
+        writer.flush()
+        return writer.records, writer.head
+
     def end_pass(self, *, epoch: int, training: bool, batches: int) -> None:
         """Write the pass's records if the last write is a second ago; say so on the logger."""
         self.flush_if_due()

@@ -518,6 +518,11 @@ class AuditWriter:
         return self._mark.head.hex()
 
     @property
+    def records(self) -> int:
+        """Records written so far (header, transitions, notes), as the footer counts them."""
+        return self._mark.records
+
+    @property
     def footed(self) -> bool:
         """Whether the footer is in the file."""
         return self._mark.footed
