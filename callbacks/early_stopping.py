@@ -8,18 +8,26 @@ runs are not epochs of a fit: it ignores them.
 
 No per-batch work, hence no per-batch host-device sync: the provider converts its values
 to floats once per pass.
+
+Checkpoints: ``state_dict()`` holds ``wait``, ``stopped_epoch`` and the monitor's state
+(its name and mode, checked on load, and its latest, best and best epoch), so a fit
+resumed mid-way stops at the epoch the uninterrupted one would. All of it is per fit:
+loaded at idle, it is there to read until the next fit's ``before_fit`` starts afresh.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from callbacks._checks import check_count
+from callbacks._state import state_keys, state_optional, state_value
 from callbacks.monitor import Mode, Monitor
 from fsm_learner import Callback, CancelFitException
 from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from fsm_learner import Learner
 
 __all__ = ["EarlyStoppingCB"]
@@ -73,6 +81,23 @@ class EarlyStoppingCB(Callback):
         self.wait += 1
         if self.wait > self.patience:
             self._stop(learn)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the epochs waited, the stopping epoch and the monitor's values."""
+        return {
+            "wait": self.wait,
+            "stopped_epoch": self.stopped_epoch,
+            "monitor": self.monitor.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back what ``state_dict`` returned (after ``before_fit`` when resuming)."""
+        owner = type(self).__name__
+        state = state_keys(owner, state, ("wait", "stopped_epoch", "monitor"))
+        wait = state_value(owner, state, "wait", int, "an int (epochs without improvement)")
+        stopped = state_optional(owner, state, "stopped_epoch", int, "an int (an epoch)")
+        self.monitor.load_state_dict(state["monitor"], owner)
+        self.wait, self.stopped_epoch = wait, stopped
 
     def _stop(self, learn: Learner) -> None:
         monitor = self.monitor

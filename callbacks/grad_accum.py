@@ -39,18 +39,31 @@ as it would have without accumulation.
 the weights change only when a group steps. ``optimizer_steps(n)`` says how many steps a
 pass of ``n`` batches takes (``ceil(n / k)``): BatchSchedCB sizes its schedules with it.
 No host-device sync.
+
+Checkpoints. Where a group stands follows from the batch index (``learn.iter``), which
+the learner restores, and the accumulated ``.grad`` tensors are the learner's to save
+and put back (after ``before_epoch``, which zeroes them). ``state_dict()`` holds
+``n_batches`` and ``open_group``, whether the checkpoint was taken inside a group whose
+step is still to come: loading such a state into a callback with another ``n_batches``
+raises ``CheckpointError`` (the gradients saved were divided by the other group size,
+and the group would close elsewhere). Between groups and passes, and at idle, another
+``n_batches`` is fine: the next fit accumulates as it is told.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sized
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from callbacks._checks import check_count
+from callbacks._state import state_keys, state_value
 from fsm_learner import Callback
+from fsm_learner.exceptions import CheckpointError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from fsm_learner import Learner
     from fsm_learner.callback import Proceed
 
@@ -72,11 +85,14 @@ class GradientAccumulationCB(Callback):
         """Whether the current batch's backward began (its gradient may be in ``.grad``)."""
         self._reached_step = False
         """Whether the current batch got through its ``step`` work (stepped or not)."""
+        self._open_group = False
+        """Whether the last training batch that ended left its group's step to come."""
 
     def before_epoch(self, learn: Learner) -> None:
         """At the start of a training pass: learn its length, if any, and zero the gradients."""
         if not learn.training:
             return
+        self._open_group = False
         self._n_in_pass = len(learn.dl) if isinstance(learn.dl, Sized) else None
         if learn.opt is not None:
             learn.opt.zero_grad()
@@ -119,9 +135,35 @@ class GradientAccumulationCB(Callback):
     def cleanup_batch(self, learn: Learner) -> None:
         """Zero the gradients a batch that missed its step leaves behind (see the module doc)."""
         leaked = self._leaves_gradients(learn)
+        if learn.training:
+            self._open_group = not self.closes_group(learn.iter)
         self._backward_began = self._reached_step = False
         if leaked and learn.opt is not None:
             learn.opt.zero_grad()
+
+    def cleanup_epoch(self, learn: Learner) -> None:
+        """Close the last group when a training pass ends (it stepped or is dropped)."""
+        if learn.training:
+            self._open_group = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return ``n_batches`` and whether a group's step is still to come."""
+        return {"n_batches": self.n_batches, "open_group": self._open_group}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Check that an open group goes on with the same ``n_batches`` (see the module doc)."""
+        owner = type(self).__name__
+        state = state_keys(owner, state, ("n_batches", "open_group"))
+        n_batches = state_value(owner, state, "n_batches", int, "an int (batches per step)")
+        open_group = state_value(owner, state, "open_group", bool, "a bool")
+        if open_group and n_batches != self.n_batches:
+            msg = (
+                f"{owner}: the checkpoint was taken inside a group of n_batches={n_batches} "
+                f"batches, this callback has n_batches={self.n_batches}: resume with "
+                f"n_batches={n_batches} (the saved gradients were divided by its groups)"
+            )
+            raise CheckpointError(msg)
+        self._open_group = open_group
 
     def _leaves_gradients(self, learn: Learner) -> bool:
         """Whether the batch ending now left gradients that no step of its group may use."""

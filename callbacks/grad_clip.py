@@ -9,18 +9,25 @@ MixedPrecisionCB does) is asked to unscale the gradients first.
 
 ``torch.nn.utils.clip_grad_norm_`` returns the total norm as a tensor; it is kept as
 ``last_norm`` without ``.item()``, so clipping forces no host-device sync.
+
+Checkpoints: ``state_dict()`` holds ``last_norm`` (the tensor, or None): it decides
+nothing, but a fit resumed after its last step ends with the same value to read.
+``before_fit`` clears it, so at idle it is there to read until the next fit.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from callbacks._checks import check_number
+from callbacks._state import state_keys, state_optional
 from fsm_learner import Callback
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from fsm_learner import Learner
     from fsm_learner.callback import Proceed
 
@@ -52,6 +59,16 @@ class GradientClipCB(Callback):
         """Find the callbacks that scale gradients, once per fit."""
         self._unscalers = [cb for cb in learn.cbs if isinstance(cb, GradientUnscaler)]
         self.last_norm = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the last step's total norm (a tensor, or None before a step)."""
+        return {"last_norm": self.last_norm}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back ``last_norm``."""
+        owner = type(self).__name__
+        state = state_keys(owner, state, ("last_norm",))
+        self.last_norm = state_optional(owner, state, "last_norm", torch.Tensor, "a 0-d tensor")
 
     def step(self, learn: Learner, proceed: Proceed) -> None:
         """Unscale if needed, clip, then run the step."""

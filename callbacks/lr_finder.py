@@ -34,6 +34,15 @@ would print a line per cancelled pass and a table), BatchSchedCB and EpochSchedC
 sweep's passes as epochs) and any other LRFinderCB. ``suggestion()`` proposes a rate,
 ``plot(path)`` draws the curve (matplotlib, the ``callbacks`` extra).
 
+Checkpoints: ``state_dict()`` holds the sweep so far (``lrs``, ``losses``, ``diverged``,
+the smoothing average and the best smoothed loss) and ``kept``, the model's and
+optimizer's state dicts that the sweep's end loads back (None when none is kept: at idle,
+after the sweep). Loaded after ``before_fit`` (a resumed sweep; ``before_fit`` kept the
+resume point's weights), the sweep goes on at the same rates and still ends by loading
+back the weights from before it. Loaded at idle, the curve is there for ``suggestion()``
+and ``plot()``; the next sweep starts afresh. ``lr_find`` itself is one call: a sweep it
+ran that a preemption stopped is run again rather than resumed through it.
+
 Host-device sync: once per training batch, to read the loss. It is inherent: deciding
 after each batch whether the loss diverged needs its value on the host.
 """
@@ -47,6 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from callbacks._checks import check_count, check_number
+from callbacks._state import state_keys, state_list, state_optional, state_value
 from callbacks.progress import ProgressCB
 from callbacks.save_model import SaveModelCB
 from callbacks.schedulers import BatchSchedCB, EpochSchedCB
@@ -61,6 +71,7 @@ from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
     import os
+    from collections.abc import Mapping
 
     import torch
 
@@ -146,6 +157,34 @@ class LRFinderCB(Callback):
         learn.model.load_state_dict(model_state)
         if learn.opt is not None and opt_state:
             learn.opt.load_state_dict(opt_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the sweep so far and the state it loads back (see the module doc)."""
+        kept = None if self._saved is None else {"model": self._saved[0], "opt": self._saved[1]}
+        return {
+            "lrs": list(self.lrs),
+            "losses": list(self.losses),
+            "diverged": self.diverged,
+            "avg": self._avg,
+            "best": self._best,
+            "kept": kept,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back the sweep, at idle or after ``before_fit`` (a resumed sweep)."""
+        owner = type(self).__name__
+        state = state_keys(owner, state, ("lrs", "losses", "diverged", "avg", "best", "kept"))
+        lrs = state_list(owner, state, "lrs", float, "floats (learning rates)")
+        losses = state_list(owner, state, "losses", float, "floats (smoothed losses)")
+        diverged = state_value(owner, state, "diverged", bool, "a bool")
+        avg = state_value(owner, state, "avg", float, "a float (the loss average)")
+        best = state_value(owner, state, "best", float, "a float (the best smoothed loss)")
+        kept = state_optional(owner, state, "kept", dict, "a dict (model and opt states)")
+        if kept is not None:
+            state_keys(f"{owner} kept", kept, ("model", "opt"))
+        self.lrs, self.losses, self.diverged = lrs, losses, diverged
+        self._avg, self._best = avg, best
+        self._saved = None if kept is None else (dict(kept["model"]), dict(kept["opt"]))
 
     # -- hooks -------------------------------------------------------------------------
 

@@ -12,6 +12,16 @@ and read ``values`` in their ``after_epoch``.
 Nothing here reads a tensor back to the host per batch: the loss is summed on the device
 (``RunningMean``) and the metrics' states stay there too; all values become Python floats
 in one transfer at the end of each pass.
+
+Checkpoints: ``state_dict()`` holds ``values``, ``history`` and ``last_pass()``, the epoch
+``values`` belongs to, where the current pass stands (``"unseen"``, ``"open"``,
+``"finished"``) and which pass it is, and, for an open pass, its batch and update counts,
+the running loss sum (a tensor on its device, or None) and count, and every metric's
+state tensors (torchmetrics ``metric_state``) with its update count. Loaded after
+``before_epoch`` (a fit resumed mid-pass), the pass goes on from its sums, so its values
+equal the uninterrupted pass's; after ``before_fit`` (between passes), ``values`` and
+``history`` go on. Loaded at idle, the values and history are there to read until the
+next fit's ``before_fit`` starts afresh, as it would have.
 """
 
 from __future__ import annotations
@@ -19,14 +29,16 @@ from __future__ import annotations
 import math
 import re
 from enum import Enum
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import torch
 from torchmetrics import Metric
 
+from callbacks._state import state_keys, state_list, state_optional, state_value
 from callbacks.device import resolve_device
 from fsm_learner import Callback, ConfigurationError
 from fsm_learner.batch import batch_size
+from fsm_learner.exceptions import CheckpointError
 from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
@@ -68,8 +80,24 @@ class RunningMean:
             )
             raise ConfigurationError(msg)
         weighted = value.detach().float() * weight
+        if self._sum is not None and self._sum.device != weighted.device:  # loaded elsewhere
+            self._sum = self._sum.to(weighted.device)
         self._sum = weighted if self._sum is None else self._sum.add_(weighted)
         self.count += weight
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the weighted sum (a 0-d tensor on its device, or None) and the count."""
+        return {"sum": self._sum, "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any], owner: str) -> None:
+        """Take back what ``state_dict`` returned; ``owner`` names the callback, for messages."""
+        state = state_keys(owner, state, ("sum", "count"))
+        total = state_optional(owner, state, "sum", torch.Tensor, "a 0-d tensor")
+        count = state_value(owner, state, "count", int, "an int (samples added)")
+        if total is not None and total.ndim != 0:
+            msg = f"{owner}: the loss sum must be a 0-d tensor, got shape {list(total.shape)}"
+            raise CheckpointError(msg)
+        self._sum, self.count = total, count
 
     def mean(self) -> torch.Tensor:
         """Return the mean as a 0-d tensor on the values' device; NaN when nothing was added."""
@@ -196,12 +224,69 @@ class MetricsCB(Callback):
         }
         self._loss = RunningMean()
         self._state = _PassState.UNSEEN
+        self._training = True
+        """Which pass ``_state`` is about."""
         self._batches = 0
         self._updates = 0
         self._epoch = -1
         self._last_pass: dict[str, float] = {}
         self.values: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the values, the history and the open pass's sums (see the module doc)."""
+        open_pass = self._state is _PassState.OPEN
+        return {
+            "values": dict(self.values),
+            "history": [dict(row) for row in self.history],
+            "last_pass": dict(self._last_pass),
+            "epoch": self._epoch,
+            "pass_state": self._state.value,
+            "training": self._training,
+            "batches": self._batches,
+            "updates": self._updates,
+            "loss": self._loss.state_dict() if open_pass else None,
+            "metrics": self._metric_states(self._training) if open_pass else None,
+        }
+
+    def _metric_states(self, training: bool) -> dict[str, dict[str, Any]]:
+        return {
+            name: {"state": dict(metric.metric_state), "updates": metric.update_count}
+            for name, metric in self._passes[training].items()
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back what ``state_dict`` returned, at idle or after before_fit/before_epoch."""
+        owner = type(self).__name__
+        state = state_keys(owner, state, _STATE_KEYS)
+        values = _floats(owner, state_value(owner, state, "values", dict, "a dict"), "values")
+        history = [
+            _floats(owner, row, "history")
+            for row in state_list(owner, state, "history", dict, "dicts (one row per epoch)")
+        ]
+        last = _floats(owner, state_value(owner, state, "last_pass", dict, "a dict"), "last_pass")
+        pass_state = _pass_state(owner, state["pass_state"])
+        training = state_value(owner, state, "training", bool, "a bool")
+        counts = [state_value(owner, state, key, int, "an int") for key in ("epoch", "batches")]
+        updates = state_value(owner, state, "updates", int, "an int")
+        if pass_state is _PassState.OPEN:
+            self._load_open_pass(owner, state, training)
+        self.values, self.history, self._last_pass = values, history, last
+        self._epoch, self._batches = counts
+        self._updates, self._state, self._training = updates, pass_state, training
+
+    def _load_open_pass(self, owner: str, state: Mapping[str, Any], training: bool) -> None:
+        metrics = state_value(owner, state, "metrics", dict, "a dict (metric states by name)")
+        if set(metrics) != set(self.metrics):
+            msg = (
+                f"{owner}: the checkpoint has metrics {sorted(metrics)}, this callback "
+                f"{sorted(self.metrics)}: resume with the same metrics"
+            )
+            raise CheckpointError(msg)
+        loss = state_value(owner, state, "loss", dict, "a dict (RunningMean.state_dict)")
+        self._loss.load_state_dict(loss, owner)
+        for name, metric in self._passes[training].items():
+            _load_metric(owner, name, metric, metrics[name])
 
     def names(self) -> list[str]:
         """Return the keys of ``values``: ``train_loss``, ``train_<metric>``..., ``valid_...``."""
@@ -227,7 +312,7 @@ class MetricsCB(Callback):
             metric.reset()
         self._loss.reset()
         self._batches = self._updates = 0
-        self._state = _PassState.OPEN
+        self._state, self._training = _PassState.OPEN, learn.training
 
     def after_batch(self, learn: Learner) -> None:
         """Add the batch to the pass's loss sum and metric states, on the device."""
@@ -294,6 +379,63 @@ class MetricsCB(Callback):
     def __repr__(self) -> str:
         """Name the metrics besides the class and the order."""
         return f"MetricsCB(metrics={list(self.metrics)}, order={self.order})"
+
+
+_STATE_KEYS: Final = (
+    "values",
+    "history",
+    "last_pass",
+    "epoch",
+    "pass_state",
+    "training",
+    "batches",
+    "updates",
+    "loss",
+    "metrics",
+)
+
+
+def _floats(owner: str, named: Mapping[str, Any], key: str) -> dict[str, float]:
+    """Return ``named`` when it maps names to numbers (a row's epoch is an int)."""
+    if not all(isinstance(k, str) and isinstance(v, int | float) for k, v in named.items()):
+        msg = f"{owner}: state[{key!r}] must map names to numbers, got {named!r}"
+        raise CheckpointError(msg)
+    return dict(named)
+
+
+def _pass_state(owner: str, value: object) -> _PassState:
+    valid = [s.value for s in _PassState]
+    if value not in valid:
+        msg = f"{owner}: state['pass_state'] must be one of {valid}, got {value!r}"
+        raise CheckpointError(msg)
+    return _PassState(value)
+
+
+def _load_metric(owner: str, name: str, metric: Metric, saved: object) -> None:
+    """Put a metric's saved state tensors back, on the device its states are on now."""
+    where = f"{owner}: metric {name!r}"
+    saved = state_keys(where, saved, ("state", "updates"))
+    states = state_value(where, saved, "state", dict, "a dict (the metric's metric_state)")
+    updates = state_value(where, saved, "updates", int, "an int (its update count)")
+    current = metric.metric_state
+    if set(states) != set(current):
+        msg = f"{where}: the checkpoint has states {sorted(states)}, the metric {sorted(current)}"
+        raise CheckpointError(msg)
+    for key, now in current.items():
+        setattr(metric, key, _on_device(where, key, states[key], now, metric.device))
+    metric._update_count = updates  # noqa: SLF001 (torchmetrics has no setter; compute warns at 0)
+    metric._computed = None  # noqa: SLF001 (the cache of compute, stale after new states)
+
+
+def _on_device(where: str, key: str, value: object, now: object, device: torch.device) -> object:
+    """Return ``value`` (a tensor, or a list of them, as ``now`` is) moved to ``device``."""
+    if isinstance(now, torch.Tensor) and isinstance(value, torch.Tensor):
+        return value.to(device)
+    values = value if isinstance(now, list) and isinstance(value, list | tuple) else None
+    if values is not None and all(isinstance(v, torch.Tensor) for v in values):
+        return [v.to(device) for v in values]
+    msg = f"{where}: state {key!r} must be a tensor, or a list as the metric's; got {value!r}"
+    raise CheckpointError(msg)
 
 
 def _model_device(learn: Learner) -> torch.device:

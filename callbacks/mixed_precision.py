@@ -38,17 +38,33 @@ reads ``found_inf`` with ``.item()`` on every step to decide whether to call
 ``opt.step()``. The exception is an optimizer that steps on the device under AMP (fused
 Adam, ``_step_supports_amp_scaling``), where GradScaler does not sync and this check
 adds one sync per step. Without a scaler there is no sync at all.
+
+Across fits and checkpoints. The scaler's state (its scale and growth tracker) persists
+across fits, as the optimizer's does: each fit builds a scaler for the model's device and
+gives it the state the last one ended with, so ``fit(2); fit(2)`` scales as ``fit(4)``.
+``skipped`` counts the skipped steps of the current fit. ``state_dict()`` holds
+``scaler`` (``GradScaler.state_dict()``, or None without one) and ``skipped``.
+``load_state_dict`` loads the scaler state into the running fit's scaler (a resumed fit,
+after ``before_fit``), or, at idle, keeps it for the next fit's ``before_fit`` to give
+its scaler (a ``learn.load`` in a new process, before any scaler exists). A saved scaler
+state that no scaler uses (the dtype or device now needs none) is dropped with a
+``ResumeWarning``; a fit without a saved state starts its scaler afresh.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+import warnings
+from typing import TYPE_CHECKING, Any, Final
 
 import torch
 
+from callbacks._state import state_keys, state_optional, state_value
 from fsm_learner import Callback, CancelBatchException, ConfigurationError
+from fsm_learner.exceptions import ResumeWarning
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from fsm_learner import Learner
     from fsm_learner.callback import Proceed
 
@@ -91,6 +107,9 @@ class MixedPrecisionCB(Callback):
         self.skipped = 0
         self._scale: float | None = None
         self._autocast: tuple[str, torch.dtype] | None = None
+        self._carried: dict[str, Any] | None = None
+        """The scaler state the next fit's scaler starts from (None: a fresh scaler)."""
+        self._fitting = False
 
     def _settings(self, learn: Learner) -> tuple[str, torch.dtype]:
         """Return the autocast device type and dtype for the model where it is now."""
@@ -98,12 +117,52 @@ class MixedPrecisionCB(Callback):
         return device, self.dtype or (torch.float16 if device == "cuda" else torch.bfloat16)
 
     def before_fit(self, learn: Learner) -> None:
-        """Choose the scaler for the model's device and the dtype; a fresh one per fit."""
+        """Build the scaler for the model's device and dtype, from the last fit's state."""
         device, dtype = self._settings(learn)
         use_scaler = self.use_scaler if self.use_scaler is not None else dtype == torch.float16
+        carried = self._carried if self.scaler is None else self.scaler.state_dict()
         self.scaler = torch.amp.GradScaler(device) if use_scaler else None
+        self._carried = None
+        if carried:
+            self._give_scaler(carried)
         self.skipped = 0
         self._scale = None
+        self._fitting = True
+
+    def _give_scaler(self, state: dict[str, Any]) -> None:
+        if self.scaler is None:
+            warnings.warn(
+                "MixedPrecisionCB: a GradScaler state was saved, but this fit uses no scaler "
+                "(its dtype or device needs none): the state is dropped",
+                ResumeWarning,
+                stacklevel=2,
+            )
+            return
+        self.scaler.load_state_dict(state)
+        self._scale = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the scaler's state (None without one) and the steps skipped in this fit."""
+        state = self._carried if self.scaler is None else self.scaler.state_dict()
+        return {"scaler": state or None, "skipped": self.skipped}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load the scaler state now (in a fit), or keep it for the next fit's scaler."""
+        owner = type(self).__name__
+        state = state_keys(owner, state, ("scaler", "skipped"))
+        scaler = state_optional(owner, state, "scaler", dict, "a dict (GradScaler.state_dict)")
+        skipped = state_value(owner, state, "skipped", int, "an int (steps skipped)")
+        if scaler is not None:
+            state_keys(f"{owner} scaler", scaler, ("scale", "_growth_tracker"))
+        if not self._fitting and self.scaler is None:  # no scaler yet: the next fit's
+            self._carried = scaler
+        elif scaler is not None:
+            self._give_scaler(scaler)
+        self.skipped = skipped
+
+    def cleanup_fit(self, learn: Learner) -> None:
+        """End the fit, however it ended: a state loaded from now on is for the next fit."""
+        self._fitting = False
 
     def before_epoch(self, learn: Learner) -> None:
         """Read the autocast settings off the model, in every kind of run."""

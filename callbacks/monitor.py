@@ -13,19 +13,27 @@ This module owns the one way the stock callbacks find metric values:
   epoch, whether it improved.
 
 No per-batch work: the provider converts its values to floats once per pass.
+
+Checkpoints: ``state_dict()`` holds the monitored name and resolved mode (checked on
+load: a checkpoint of another monitor is refused) and the ``latest``, ``best`` and
+``best_epoch`` values; the owner callback puts it in its own state.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from callbacks._checks import check_number
+from callbacks._state import state_keys, state_value
 from fsm_learner import ConfigurationError
 from fsm_learner.callback import MetricsProvider
+from fsm_learner.exceptions import CheckpointError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from fsm_learner import Learner
 
 __all__ = ["Mode", "Monitor", "is_improvement", "metrics_of"]
@@ -133,6 +141,32 @@ class Monitor:
             return False
         self.best, self.best_epoch = self.latest, epoch
         return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the monitored name and mode, and the latest and best values."""
+        return {
+            "name": self.name,
+            "mode": self.mode,
+            "latest": self.latest,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], owner: str) -> None:
+        """Take back what ``state_dict`` returned; ``owner`` names the callback, for messages."""
+        state = state_keys(owner, state, ("name", "mode", "latest", "best", "best_epoch"))
+        saved = (state["name"], state["mode"])
+        if saved != (self.name, self.mode):
+            msg = (
+                f"{owner}: the checkpoint monitors {saved[0]!r} (mode {saved[1]!r}), this "
+                f"callback monitors {self.name!r} (mode {self.mode!r}): resume with the same "
+                f"monitor"
+            )
+            raise CheckpointError(msg)
+        latest = state_value(owner, state, "latest", float, "a float (NaN before one)")
+        best = state_value(owner, state, "best", float, "a float (NaN before one)")
+        best_epoch = state_value(owner, state, "best_epoch", int, "an int (-1 before one)")
+        self.latest, self.best, self.best_epoch = latest, best, best_epoch
 
     def __repr__(self) -> str:
         """Name the metric, the mode and the best value so far."""

@@ -17,6 +17,13 @@ The live loss is the only host-device sync ProgressCB makes per batch, and it is
 throttled: ``learn.loss`` is read at most once every ``refresh_s`` seconds (0.25 by
 default), and only on a terminal. The per-pass loss without MetricsCB is summed on the
 device and read once per pass.
+
+Checkpoints: ``state_dict()`` holds the rows of the fit's table so far and, without a
+metrics callback, the current pass's running loss (sum and count), so a resumed fit's
+lines and table show the same values as the uninterrupted fit's. A resumed pass's time
+counts from the resume; the bars, the refresh clock and ``live_loss_reads`` are this
+process's display and are not kept. The table is per fit: loaded at idle, the rows are
+dropped by the next fit's ``before_fit``, as they would have been.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sized
-from typing import IO, TYPE_CHECKING, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 try:
     from rich import box
@@ -44,13 +51,17 @@ except ModuleNotFoundError as exc:  # pragma: no cover (rich is in the extra)
     raise ModuleNotFoundError(msg) from exc
 
 from callbacks._checks import check_number
+from callbacks._state import state_keys, state_list, state_value
 from callbacks.metrics import PASS_PREFIXES, RunningMean, pass_name
 from callbacks.monitor import metrics_of
 from fsm_learner import Callback, ConfigurationError
 from fsm_learner.batch import batch_size
+from fsm_learner.exceptions import CheckpointError
 from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from fsm_learner import Learner
     from fsm_learner.callback import MetricsProvider
 
@@ -169,6 +180,21 @@ class ProgressCB(Callback):
         self._stop_bars()
         if learn.failure is None and self.table and self._rows:
             self._print_table()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the table's rows so far and the pass's running loss (see the module doc)."""
+        return {"rows": [dict(row) for row in self._rows.values()], "loss": self._loss.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back the rows and the running loss, at idle or after before_fit/before_epoch."""
+        owner = type(self).__name__
+        state = state_keys(owner, state, ("rows", "loss"))
+        rows = state_list(owner, state, "rows", dict, "dicts (one table row per epoch)")
+        if not all(isinstance(row.get("epoch"), int) for row in rows):
+            msg = f"{owner}: each of state['rows'] must have an int 'epoch' (from 1), got {rows!r}"
+            raise CheckpointError(msg)
+        self._loss.load_state_dict(state_value(owner, state, "loss", dict, "a dict"), owner)
+        self._rows = {int(row["epoch"]) - 1: dict(row) for row in rows}
 
     # -- the pass's values and lines ---------------------------------------------------
 

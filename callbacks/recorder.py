@@ -6,22 +6,31 @@ param group, no sync) and the loss as a detached device tensor; the losses becom
 floats only when read (``losses``, ``plot``), in one transfer. Per epoch it keeps
 MetricsCB's values when the learner has one. ``plot`` writes a PNG with matplotlib
 (the ``callbacks`` extra), without touching pyplot's global state.
+
+Checkpoints: ``state_dict()`` holds the record so far: ``lrs`` (floats), ``losses`` (one
+float32 CPU tensor, read from the device once) and ``epochs`` (the rows). Loaded after
+``before_fit`` (a resumed fit) the record goes on, so it ends as the uninterrupted fit's;
+loaded at idle, it is there to read and plot until the next fit's ``before_fit`` starts
+a new record, as it would have.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from callbacks._state import state_keys, state_list, state_value
 from callbacks.metrics import PASS_PREFIXES
 from callbacks.monitor import metrics_of
 from fsm_learner import Callback
+from fsm_learner.exceptions import CheckpointError
 from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
     import os
+    from collections.abc import Mapping
 
     from matplotlib.axes import Axes
 
@@ -93,6 +102,29 @@ class Recorder(Callback):
         metrics = metrics_of(learn)
         if metrics is not None and metrics.values:
             self._epochs[learn.epoch] = {"epoch": learn.epoch, **metrics.values}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the record so far: learning rates, losses (a CPU tensor) and epoch rows."""
+        return {"lrs": self.lrs, "losses": self._loss_tensor(), "epochs": self.epochs}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back the record ``state_dict`` returned, at idle or after ``before_fit``."""
+        owner = type(self).__name__
+        state = state_keys(owner, state, ("lrs", "losses", "epochs"))
+        lrs = state_list(owner, state, "lrs", float, "floats (learning rates)")
+        losses = state_value(owner, state, "losses", torch.Tensor, "a 1-d tensor of losses")
+        rows = state_list(owner, state, "epochs", dict, "dicts (metrics per epoch)")
+        if losses.ndim != 1 or len(losses) != len(lrs):
+            msg = (
+                f"{owner}: state['losses'] must be a 1-d tensor with one loss per learning "
+                f"rate ({len(lrs)}), got shape {list(losses.shape)}"
+            )
+            raise CheckpointError(msg)
+        if not all(isinstance(row.get("epoch"), int) for row in rows):
+            msg = f"{owner}: each row of state['epochs'] must have an int 'epoch', got {rows!r}"
+            raise CheckpointError(msg)
+        self._lrs, self._chunks, self._pending = list(lrs), [losses] if len(losses) else [], []
+        self._epochs = {int(row["epoch"]): dict(row) for row in rows}
 
     def _loss_tensor(self) -> torch.Tensor:
         chunks = [*self._chunks, *([torch.stack(self._pending)] if self._pending else [])]

@@ -27,6 +27,22 @@ fit to the next (``fit(2); fit(2)`` trains as ``fit(4)``), and so does the callb
 ``reset()`` starts over: no best, epochs numbered from 0 again, nothing listed in
 ``saved`` (the files stay on disk, to be overwritten by the next saves).
 
+``load_best=True`` (with ``monitor``) loads the best checkpoint's weights back into
+``learn.model`` when the fit ends: after a completed fit (``after_fit``) and after a
+cancelled one (``after_cancel_fit``: early stopping ends fits by cancelling them, and its
+best epoch is what it kept; fastai's SaveModelCallback does the same), not after a failure
+or a preemption, whose weights are the ones to inspect or resume from. The optimizer is
+left as it is, and nothing is loaded when no epoch was saved yet (a best epoch whose
+file is gone fails the fit, naming the file). A ``load_best`` note in
+the audit log names the file and its epoch.
+
+Checkpoints: ``state_dict()`` holds what persists across fits, the epoch count and the
+current fit's first epoch number, the ``saved`` paths (as strings), and the monitor's
+state (name and mode, checked on load; latest, best and best epoch). Loaded at idle, it
+carries over into the next fit as an uninterrupted run would (``before_fit`` keeps the
+best); loaded after ``before_fit``, the resumed fit numbers and saves its epochs as the
+uninterrupted one does.
+
 Each save adds a ``checkpoint`` note to the audit log. Validate and predict runs are not
 epochs of a fit: nothing is saved in them. No per-batch work, so no per-batch host-device
 sync. SaveModelCB runs after EarlyStoppingCB (order 60 > 50): when early
@@ -43,11 +59,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from callbacks._state import state_keys, state_list, state_optional, state_value
 from callbacks.monitor import Mode, Monitor
 from fsm_learner import Callback, ConfigurationError
+from fsm_learner.exceptions import CheckpointError
 from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from torch import nn
 
     from fsm_learner import Learner
@@ -89,6 +109,19 @@ def _check_path(path: object) -> Path:
     return Path(path)
 
 
+def _check_load_best(load_best: object, monitor: str | None) -> bool:
+    if not isinstance(load_best, bool):
+        msg = f"load_best must be True or False, got {load_best!r} ({type(load_best).__name__})"
+        raise ConfigurationError(msg)
+    if load_best and monitor is None:
+        msg = (
+            "SaveModelCB: load_best=True loads the best epoch, which needs monitor= (a metric "
+            "name such as 'valid_loss'); with monitor=None every epoch is saved and none is best"
+        )
+        raise ConfigurationError(msg)
+    return load_best
+
+
 class SaveModelCB(Callback):
     """Save the model and optimizer at the end of epochs: the best, the latest, or every one.
 
@@ -99,12 +132,14 @@ class SaveModelCB(Callback):
     or last ``reset()``, across fits (see the module doc): ``epochs`` counts the fit
     epochs seen, which number the epochs; ``saved`` lists the files written, each once,
     in the order first written; ``best`` and ``best_epoch`` are the monitored value's
-    best so far and its epoch's number (None without ``monitor``).
+    best so far and its epoch's number (None without ``monitor``). ``load_best=True``
+    loads the best checkpoint's weights into the model when the fit completes or is
+    cancelled (it needs ``monitor``).
     """
 
     order = 60
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 (the path, then keyword-only settings)
         self,
         path: str | os.PathLike[str],
         *,
@@ -112,9 +147,11 @@ class SaveModelCB(Callback):
         mode: Mode = "auto",
         min_delta: float = 0.0,
         every_epoch: bool = False,
+        load_best: bool = False,
     ) -> None:
         """Check the settings; the metrics provider is looked up when the fit starts."""
         self.path = _check_path(path)
+        self.load_best = _check_load_best(load_best, monitor)
         if monitor is not None and every_epoch:
             msg = (
                 f"SaveModelCB saves the best epoch (monitor={monitor!r}) or every epoch "
@@ -185,6 +222,53 @@ class SaveModelCB(Callback):
             return
         if monitor is None or monitor.update(self.epoch_number(learn)):
             self._save(learn)
+
+    def after_fit(self, learn: Learner) -> None:
+        """With ``load_best``, load the best epoch's weights into the model."""
+        self._load_best(learn)
+
+    def after_cancel_fit(self, learn: Learner) -> None:
+        """With ``load_best``, load the best epoch's weights, also when the fit was cancelled."""
+        self._load_best(learn)
+
+    def _load_best(self, learn: Learner) -> None:
+        monitor = self.monitor
+        if not self.load_best or monitor is None or monitor.best_epoch < 0:
+            return
+        if learn.kind is not RunKind.FIT:
+            return
+        checkpoint = torch.load(self.path, map_location="cpu", weights_only=True)
+        learn.model.load_state_dict(checkpoint["model"])
+        learn.note("load_best", path=str(self.path), epoch=int(checkpoint["epoch"]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the epoch counts, the saved paths and the monitor's values (module doc)."""
+        return {
+            "epochs": self._epochs,
+            "first": self._first,
+            "saved": [str(path) for path in self.saved],
+            "monitor": None if self.monitor is None else self.monitor.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back what ``state_dict`` returned, at idle or after ``before_fit``."""
+        owner = type(self).__name__
+        state = state_keys(owner, state, ("epochs", "first", "saved", "monitor"))
+        epochs = state_value(owner, state, "epochs", int, "an int (fit epochs seen)")
+        first = state_value(owner, state, "first", int, "an int (the fit's first epoch)")
+        saved = state_list(owner, state, "saved", str, "file paths (str)")
+        monitor = state_optional(owner, state, "monitor", dict, "a dict (Monitor.state_dict)")
+        if (monitor is None) != (self.monitor is None):
+            msg = (
+                f"{owner}: the checkpoint was taken with monitor="
+                f"{'None' if monitor is None else repr(monitor.get('name'))}, this callback "
+                f"has monitor={'None' if self.monitor is None else repr(self.monitor.name)}: "
+                f"resume with the same monitor"
+            )
+            raise CheckpointError(msg)
+        if self.monitor is not None and monitor is not None:
+            self.monitor.load_state_dict(monitor, owner)
+        self._epochs, self._first, self.saved = epochs, first, [Path(p) for p in saved]
 
     def checkpoint_path(self, epoch: int) -> Path:
         """Where the checkpoint of the epoch numbered ``epoch`` goes."""

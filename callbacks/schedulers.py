@@ -18,22 +18,37 @@ final_div_factor``), as the last step used it. When the fit ends, by any route
 rate then; ``lr`` and ``momentum`` stay where the schedule left them, as torch leaves
 them (set ``learn.lr`` to train on at another rate). ``scheduler`` keeps the last fit's
 scheduler for inspection. Neither callback syncs.
+
+Checkpoints. A schedule belongs to its fit, so ``state_dict()`` holds one only while a
+fit runs (between ``before_fit`` and ``cleanup_fit``; all None at idle): the scheduler's
+``state_dict()`` and class name (checked on load), ``total_steps``, the hyperparameters
+of each param group now (the rate and momentum the schedule set, and the keys it added)
+and as the fit found them (what ``cleanup_fit`` goes back to). Loaded after
+``before_fit`` (a resumed fit), it puts the scheduler at the step it was, the param
+groups' hyperparameters as they were (building the new scheduler reset the rate), and
+the fit's starting settings, so the schedule continues at the same rates and the fit
+ends as the uninterrupted one. Loaded at idle, there is no schedule to continue: the
+next fit builds its own, as it would have, and the state is ignored.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sized
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, cast, runtime_checkable
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, OneCycleLR, ReduceLROnPlateau
 
 from callbacks._checks import check_number
+from callbacks._state import state_keys, state_list, state_optional, state_value
 from fsm_learner import Callback, ConfigurationError
+from fsm_learner.exceptions import CheckpointError
 from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from fsm_learner import Learner
     from fsm_learner.callback import Proceed
 
@@ -64,6 +79,7 @@ class OptimizerStepCounter(Protocol):
 
 _GroupSettings = list[dict[str, Any]]
 """Each param group's hyperparameters (all but its params), as a fit found them."""
+_STATE_KEYS: Final = ("scheduler", "scheduler_type", "total_steps", "param_groups", "fit_settings")
 
 
 def _settings(opt: Optimizer) -> _GroupSettings:
@@ -151,6 +167,54 @@ class _SchedulerCB(Callback):
         saved, self._saved = self._saved, None
         if saved is not None:
             _remove_added_keys(*saved)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the running fit's schedule and param-group settings; all None at idle."""
+        saved, scheduler = self._saved, self.scheduler
+        if saved is None or scheduler is None:
+            return dict.fromkeys(_STATE_KEYS)
+        opt, fit_settings = saved
+        return {
+            "scheduler": scheduler.state_dict(),
+            "scheduler_type": type(scheduler).__name__,
+            "total_steps": self.total_steps,
+            "param_groups": _settings(opt),
+            "fit_settings": fit_settings,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the saved schedule in the running fit (ignored at idle: module doc)."""
+        owner = type(self).__name__
+        state = state_keys(owner, state, _STATE_KEYS)
+        saved, scheduler = self._saved, self.scheduler
+        if state["scheduler"] is None or saved is None or scheduler is None:
+            return
+        opt = saved[0]
+        sched_state = state_value(owner, state, "scheduler", dict, "a dict (a scheduler's state)")
+        total = state_optional(owner, state, "total_steps", int, "an int (the schedule's length)")
+        groups = self._groups(state, "param_groups", len(opt.param_groups))
+        fit_settings = self._groups(state, "fit_settings", len(opt.param_groups))
+        if state["scheduler_type"] != type(scheduler).__name__:
+            msg = (
+                f"{owner}: the checkpoint holds a {state['scheduler_type']!r} schedule, this "
+                f"fit built a {type(scheduler).__name__!r}: resume with the same scheduler"
+            )
+            raise CheckpointError(msg)
+        scheduler.load_state_dict(sched_state)
+        for group, settings in zip(opt.param_groups, groups, strict=True):
+            group.update(settings)
+        self.total_steps, self._saved = total, (opt, fit_settings)
+
+    def _groups(self, state: Mapping[str, Any], key: str, n_groups: int) -> _GroupSettings:
+        owner = type(self).__name__
+        groups = state_list(owner, state, key, dict, "dicts (one per param group)")
+        if len(groups) != n_groups or any("params" in group for group in groups):
+            msg = (
+                f"{owner}: state[{key!r}] must hold the settings of {n_groups} param groups "
+                f"(the optimizer's), without params; got {len(groups)} group(s)"
+            )
+            raise CheckpointError(msg)
+        return groups
 
     def _build(self, learn: Learner, opt: Optimizer) -> LRScheduler:
         make: Callable[[], object]

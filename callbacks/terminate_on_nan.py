@@ -14,20 +14,29 @@ nothing. ``check_every=N`` instead folds the finiteness of each loss into a flag
 stays on the device (no sync) and reads the flag once every N batches and at the end of
 each pass; the fit then stops up to N - 1 batches late (the note says how many batches
 the flag covered), and those batches may have stepped with non-finite gradients.
+
+Checkpoints: ``state_dict()`` holds what the flag covers between two reads, ``unchecked``
+(losses folded in since the last read) and ``nonfinite`` (whether one of them was not
+finite: reading it is one sync, when the checkpoint is taken); with ``check_every=1``
+both are always empty between batches. Loaded after ``before_epoch``, the next read
+covers the same losses as in the uninterrupted fit; at idle, the next fit starts empty.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from callbacks._checks import check_count
+from callbacks._state import state_keys, state_value
 from callbacks.metrics import pass_name
 from fsm_learner import Callback, CancelFitException
 from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from fsm_learner import Learner
 
 __all__ = ["TerminateOnNaNCB"]
@@ -67,6 +76,20 @@ class TerminateOnNaNCB(Callback):
         """Read what is left of the flag at the end of each pass."""
         if self._flag is not None:
             self._check(learn)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the losses folded in since the last read, and whether one was not finite."""
+        flag = self._flag
+        return {"unchecked": self._unchecked, "nonfinite": flag is not None and bool(flag)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back the unread flag (after ``before_epoch`` when resuming mid-pass)."""
+        owner = type(self).__name__
+        state = state_keys(owner, state, ("unchecked", "nonfinite"))
+        unchecked = state_value(owner, state, "unchecked", int, "an int (losses not read)")
+        nonfinite = state_value(owner, state, "nonfinite", bool, "a bool")
+        self._unchecked = unchecked
+        self._flag = torch.tensor(nonfinite) if unchecked else None
 
     def _check(self, learn: Learner) -> None:
         flag, covered = self._flag, self._unchecked

@@ -14,6 +14,7 @@ from torch.overrides import TorchFunctionMode
 
 from callbacks.device import DeviceCB, default_device, resolve_device, to_device
 from fsm_learner import Callback, ConfigurationError, DataLoaders, Learner
+from fsm_learner.exceptions import InvalidCallbackError
 
 
 class BatchDevices(Callback):
@@ -280,3 +281,16 @@ def test_the_device_is_noted_in_the_audit_log():
         if b'"ev":"note"' in line
     ]
     assert [(n["name"], n["device"]) for n in notes] == [("device", "cpu")]
+
+
+class TestState:
+    def test_it_keeps_no_state(self, tmp_path):
+        """An empty state survives torch.load(weights_only=True); one with keys is refused."""
+        torch.save(DeviceCB("cpu").state_dict(), tmp_path / "d.pt")
+        state = torch.load(tmp_path / "d.pt", weights_only=True)
+        assert state == {}
+        DeviceCB("cpu").load_state_dict(state)
+        with pytest.raises(
+            InvalidCallbackError, match=r"DeviceCB was given state \(device\) but keeps none"
+        ):
+            DeviceCB("cpu").load_state_dict({"device": "cpu"})

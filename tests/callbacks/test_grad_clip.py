@@ -13,6 +13,7 @@ from callbacks.grad_accum import GradientAccumulationCB
 from callbacks.grad_clip import GradientClipCB
 from callbacks.mixed_precision import MixedPrecisionCB
 from fsm_learner import Callback, ConfigurationError, Learner
+from fsm_learner.exceptions import CheckpointError
 
 
 def grad_norm(model: torch.nn.Module) -> float:
@@ -128,3 +129,27 @@ class TestConfiguration:
         assert GradientClipCB(norm_type=math.inf).norm_type == math.inf
         with pytest.raises(ConfigurationError, match=match):
             GradientClipCB(**kwargs)
+
+
+class TestState:
+    def test_last_norm_survives_a_weights_only_round_trip(self, tmp_path):
+        """The tensor comes back equal into a fresh callback."""
+        cb = GradientClipCB(0.5)
+        Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, [cb], audit_log=None).fit(1)
+        torch.save(cb.state_dict(), tmp_path / "c.pt")
+        fresh = GradientClipCB(0.5)
+        fresh.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
+        assert fresh.last_norm is not None
+        assert torch.equal(fresh.last_norm, cb.last_norm)
+        assert fresh.last_norm.item() > 0
+
+    def test_a_wrong_type_is_refused(self):
+        """A float is not the norm tensor."""
+        with pytest.raises(
+            CheckpointError,
+            match=(
+                r"GradientClipCB: state\['last_norm'\] must be None or a 0-d tensor,"
+                r" got 1.0 of type float"
+            ),
+        ):
+            GradientClipCB().load_state_dict({"last_norm": 1.0})

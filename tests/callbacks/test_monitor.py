@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 import torch.nn.functional as F
 from helpers import batches_dls, mlp
 from torchmetrics.classification import MulticlassAccuracy
@@ -12,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from callbacks.metrics import MetricsCB
 from callbacks.monitor import Monitor, is_improvement, metrics_of
 from fsm_learner import Callback, ConfigurationError, Learner
+from fsm_learner.exceptions import CheckpointError
 
 
 class ValuesOnly(Callback):
@@ -120,3 +122,26 @@ class TestImprovement:
         """Each bad setting is named with what was received."""
         with pytest.raises(ConfigurationError, match=match):
             Monitor(**{"name": "valid_loss", **kwargs})
+
+
+class TestState:
+    def test_the_values_come_back_after_a_weights_only_round_trip(self, tmp_path):
+        """Latest, best and best epoch, NaN included."""
+        monitor = Monitor("valid_loss")
+        monitor.latest, monitor.best, monitor.best_epoch = 0.5, 0.25, 3
+        torch.save(monitor.state_dict(), tmp_path / "m.pt")
+        fresh = Monitor("valid_loss")
+        fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True), "Owner")
+        assert (fresh.latest, fresh.best, fresh.best_epoch) == (0.5, 0.25, 3)
+
+    def test_another_mode_is_refused(self):
+        """The same name watched the other way round is another monitor."""
+        state = Monitor("valid_loss").state_dict()
+        with pytest.raises(
+            CheckpointError,
+            match=(
+                r"Owner: the checkpoint monitors 'valid_loss' \(mode 'min'\), this"
+                r" callback monitors 'valid_loss' \(mode 'max'\)"
+            ),
+        ):
+            Monitor("valid_loss", mode="max").load_state_dict(state, "Owner")

@@ -6,6 +6,7 @@ import io
 import re
 
 import pytest
+import torch
 import torch.nn.functional as F
 from helpers import BatchLosses, Boom, SelfLossMLP, as_mappings, batches_dls, mlp
 from rich.console import Console
@@ -20,6 +21,7 @@ from fsm_learner import (
     ConfigurationError,
     Learner,
 )
+from fsm_learner.exceptions import CheckpointError
 from fsm_learner.testing import HostReads
 
 SECONDS = re.compile(r"\d+\.\ds")
@@ -261,3 +263,76 @@ class TestConfiguration:
         """refresh_s is a number of seconds >= 0; the message shows what was received."""
         with pytest.raises(ConfigurationError, match=re.escape(f"got {refresh_s!r}")):
             ProgressCB(refresh_s=refresh_s)
+
+
+class ResumeAt(Callback):
+    """Rebuilds ``cb`` as a resume from a checkpoint does, at the end of one batch or pass.
+
+    ``at`` is ``(epoch, training, iter)`` for a checkpoint after that batch, or
+    ``(epoch, training, None)`` after that pass. There, ``cb.state_dict()`` goes through
+    ``torch.save`` and ``torch.load(weights_only=True)``; a fresh ``make()`` runs
+    ``before_fit`` (and ``before_epoch`` mid-pass), as the resumed fit fires them, then
+    loads it; ``cb`` takes the fresh one's attributes, so the fit's dispatch goes on with
+    the rebuilt state. The gradients are put back as the learner does.
+    """
+
+    order = 1000  # after every callback's cleanup hooks: where a checkpoint is taken
+
+    def __init__(self, cb, make, path, at):
+        self.cb, self.make, self.path, self.at = cb, make, path, at
+        self.state: dict | None = None
+
+    def cleanup_batch(self, learn):
+        if (learn.epoch, learn.training, learn.iter) == self.at:
+            self._resume(learn, mid_pass=True)
+
+    def cleanup_epoch(self, learn):
+        if (learn.epoch, learn.training, None) == self.at:
+            self._resume(learn, mid_pass=False)
+
+    def _resume(self, learn, *, mid_pass):
+        torch.save(self.cb.state_dict(), self.path)
+        self.state = torch.load(self.path, weights_only=True)
+        grads = [None if p.grad is None else p.grad.clone() for p in learn.model.parameters()]
+        fresh = self.make()
+        fresh.before_fit(learn)
+        if mid_pass:
+            fresh.before_epoch(learn)
+        for param, grad in zip(learn.model.parameters(), grads, strict=True):
+            param.grad = grad
+        fresh.load_state_dict(self.state)
+        vars(self.cb).clear()
+        vars(self.cb).update(vars(fresh))
+
+
+def round_trip(state: dict, path) -> dict:
+    """``state`` through torch.save and torch.load(weights_only=True)."""
+    torch.save(state, path)
+    return torch.load(path, weights_only=True)
+
+
+def progress_fit(extra_for=None, at=None, path=None):
+    out = io.StringIO()
+    cb = ProgressCB(file=out)
+    extra = [] if at is None else [ResumeAt(cb, lambda: ProgressCB(file=out), path, at)]
+    Learner(mlp(), batches_dls(4, 2), F.cross_entropy, 0.1, [cb, *extra], audit_log=None).fit(2)
+    return re.sub(r"\d+\.\d+s", "<t>", out.getvalue()), extra
+
+
+class TestResume:
+    def test_a_fit_resumed_mid_pass_prints_the_same_lines_and_table(self, tmp_path):
+        """Without MetricsCB, the running loss and the table's rows come back (times aside)."""
+        ref, _ = progress_fit()
+        text, (resume,) = progress_fit(at=(1, True, 1), path=tmp_path / "p.pt")
+        assert resume.state["loss"]["count"] == 16
+        assert [row["epoch"] for row in resume.state["rows"]] == [1]
+        assert text == ref
+        assert text.count("epoch 2/2 train loss") == 1
+
+    def test_a_wrong_type_is_refused(self):
+        """Rows need their epoch."""
+        state = {"rows": [{"train_loss": 1.0}], "loss": {"sum": None, "count": 0}}
+        with pytest.raises(
+            CheckpointError, match=r"ProgressCB: each of state\['rows'\] must have an int 'epoch'"
+        ):
+            ProgressCB(file=io.StringIO()).load_state_dict(state)

@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from helpers import batches_dls, mlp
 
+from callbacks.early_stopping import EarlyStoppingCB
 from callbacks.save_model import SaveModelCB, load_checkpoint
 from fsm_learner import Callback, CancelFitException, ConfigurationError, Learner
+from fsm_learner.exceptions import CheckpointError
 
 LR = 1.0  # the validation loss goes up and down on 32 training digits (see early stopping)
 
@@ -335,3 +337,168 @@ def test_best_checkpoint_with_the_stock_metrics_callback():
     Learner(mlp(), batches_dls(4, 4), F.cross_entropy, LR, cbs).fit(6)
     losses = [row["valid_loss"] for row in metrics.history]
     assert load_checkpoint("best.pt", mlp(seed=1)) == losses.index(min(losses))
+
+
+class ResumeAt(Callback):
+    """Rebuilds ``cb`` as a resume from a checkpoint does, at the end of one batch or pass.
+
+    ``at`` is ``(epoch, training, iter)`` for a checkpoint after that batch, or
+    ``(epoch, training, None)`` after that pass. There, ``cb.state_dict()`` goes through
+    ``torch.save`` and ``torch.load(weights_only=True)``; a fresh ``make()`` runs
+    ``before_fit`` (and ``before_epoch`` mid-pass), as the resumed fit fires them, then
+    loads it; ``cb`` takes the fresh one's attributes, so the fit's dispatch goes on with
+    the rebuilt state. The gradients are put back as the learner does.
+    """
+
+    order = 1000  # after every callback's cleanup hooks: where a checkpoint is taken
+
+    def __init__(self, cb, make, path, at):
+        self.cb, self.make, self.path, self.at = cb, make, path, at
+        self.state: dict | None = None
+
+    def cleanup_batch(self, learn):
+        if (learn.epoch, learn.training, learn.iter) == self.at:
+            self._resume(learn, mid_pass=True)
+
+    def cleanup_epoch(self, learn):
+        if (learn.epoch, learn.training, None) == self.at:
+            self._resume(learn, mid_pass=False)
+
+    def _resume(self, learn, *, mid_pass):
+        torch.save(self.cb.state_dict(), self.path)
+        self.state = torch.load(self.path, weights_only=True)
+        grads = [None if p.grad is None else p.grad.clone() for p in learn.model.parameters()]
+        fresh = self.make()
+        fresh.before_fit(learn)
+        if mid_pass:
+            fresh.before_epoch(learn)
+        for param, grad in zip(learn.model.parameters(), grads, strict=True):
+            param.grad = grad
+        fresh.load_state_dict(self.state)
+        vars(self.cb).clear()
+        vars(self.cb).update(vars(fresh))
+
+
+def round_trip(state: dict, path) -> dict:
+    """``state`` through torch.save and torch.load(weights_only=True)."""
+    torch.save(state, path)
+    return torch.load(path, weights_only=True)
+
+
+class Snapshots(Callback):
+    """The weights at the end of each epoch's validation pass, by epoch."""
+
+    order = 70
+
+    def __init__(self) -> None:
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def after_epoch(self, learn):
+        if not learn.training:
+            self.weights.append({k: v.clone() for k, v in learn.model.state_dict().items()})
+
+
+class TestResume:
+    def test_a_resumed_fit_saves_and_numbers_as_the_uninterrupted_one(self, tmp_path):
+        """Rebuilt mid-epoch 2 of the second fit: the same best, epochs and files."""
+
+        def make():
+            return SaveModelCB(tmp_path / "b" / "best.pt", monitor="valid_loss")
+
+        ref = SaveModelCB(tmp_path / "a" / "best.pt", monitor="valid_loss")
+        learn, _ = monitored(ref, lr=0.05)
+        learn.fit(2)
+        learn.fit(3)
+        cb = make()
+        learn, _ = monitored(cb, lr=0.05)
+        learn.fit(2)
+        learn.cbs = [*learn.cbs, ResumeAt(cb, make, tmp_path / "s.pt", (2, True, 1))]
+        learn.fit(3)
+        assert (cb.best, cb.best_epoch, cb.epochs) == (ref.best, ref.best_epoch, 5)
+        assert cb.saved == [tmp_path / "b" / "best.pt"]
+        assert_same(
+            torch.load(cb.saved[0], weights_only=True), torch.load(ref.saved[0], weights_only=True)
+        )
+
+    def test_loaded_at_idle_the_next_fit_goes_on_from_it(self, tmp_path):
+        """Epoch numbers and files continue after the loaded count, as in one process."""
+        first = SaveModelCB(tmp_path, every_epoch=True)
+        learn, _ = monitored(first)
+        learn.fit(2)
+        fresh = SaveModelCB(tmp_path, every_epoch=True)
+        fresh.load_state_dict(round_trip(first.state_dict(), tmp_path / "s.pt"))
+        learn.cbs = [cb for cb in learn.cbs if cb is not first] + [fresh]
+        learn.fit(1)
+        assert fresh.epochs == 3
+        assert fresh.saved == [tmp_path / f"epoch_{n}.pt" for n in range(3)]
+
+    def test_another_monitor_s_state_is_refused(self, tmp_path):
+        """A checkpoint without a monitor cannot resume one that monitors valid_loss."""
+        state = SaveModelCB(tmp_path / "x.pt").state_dict()
+        with pytest.raises(
+            CheckpointError,
+            match=(
+                r"SaveModelCB: the checkpoint was taken with monitor=None, this"
+                r" callback has monitor='valid_loss'"
+            ),
+        ):
+            SaveModelCB(tmp_path / "x.pt", monitor="valid_loss").load_state_dict(state)
+
+    def test_a_wrong_type_is_refused(self, tmp_path):
+        """Saved paths must be strings."""
+        state = {**SaveModelCB(tmp_path / "x.pt").state_dict(), "saved": [1]}
+        with pytest.raises(
+            CheckpointError,
+            match=r"SaveModelCB: state\['saved'\] must be a list of file paths \(str\), got \[1\]",
+        ):
+            SaveModelCB(tmp_path / "x.pt").load_state_dict(state)
+
+
+class TestLoadBest:
+    def test_after_the_fit_the_model_has_the_best_epoch_s_weights(self, tmp_path):
+        """Not the last epoch's: the valid loss rises after its best, and the best comes back."""
+        cb = SaveModelCB(tmp_path / "best.pt", monitor="valid_loss", load_best=True)
+        snaps = Snapshots()
+        learn, metrics = monitored(cb, lr=0.05)
+        learn.cbs = [*learn.cbs, snaps]
+        learn.fit(6)
+        best = min(range(6), key=metrics.valid_history.__getitem__)
+        assert best == cb.best_epoch
+        assert best < 5
+        assert_same(learn.model.state_dict(), snaps.weights[best])
+        assert not torch.equal(learn.model.state_dict()["0.weight"], snaps.weights[5]["0.weight"])
+        assert [n["epoch"] for n in notes(learn.audit_path, "load_best")] == [best]
+
+    def test_an_early_stopped_fit_also_ends_with_the_best_weights(self, tmp_path):
+        """Early stopping cancels the fit; the best epoch's weights still come back."""
+        cb = SaveModelCB(tmp_path / "best.pt", monitor="valid_loss", load_best=True)
+        snaps = Snapshots()
+        learn, metrics = monitored(cb, lr=0.05)
+        learn.cbs = [*learn.cbs, EarlyStoppingCB("valid_loss", patience=1), snaps]
+        learn.fit(10)
+        best = min(range(len(metrics.valid_history)), key=metrics.valid_history.__getitem__)
+        assert len(snaps.weights) < 10
+        assert_same(learn.model.state_dict(), snaps.weights[best])
+
+    def test_without_load_best_the_last_weights_stay(self, tmp_path):
+        """The default leaves the model as the last epoch left it."""
+        cb = SaveModelCB(tmp_path / "best.pt", monitor="valid_loss")
+        snaps = Snapshots()
+        learn, _ = monitored(cb, lr=0.05)
+        learn.cbs = [*learn.cbs, snaps]
+        learn.fit(6)
+        assert_same(learn.model.state_dict(), snaps.weights[5])
+
+    def test_load_best_needs_a_monitor(self, tmp_path):
+        """monitor=None has no best: the error names both settings."""
+        with pytest.raises(
+            ConfigurationError, match=r"load_best=True loads the best epoch, which needs monitor="
+        ):
+            SaveModelCB(tmp_path / "x.pt", load_best=True)
+
+    def test_load_best_must_be_a_bool(self, tmp_path):
+        """1 is not True."""
+        with pytest.raises(
+            ConfigurationError, match=r"load_best must be True or False, got 1 \(int\)"
+        ):
+            SaveModelCB(tmp_path / "x.pt", monitor="valid_loss", load_best=1)

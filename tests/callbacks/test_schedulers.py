@@ -18,6 +18,7 @@ from torch.optim.lr_scheduler import (
 from callbacks.grad_accum import GradientAccumulationCB
 from callbacks.schedulers import BatchSchedCB, EpochSchedCB
 from fsm_learner import Callback, ConfigurationError, DataLoaders, Learner
+from fsm_learner.exceptions import CheckpointError
 
 
 class StepLrs(Callback):
@@ -297,3 +298,138 @@ class TestConfiguration:
         """max_lr is a number > 0; the message shows what was received."""
         with pytest.raises(ConfigurationError, match=f"got {max_lr!r}"):
             BatchSchedCB.one_cycle(max_lr)
+
+
+class ResumeAt(Callback):
+    """Rebuilds ``cb`` as a resume from a checkpoint does, at the end of one batch or pass.
+
+    ``at`` is ``(epoch, training, iter)`` for a checkpoint after that batch, or
+    ``(epoch, training, None)`` after that pass. There, ``cb.state_dict()`` goes through
+    ``torch.save`` and ``torch.load(weights_only=True)``; a fresh ``make()`` runs
+    ``before_fit`` (and ``before_epoch`` mid-pass), as the resumed fit fires them, then
+    loads it; ``cb`` takes the fresh one's attributes, so the fit's dispatch goes on with
+    the rebuilt state. The gradients are put back as the learner does.
+    """
+
+    order = 1000  # after every callback's cleanup hooks: where a checkpoint is taken
+
+    def __init__(self, cb, make, path, at):
+        self.cb, self.make, self.path, self.at = cb, make, path, at
+        self.state: dict | None = None
+
+    def cleanup_batch(self, learn):
+        if (learn.epoch, learn.training, learn.iter) == self.at:
+            self._resume(learn, mid_pass=True)
+
+    def cleanup_epoch(self, learn):
+        if (learn.epoch, learn.training, None) == self.at:
+            self._resume(learn, mid_pass=False)
+
+    def _resume(self, learn, *, mid_pass):
+        torch.save(self.cb.state_dict(), self.path)
+        self.state = torch.load(self.path, weights_only=True)
+        grads = [None if p.grad is None else p.grad.clone() for p in learn.model.parameters()]
+        fresh = self.make()
+        fresh.before_fit(learn)
+        if mid_pass:
+            fresh.before_epoch(learn)
+        for param, grad in zip(learn.model.parameters(), grads, strict=True):
+            param.grad = grad
+        fresh.load_state_dict(self.state)
+        vars(self.cb).clear()
+        vars(self.cb).update(vars(fresh))
+
+
+def round_trip(state: dict, path) -> dict:
+    """``state`` through torch.save and torch.load(weights_only=True)."""
+    torch.save(state, path)
+    return torch.load(path, weights_only=True)
+
+
+def sched_fit(cb, extra=(), *, momentum: float = 0.9):
+    learn = Learner(
+        mlp(),
+        batches_dls(5, 2),
+        F.cross_entropy,
+        0.05,
+        [cb, *extra],
+        opt_func=partial(torch.optim.SGD, momentum=momentum),
+        audit_log=None,
+    )
+    steps = StepLrs()
+    learn.cbs = [*learn.cbs, steps]
+    learn.fit(3)
+    return learn, steps.lrs
+
+
+def group_settings(learn) -> list[dict]:
+    return [{k: v for k, v in g.items() if k != "params"} for g in learn.opt.param_groups]
+
+
+class TestResume:
+    def test_a_one_cycle_resumed_mid_pass_continues_at_the_same_rates(self, tmp_path):
+        """Rebuilt after batch 2 of epoch 1, the schedule, weights and settings end as one fit."""
+        ref, ref_lrs = sched_fit(BatchSchedCB.one_cycle(0.5))
+        cb = BatchSchedCB.one_cycle(0.5)
+        resume = ResumeAt(cb, lambda: BatchSchedCB.one_cycle(0.5), tmp_path / "s.pt", (1, True, 2))
+        learn, lrs = sched_fit(cb, [resume])
+        assert resume.state is not None
+        assert resume.state["scheduler"]["last_epoch"] == 8  # 5 + 3 steps taken
+        assert lrs == ref_lrs
+        assert len(set(lrs)) == 15
+        assert group_settings(learn) == group_settings(ref)
+        for a, b in zip(learn.model.parameters(), ref.model.parameters(), strict=True):
+            assert torch.equal(a, b)
+
+    def test_an_epoch_schedule_resumed_between_passes_continues(self, tmp_path):
+        """StepLR rebuilt after epoch 0's validation pass halves the rate as the reference does."""
+
+        def make():
+            return EpochSchedCB(lambda opt: StepLR(opt, step_size=1, gamma=0.5))
+
+        ref, ref_lrs = sched_fit(make())
+        cb = make()
+        learn, lrs = sched_fit(cb, [ResumeAt(cb, make, tmp_path / "s.pt", (0, False, None))])
+        assert lrs == ref_lrs
+        assert sorted(set(lrs), reverse=True) == [0.05, 0.025, 0.0125]
+        assert group_settings(learn) == group_settings(ref)
+
+    def test_at_idle_the_state_is_empty_and_loading_it_does_nothing(self, tmp_path):
+        """After the fit no schedule runs: every value is None, and a fresh callback takes it."""
+        cb = BatchSchedCB.one_cycle(0.5)
+        sched_fit(cb)
+        state = round_trip(cb.state_dict(), tmp_path / "s.pt")
+        assert state == dict.fromkeys(
+            ("scheduler", "scheduler_type", "total_steps", "param_groups", "fit_settings")
+        )
+        fresh = BatchSchedCB.one_cycle(0.5)
+        fresh.load_state_dict(state)
+        assert fresh.scheduler is None
+
+    def test_a_state_lacking_keys_is_refused(self):
+        """A CheckpointError names the callback and the missing key."""
+        with pytest.raises(
+            CheckpointError, match=r"BatchSchedCB: the state to load lacks fit_settings"
+        ):
+            BatchSchedCB.one_cycle(0.5).load_state_dict(
+                {
+                    "scheduler": None,
+                    "scheduler_type": None,
+                    "total_steps": None,
+                    "param_groups": None,
+                }
+            )
+
+    def test_another_scheduler_s_state_is_refused(self, tmp_path):
+        """A StepLR schedule cannot continue as a OneCycleLR one."""
+
+        def make():
+            return EpochSchedCB(lambda opt: StepLR(opt, step_size=1))
+
+        cb = make()
+        wrong = EpochSchedCB(lambda opt: CosineAnnealingLR(opt, T_max=3))
+        with pytest.raises(
+            CheckpointError,
+            match=r"holds a 'StepLR' schedule, this fit built a 'CosineAnnealingLR'",
+        ):
+            sched_fit(cb, [ResumeAt(cb, lambda: wrong, tmp_path / "s.pt", (0, True, 1))])

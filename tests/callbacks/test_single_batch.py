@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import batches_dls, mlp
@@ -10,6 +11,7 @@ from helpers import batches_dls, mlp
 from callbacks.single_batch import SingleBatchCB
 from fsm_learner import Callback, CancelBatchException, Hook, Learner, RunStatus, Trigger
 from fsm_learner.audit.replay import audit_file
+from fsm_learner.exceptions import InvalidCallbackError
 from fsm_learner.testing import RecordingCallback
 
 H = Hook
@@ -62,3 +64,16 @@ def test_the_first_completed_batch_counts():
     assert report.cancels == {"cancel_batch": 1, "cancel_epoch": 0, "cancel_fit": 1}
     assert report.counts[Trigger.STEP.value, True] == 1
     assert learn.iter == 1
+
+
+class TestState:
+    def test_it_keeps_no_state(self, tmp_path):
+        """An empty state survives torch.load(weights_only=True); one with keys is refused."""
+        torch.save(SingleBatchCB().state_dict(), tmp_path / "s.pt")
+        state = torch.load(tmp_path / "s.pt", weights_only=True)
+        assert state == {}
+        SingleBatchCB().load_state_dict(state)
+        with pytest.raises(
+            InvalidCallbackError, match=r"SingleBatchCB was given state \(done\) but keeps none"
+        ):
+            SingleBatchCB().load_state_dict({"done": True})
