@@ -10,12 +10,15 @@ Formats: Mermaid ``stateDiagram-v2`` and Graphviz DOT are text written here, wit
 extra dependency; SVG and PNG are that DOT rendered by Graphviz's ``dot`` program.
 
 The rows with many sources (a cancel leaves every state of the unit it cancels, ``fail``
-every state) are drawn compactly in DOT: each such row's sources, less its destination,
-make a cluster ("batch in progress", ...), nested as the table nests them, and the row
-one dashed edge leaving that cluster, plus one edge per source left over (``fail`` loops
-on ``idle``). Mermaid cannot draw an edge between states of different composite states,
-so there each source has its own edge, and the transitions between the same two states
-share one edge, their labels joined by `` | ``.
+every state) are drawn compactly in DOT. The units of work (fit, pass, batch: the states
+in which each is in progress, as ``cleanup_hooks`` reads them) that some row leaves from
+every state of are clusters ("batch in progress", ...), nested as the units nest; such a
+row is one edge leaving the outermost cluster it leaves, plus one edge per source left over
+(``fail`` loops on ``idle``; ``preempt``, which leaves a fit from ``fit`` and ``epoch``
+but never from inside a batch, is one edge from each). Mermaid cannot draw an edge
+between states of different composite states, so there each source has its own edge,
+and the transitions between the same two states share one edge, their labels joined by
+`` | ``.
 
 Views: ``table_view()`` labels each edge with its trigger, guard and hooks: the row's
 own, then the cleanup hooks of the units the transition leaves, innermost first (one
@@ -269,9 +272,17 @@ def mermaid_edges() -> list[tuple[State, State, tuple[Edge, ...]]]:
     return [(src, dst, tuple(edges)) for (src, dst), edges in by_pair.items()]
 
 
-def _nests(sets: Iterable[frozenset[State]]) -> bool:
-    items = list(sets)
-    return all(a <= b or b <= a or not a & b for a in items for b in items)
+def _units() -> list[frozenset[State]]:
+    """Return the units of work, each as the states it is in progress in; they nest.
+
+    A unit is in progress where leaving for ``idle`` (in a fit, which opens them all)
+    runs its cleanup hook.
+    """
+    open_in: dict[Hook, set[State]] = {}
+    for state in State:
+        for hook in cleanup_hooks(state, State.IDLE, RunKind.FIT):
+            open_in.setdefault(hook, set()).add(state)
+    return [frozenset(states) for states in open_in.values()]
 
 
 def _outermost(states: frozenset[State]) -> str:
@@ -280,16 +291,18 @@ def _outermost(states: frozenset[State]) -> str:
 
 
 def clusters() -> tuple[Cluster, ...]:
-    """Return the clusters multi-source rows leave, outermost first; none unless they nest."""
-    sets = {
+    """Return the units some multi-source row leaves from each of their states, outermost first.
+
+    A row whose sources hold no whole unit (``preempt``: ``fit`` and ``epoch``, not the
+    batch's states) makes no cluster; it is drawn one edge per source.
+    """
+    left = [
         frozenset(spec.sources) - {spec.dest}
         for spec in machine.TRANSITION_TABLE
         if len(spec.sources) > 1
-    }
-    sets = {s for s in sets if len(s) > 1}
-    if not _nests(sets):
-        return ()
-    ordered = sorted(sets, key=lambda s: (-len(s), [i for i, x in enumerate(State) if x in s]))
+    ]
+    boxed = [unit for unit in _units() if len(unit) > 1 and any(unit <= s for s in left)]
+    ordered = sorted(boxed, key=lambda s: (-len(s), [i for i, x in enumerate(State) if x in s]))
     return tuple(
         Cluster(f"cluster_{_outermost(s)}", f"{_outermost(s)} in progress", s) for s in ordered
     )
@@ -786,8 +799,8 @@ def path_table() -> str:
     """Return the path table: which hooks fire, in order, on each path, as a Markdown table.
 
     Generated from the table: the units' begin and end hooks, every mode's batch (one
-    row for the modes whose batches run the same hooks), and the hooks of the cancels
-    and the failure from wherever they fire, cleanups included.
+    row for the modes whose batches run the same hooks), and the hooks of the cancels,
+    the preemption and the failure from wherever they fire, cleanups included.
     """
     batches: dict[str, list[Hook]] = {}
     name_of: dict[Mode, str] = {}
@@ -821,7 +834,12 @@ def path_table() -> str:
         **{name: _code(hooks) for name, hooks in batches.items()},
         **{
             trigger.value.replace("_", " "): _abort_path(trigger)
-            for trigger in (Trigger.CANCEL_BATCH, Trigger.CANCEL_EPOCH, Trigger.CANCEL_FIT)
+            for trigger in (
+                Trigger.CANCEL_BATCH,
+                Trigger.CANCEL_EPOCH,
+                Trigger.CANCEL_FIT,
+                Trigger.PREEMPT,
+            )
         },
         "failure": _abort_path(Trigger.FAIL),
     }
@@ -856,7 +874,9 @@ def _learner_md() -> str:
         "its hooks: its own, then the cleanup hooks of the units it leaves, innermost first. The "
         "cancels, dashed orange, and the failure, dashed red, leave the box of every state they "
         "leave from, running the cleanups of the units in progress there; a hook that runs in "
-        "some kinds of run only carries the guard that says which (`cleanup_fit [fitting]`).\n\n"
+        "some kinds of run only carries the guard that says which (`cleanup_fit [fitting]`). "
+        "`preempt`, which stops a fit at a boundary (between two batches or two passes), "
+        "leaves from `fit` and `epoch` only: an edge from each.\n\n"
         "![the transition table](learner.svg)\n\n"
         "## The path table\n\n"
         "Which hooks fire, in order, on each path, cleanup hooks included; one in parentheses "

@@ -37,7 +37,9 @@ from fsm_learner import (
     machine,
 )
 from fsm_learner import diagram as dg
+from fsm_learner.audit.codec import Field, RunStatus
 from fsm_learner.audit.replay import audit_file
+from fsm_learner.audit.writer import AuditWriter
 from fsm_learner.cli import main
 from fsm_learner.testing import RecordingCallback
 
@@ -250,6 +252,10 @@ DOT_HOOKS = {
     ("cancel_fit", "fit", "idle"): (
         "after_cancel_fit; cleanup_batch; cleanup_epoch; cleanup_fit [fitting]"
     ),
+    # preempt stops a fit only, at a boundary: from fit (between passes), from epoch (between
+    # batches); no batch is in progress, and no [fitting] on cleanup_fit: the row's guard says it
+    ("preempt", "fit", "idle"): "after_preempt; cleanup_fit",
+    ("preempt", "epoch", "idle"): "after_preempt; cleanup_epoch; cleanup_fit",
     ("fail", "fit", "idle"): "after_fail; cleanup_batch; cleanup_epoch; cleanup_fit [fitting]",
     ("fail", "idle", "idle"): "after_fail",
 }
@@ -315,8 +321,10 @@ class TestTableView:
             "end_epoch [inferring]",
             "cancel_epoch [inferring]",
             "cancel_fit",
+            "preempt [fitting]",
             "fail",
         ]
+        assert labels["fit", "idle"] == ["end_fit", "cancel_fit", "preempt [fitting]", "fail"]
 
     def test_multi_source_rows_leave_nested_clusters(self):
         """Cancels and fail are one edge from the box of their sources, not one per state."""
@@ -332,6 +340,11 @@ class TestTableView:
             per_trigger["cancel_epoch"] == 2
         )  # a fit's to fit, a validate or predict run's to idle
         assert per_trigger["fail"] == 2  # from the fit's box, and the loop on idle
+        # fit and epoch are no unit's states (a box around both would hold the batch's): an
+        # edge from each, neither leaving a box
+        preempts = [(tail, v) for tail, _, v in dot.edges if v["label"].startswith("preempt")]
+        assert sorted(tail for tail, _ in preempts) == ["epoch", "fit"]
+        assert all("ltail" not in values for _, values in preempts)
         assert dot.graph["compound"] == "true"
         assert dot.same_rank == [["batch", "predict", "loss", "backward", "step"]]
 
@@ -348,8 +361,8 @@ class TestTableView:
         assert len(colours["cancel"]) == len(colours["fail"]) == 1
         assert colours["cancel"] != colours["fail"]
 
-    def test_clusters_are_dropped_when_the_sources_do_not_nest(self, monkeypatch):
-        """A table whose multi-source rows overlap is drawn one edge per source, still exact."""
+    def test_rows_that_leave_no_whole_unit_are_drawn_per_source(self, monkeypatch):
+        """A row leaving part of a unit is one edge per source; the units stay boxed."""
         table = tuple(
             attrs.evolve(spec, sources=(State.EPOCH, State.BATCH, State.PREDICT))
             if spec.trigger is Trigger.CANCEL_EPOCH
@@ -357,9 +370,18 @@ class TestTableView:
             for spec in TRANSITION_TABLE
         )
         monkeypatch.setattr(machine, "TRANSITION_TABLE", table)
-        assert dg.clusters() == ()
+        # cancel_epoch leaves the batch's loss, backward and step no more: it leaves no unit
+        # whole, but cancel_fit and fail still leave every unit from each of its states
+        assert [c.name for c in dg.clusters()] == ["cluster_fit", "cluster_epoch", "cluster_batch"]
         dot = parse_dot(dg.render_text(dg.table_view(), "dot"))
-        assert dot.clusters == {}
+        assert dot.clusters == {
+            "cluster_fit": set(State) - {State.IDLE},
+            "cluster_epoch": set(State) - {State.IDLE, State.FIT},
+            "cluster_batch": {State.BATCH, State.PREDICT, State.LOSS, State.BACKWARD, State.STEP},
+        }
+        cancel_epoch = [(tail, v) for tail, _, v in dot.edges if v["label"].startswith("cancel_ep")]
+        assert sorted(tail for tail, _ in cancel_epoch) == sorted(["epoch", "batch", "predict"] * 2)
+        assert all("ltail" not in values for _, values in cancel_epoch)
         drawn = Counter()
         for trigger, sources, dest, _, _ in dot_transitions(dot):
             drawn.update((Trigger(trigger), State(s), State(dest)) for s in sources)
@@ -528,10 +550,12 @@ class TestLearnerView:
         """From a pass a cancel_fit also ends validate runs: its cleanup_fit says [fitting]."""
         text = dg.render_text(dg.callbacks_view([Early()]), "mermaid")
         assert "fit --> idle : end_fit / cleanup_fit#58; Early(order=-3) | " in text
+        # preempt ends fits only: its cleanup_fit always runs, and says no guard
         assert (
             "    epoch --> idle : end_epoch [inferring] | cancel_epoch [inferring] | cancel_fit / "
-            "cleanup_fit [fitting]#58; Early(order=-3) | fail / Early(order=-3)#59; cleanup_fit "
-            "[fitting]#58; Early(order=-3)\n"
+            "cleanup_fit [fitting]#58; Early(order=-3) | preempt [fitting] / cleanup_fit#58; "
+            "Early(order=-3) | fail / Early(order=-3)#59; cleanup_fit [fitting]#58; "
+            "Early(order=-3)\n"
         ) in text
 
     def test_order_is_shown_and_sorts(self, learn):
@@ -607,6 +631,54 @@ def audit_totals(path: Path, index: int = -1) -> Counter:
     report = reports[index]
     assert report.verified
     return Counter({t: report.counts[t, True] + report.counts[t, False] for t in Trigger})
+
+
+TRAINING_BATCH = [
+    ("begin_batch", "epoch", "batch"),
+    ("predict", "batch", "predict"),
+    ("compute_loss", "predict", "loss"),
+    ("backward", "loss", "backward"),
+    ("step", "backward", "step"),
+    ("end_batch", "step", "epoch"),
+]
+
+
+def preempted_fit(path: Path, run_id: str, moves: list[tuple[str, str, str]]) -> None:
+    """Append to ``path`` the log of a fit that took ``moves`` in its training pass, preempted.
+
+    Written by the audit writer as the learner writes a fit (the learner cannot preempt
+    yet): the transitions, then the footer with the status ``preempted``.
+    """
+    header = {Field.TABLE: machine.table_digest(), Field.N_EPOCHS: 2, Field.RANK: 0}
+    writer = AuditWriter(path, run_id=run_id, key=None, header=header)
+    writer.start()
+    for t, (trigger, source, dest) in enumerate(moves, start=1):
+        writer.pending.append((writer.t0_ns + t, (trigger, source, dest, True), 0, 0))
+    writer.finish(RunStatus.PREEMPTED, hook_ns={})
+
+
+def preempted_fits(path: Path) -> Path:
+    """Two preempted fits: one between two batches (from epoch), one between passes (fit)."""
+    begin = [("begin_fit", "idle", "fit"), ("begin_epoch", "fit", "epoch"), *TRAINING_BATCH]
+    preempted_fit(path, "between-batches", [*begin, ("preempt", "epoch", "idle")])
+    between_passes = [*begin, ("end_epoch", "epoch", "fit"), ("preempt", "fit", "idle")]
+    preempted_fit(path, "between-passes", between_passes)
+    return path
+
+
+def taken_edges(dot: Dot) -> dict[tuple[str, str, str], int]:
+    """The edges a run view shows taken: (label without the count, tail, head) -> count.
+
+    Each edge's count is checked against its colour: grey exactly when never taken.
+    """
+    taken = {}
+    for tail, head, values in dot.edges:
+        label, count = values["label"].split("\n")[0].rsplit(" ×", 1)  # noqa: RUF001
+        greyed = values.get("color", "").startswith("gray")
+        assert greyed == (count == "0"), label
+        if not greyed:
+            taken[label, tail, head] = int(count)
+    return taken
 
 
 class TestRunView:
@@ -702,14 +774,7 @@ class TestRunView:
         view = dg.run_view(learn.audit_path)
         assert view.title == f"fsm_learner: validate run {learn.run_id} (completed)"
         dot = parse_dot(dg.render_text(view, "dot"))
-        taken = {}
-        for tail, head, values in dot.edges:
-            label, count = values["label"].split("\n")[0].rsplit(" ×", 1)  # noqa: RUF001
-            greyed = values.get("color", "").startswith("gray")
-            assert greyed == (count == "0"), label
-            if not greyed:
-                taken[label, tail, head] = int(count)
-        assert taken == {
+        assert taken_edges(dot) == {
             ("begin_epoch [inferring]", "idle", "epoch"): 1,
             ("begin_batch", "epoch", "batch"): 3,
             ("predict", "batch", "predict"): 3,
@@ -735,6 +800,43 @@ class TestRunView:
         for trigger, _, _, lines, _ in dot_transitions(dot):
             drawn[Trigger(trigger)] += int(lines[0].rsplit("×", 1)[1])  # noqa: RUF001
         assert drawn == audit_totals(learn.audit_path)
+
+    @pytest.mark.parametrize(
+        ("run_id", "source"), [("between-batches", "epoch"), ("between-passes", "fit")]
+    )
+    def test_a_preempted_fit_from_the_cli(self, run_id, source, tmp_path, capsys):
+        """A preempted fit's log draws its preempt edge, from where it stopped, and its status."""
+        log = preempted_fits(tmp_path / "preempted.jsonl")
+        reports, problem = audit_file(log)
+        assert problem is None
+        assert [(r.run_id, r.verified, r.status) for r in reports] == [
+            ("between-batches", True, RunStatus.PREEMPTED),
+            ("between-passes", True, RunStatus.PREEMPTED),
+        ]
+        args = ["diagram", "--from-log", str(log), "--run-id", run_id, "--format", "dot"]
+        assert main(args) == 0
+        dot = parse_dot(capsys.readouterr().out)
+        assert dot.graph["label"] == f"fsm_learner: fit run {run_id} (preempted)"
+        taken = taken_edges(dot)
+        assert taken.pop(("preempt [fitting]", source, "idle")) == 1
+        between_passes = 1 if source == "fit" else 0
+        assert taken.pop(("end_epoch [fitting]", "epoch", "fit"), 0) == between_passes
+        assert taken == {
+            ("begin_fit [fitting]", "idle", "fit"): 1,
+            ("begin_epoch", "fit", "epoch"): 1,
+            ("begin_batch", "epoch", "batch"): 1,
+            ("predict", "batch", "predict"): 1,
+            ("compute_loss [supervised]", "predict", "loss"): 1,
+            ("backward [training]", "loss", "backward"): 1,
+            ("step", "backward", "step"): 1,
+            ("end_batch", "step", "epoch"): 1,
+        }
+        assert main(["diagram", "--from-log", str(log), "--run-id", run_id]) == 0
+        parsed = parse_mermaid(capsys.readouterr().out)
+        labels = {(src, dst): parts for src, dst, parts in parsed.edges}
+        other = "fit" if source == "epoch" else "epoch"
+        assert "preempt [fitting] ×1" in labels[source, "idle"]  # noqa: RUF001
+        assert "preempt [fitting] ×0" in labels[other, "idle"]  # noqa: RUF001
 
     def test_keyed_log(self, dls, monkeypatch, capsys):
         """A keyed log needs its key, read from --key-env's variable."""

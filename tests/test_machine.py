@@ -15,7 +15,9 @@ from fsm_learner import TRANSITION_TABLE, Hook, HookTiming, RunKind, State, Trig
 from fsm_learner import machine as machine_module
 from fsm_learner.exceptions import CancelException
 from fsm_learner.machine import (
+    HOOK_OF,
     MODES,
+    TIMING_OF,
     Guard,
     MachineModel,
     cancel_trigger,
@@ -204,6 +206,66 @@ class TestBuiltMachine:
             assert lib.level == logging.DEBUG
         finally:
             lib.setLevel(logging.NOTSET)
+
+
+class TestPreempt:
+    """A fit asked to stop (SIGTERM) stops at a boundary: between two batches or two passes."""
+
+    FIT_MODES = ((RunKind.FIT, True), (RunKind.FIT, False))
+
+    @pytest.mark.parametrize("mode", FIT_MODES)
+    def test_a_fit_is_preempted_from_fit_and_epoch(self, mode):
+        """Between two passes (fit) or two batches (epoch), in a training or validation pass."""
+        routes = compile_routes(build_machine())[mode]
+        preempted = {
+            state: r[Trigger.PREEMPT] for state, r in routes.items() if Trigger.PREEMPT in r
+        }
+        assert preempted == {S.FIT: S.IDLE, S.EPOCH: S.IDLE}
+
+    @pytest.mark.parametrize("kind", [RunKind.VALIDATE, RunKind.PREDICT])
+    def test_validate_and_predict_runs_are_never_preempted(self, kind):
+        """The guard is fitting: a one-pass run is routed no preempt from any state."""
+        routes = compile_routes(build_machine())[kind, False]
+        assert [state for state in State if Trigger.PREEMPT in routes[state]] == []
+        model = MachineModel(kind=kind, training=False)
+        build_machine(model)
+        model.trigger("begin_epoch")  # type: ignore[attr-defined]
+        assert model.trigger("preempt") is False  # type: ignore[attr-defined]
+        assert model.state == "epoch"
+
+    @pytest.mark.parametrize("state", [S.IDLE, S.BATCH, S.PREDICT, S.LOSS, S.BACKWARD, S.STEP])
+    def test_never_from_idle_nor_inside_a_batch(self, state):
+        """No mode routes preempt from idle or a batch's states: a batch always completes."""
+        routes = compile_routes(build_machine())
+        assert [mode for mode in MODES if Trigger.PREEMPT in routes[mode][state]] == []
+
+    def test_the_machine_itself_preempts_a_fit_between_batches(self):
+        """Firing preempt on the transitions machine in a fit's pass ends in idle."""
+        model = MachineModel(kind=RunKind.FIT, training=True)
+        build_machine(model)
+        for trigger in ("begin_fit", "begin_epoch", "begin_batch"):
+            model.trigger(trigger)  # type: ignore[attr-defined]
+        with pytest.raises(transitions.core.MachineError, match="from state batch"):
+            model.trigger("preempt")  # type: ignore[attr-defined]
+        for trigger in ("predict", "compute_loss", "backward", "step", "end_batch"):
+            model.trigger(trigger)  # type: ignore[attr-defined]
+        assert model.trigger("preempt") is True  # type: ignore[attr-defined]
+        assert model.state == "idle"
+
+    def test_its_hook_runs_after_the_change(self):
+        """after_preempt, like the cancels' hooks, runs once the machine is idle."""
+        assert HOOK_OF[Trigger.PREEMPT] is H.AFTER_PREEMPT
+        assert TIMING_OF[Trigger.PREEMPT] is HookTiming.AFTER_CHANGE
+
+    @pytest.mark.parametrize(
+        ("source", "expected"),
+        [(S.EPOCH, [H.CLEANUP_EPOCH, H.CLEANUP_FIT]), (S.FIT, [H.CLEANUP_FIT])],
+    )
+    def test_its_cleanups_are_those_of_the_units_it_leaves(self, source, expected):
+        """Between batches it leaves the pass and the fit; between passes, the fit."""
+        [spec] = [spec for spec in TRANSITION_TABLE if spec.trigger is Trigger.PREEMPT]
+        assert source in spec.sources
+        assert list(cleanup_hooks(source, spec.dest, RunKind.FIT)) == expected
 
 
 TRIGGERS = st.sampled_from(list(Trigger))

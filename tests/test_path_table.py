@@ -109,12 +109,24 @@ EXPECTED = {
 }
 # what follows the documented hooks ("then the next batch", "then the next pass")
 NEXT = {"cancel batch": ["before_batch"], "cancel epoch": ["before_epoch"]}
+# paths no real run shows yet, as the table says them, checked by hand: the learner does not
+# preempt (stop a fit on SIGTERM) yet; move each to EXPECTED, as a real run, when it does
+NOT_RUN_YET = {
+    # between two batches: the pass is in progress; between two passes (from fit) it is not
+    "preempt": "`after_preempt`, `cleanup_epoch` (epoch in progress), `cleanup_fit`, then idle",
+}
 
 
 class TestRealRuns:
     def test_every_path_is_in_the_table(self):
-        """The table has exactly the paths this test knows how to produce."""
-        assert set(path_table()) == set(EXPECTED)
+        """The table has exactly the paths this test knows how to produce or wrote out."""
+        assert set(path_table()) == set(EXPECTED) | set(NOT_RUN_YET)
+        assert not set(EXPECTED) & set(NOT_RUN_YET)
+
+    @pytest.mark.parametrize("path", list(NOT_RUN_YET))
+    def test_path_no_run_shows_yet(self, path):
+        """A path no real run takes yet reads as written out by hand."""
+        assert rows(dg.path_table())[path] == NOT_RUN_YET[path]
 
     @pytest.mark.parametrize("path", list(EXPECTED))
     def test_path(self, path):
