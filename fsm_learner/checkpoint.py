@@ -178,8 +178,13 @@ def _set_numpy_rng(state: Mapping[str, Any]) -> None:
 
 
 def loader_generators(data: object) -> list[torch.Generator]:
-    """Return the torch generators a DataLoader draws its order from (each once)."""
+    """Return the torch generators a DataLoader draws its order from (each once).
+
+    None for a stateful loader: its own state holds its order.
+    """
     found: list[torch.Generator] = []
+    if stateful(data):
+        return found
     sampler = getattr(data, "sampler", None)
     batch_sampler = getattr(data, "batch_sampler", None)
     for owner in (data, sampler, getattr(batch_sampler, "sampler", None)):
@@ -602,3 +607,19 @@ def loader_state(data: object) -> Any:
 def load_loader_state(data: object, state: Any) -> None:
     """Give a stateful loader its saved position back."""
     getattr(data, "load_state_dict")(state)  # noqa: B009 (a duck-typed loader)
+
+
+def loader_snapshot(data: object) -> dict[str, Any]:
+    """Return a loader's generators' states and its own state (a stateful one's), now."""
+    return {
+        "generators": [g.get_state() for g in loader_generators(data)],
+        "state": loader_state(data),
+    }
+
+
+def restore_loader(data: object, snapshot: Mapping[str, Any], *, with_state: bool) -> None:
+    """Give a loader its generators' states back, and its own state when ``with_state``."""
+    for generator, state in zip(loader_generators(data), snapshot["generators"], strict=False):
+        generator.set_state(state)
+    if with_state and snapshot.get("state") is not None and stateful(data):
+        load_loader_state(data, snapshot["state"])

@@ -9,7 +9,7 @@ cleanup hooks of the units it leaves, and numbers the transition. Nothing else c
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import math
 import os
 import signal
@@ -62,8 +62,9 @@ from fsm_learner.checkpoint import (
     load_loader_state,
     load_model,
     loader_generators,
-    loader_state,
+    loader_snapshot,
     read_checkpoint,
+    restore_loader,
     rng_state,
     set_gradients,
     set_rng_state,
@@ -397,6 +398,12 @@ class _PassEnd(Enum):
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     STOPPED = "stopped"
+
+
+def _started(iterator: Iterator[Any]) -> Iterator[Any]:
+    """Take the first item now (a stateful loader draws its seeds then), and give it first."""
+    first = next(iterator, _MISSING)
+    return iterator if first is _MISSING else itertools.chain((first,), iterator)
 
 
 def _check_checkpoint_path(path: object, what: str) -> Path:
@@ -749,8 +756,11 @@ class Learner:
             self._ready_optimizer(reset=reset_opt)
             self._start_resume(resume)
 
-        with self._preemptible():
+        restore = self._preemptible()
+        try:
             return self._execute(RunKind.FIT, prepare, self._train)
+        finally:
+            restore()
 
     # -- checkpoints -----------------------------------------------------------------
 
@@ -883,7 +893,6 @@ class Learner:
         name = safe_text(checkpoint.path, 300)
         load_model(self.model, checkpoint.payload["model"], name)
         self._load_optimizer(checkpoint, name)
-        set_gradients(self.model, checkpoint.payload["grads"], name)
         run = checkpoint.run or {}
         self._resumed_from = {
             "run": run.get("id", ""),
@@ -920,8 +929,15 @@ class Learner:
         if checkpoint is None:
             return
         payload = checkpoint.payload
-        load_callbacks(self.cbs, payload["callbacks"], safe_text(checkpoint.path, 300))
+        name = safe_text(checkpoint.path, 300)
+        load_callbacks(self.cbs, payload["callbacks"], name)
+        set_gradients(self.model, payload["grads"], name)  # after before_epoch, which may zero them
         set_rng_state(payload["rng"])
+        current = self.dl if checkpoint.position.state is State.EPOCH else None
+        loaders = payload.get("loaders") or {}
+        for name, data in (("train", self.dls.train), ("valid", self.dls.valid)):
+            if loaders.get(name) is not None:
+                restore_loader(data, loaders[name], with_state=data is not current)
         counts = _zero_counts()
         for trigger, training, n in payload["position"].get("counts", ()):
             counts[Trigger(trigger), bool(training)] = int(n)
@@ -931,7 +947,8 @@ class Learner:
         """Return what a checkpoint at ``at`` holds (``sealed``: the log's records and head)."""
         opt, hypers, run = self.opt, self._hypers, self._run
         fitting = at.state is not State.IDLE
-        return {
+        rng = rng_state()
+        payload = {
             "format": FORMAT,
             "version": VERSION,
             "model": unwrap_model(self.model).state_dict(),
@@ -940,7 +957,7 @@ class Learner:
             "opt_type": None if opt is None else type(opt).__name__,
             "hypers": None if hypers is None or hypers.opt is not opt else hypers.state_dict(),
             "callbacks": callback_states(self.cbs),
-            "rng": rng_state(),
+            "rng": rng,
             "position": {
                 "state": at.state.value,
                 "epoch": at.epoch,
@@ -951,7 +968,13 @@ class Learner:
                 if fitting
                 else [],
             },
-            "pass": self._pass_payload() if at.state is State.EPOCH else None,
+            "pass": dict(self._pass_start or {}) if at.state is State.EPOCH else None,
+            "loaders": {
+                "train": loader_snapshot(self.dls.train),
+                "valid": loader_snapshot(self.dls.valid),
+            }
+            if fitting
+            else None,
             "run": {
                 "id": run.run_id,
                 "records": None if sealed is None else sealed[0],
@@ -961,28 +984,27 @@ class Learner:
             else None,
             "meta": {"torch": str(torch.__version__), "model": type(self.model).__name__},
         }
+        set_rng_state(rng)  # taking it draws nothing (a stateful loader's state_dict may)
+        return payload
 
-    def _pass_payload(self) -> dict[str, Any]:
-        """Return how the current pass began, and the loader's own state when it keeps one."""
-        start = dict(self._pass_start or {})
-        start["loader"] = loader_state(self.dl)
-        return start
+    def _preemptible(self) -> Callable[[], None]:
+        """Let SIGTERM preempt the fit (with a checkpointing callback, in the main thread).
 
-    @contextlib.contextmanager
-    def _preemptible(self) -> Iterator[None]:
-        """Let SIGTERM preempt the fit, when a callback checkpoints and this is the main thread."""
+        Return what puts the previous handler back. Not a context manager: one would
+        assign the traceback of what it lets through, which a frozen exception refuses.
+        """
         self._boundary_due = self._checkpoint_wanted = self._preempt_wanted = False
         if threading.current_thread() is not threading.main_thread() or not any(
             isinstance(cb, Checkpointer) for cb in self._cbs
         ):
-            yield
-            return
+            return _nothing
         previous = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, self._on_sigterm)
-        try:
-            yield
-        finally:
+
+        def restore() -> None:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+        return restore
 
     def _on_sigterm(self, _signum: int, _frame: object) -> None:
         self._preempt_wanted = self._boundary_due = True
@@ -1404,9 +1426,12 @@ class Learner:
         set_rng_state(start["rng"])
         for generator, state in zip(loader_generators(data), start["generators"], strict=False):
             generator.set_state(state)
-        if start.get("loader") is not None and stateful(data):
-            load_loader_state(data, start["loader"])
-            iterator: Iterator[Any] = iter(data)
+        saved = (checkpoint.payload.get("loaders") or {}).get(
+            "train" if self._training else "valid"
+        )
+        if saved is not None and saved.get("state") is not None and stateful(data):
+            load_loader_state(data, saved["state"])
+            iterator: Iterator[Any] = _started(iter(data))
         else:
             iterator, warning = skip_batches(data, skip)
             if warning is not None:

@@ -41,6 +41,9 @@ from fsm_learner.machine import Hook, RunKind, State, Trigger
 
 SCHEMA_FILE = resources.files("fsm_learner.audit").joinpath("record.schema.json")
 CALLBACKS = Path(__file__).parents[1] / "callbacks"
+LEARNER = Path(__file__).parents[1] / "fsm_learner" / "learner.py"
+OPTIONAL_HEADER = {"resumed_from"}
+"""Header fields only some runs have (a resumed fit)."""
 KINDS = ("run_start", "transition", "note", "run_end", "seal")
 RUN = "d5a648a66bb8"
 
@@ -170,6 +173,14 @@ STOCK_NOTES = {
         "new_scale": 32768.0,
     },
     "checkpoint": {"path": "best/model.pt", "monitor": "valid_loss", "value": 0.5},
+    "load_best": {"path": "best/model.pt", "epoch": 3},
+    "resume_point": {
+        "path": "checkpoints/ckpt_e0001_train_b000012_d5a648a66bb8.pt",
+        "sha256": "0123456789abcdef" * 4,
+        "records": 113,
+        "head": "606d" * 8,
+        "at": {"ep": 1, "tr": True, "it": 12},
+    },
     "single_batch": {"reason": "SingleBatchCB stops after one training batch"},
     "terminate_on_nan": {"reason": "non-finite loss", "loss": math.nan, "batches_checked": 1},
 }
@@ -286,8 +297,9 @@ class TestTheFileIsCurrent:
         assert set(DEFS["note_envelope"]["required"]) == reserved
 
     def test_every_stock_note_has_a_definition(self):
-        """Each learn.note("name", ...) in callbacks/ has a $defs entry, and nothing else does."""
-        noted = set().union(*(names_noted_in(p.read_text()) for p in CALLBACKS.glob("*.py")))
+        """Each note("name", ...) of callbacks/ and the learner has a $defs entry; nothing else."""
+        sources = [*CALLBACKS.glob("*.py"), LEARNER]
+        noted = set().union(*(names_noted_in(p.read_text()) for p in sources))
         assert set(stock_note_names()) == noted
         assert set(STOCK_NOTES) == noted
 
@@ -341,7 +353,7 @@ class TestARealFit:
         assert result.audit_path is not None
         records = [line(data) for data in result.audit_path.read_bytes().splitlines()]
         assert [r for r in records if not valid(r)] == []
-        assert set(records[0]) == set(DEFS["run_start"]["properties"])
+        assert set(records[0]) == set(DEFS["run_start"]["properties"]) - OPTIONAL_HEADER
         noted = {r["name"] for r in records if r["ev"] == RecordKind.NOTE}
         assert noted == {"device", "metrics", "checkpoint"}
 
@@ -353,7 +365,7 @@ class TestARealFit:
         assert learn.audit_path is not None
         records = [line(data) for data in learn.audit_path.read_bytes().splitlines()]
         assert [r for r in records if not valid(r)] == []
-        assert set(records[0]) == set(DEFS["run_start"]["properties"])
+        assert set(records[0]) == set(DEFS["run_start"]["properties"]) - OPTIONAL_HEADER
         kind = RunKind.VALIDATE if run == "validate" else RunKind.PREDICT
         assert (records[0]["kind"], records[0]["opt"], records[0]["n_epochs"]) == (kind, None, 0)
 
