@@ -400,6 +400,21 @@ class _PassEnd(Enum):
     STOPPED = "stopped"
 
 
+def _checkpointers(cbs: Iterable[Callback]) -> tuple[Checkpointer, ...]:
+    """Return the callbacks that write checkpoints (a Checkpointer's methods, on the class).
+
+    Not ``isinstance(cb, Checkpointer)``: a runtime protocol check costs about 18 µs a
+    callback, this about 0.2 (a fit's fixed cost is some tens of µs).
+    """
+    return tuple(
+        cb
+        for cb in cbs
+        if callable(getattr(type(cb), "checkpoint_path", None))
+        and callable(getattr(type(cb), "checkpoint_written", None))
+        and isinstance(cb, Checkpointer)  # only for those: the type checker's narrowing
+    )
+
+
 def _started(iterator: Iterator[Any]) -> Iterator[Any]:
     """Take the first item now (a stateful loader draws its seeds then), and give it first."""
     first = next(iterator, _MISSING)
@@ -994,8 +1009,8 @@ class Learner:
         assign the traceback of what it lets through, which a frozen exception refuses.
         """
         self._boundary_due = self._checkpoint_wanted = self._preempt_wanted = False
-        if threading.current_thread() is not threading.main_thread() or not any(
-            isinstance(cb, Checkpointer) for cb in self._cbs
+        if threading.current_thread() is not threading.main_thread() or not _checkpointers(
+            self._cbs
         ):
             return _nothing
         previous = signal.getsignal(signal.SIGTERM)
@@ -1273,11 +1288,7 @@ class Learner:
         self._unstepped = False
         self._resume = self._resumed_from = self._pass_start = None
         self._resolve_callbacks(kind)
-        self._checkpointers = (
-            tuple(cb for cb in self._cbs if isinstance(cb, Checkpointer))
-            if kind is RunKind.FIT
-            else ()
-        )
+        self._checkpointers = _checkpointers(self._cbs) if kind is RunKind.FIT else ()
         self._epoch = self._iter = 0
         self._counts = _zero_counts()
         self._hook_ns = _zero_counts()
