@@ -5,12 +5,12 @@ this package needs the ``callbacks`` extra (torchmetrics, rich, matplotlib):
 ``pip install 'fsm-learner[callbacks]'``.
 """
 
+from callbacks.checkpoint import CheckpointCB
 from callbacks.device import DeviceCB
 from callbacks.early_stopping import EarlyStoppingCB
 from callbacks.grad_accum import GradientAccumulationCB
 from callbacks.grad_clip import GradientClipCB
 from callbacks.lr_finder import LRFinderCB, lr_find
-from callbacks.checkpoint import CheckpointCB
 from callbacks.metrics import MetricsCB
 from callbacks.mixed_precision import MixedPrecisionCB
 from callbacks.monitor import Monitor, metrics_of

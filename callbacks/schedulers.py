@@ -33,6 +33,7 @@ next fit builds its own, as it would have, and the state is ignored.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sized
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol, cast, runtime_checkable
@@ -45,6 +46,11 @@ from callbacks._state import state_keys, state_list, state_optional, state_value
 from fsm_learner import Callback, ConfigurationError
 from fsm_learner.exceptions import CheckpointError
 from fsm_learner.machine import RunKind
+
+_STEP_ORDER_WARNING: Final = (
+    r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+)
+"""torch's warning when a scheduler steps before the optimizer has, in this process."""
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -143,6 +149,8 @@ class _SchedulerCB(Callback):
         self.with_total_steps = with_total_steps
         self.scheduler: LRScheduler | None = None
         """The current (or last) fit's scheduler."""
+        self._resumed = False
+        """Whether the schedule was just loaded from a checkpoint (not stepped since)."""
         self._saved: tuple[Optimizer, _GroupSettings] | None = None
         self.total_steps: int | None = None
         """The current (or last) fit's schedule length, when ``with_total_steps`` built it."""
@@ -204,6 +212,21 @@ class _SchedulerCB(Callback):
         for group, settings in zip(opt.param_groups, groups, strict=True):
             group.update(settings)
         self.total_steps, self._saved = total, (opt, fit_settings)
+        self._resumed = True
+
+    def _step_scheduler(self, scheduler: LRScheduler) -> None:
+        """Step the scheduler (quietly about step order the first time after a resume).
+
+        The first step after a resume may precede this process's first optimizer step (the
+        checkpoint was taken at a pass end): torch would warn, wrongly.
+        """
+        if not self._resumed:
+            scheduler.step()
+            return
+        self._resumed = False
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_STEP_ORDER_WARNING, category=UserWarning)
+            scheduler.step()
 
     def _groups(self, state: Mapping[str, Any], key: str, n_groups: int) -> _GroupSettings:
         owner = type(self).__name__
@@ -312,7 +335,7 @@ class BatchSchedCB(_SchedulerCB):
         scheduler, total = self.scheduler, self.total_steps
         # a schedule of known length stays at its last step: the rate the fit ends at
         if scheduler is not None and (total is None or scheduler.last_epoch < total - 1):
-            scheduler.step()
+            self._step_scheduler(scheduler)
 
 
 class EpochSchedCB(_SchedulerCB):
@@ -336,4 +359,4 @@ class EpochSchedCB(_SchedulerCB):
         """
         stepping = learn.kind is RunKind.FIT and learn.training and learn.failure is None
         if stepping and self.scheduler is not None:
-            self.scheduler.step()
+            self._step_scheduler(self.scheduler)

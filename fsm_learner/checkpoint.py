@@ -30,9 +30,8 @@ import os
 import pickle
 import random
 import re
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
-from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -178,13 +177,8 @@ def _set_numpy_rng(state: Mapping[str, Any]) -> None:
 
 
 def loader_generators(data: object) -> list[torch.Generator]:
-    """Return the torch generators a DataLoader draws its order from (each once).
-
-    None for a stateful loader: its own state holds its order.
-    """
+    """Return the torch generators a DataLoader draws its order from (each once)."""
     found: list[torch.Generator] = []
-    if stateful(data):
-        return found
     sampler = getattr(data, "sampler", None)
     batch_sampler = getattr(data, "batch_sampler", None)
     for owner in (data, sampler, getattr(batch_sampler, "sampler", None)):
@@ -304,7 +298,9 @@ _REQUIRED: Final = {
     "position": dict,
 }
 _POSITION: Final = {"state": str, "epoch": int, "training": bool, "iter": int, "n_epochs": int}
-_UNSAFE: Final = re.compile(r"Unsupported global: GLOBAL [\w.]+|Unsupported operand \d+")
+_UNSAFE: Final = re.compile(r"Unsupported global: GLOBAL [\w.]+")
+_WHY_REFUSED: Final = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
+"""The reason in torch's message for a weights-only refusal (the rest is advice on torch.load)."""
 _STATES: Final = frozenset({State.IDLE.value, State.FIT.value, State.EPOCH.value})
 
 
@@ -319,21 +315,31 @@ def read_checkpoint(path: Path) -> Checkpoint:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = _UNSAFE.search(str(exc))
-        what = found.group(0) if found else "an object that is not plain data"
+        if found is None:  # an opcode the reader lacks: garbage bytes, most likely
+            why = _WHY_REFUSED.search(str(exc))
+            _unreadable(name, exc if why is None else why.group(1))
         msg = (
-            f"checkpoint {name} holds {what}: refused, since loading it could run code "
-            f"(checkpoints are read with torch.load(weights_only=True))"
+            f"checkpoint {name} holds {found.group(0)}: refused, since loading it could run "
+            f"code (checkpoints are read with torch.load(weights_only=True))"
         )
         raise CheckpointError(msg) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        reason = exception_text(exc, 160).splitlines()[0] if str(exc) else type(exc).__name__
-        msg = (
-            f"checkpoint {name} cannot be read (truncated, corrupt, or not a torch.save file "
-            f"of plain data): {reason}"
-        )
-        raise CheckpointError(msg) from None
+    except Exception as exc:  # noqa: BLE001 (garbage makes the unpickler raise anything)
+        _unreadable(name, exc)
     _check_payload(payload, name)
     return Checkpoint(path, sha256_of(path), payload)
+
+
+def _unreadable(name: str, exc: BaseException | str) -> NoReturn:
+    """Refuse a file torch.load cannot read, with the reason's first line."""
+    if isinstance(exc, str):
+        reason = safe_text(exc, 160)
+    else:
+        reason = exception_text(exc, 160).splitlines()[0] if str(exc) else type(exc).__name__
+    msg = (
+        f"checkpoint {name} cannot be read (truncated, corrupt, or not a torch.save file "
+        f"of plain data): {reason}"
+    )
+    raise CheckpointError(msg) from None
 
 
 def _check_payload(payload: object, name: str) -> None:
@@ -609,17 +615,19 @@ def load_loader_state(data: object, state: Any) -> None:
     getattr(data, "load_state_dict")(state)  # noqa: B009 (a duck-typed loader)
 
 
-def loader_snapshot(data: object) -> dict[str, Any]:
-    """Return a loader's generators' states and its own state (a stateful one's), now."""
+def loader_snapshot(data: object, *, with_state: bool) -> dict[str, Any]:
+    """Return a loader's generators' states, and its own state (a stateful one's) if asked."""
     return {
         "generators": [g.get_state() for g in loader_generators(data)],
-        "state": loader_state(data),
+        "state": loader_state(data) if with_state else None,
     }
 
 
-def restore_loader(data: object, snapshot: Mapping[str, Any], *, with_state: bool) -> None:
-    """Give a loader its generators' states back, and its own state when ``with_state``."""
+def restore_generators(data: object, snapshot: Mapping[str, Any]) -> None:
+    """Give a loader's generators their states of ``snapshot`` back.
+
+    Only those: a stateful loader's own state is loaded only to resume a pass it was in
+    (loaded between passes, a finished pass's state would change the next one's order).
+    """
     for generator, state in zip(loader_generators(data), snapshot["generators"], strict=False):
         generator.set_state(state)
-    if with_state and snapshot.get("state") is not None and stateful(data):
-        load_loader_state(data, snapshot["state"])

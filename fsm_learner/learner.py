@@ -64,7 +64,7 @@ from fsm_learner.checkpoint import (
     loader_generators,
     loader_snapshot,
     read_checkpoint,
-    restore_loader,
+    restore_generators,
     rng_state,
     set_gradients,
     set_rng_state,
@@ -814,6 +814,7 @@ class Learner:
         keys = {key for key, _ in callback_keys(self.cbs)}
         load_callbacks(self.cbs, {k: v for k, v in states.items() if k in keys}, name)
         set_rng_state(checkpoint.payload["rng"])
+        self._restore_loaders(checkpoint.payload)
         return checkpoint.position
 
     def request_checkpoint(self) -> None:
@@ -852,9 +853,10 @@ class Learner:
                 "goes on with the checkpoint's optimizer state"
             )
             raise ConfigurationError(msg)
-        checkpoint = self._newest(path) if path.is_dir() or not path.exists() else None
-        if checkpoint is None and not (path.is_dir() or not path.exists()):
-            checkpoint = read_checkpoint(path)
+        if path.suffix == ".pt" or path.is_file():  # a file: it must be there and read
+            checkpoint: Checkpoint | None = read_checkpoint(path)
+        else:  # a directory, perhaps not made yet (a first start)
+            checkpoint = self._newest(path)
         if checkpoint is None:
             emit_run_event("resume_fresh", directory=os.fspath(path))
             return None
@@ -948,15 +950,18 @@ class Learner:
         load_callbacks(self.cbs, payload["callbacks"], name)
         set_gradients(self.model, payload["grads"], name)  # after before_epoch, which may zero them
         set_rng_state(payload["rng"])
-        current = self.dl if checkpoint.position.state is State.EPOCH else None
-        loaders = payload.get("loaders") or {}
-        for name, data in (("train", self.dls.train), ("valid", self.dls.valid)):
-            if loaders.get(name) is not None:
-                restore_loader(data, loaders[name], with_state=data is not current)
+        self._restore_loaders(payload)
         counts = _zero_counts()
         for trigger, training, n in payload["position"].get("counts", ()):
             counts[Trigger(trigger), bool(training)] = int(n)
         self._counts = counts
+
+    def _restore_loaders(self, payload: Mapping[str, Any]) -> None:
+        """Give both loaders' generators their states at the checkpoint back."""
+        loaders = payload.get("loaders") or {}
+        for name, data in (("train", self.dls.train), ("valid", self.dls.valid)):
+            if loaders.get(name) is not None:
+                restore_generators(data, loaders[name])
 
     def _payload(self, at: Position, sealed: tuple[int, str] | None) -> dict[str, Any]:
         """Return what a checkpoint at ``at`` holds (``sealed``: the log's records and head)."""
@@ -984,12 +989,11 @@ class Learner:
                 else [],
             },
             "pass": dict(self._pass_start or {}) if at.state is State.EPOCH else None,
-            "loaders": {
-                "train": loader_snapshot(self.dls.train),
-                "valid": loader_snapshot(self.dls.valid),
-            }
-            if fitting
-            else None,
+            "loaders": {  # the state of the loader of a pass in progress only: asking
+                # another for its state_dict may start an iterator and change its next pass
+                name: loader_snapshot(data, with_state=at.state is State.EPOCH and data is self.dl)
+                for name, data in (("train", self.dls.train), ("valid", self.dls.valid))
+            },
             "run": {
                 "id": run.run_id,
                 "records": None if sealed is None else sealed[0],
@@ -1446,7 +1450,7 @@ class Learner:
         else:
             iterator, warning = skip_batches(data, skip)
             if warning is not None:
-                warnings.warn(warning, ResumeWarning, stacklevel=6)
+                warnings.warn(warning, ResumeWarning, stacklevel=7)
         self._reenter()
         return iterator
 
