@@ -20,8 +20,14 @@ import orjson
 from fsm_learner._display import file_name, printable
 from fsm_learner.audit.codec import KEY_ENV, derive_key
 from fsm_learner.audit.files import file_kind, log_files
+from fsm_learner.audit.lineage import LineageReport, Lineages, RunKey, run_key, was_killed
 from fsm_learner.audit.replay import FileAudit, Problem, RunReport, RunSet
-from fsm_learner.audit.summary import render_report, render_totals
+from fsm_learner.audit.summary import (
+    render_lineage,
+    render_lineage_totals,
+    render_report,
+    render_totals,
+)
 from fsm_learner.diagram import (
     DiagramFormat,
     DiagramView,
@@ -36,7 +42,8 @@ from fsm_learner.diagram import (
 from fsm_learner.exceptions import ConfigurationError, FsmLearnerError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Iterator, Sequence
+    from collections.abc import Set as AbstractSet
 
 __all__ = ["main"]
 
@@ -54,8 +61,13 @@ def _audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "against the transition table: every block of records matching its seal (bound to "
             "its run's previous seal and to the file's), every seal in the writer's exact "
             "bytes, every transition legal, header and footer present and agreeing with the "
-            "replay (the status too); print where each run's time went. Exit 0 when every run "
-            "verifies, 1 when one does not, 2 on a usage error."
+            "replay (the status too); print where each run's time went. A fit resumed from a "
+            "checkpoint is checked against the run it resumes, when that run's log is given too "
+            "(the checkpoint's seal, file and position), and each lineage of resumed fits as a "
+            "whole (every batch of every pass begun exactly once; the batches redone); a run "
+            "killed (truncated, every sealed block verifying) and resumed in a lineage that "
+            "verifies is accounted for. Exit 0 when every run and lineage verifies or is "
+            "accounted for, 1 when one does not, 2 on a usage error."
         ),
     )
     parser.add_argument("paths", nargs="+", metavar="PATH")  # str: Path("") would be "."
@@ -111,24 +123,80 @@ def _write(stream: TextIO, text: str) -> None:
         stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
 
 
+class _Spool:
+    """Problems in order, held in a spooled temporary file: memory does not grow with them.
+
+    A problem is kept with the run it fails when that run was killed: a lineage that
+    verifies may account for its death once every run is read (``read``).
+    """
+
+    def __init__(self) -> None:
+        self.file: tempfile.SpooledTemporaryFile[str] | None = None
+        """Made for the first problem: an audit with none makes no file."""
+
+    def add(self, problem: str, killed: RunKey | None = None) -> None:
+        if self.file is None:
+            self.file = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in close)
+                max_size=1 << 20, mode="w+", encoding="utf-8"
+            )
+        self.file.write(orjson.dumps([killed, problem]).decode() + "\n")
+
+    def read(self, accounted: AbstractSet[RunKey]) -> Iterator[str | None]:
+        """Yield each problem; None for one whose run's death ``accounted`` accounts for."""
+        if self.file is None:
+            return
+        self.file.seek(0)
+        for line in self.file:
+            killed, problem = orjson.loads(line)
+            yield None if killed is not None and tuple(killed) in accounted else problem
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _accounted(lineages: Iterable[LineageReport]) -> set[RunKey]:
+    """Return the killed runs resumed in a lineage that verifies: their deaths are accounted for."""
+    return {
+        (run.rank, run.run_id)
+        for lineage in lineages
+        for run in lineage.runs
+        if run.continued_by is not None
+    }
+
+
 class _TextSummary:
     """The audit's human summary: each run as soon as it is replayed, one problem on stderr.
 
     The problem named is the first of a file (it shows nowhere else), else of a run (its
-    summary shows it too), else of the runs taken together (an expected head not found).
+    summary shows it too; a killed run's only when no lineage accounts for its death),
+    else of a lineage, else of the runs taken together (an expected head not found).
+    Lineages follow the runs.
     """
 
     def __init__(self) -> None:
         self.runs = self.verified = 0
+        self.lineages: list[LineageReport] = []
         self.of_file: Problem | None = None
         self.of_run: Problem | None = None
+        self.killed = _Spool()
+        """The killed runs: each one's problem, "" once ``of_run`` is found before it."""
+        self.of_lineage: Problem | None = None
         self.of_all: Problem | None = None
+
+    def close(self) -> None:
+        self.killed.close()
 
     def run(self, report: RunReport) -> None:
         self.runs += 1
         self.verified += report.verified
         _write(sys.stdout, render_report(report) + "\n\n")
-        self.of_run = self.of_run or report.problem
+        if report.problem is None:
+            return
+        if was_killed(report):
+            self.killed.add("" if self.of_run else str(report.problem), run_key(report))
+        else:
+            self.of_run = self.of_run or report.problem
 
     def problem(self, problem: Problem) -> None:
         if problem.path:
@@ -136,10 +204,24 @@ class _TextSummary:
         else:
             self.of_all = self.of_all or problem
 
+    def lineage(self, lineage: LineageReport) -> None:
+        self.lineages.append(lineage)
+        _write(sys.stdout, render_lineage(lineage) + "\n\n")
+        if lineage.problems:
+            self.of_lineage = self.of_lineage or lineage.problems[0]
+
     def finish(self) -> int:
+        if self.lineages:
+            verified = sum(lineage.verified for lineage in self.lineages)
+            _write(sys.stdout, render_lineage_totals(len(self.lineages), verified) + "\n")
+        resumed, killed = 0, None
+        for problem in self.killed.read(_accounted(self.lineages)):
+            resumed += problem is None
+            killed = killed or problem
+        of_run = killed or self.of_run
         if self.runs:
-            _write(sys.stdout, render_totals(self.runs, self.verified) + "\n")
-        first = self.of_file or self.of_run or self.of_all
+            _write(sys.stdout, render_totals(self.runs, self.verified, resumed) + "\n")
+        first = self.of_file or of_run or self.of_lineage or self.of_all
         if first is None:
             return EXIT_OK
         _write(sys.stderr, f"fsm-learner audit: {printable(str(first))}\n")
@@ -158,45 +240,57 @@ def _json(value: object) -> str:
 
 
 class _JsonSummary:
-    """The audit as one JSON document, written run by run: runs, problems, verified.
+    """The audit as one JSON document, written run by run: runs, lineages, problems, verified.
 
     Problems are held in a spooled temporary file until the runs are written, so memory
-    does not grow with the number of runs that fail.
+    does not grow with the number of runs that fail. ``lineages`` is there only when a
+    run resumes another (lineages are few: they are held until the end). A killed run's
+    problem is left out when a lineage that verifies accounts for its death.
     """
 
     def __init__(self) -> None:
         self.runs = 0
-        self.verified = True
-        self.problems = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in finish)
-            max_size=1 << 20, mode="w+", encoding="utf-8"
-        )
-        self.problem_count = 0
+        self.unverified = False
+        """A run that does not verify with no problem of its own (its problem is spooled)."""
+        self.problems = _Spool()
+        self.lineages: list[LineageReport] = []
         _write(sys.stdout, '{\n  "runs": [')
+
+    def close(self) -> None:
+        self.problems.close()
 
     def run(self, report: RunReport) -> None:
         separator = "," if self.runs else ""
         _write(sys.stdout, f"{separator}\n    " + _json(report.to_json()).replace("\n", "\n    "))
         self.runs += 1
-        self.verified = self.verified and report.verified
+        self.unverified = self.unverified or (not report.verified and report.problem is None)
         if report.problem is not None:
-            self.problem(report.problem)
+            killed = run_key(report) if was_killed(report) else None
+            self.problems.add(str(report.problem), killed)
 
     def problem(self, problem: Problem) -> None:
-        separator = "," if self.problem_count else ""
-        self.problems.write(f"{separator}\n    {_json(str(problem))}")
-        self.problem_count += 1
-        self.verified = False
+        self.problems.add(str(problem))
+
+    def lineage(self, lineage: LineageReport) -> None:
+        self.lineages.append(lineage)
+        for problem in lineage.problems:
+            self.problem(problem)
 
     def finish(self) -> int:
         _write(sys.stdout, "\n  ]," if self.runs else "],")
+        if self.lineages:
+            lineages = [lineage.to_json() for lineage in self.lineages]
+            _write(sys.stdout, '\n  "lineages": ' + _json(lineages).replace("\n", "\n  ") + ",")
         _write(sys.stdout, '\n  "problems": [')
-        with self.problems:
-            self.problems.seek(0)
-            while chunk := self.problems.read(1 << 16):
-                _write(sys.stdout, chunk)
-        _write(sys.stdout, "\n  ]," if self.problem_count else "],")
-        _write(sys.stdout, f'\n  "verified": {"true" if self.verified else "false"}\n}}\n')
-        return EXIT_OK if self.verified else EXIT_FAILED
+        count = 0
+        for problem in self.problems.read(_accounted(self.lineages)):
+            if problem is not None:
+                _write(sys.stdout, f"{',' if count else ''}\n    {_json(problem)}")
+                count += 1
+        _write(sys.stdout, "\n  ]," if count else "],")
+        verified = not count and not self.unverified
+        _write(sys.stdout, f'\n  "verified": {"true" if verified else "false"}\n}}\n')
+        return EXIT_OK if verified else EXIT_FAILED
 
 
 _EMPTY_PATH: Final = (
@@ -219,17 +313,24 @@ def _run_audit(args: argparse.Namespace) -> int:
             _write(sys.stderr, f"fsm-learner audit: {printable(error)}\n")
         return EXIT_USAGE
     runs = RunSet(args.expect_head)
+    lineages = Lineages(key=key)
     summary = _JsonSummary() if args.json else _TextSummary()
-    for path in files:
-        audit = FileAudit(path, key=key)
-        for report in audit:
-            runs.add(report)
-            summary.run(report)
-        if audit.problem is not None:
-            summary.problem(audit.problem)
-    for problem in runs.missing():
-        summary.problem(problem)
-    return summary.finish()
+    try:
+        for path in files:
+            audit = FileAudit(path, key=key)
+            for report in audit:
+                runs.add(report)
+                lineages.add(report, path)
+                summary.run(report)
+            if audit.problem is not None:
+                summary.problem(audit.problem)
+        for lineage in lineages.check(files):
+            summary.lineage(lineage)
+        for problem in runs.missing():
+            summary.problem(problem)
+        return summary.finish()
+    finally:
+        summary.close()
 
 
 def _diagram_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

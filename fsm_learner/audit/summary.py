@@ -21,9 +21,18 @@ from fsm_learner.machine import RunKind
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
+    from fsm_learner.audit.lineage import LineageReport, LinkReport
     from fsm_learner.audit.replay import RunReport, SlowTransition
 
-__all__ = ["Table", "render_report", "render_reports", "render_table", "render_totals"]
+__all__ = [
+    "Table",
+    "render_lineage",
+    "render_lineage_totals",
+    "render_report",
+    "render_reports",
+    "render_table",
+    "render_totals",
+]
 
 
 @attrs.frozen
@@ -214,9 +223,15 @@ def render_report(report: RunReport, *, rich: bool | None = None) -> str:
     return "\n".join(out)
 
 
-def render_totals(runs: int, verified: int) -> str:
-    """Render the summary's last line: how many runs verified."""
-    return f"{runs} run(s): {verified} verified, {runs - verified} do not verify"
+def render_totals(runs: int, verified: int, resumed: int = 0) -> str:
+    """Render the summary's last line: how many runs verified.
+
+    ``resumed`` runs were killed and resumed in a lineage that verifies: they do not
+    verify on their own, and are not counted among the runs that do not.
+    """
+    accounted = f"{resumed} killed and resumed (lineage verified), " if resumed else ""
+    failed = runs - verified - resumed
+    return f"{runs} run(s): {verified} verified, {accounted}{failed} do not verify"
 
 
 def render_reports(reports: Sequence[RunReport], *, rich: bool | None = None) -> str:
@@ -224,3 +239,42 @@ def render_reports(reports: Sequence[RunReport], *, rich: bool | None = None) ->
     out = [render_report(report, rich=rich) + "\n" for report in reports]
     out.append(render_totals(len(reports), sum(r.verified for r in reports)))
     return "\n".join(out)
+
+
+def _link_lines(link: LinkReport) -> list[str]:
+    """Say where a resumed run re-enters the run it resumes, and what it redoes."""
+    run, parent = _text(link.run_id, _RUN_ID_SHOWN), _text(link.resumes, _RUN_ID_SHOWN)
+    resumes = (
+        f"  run {run} resumes run {parent} at record {link.records} (head {link.head}), "
+        f"{link.at}: checkpoint {link.checkpoint} (sha256 {link.sha256[:16]}...)"
+    )
+    lines = [resumes]
+    redone = ", ".join(str(batches) for batches in link.redone) or "no batch"
+    unsealed = f" (then {link.unsealed} lines never sealed)" if link.unsealed else ""
+    lines.append(f"    redone by run {run}: {redone}{unsealed}")
+    return lines
+
+
+def render_lineage(lineage: LineageReport) -> str:
+    """Render one lineage: its runs root first, each link, its problems, and its batches."""
+    verdict = "verified" if lineage.verified else "DOES NOT VERIFY"
+    runs = " -> ".join(f"run {_text(r.run_id, _RUN_ID_SHOWN)} ({r.path})" for r in lineage.runs)
+    out = [f"lineage of {len(lineage.runs)} run(s): {runs}  {verdict}"]
+    for link in lineage.links:
+        out.extend(_link_lines(link))
+    out.extend(
+        f"  run {_text(r.run_id, _RUN_ID_SHOWN)} truncated (killed), resumed by run "
+        f"{_text(r.continued_by, _RUN_ID_SHOWN)}: lineage verified"
+        for r in lineage.runs
+        if r.continued_by is not None
+    )
+    out.extend(f"  note: {note}" for note in lineage.notes)
+    out.extend(f"  problem: {problem}" for problem in lineage.problems)
+    if lineage.coverage:
+        out.append(f"  {lineage.coverage}")
+    return "\n".join(printable(line) for line in out)
+
+
+def render_lineage_totals(lineages: int, verified: int) -> str:
+    """Render how many lineages verified."""
+    return f"{lineages} lineage(s): {verified} verified, {lineages - verified} do not verify"
