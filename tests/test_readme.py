@@ -202,3 +202,43 @@ def test_batches_and_inference_sections(tmp_path, monkeypatch):
         clf.model.eval()
         losses = [clf.model(**batch)["loss"] for batch in text[3:]]
     assert clf.validate()["loss"] == pytest.approx(torch.stack(losses).mean().item())
+
+
+def test_resuming_section(tmp_path, monkeypatch):
+    """The resume block on a real fit: bit for bit, resumed mid training pass; then the audit
+    of both logs confirms the checkpoint, names the batches redone, and covers every batch."""
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {"__name__": "readme"}
+    code = [
+        *blocks("python")[:1],
+        *re.findall(r"```python\n(.*?)```", section("Resuming a fit"), flags=re.DOTALL),
+    ]
+    assert len(code) == 2, "quickstart, resuming"
+    for block in code:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (the README is ours)
+    whole, resumed = namespace["whole"], namespace["resumed"]
+    assert whole.run_id == resumed.resumed_from["run"]
+    assert dict(resumed.resumed_from["at"]) == {"ep": 1, "tr": True, "it": 4}
+    result = subprocess.run(
+        [sys.executable, "-m", "fsm_learner.cli", "audit", "runs", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    [lineage] = orjson.loads(result.stdout)["lineages"]
+    [link] = lineage["links"]
+    assert (link["resumes"], link["run_id"], link["checkpoint"]) == (
+        whole.run_id,
+        resumed.run_id,
+        "confirmed",
+    )
+    # 6 training and 2 validation batches an epoch: the whole fit went on after the checkpoint
+    assert link["redone"] == [
+        {"epoch": 1, "pass": "train", "first": 4, "last": 5},
+        {"epoch": 1, "pass": "valid", "first": 0, "last": 1},
+        {"epoch": 2, "pass": "train", "first": 0, "last": 5},
+        {"epoch": 2, "pass": "valid", "first": 0, "last": 1},
+    ]
+    assert (lineage["complete"], lineage["batches"], lineage["passes"]) == (True, 24, 6)
