@@ -39,7 +39,7 @@ from torch import nn
 
 from fsm_learner._display import exception_text, safe_text
 from fsm_learner.exceptions import CheckpointError
-from fsm_learner.machine import State
+from fsm_learner.machine import State, Trigger
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -301,6 +301,8 @@ _POSITION: Final = {"state": str, "epoch": int, "training": bool, "iter": int, "
 _UNSAFE: Final = re.compile(r"Unsupported global: GLOBAL [\w.]+")
 _WHY_REFUSED: Final = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
 """The reason in torch's message for a weights-only refusal (the rest is advice on torch.load)."""
+_COUNT_FIELDS: Final = 3
+_RANDOM_FIELDS: Final = 3
 _STATES: Final = frozenset({State.IDLE.value, State.FIT.value, State.EPOCH.value})
 
 
@@ -361,6 +363,69 @@ def _check_payload(payload: object, name: str) -> None:
             f"checkpoint is taken in one of {sorted(_STATES)}"
         )
         raise CheckpointError(msg)
+    _check_structure(payload, name)
+
+
+def _refuse(name: str, where: str, expected: str, value: object) -> NoReturn:
+    got = type(value).__name__ if not isinstance(value, int | str) else repr(value)[:60]
+    msg = f"checkpoint {name}: {where} must be {expected}, got {got}"
+    raise CheckpointError(msg)
+
+
+def _check_structure(payload: Mapping[str, Any], name: str) -> None:
+    """Check what the loop reads from a checkpoint, so a bad one fails before the fit runs."""
+    position = payload["position"]
+    for field in ("epoch", "iter", "n_epochs"):
+        if position[field] < 0:
+            _refuse(name, f"position.{field}", "an int >= 0", position[field])
+    _check_counts(position.get("counts", []), name)
+    _check_rng(payload["rng"], name, "rng")
+    if position["state"] == State.EPOCH.value:
+        start = payload.get("pass")
+        if not isinstance(start, dict) or not isinstance(start.get("generators"), list):
+            _refuse(name, "pass", "the state of the pass in progress (rng, generators)", start)
+        _check_rng(start.get("rng"), name, "pass.rng")
+    _check_containers(payload, name)
+
+
+def _check_containers(payload: Mapping[str, Any], name: str) -> None:
+    grads, states = payload["grads"], payload["callbacks"]
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in grads.items()):
+        _refuse(name, "grads", "a dict of parameter names to tensors", grads)
+    if not all(isinstance(k, str) and isinstance(v, dict) for k, v in states.items()):
+        _refuse(name, "callbacks", "a dict of callback names to state dicts", states)
+    for field in ("optimizer", "hypers", "run", "loaders"):
+        if payload.get(field) is not None and not isinstance(payload[field], dict):
+            _refuse(name, field, "a dict or None", payload[field])
+    for snapshot in (payload.get("loaders") or {}).values():
+        if not isinstance(snapshot, dict) or not isinstance(snapshot.get("generators"), list):
+            _refuse(name, "loaders", "each loader's generators (a list) and state", snapshot)
+
+
+def _check_counts(counts: object, name: str) -> None:
+    triggers = {trigger.value for trigger in Trigger}
+    if not isinstance(counts, list) or not all(
+        isinstance(entry, list | tuple)
+        and len(entry) == _COUNT_FIELDS
+        and entry[0] in triggers
+        and isinstance(entry[1], bool)
+        and type(entry[2]) is int
+        and entry[2] >= 0
+        for entry in counts
+    ):
+        _refuse(name, "position.counts", "[trigger, training, count] triples", counts)
+
+
+def _check_rng(state: object, name: str, where: str) -> None:
+    ok = (
+        isinstance(state, dict)
+        and isinstance(state.get("torch"), torch.Tensor)
+        and state["torch"].dtype == torch.uint8
+        and isinstance(state.get("random"), list | tuple)
+        and len(state["random"]) == _RANDOM_FIELDS
+    )
+    if not ok:
+        _refuse(name, where, "generator states (torch's, random's)", state)
 
 
 def _check_fields(

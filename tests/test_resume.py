@@ -816,6 +816,50 @@ class TestErrors:
             f"file of plain data): {reason}"
         )
 
+    @pytest.mark.parametrize(
+        ("change", "message"),
+        [
+            (
+                lambda p: p["position"].update(iter=-1),
+                "position.iter must be an int >= 0, got -1",
+            ),
+            (
+                lambda p: p["position"].update(counts=[["teleport", True, 3]]),
+                "position.counts must be [trigger, training, count] triples, got list",
+            ),
+            (
+                lambda p: p.update({"pass": None}),
+                "pass must be the state of the pass in progress (rng, generators), got NoneType",
+            ),
+            (
+                lambda p: p["rng"].update(torch=torch.zeros(3)),
+                "rng must be generator states (torch's, random's), got dict",
+            ),
+            (
+                lambda p: p.update(grads={"w": 1.0}),
+                "grads must be a dict of parameter names to tensors, got dict",
+            ),
+            (
+                lambda p: p.update(callbacks={"MetricsCB": [1]}),
+                "callbacks must be a dict of callback names to state dicts, got dict",
+            ),
+            (lambda p: p.update(optimizer=[]), "optimizer must be a dict or None, got list"),
+        ],
+        ids=["iter", "counts", "pass", "rng", "grads", "callbacks", "optimizer"],
+    )
+    def test_tampered_contents(self, written, change, message):
+        """A checkpoint rewritten with contents the loop cannot use is refused before the fit."""
+        payload = torch.load(written[0], weights_only=True)
+        change(payload)
+        torch.save(payload, "tampered.pt")
+        learn = small_learner()
+        before = [p.detach().clone() for p in learn.model.parameters()]
+        with pytest.raises(CheckpointError) as caught:
+            learn.fit(1, resume_from="tampered.pt")
+        assert one_line(caught) == f"checkpoint tampered.pt: {message}"
+        assert all(torch.equal(a, b) for a, b in zip(before, learn.model.parameters(), strict=True))
+        assert learn.last_result is None
+
     def test_random_bytes(self):
         """Whatever garbage the unpickler meets, the error is a CheckpointError."""
         rng = random.Random(0)  # noqa: S311 (reproducible garbage, no secret)
