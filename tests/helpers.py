@@ -1,15 +1,16 @@
 """Real data and models for the tests (the digits set that ships with scikit-learn), and the
-callbacks and readers several test modules share."""
+callbacks, readers and resume runs several test modules share."""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
@@ -17,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fsm_learner import Callback, DataLoaders, Hook, Learner
+from fsm_learner.checkpoint import read_checkpoint
 from fsm_learner.testing import RecordingCallback
 
 
@@ -177,3 +179,94 @@ def as_mappings(dls: DataLoaders) -> DataLoaders:
         return [{"pixels": x, "labels": y} for x, y in batches]
 
     return DataLoaders(convert(dls.train), convert(dls.valid))
+
+
+# -- real resumes from real checkpoints --------------------------------------------------
+
+Where = tuple[int, bool, int]
+"""Where a checkpoint was taken: (epoch, training pass or not, batches of that pass done).
+
+Batches done 0: before that pass, between two passes; ``(1, True, 2)``: after the second
+batch of epoch 1's training pass.
+"""
+
+CallbackT = TypeVar("CallbackT", bound=Callback)
+
+
+class CheckpointAt(Callback):
+    """Asks for a checkpoint at each of the positions ``at`` (a CheckpointCB writes it)."""
+
+    def __init__(self, at: Iterable[Where]) -> None:
+        self.at = set(at)
+
+    def after_batch(self, learn: Learner) -> None:
+        if (learn.epoch, learn.training, learn.iter + 1) in self.at:
+            learn.request_checkpoint()
+
+    def after_epoch(self, learn: Learner) -> None:
+        after = (learn.epoch, False, 0) if learn.training else (learn.epoch + 1, True, 0)
+        if after in self.at:
+            learn.request_checkpoint()
+
+
+def checkpointed_fit(
+    make_learner: Callable[[], Learner], n_epochs: int, directory: Path, at: Iterable[Where]
+) -> tuple[Learner, dict[Where, Path]]:
+    """Fit a learner of ``make_learner``, checkpointed into ``directory`` at each position of
+    ``at``; return it (the uninterrupted fit) and the checkpoints by position."""
+    from callbacks.checkpoint import CheckpointCB
+
+    learn = make_learner()
+    writer = CheckpointCB(directory, every_n_batches=None, every_n_epochs=None, keep=None)
+    learn.cbs = [*learn.cbs, writer, CheckpointAt(at)]
+    learn.fit(n_epochs)
+    files = {}
+    for path in directory.glob("*.pt"):
+        position = read_checkpoint(path).position
+        files[position.epoch, position.training, position.iter] = path
+    assert set(files) == set(at), f"checkpoints taken {sorted(files)}, wanted {sorted(at)}"
+    return learn, files
+
+
+def checkpointed_fixture(
+    make_learner: Callable[[], Learner], n_epochs: int, at: Iterable[Where]
+) -> Any:
+    """A module-scoped fixture of ``checkpointed_fit``: the uninterrupted fit, its checkpoints."""
+
+    @pytest.fixture(scope="module")
+    def checkpointed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Learner, dict[Where, Path]]:
+        directory = tmp_path_factory.mktemp("checkpoints")
+        return checkpointed_fit(make_learner, n_epochs, directory, at)
+
+    return checkpointed
+
+
+def resumed_fit(make_learner: Callable[[], Learner], n_epochs: int, checkpoint: Path) -> Learner:
+    """A fresh learner of ``make_learner`` that finishes the checkpoint's fit:
+    ``fit(n_epochs, resume_from=checkpoint)``, with a CheckpointCB that writes nothing."""
+    from callbacks.checkpoint import CheckpointCB
+
+    learn = make_learner()
+    quiet = CheckpointCB(checkpoint.parent, every_n_batches=None, every_n_epochs=None)
+    learn.cbs = [*learn.cbs, quiet]
+    learn.fit(n_epochs, resume_from=checkpoint)
+    resumed = learn.resumed_from
+    assert resumed is not None
+    assert resumed["path"] == str(checkpoint)
+    return learn
+
+
+def callback_of(learn: Learner, kind: type[CallbackT]) -> CallbackT:
+    """The learner's (first) callback of type ``kind``."""
+    return next(cb for cb in learn.cbs if isinstance(cb, kind))
+
+
+def saved_state(checkpoint: Path, key: str) -> Any:
+    """The state the checkpoint holds for the callback ``key`` (its class name), read back
+    with torch.load(weights_only=True) as a resume reads it."""
+    return read_checkpoint(checkpoint).payload["callbacks"][key]
+
+
+def same_weights(a: Learner, b: Learner) -> bool:
+    """Whether the two learners' models hold the same weights, bit for bit."""
+    return same(a.model.state_dict(), b.model.state_dict())

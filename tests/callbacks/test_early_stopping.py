@@ -9,9 +9,17 @@ import orjson
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batches_dls, mlp
+from helpers import (
+    batches_dls,
+    callback_of,
+    checkpointed_fixture,
+    mlp,
+    resumed_fit,
+    saved_state,
+)
 
 from callbacks.early_stopping import EarlyStoppingCB
+from callbacks.metrics import MetricsCB
 from fsm_learner import Callback, ConfigurationError, Learner, RunStatus
 from fsm_learner.audit.replay import audit_file
 from fsm_learner.callback import MetricsProvider
@@ -231,82 +239,45 @@ class TestWithMetricsCB:
         assert cb.monitor.best == min(row["train_loss"] for row in metrics.history)
 
 
-class ResumeAt(Callback):
-    """Rebuilds ``cb`` as a resume from a checkpoint does, at the end of one batch or pass.
-
-    ``at`` is ``(epoch, training, iter)`` for a checkpoint after that batch, or
-    ``(epoch, training, None)`` after that pass. There, ``cb.state_dict()`` goes through
-    ``torch.save`` and ``torch.load(weights_only=True)``; a fresh ``make()`` runs
-    ``before_fit`` (and ``before_epoch`` mid-pass), as the resumed fit fires them, then
-    loads it; ``cb`` takes the fresh one's attributes, so the fit's dispatch goes on with
-    the rebuilt state. The gradients are put back as the learner does.
-    """
-
-    order = 1000  # after every callback's cleanup hooks: where a checkpoint is taken
-
-    def __init__(self, cb, make, path, at):
-        self.cb, self.make, self.path, self.at = cb, make, path, at
-        self.state: dict | None = None
-
-    def cleanup_batch(self, learn):
-        if (learn.epoch, learn.training, learn.iter) == self.at:
-            self._resume(learn, mid_pass=True)
-
-    def cleanup_epoch(self, learn):
-        if (learn.epoch, learn.training, None) == self.at:
-            self._resume(learn, mid_pass=False)
-
-    def _resume(self, learn, *, mid_pass):
-        torch.save(self.cb.state_dict(), self.path)
-        self.state = torch.load(self.path, weights_only=True)
-        grads = [None if p.grad is None else p.grad.clone() for p in learn.model.parameters()]
-        fresh = self.make()
-        fresh.before_fit(learn)
-        if mid_pass:
-            fresh.before_epoch(learn)
-        for param, grad in zip(learn.model.parameters(), grads, strict=True):
-            param.grad = grad
-        fresh.load_state_dict(self.state)
-        vars(self.cb).clear()
-        vars(self.cb).update(vars(fresh))
-
-
-def round_trip(state: dict, path) -> dict:
-    """``state`` through torch.save and torch.load(weights_only=True)."""
-    torch.save(state, path)
-    return torch.load(path, weights_only=True)
-
-
 def stopping(patience: int = 2) -> EarlyStoppingCB:
     # mode="max" on a falling loss: every epoch after the first fails to improve
     return EarlyStoppingCB("valid_loss", mode="max", patience=patience)
 
 
-def stop_fit(cb, extra=()):
-    cbs = [PassMetrics(), cb, *extra]
-    Learner(mlp(), batches_dls(4, 4), F.cross_entropy, LR, cbs, audit_log=None).fit(6)
+def stopping_learner() -> Learner:
+    cbs = [MetricsCB(), stopping()]  # MetricsCB keeps its running sums in checkpoints
+    return Learner(mlp(), batches_dls(4, 4), F.cross_entropy, LR, cbs, audit_log=None)
+
+
+RESUMES = {
+    "between-epochs": (2, True, 0),
+    "mid-training": (3, True, 2),
+    "mid-validation": (2, False, 3),
+    "before-validation": (1, False, 0),
+}
+
+
+stopped = checkpointed_fixture(stopping_learner, 6, RESUMES.values())
 
 
 class TestResume:
-    def test_a_resumed_fit_stops_at_the_same_epoch(self, tmp_path):
-        """Rebuilt after epoch 1, it keeps waiting from 1 and stops at epoch 3, as one fit does."""
-        ref = stopping()
-        stop_fit(ref)
-        cb = stopping()
-        resume = ResumeAt(cb, stopping, tmp_path / "e.pt", (1, False, None))
-        stop_fit(cb, [resume])
-        assert (resume.state["wait"], resume.state["monitor"]["best_epoch"]) == (1, 0)
+    @pytest.mark.parametrize("at", RESUMES.values(), ids=list(RESUMES))
+    def test_a_resumed_fit_stops_at_the_same_epoch(self, stopped, at):
+        """Waiting since epoch 0, it stops at epoch 3 wherever the fit was resumed."""
+        ref_learn, files = stopped
+        ref = callback_of(ref_learn, EarlyStoppingCB)
+        learn = resumed_fit(stopping_learner, 6, files[at])
+        cb = callback_of(learn, EarlyStoppingCB)
         assert ref.stopped_epoch == 3
-        assert (cb.stopped_epoch, cb.wait, cb.monitor.best) == (3, 3, ref.monitor.best)
+        assert (cb.stopped_epoch, cb.wait) == (3, 3)
+        assert (cb.monitor.best, cb.monitor.best_epoch) == (ref.monitor.best, 0)
+        assert learn.last_result.status is RunStatus.CANCELLED
+        assert learn.epoch == ref_learn.epoch == 3
 
-    def test_at_idle_the_state_loads_into_a_fresh_callback(self, tmp_path):
-        """The best, its epoch and the stopping epoch are there to read."""
-        ref = stopping()
-        stop_fit(ref)
-        fresh = stopping()
-        fresh.load_state_dict(round_trip(ref.state_dict(), tmp_path / "e.pt"))
-        assert (fresh.stopped_epoch, fresh.wait) == (3, 3)
-        assert (fresh.monitor.best, fresh.monitor.best_epoch) == (ref.monitor.best, 0)
+    def test_the_checkpoint_holds_the_wait_and_the_best(self, stopped):
+        """After epoch 1: one epoch without improvement since the best, epoch 0."""
+        state = saved_state(stopped[1][2, True, 0], "EarlyStoppingCB")
+        assert (state["wait"], state["monitor"]["best_epoch"]) == (1, 0)
 
     def test_another_monitor_s_state_is_refused(self):
         """A checkpoint of valid_loss cannot resume a callback watching valid_accuracy."""

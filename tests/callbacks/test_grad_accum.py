@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batches_dls, digits_tensors, mlp
+from helpers import (
+    batches_dls,
+    checkpointed_fixture,
+    digits_tensors,
+    mlp,
+    resumed_fit,
+    same_weights,
+    saved_state,
+)
 
 from callbacks.grad_accum import GradientAccumulationCB
 from fsm_learner import (
@@ -205,85 +215,44 @@ class TestConfiguration:
             GradientAccumulationCB(n)
 
 
-class ResumeAt(Callback):
-    """Rebuilds ``cb`` as a resume from a checkpoint does, at the end of one batch or pass.
-
-    ``at`` is ``(epoch, training, iter)`` for a checkpoint after that batch, or
-    ``(epoch, training, None)`` after that pass. There, ``cb.state_dict()`` goes through
-    ``torch.save`` and ``torch.load(weights_only=True)``; a fresh ``make()`` runs
-    ``before_fit`` (and ``before_epoch`` mid-pass), as the resumed fit fires them, then
-    loads it; ``cb`` takes the fresh one's attributes, so the fit's dispatch goes on with
-    the rebuilt state. The gradients are put back as the learner does.
-    """
-
-    order = 1000  # after every callback's cleanup hooks: where a checkpoint is taken
-
-    def __init__(self, cb, make, path, at):
-        self.cb, self.make, self.path, self.at = cb, make, path, at
-        self.state: dict | None = None
-
-    def cleanup_batch(self, learn):
-        if (learn.epoch, learn.training, learn.iter) == self.at:
-            self._resume(learn, mid_pass=True)
-
-    def cleanup_epoch(self, learn):
-        if (learn.epoch, learn.training, None) == self.at:
-            self._resume(learn, mid_pass=False)
-
-    def _resume(self, learn, *, mid_pass):
-        torch.save(self.cb.state_dict(), self.path)
-        self.state = torch.load(self.path, weights_only=True)
-        grads = [None if p.grad is None else p.grad.clone() for p in learn.model.parameters()]
-        fresh = self.make()
-        fresh.before_fit(learn)
-        if mid_pass:
-            fresh.before_epoch(learn)
-        for param, grad in zip(learn.model.parameters(), grads, strict=True):
-            param.grad = grad
-        fresh.load_state_dict(self.state)
-        vars(self.cb).clear()
-        vars(self.cb).update(vars(fresh))
+def accum_learner(n_batches: int = 3) -> Learner:
+    cbs = [GradientAccumulationCB(n_batches)]
+    return Learner(mlp(), batches_dls(7, 2), F.cross_entropy, 0.1, cbs, audit_log=None)
 
 
-def round_trip(state: dict, path) -> dict:
-    """``state`` through torch.save and torch.load(weights_only=True)."""
-    torch.save(state, path)
-    return torch.load(path, weights_only=True)
+RESUMES = {
+    "inside-a-group": (1, True, 5),
+    "end-of-a-group": (1, True, 3),
+    "mid-validation": (0, False, 1),
+    "between-epochs": (1, True, 0),
+}
 
 
-def accum_fit(cb, extra=()):
-    learn = Learner(mlp(), batches_dls(7, 2), F.cross_entropy, 0.1, [cb, *extra], audit_log=None)
-    learn.fit(2)
-    return learn
+accumulated = checkpointed_fixture(accum_learner, 2, RESUMES.values())
 
 
 class TestResume:
-    def test_a_fit_resumed_inside_a_group_ends_with_the_same_weights(self, tmp_path):
-        """Rebuilt after batch 4 (2 of a group of 3), with the gradients put back."""
-        ref = accum_fit(GradientAccumulationCB(3))
-        cb = GradientAccumulationCB(3)
-        resume = ResumeAt(cb, lambda: GradientAccumulationCB(3), tmp_path / "g.pt", (1, True, 4))
-        learn = accum_fit(cb, [resume])
-        assert resume.state == {"n_batches": 3, "open_group": True}
-        for a, b in zip(learn.model.parameters(), ref.model.parameters(), strict=True):
-            assert torch.equal(a, b)
+    @pytest.mark.parametrize("at", RESUMES.values(), ids=list(RESUMES))
+    def test_a_resumed_fit_ends_with_the_same_weights(self, accumulated, at):
+        """Inside a group of 3 the gradients of its first batches come back with the group."""
+        ref, files = accumulated
+        assert same_weights(resumed_fit(accum_learner, 2, files[at]), ref)
 
-    def test_at_the_end_of_a_group_the_state_is_closed(self, tmp_path):
-        """After batch 5, the group 3-5 stepped: no group is open."""
-        cb = GradientAccumulationCB(3)
-        resume = ResumeAt(cb, lambda: GradientAccumulationCB(3), tmp_path / "g.pt", (0, True, 5))
-        accum_fit(cb, [resume])
-        assert resume.state == {"n_batches": 3, "open_group": False}
+    def test_the_checkpoint_says_whether_a_group_is_open(self, accumulated):
+        """After batch 5 of 7 (two of the group 3-5): open; after batch 3: closed."""
+        files = accumulated[1]
+        open_group = saved_state(files[1, True, 5], "GradientAccumulationCB")
+        assert open_group == {"n_batches": 3, "open_group": True}
+        closed = saved_state(files[1, True, 3], "GradientAccumulationCB")
+        assert closed == {"n_batches": 3, "open_group": False}
 
-    def test_another_group_size_inside_a_group_is_refused(self, tmp_path):
+    def test_another_group_size_inside_a_group_is_refused(self, accumulated):
         """Gradients divided by 3 cannot go on in groups of 2."""
-        cb = GradientAccumulationCB(3)
-        resume = ResumeAt(cb, lambda: GradientAccumulationCB(2), tmp_path / "g.pt", (0, True, 0))
         with pytest.raises(
             CheckpointError,
             match=r"taken inside a group of n_batches=3 batches, this callback has n_batches=2",
         ):
-            accum_fit(cb, [resume])
+            resumed_fit(partial(accum_learner, 2), 2, accumulated[1][1, True, 5])
 
     def test_another_group_size_between_groups_is_fine(self):
         """At idle the next fit accumulates as it is told."""

@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SelfLossMLP, as_mappings, batches_dls, mlp
+from helpers import (
+    SelfLossMLP,
+    as_mappings,
+    batches_dls,
+    callback_of,
+    checkpointed_fixture,
+    mlp,
+    resumed_fit,
+    same_weights,
+)
 
 from callbacks.grad_accum import GradientAccumulationCB
 from callbacks.grad_clip import GradientClipCB
@@ -131,17 +140,31 @@ class TestConfiguration:
             GradientClipCB(**kwargs)
 
 
+def clipped_learner() -> Learner:
+    cbs = [GradientClipCB(0.5)]
+    return Learner(mlp(), batches_dls(3, 2), F.cross_entropy, 0.1, cbs, audit_log=None)
+
+
+RESUMES = {
+    "mid-training": (1, True, 1),
+    "before-validation": (1, False, 0),
+    "mid-validation": (1, False, 1),
+}
+
+
+clipped = checkpointed_fixture(clipped_learner, 2, RESUMES.values())
+
+
 class TestState:
-    def test_last_norm_survives_a_weights_only_round_trip(self, tmp_path):
-        """The tensor comes back equal into a fresh callback."""
-        cb = GradientClipCB(0.5)
-        Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, [cb], audit_log=None).fit(1)
-        torch.save(cb.state_dict(), tmp_path / "c.pt")
-        fresh = GradientClipCB(0.5)
-        fresh.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True))
-        assert fresh.last_norm is not None
-        assert torch.equal(fresh.last_norm, cb.last_norm)
-        assert fresh.last_norm.item() > 0
+    @pytest.mark.parametrize("at", RESUMES.values(), ids=list(RESUMES))
+    def test_a_resumed_fit_ends_with_the_same_last_norm_and_weights(self, clipped, at):
+        """The last training step's norm comes back when no step follows the checkpoint."""
+        ref, files = clipped
+        learn = resumed_fit(clipped_learner, 2, files[at])
+        last = callback_of(learn, GradientClipCB).last_norm
+        assert last is not None
+        assert torch.equal(last, callback_of(ref, GradientClipCB).last_norm)
+        assert same_weights(learn, ref)
 
     def test_a_wrong_type_is_refused(self):
         """A float is not the norm tensor."""

@@ -13,7 +13,18 @@ import orjson
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Boom, batches_dls, digits_dls, mlp
+from helpers import (
+    Boom,
+    batches_dls,
+    callback_of,
+    checkpointed_fixture,
+    digits_dls,
+    mlp,
+    resumed_fit,
+    same,
+    same_weights,
+    saved_state,
+)
 from torch.optim.lr_scheduler import StepLR
 
 from callbacks.lr_finder import LRFinderCB, lr_find
@@ -356,77 +367,39 @@ class TestConfiguration:
             lr_find(learn)
 
 
-class ResumeAt(Callback):
-    """Rebuilds ``cb`` as a resume from a checkpoint does, at the end of one batch or pass.
-
-    ``at`` is ``(epoch, training, iter)`` for a checkpoint after that batch, or
-    ``(epoch, training, None)`` after that pass. There, ``cb.state_dict()`` goes through
-    ``torch.save`` and ``torch.load(weights_only=True)``; a fresh ``make()`` runs
-    ``before_fit`` (and ``before_epoch`` mid-pass), as the resumed fit fires them, then
-    loads it; ``cb`` takes the fresh one's attributes, so the fit's dispatch goes on with
-    the rebuilt state. The gradients are put back as the learner does.
-    """
-
-    order = 1000  # after every callback's cleanup hooks: where a checkpoint is taken
-
-    def __init__(self, cb, make, path, at):
-        self.cb, self.make, self.path, self.at = cb, make, path, at
-        self.state: dict | None = None
-
-    def cleanup_batch(self, learn):
-        if (learn.epoch, learn.training, learn.iter) == self.at:
-            self._resume(learn, mid_pass=True)
-
-    def cleanup_epoch(self, learn):
-        if (learn.epoch, learn.training, None) == self.at:
-            self._resume(learn, mid_pass=False)
-
-    def _resume(self, learn, *, mid_pass):
-        torch.save(self.cb.state_dict(), self.path)
-        self.state = torch.load(self.path, weights_only=True)
-        grads = [None if p.grad is None else p.grad.clone() for p in learn.model.parameters()]
-        fresh = self.make()
-        fresh.before_fit(learn)
-        if mid_pass:
-            fresh.before_epoch(learn)
-        for param, grad in zip(learn.model.parameters(), grads, strict=True):
-            param.grad = grad
-        fresh.load_state_dict(self.state)
-        vars(self.cb).clear()
-        vars(self.cb).update(vars(fresh))
+def sweep_learner() -> Learner:
+    finder = LRFinderCB(1e-4, 1.0, num_it=10)
+    return Learner(mlp(), batches_dls(4, 1), F.cross_entropy, 0.1, [finder], audit_log=None)
 
 
-def round_trip(state: dict, path) -> dict:
-    """``state`` through torch.save and torch.load(weights_only=True)."""
-    torch.save(state, path)
-    return torch.load(path, weights_only=True)
+RESUMES = {
+    "mid-training": (1, True, 2),
+    "before-validation": (0, False, 0),
+    "last-pass": (2, True, 1),
+}
 
 
-def sweep(finder, extra=()):
-    learn = Learner(
-        mlp(), batches_dls(4, 1), F.cross_entropy, 0.1, [finder, *extra], audit_log=None
-    )
-    before = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    learn.fit(3)
-    return learn, before
+swept = checkpointed_fixture(sweep_learner, 3, RESUMES.values())
 
 
 class TestResume:
-    def test_a_sweep_resumed_mid_pass_records_the_same_curve_and_loads_the_first_weights(
-        self, tmp_path
-    ):
-        """Rebuilt after batch 1 of epoch 1: the same rates and losses; the pre-sweep weights."""
-        ref = LRFinderCB(1e-4, 1.0, num_it=10)
-        sweep(ref)
-        finder = LRFinderCB(1e-4, 1.0, num_it=10)
-        make = lambda: LRFinderCB(1e-4, 1.0, num_it=10)
-        resume = ResumeAt(finder, make, tmp_path / "f.pt", (1, True, 1))
-        learn, before = sweep(finder, [resume])
-        assert len(resume.state["lrs"]) == 6
+    @pytest.mark.parametrize("at", RESUMES.values(), ids=list(RESUMES))
+    def test_a_resumed_sweep_records_the_same_curve_and_loads_the_first_weights(self, swept, at):
+        """The same rates and losses; the weights the sweep started from, not the checkpoint's."""
+        ref_learn, files = swept
+        ref = callback_of(ref_learn, LRFinderCB)
+        learn = resumed_fit(sweep_learner, 3, files[at])
+        finder = callback_of(learn, LRFinderCB)
         assert (finder.lrs, finder.losses) == (ref.lrs, ref.losses)
         assert len(finder.lrs) == 10
-        for key, value in learn.model.state_dict().items():
-            assert torch.equal(value, before[key])
+        assert same_weights(learn, ref_learn)
+        assert same(learn.model.state_dict(), mlp().state_dict())
+
+    def test_the_checkpoint_holds_the_sweep_so_far(self, swept):
+        """After six batches: six rates, and the weights to load back."""
+        state = saved_state(swept[1][1, True, 2], "LRFinderCB")
+        assert len(state["lrs"]) == 6
+        assert same(state["kept"]["model"], mlp().state_dict())
 
     def test_a_state_lacking_keys_is_refused(self):
         """The missing keys are named."""

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BatchLosses, SelfLossMLP, as_mappings, batches_dls, digits_dls, mlp
+from helpers import (
+    BatchLosses,
+    SelfLossMLP,
+    as_mappings,
+    batches_dls,
+    callback_of,
+    checkpointed_fixture,
+    digits_dls,
+    mlp,
+    resumed_fit,
+    saved_state,
+)
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from torchmetrics.regression import MeanSquaredError
@@ -353,99 +365,57 @@ class TestRunningMean:
             RunningMean().add(torch.ones(4), 4)
 
 
-class ResumeAt(Callback):
-    """Rebuilds ``cb`` as a resume from a checkpoint does, at the end of one batch or pass.
-
-    ``at`` is ``(epoch, training, iter)`` for a checkpoint after that batch, or
-    ``(epoch, training, None)`` after that pass. There, ``cb.state_dict()`` goes through
-    ``torch.save`` and ``torch.load(weights_only=True)``; a fresh ``make()`` runs
-    ``before_fit`` (and ``before_epoch`` mid-pass), as the resumed fit fires them, then
-    loads it; ``cb`` takes the fresh one's attributes, so the fit's dispatch goes on with
-    the rebuilt state. The gradients are put back as the learner does.
-    """
-
-    order = 1000  # after every callback's cleanup hooks: where a checkpoint is taken
-
-    def __init__(self, cb, make, path, at):
-        self.cb, self.make, self.path, self.at = cb, make, path, at
-        self.state: dict | None = None
-
-    def cleanup_batch(self, learn):
-        if (learn.epoch, learn.training, learn.iter) == self.at:
-            self._resume(learn, mid_pass=True)
-
-    def cleanup_epoch(self, learn):
-        if (learn.epoch, learn.training, None) == self.at:
-            self._resume(learn, mid_pass=False)
-
-    def _resume(self, learn, *, mid_pass):
-        torch.save(self.cb.state_dict(), self.path)
-        self.state = torch.load(self.path, weights_only=True)
-        grads = [None if p.grad is None else p.grad.clone() for p in learn.model.parameters()]
-        fresh = self.make()
-        fresh.before_fit(learn)
-        if mid_pass:
-            fresh.before_epoch(learn)
-        for param, grad in zip(learn.model.parameters(), grads, strict=True):
-            param.grad = grad
-        fresh.load_state_dict(self.state)
-        vars(self.cb).clear()
-        vars(self.cb).update(vars(fresh))
-
-
-def round_trip(state: dict, path) -> dict:
-    """``state`` through torch.save and torch.load(weights_only=True)."""
-    torch.save(state, path)
-    return torch.load(path, weights_only=True)
-
-
 def two_metrics() -> MetricsCB:
     return MetricsCB(MulticlassAccuracy(num_classes=10), f1=MulticlassF1Score(num_classes=10))
 
 
-def metrics_fit(cb, extra=()):
-    learn = Learner(mlp(), batches_dls(4, 3), F.cross_entropy, 0.1, [cb, *extra], audit_log=None)
-    learn.fit(2)
-    return learn
+def metrics_learner(cb_factory=two_metrics) -> Learner:
+    return Learner(mlp(), batches_dls(4, 3), F.cross_entropy, 0.1, [cb_factory()], audit_log=None)
+
+
+RESUMES = {
+    "mid-training": (0, True, 2),
+    "second-epoch": (1, True, 1),
+    "end-of-training": (0, True, 4),
+    "mid-validation": (0, False, 1),
+    "between-passes": (0, False, 0),
+    "between-epochs": (1, True, 0),
+}
+
+
+measured = checkpointed_fixture(metrics_learner, 2, RESUMES.values())
 
 
 class TestResume:
-    @pytest.mark.parametrize("at", [(1, True, 1), (0, False, 0), (0, True, None)])
-    def test_a_resumed_fit_ends_with_the_same_values_and_history(self, tmp_path, at):
+    @pytest.mark.parametrize("at", RESUMES.values(), ids=list(RESUMES))
+    def test_a_resumed_fit_ends_with_the_same_values_and_history(self, measured, at):
         """Mid training pass, mid validation pass or between passes: the same numbers."""
-        ref = two_metrics()
-        metrics_fit(ref)
-        cb = two_metrics()
-        resume = ResumeAt(cb, two_metrics, tmp_path / "m.pt", at)
-        metrics_fit(cb, [resume])
-        assert resume.state is not None
+        ref_learn, files = measured
+        ref = callback_of(ref_learn, MetricsCB)
+        cb = callback_of(resumed_fit(metrics_learner, 2, files[at]), MetricsCB)
         assert cb.history == ref.history
         assert cb.values == ref.values
         assert cb.last_pass() == ref.last_pass()
         assert len(cb.history) == 2
         assert all(0 < row["valid_accuracy"] <= 1 for row in cb.history)
 
-    def test_mid_pass_the_state_holds_the_running_sums(self, tmp_path):
-        """After batch 1 of a training pass: two batches of 8 samples, and metric states."""
-        cb = two_metrics()
-        resume = ResumeAt(cb, two_metrics, tmp_path / "m.pt", (0, True, 1))
-        metrics_fit(cb, [resume])
-        state = resume.state
+    def test_mid_pass_the_state_holds_the_running_sums(self, measured):
+        """After two batches of a training pass: 16 samples, and the metrics' states."""
+        state = saved_state(measured[1][0, True, 2], "MetricsCB")
         assert (state["pass_state"], state["training"], state["batches"]) == ("open", True, 2)
         assert state["loss"]["count"] == 16
         assert state["loss"]["sum"].ndim == 0
         assert set(state["metrics"]) == {"accuracy", "f1"}
         assert state["metrics"]["accuracy"]["updates"] == 2
 
-    def test_at_idle_the_values_and_history_load_into_a_fresh_callback(self, tmp_path):
-        """learn.load at idle: the history is there to read."""
-        ref = two_metrics()
-        metrics_fit(ref)
-        fresh = two_metrics()
-        fresh.load_state_dict(round_trip(ref.state_dict(), tmp_path / "m.pt"))
-        assert fresh.history == ref.history
-        assert fresh.values == ref.values
-        assert fresh.last_pass() == ref.last_pass()
+    def test_other_metrics_are_refused_mid_pass(self, measured):
+        """A checkpoint of accuracy and f1 cannot resume a callback with accuracy alone."""
+        accuracy = lambda: MetricsCB(MulticlassAccuracy(num_classes=10))
+        with pytest.raises(
+            CheckpointError,
+            match=r"the checkpoint has metrics \['accuracy', 'f1'\], this callback \['accuracy'\]",
+        ):
+            resumed_fit(partial(metrics_learner, accuracy), 2, measured[1][0, True, 2])
 
     def test_a_state_lacking_keys_is_refused(self):
         """A CheckpointError names the callback and what is missing."""
@@ -479,13 +449,3 @@ class TestResume:
             ),
         ):
             two_metrics().load_state_dict(state)
-
-    def test_other_metrics_are_refused_mid_pass(self, tmp_path):
-        """A checkpoint of accuracy and f1 cannot resume a callback with accuracy alone."""
-        cb = two_metrics()
-        other = lambda: MetricsCB(MulticlassAccuracy(num_classes=10))
-        with pytest.raises(
-            CheckpointError,
-            match=r"the checkpoint has metrics \['accuracy', 'f1'\], this callback \['accuracy'\]",
-        ):
-            metrics_fit(cb, [ResumeAt(cb, other, tmp_path / "m.pt", (0, True, 1))])

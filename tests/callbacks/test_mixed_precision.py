@@ -6,7 +6,16 @@ import orjson
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Boom, batches_dls, mlp
+from helpers import (
+    Boom,
+    batches_dls,
+    callback_of,
+    checkpointed_fixture,
+    mlp,
+    resumed_fit,
+    same_weights,
+    saved_state,
+)
 from torch import nn
 
 from callbacks.grad_accum import GradientAccumulationCB
@@ -259,113 +268,72 @@ def test_cuda_float16_with_scaler():
     assert mp.skipped == 0
 
 
-class ResumeAt(Callback):
-    """Rebuilds ``cb`` as a resume from a checkpoint does, at the end of one batch or pass.
-
-    ``at`` is ``(epoch, training, iter)`` for a checkpoint after that batch, or
-    ``(epoch, training, None)`` after that pass. There, ``cb.state_dict()`` goes through
-    ``torch.save`` and ``torch.load(weights_only=True)``; a fresh ``make()`` runs
-    ``before_fit`` (and ``before_epoch`` mid-pass), as the resumed fit fires them, then
-    loads it; ``cb`` takes the fresh one's attributes, so the fit's dispatch goes on with
-    the rebuilt state. The gradients are put back as the learner does.
-    """
-
-    order = 1000  # after every callback's cleanup hooks: where a checkpoint is taken
-
-    def __init__(self, cb, make, path, at):
-        self.cb, self.make, self.path, self.at = cb, make, path, at
-        self.state: dict | None = None
-
-    def cleanup_batch(self, learn):
-        if (learn.epoch, learn.training, learn.iter) == self.at:
-            self._resume(learn, mid_pass=True)
-
-    def cleanup_epoch(self, learn):
-        if (learn.epoch, learn.training, None) == self.at:
-            self._resume(learn, mid_pass=False)
-
-    def _resume(self, learn, *, mid_pass):
-        torch.save(self.cb.state_dict(), self.path)
-        self.state = torch.load(self.path, weights_only=True)
-        grads = [None if p.grad is None else p.grad.clone() for p in learn.model.parameters()]
-        fresh = self.make()
-        fresh.before_fit(learn)
-        if mid_pass:
-            fresh.before_epoch(learn)
-        for param, grad in zip(learn.model.parameters(), grads, strict=True):
-            param.grad = grad
-        fresh.load_state_dict(self.state)
-        vars(self.cb).clear()
-        vars(self.cb).update(vars(fresh))
-
-
-def round_trip(state: dict, path) -> dict:
-    """``state`` through torch.save and torch.load(weights_only=True)."""
-    torch.save(state, path)
-    return torch.load(path, weights_only=True)
-
-
 class Rescale(Callback):
-    """Sets the scaler's scale once, after the first training batch (as a skip would halve it)."""
+    """Sets the scaler's scale to 1024 after the fit's first batch (as a skip would halve it)."""
 
     order = 20
 
-    def __init__(self, mp: MixedPrecisionCB) -> None:
-        self.mp, self.done = mp, False
-
     def after_batch(self, learn):
-        if learn.training and not self.done:
-            self.mp.scaler.update(new_scale=1024.0)
-            self.done = True
+        if (learn.epoch, learn.training, learn.iter) == (0, True, 0):
+            callback_of(learn, MixedPrecisionCB).scaler.update(new_scale=1024.0)
 
 
 def fp16() -> MixedPrecisionCB:
     return MixedPrecisionCB(dtype=torch.float16, scaler=True)
 
 
-def fp16_fit(mp, extra=(), epochs=2):
-    cbs = [mp, Rescale(mp), *extra]
-    learn = Learner(mlp(), batches_dls(4, 2), F.cross_entropy, 0.1, cbs, audit_log=None)
-    learn.fit(epochs)
-    return learn
+def fp16_learner() -> Learner:
+    cbs = [fp16(), Rescale()]
+    return Learner(mlp(), batches_dls(4, 2), F.cross_entropy, 0.1, cbs, audit_log=None)
+
+
+RESUMES = {
+    "mid-training": (1, True, 3),
+    "mid-validation": (0, False, 1),
+    "between-epochs": (1, True, 0),
+}
+
+
+scaled = checkpointed_fixture(fp16_learner, 2, RESUMES.values())
 
 
 class TestResume:
-    def test_a_fit_resumed_mid_pass_keeps_the_scaler_s_state(self, tmp_path):
-        """Rebuilt after batch 2 of epoch 1: the scale 1024 goes on, the weights end the same."""
-        ref_mp = fp16()
-        ref = fp16_fit(ref_mp)
-        mp = fp16()
-        resume = ResumeAt(mp, fp16, tmp_path / "m.pt", (1, True, 2))
-        learn = fp16_fit(mp, [resume])
-        assert resume.state["scaler"]["scale"] == 1024.0
-        assert mp.scaler.get_scale() == ref_mp.scaler.get_scale() == 1024.0
-        for a, b in zip(learn.model.parameters(), ref.model.parameters(), strict=True):
-            assert torch.equal(a, b)
+    @pytest.mark.parametrize("at", RESUMES.values(), ids=list(RESUMES))
+    def test_a_resumed_fit_keeps_the_scaler_s_state(self, scaled, at):
+        """The scale 1024 goes on, and the weights end as the uninterrupted fit's."""
+        ref, files = scaled
+        assert saved_state(files[at], "MixedPrecisionCB")["scaler"]["scale"] == 1024.0
+        learn = resumed_fit(fp16_learner, 2, files[at])
+        assert callback_of(learn, MixedPrecisionCB).scaler.get_scale() == 1024.0
+        assert callback_of(ref, MixedPrecisionCB).scaler.get_scale() == 1024.0
+        assert same_weights(learn, ref)
 
     def test_the_scaler_s_state_goes_on_into_the_next_fit(self):
         """fit then fit: the second fit's scaler starts at the first's scale."""
-        mp = fp16()
-        learn = fp16_fit(mp, epochs=1)
-        learn.cbs = [mp]
+        learn = fp16_learner()
         learn.fit(1)
-        assert mp.scaler.get_scale() == 1024.0
+        learn.cbs = [callback_of(learn, MixedPrecisionCB)]
+        learn.fit(1)
+        assert learn.cbs[0].scaler.get_scale() == 1024.0
 
     def test_loaded_at_idle_the_next_fit_s_scaler_starts_from_it(self, tmp_path):
-        """learn.load in a new process: no scaler yet, the state waits for before_fit."""
-        mp = fp16()
-        fp16_fit(mp, epochs=1)
+        """learn.save, then learn.load in a fresh learner: the state waits for before_fit."""
+        learn = fp16_learner()
+        learn.fit(1)
+        path = learn.save(tmp_path / "idle.pt")
         fresh = fp16()
-        fresh.load_state_dict(round_trip(mp.state_dict(), tmp_path / "m.pt"))
+        again = Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, [fresh], audit_log=None)
+        again.load(path)
         assert fresh.scaler is None
         assert fresh.state_dict()["scaler"]["scale"] == 1024.0
-        Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, [fresh], audit_log=None).fit(1)
+        again.fit(1)
         assert fresh.scaler.get_scale() == 1024.0
 
     def test_a_scaler_state_no_scaler_uses_warns(self, tmp_path):
         """bfloat16 without a scaler drops a saved scaler state, with a ResumeWarning."""
-        mp = fp16()
-        fp16_fit(mp, epochs=1)
+        learn = fp16_learner()
+        learn.fit(1)
+        mp = callback_of(learn, MixedPrecisionCB)
         bf16 = MixedPrecisionCB(dtype=torch.bfloat16)
         bf16.load_state_dict(mp.state_dict())
         learn = Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, [bf16], audit_log=None)

@@ -6,9 +6,18 @@ import io
 import re
 
 import pytest
-import torch
 import torch.nn.functional as F
-from helpers import BatchLosses, Boom, SelfLossMLP, as_mappings, batches_dls, mlp
+from helpers import (
+    BatchLosses,
+    Boom,
+    SelfLossMLP,
+    as_mappings,
+    batches_dls,
+    callback_of,
+    checkpointed_fixture,
+    mlp,
+    resumed_fit,
+)
 from rich.console import Console
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -265,69 +274,35 @@ class TestConfiguration:
             ProgressCB(refresh_s=refresh_s)
 
 
-class ResumeAt(Callback):
-    """Rebuilds ``cb`` as a resume from a checkpoint does, at the end of one batch or pass.
-
-    ``at`` is ``(epoch, training, iter)`` for a checkpoint after that batch, or
-    ``(epoch, training, None)`` after that pass. There, ``cb.state_dict()`` goes through
-    ``torch.save`` and ``torch.load(weights_only=True)``; a fresh ``make()`` runs
-    ``before_fit`` (and ``before_epoch`` mid-pass), as the resumed fit fires them, then
-    loads it; ``cb`` takes the fresh one's attributes, so the fit's dispatch goes on with
-    the rebuilt state. The gradients are put back as the learner does.
-    """
-
-    order = 1000  # after every callback's cleanup hooks: where a checkpoint is taken
-
-    def __init__(self, cb, make, path, at):
-        self.cb, self.make, self.path, self.at = cb, make, path, at
-        self.state: dict | None = None
-
-    def cleanup_batch(self, learn):
-        if (learn.epoch, learn.training, learn.iter) == self.at:
-            self._resume(learn, mid_pass=True)
-
-    def cleanup_epoch(self, learn):
-        if (learn.epoch, learn.training, None) == self.at:
-            self._resume(learn, mid_pass=False)
-
-    def _resume(self, learn, *, mid_pass):
-        torch.save(self.cb.state_dict(), self.path)
-        self.state = torch.load(self.path, weights_only=True)
-        grads = [None if p.grad is None else p.grad.clone() for p in learn.model.parameters()]
-        fresh = self.make()
-        fresh.before_fit(learn)
-        if mid_pass:
-            fresh.before_epoch(learn)
-        for param, grad in zip(learn.model.parameters(), grads, strict=True):
-            param.grad = grad
-        fresh.load_state_dict(self.state)
-        vars(self.cb).clear()
-        vars(self.cb).update(vars(fresh))
+def printing_learner() -> Learner:
+    cbs = [ProgressCB(file=io.StringIO())]
+    return Learner(mlp(), batches_dls(4, 2), F.cross_entropy, 0.1, cbs, audit_log=None)
 
 
-def round_trip(state: dict, path) -> dict:
-    """``state`` through torch.save and torch.load(weights_only=True)."""
-    torch.save(state, path)
-    return torch.load(path, weights_only=True)
+def printed(learn: Learner) -> list[str]:
+    return plain_lines(callback_of(learn, ProgressCB).console.file.getvalue())
 
 
-def progress_fit(extra_for=None, at=None, path=None):
-    out = io.StringIO()
-    cb = ProgressCB(file=out)
-    extra = [] if at is None else [ResumeAt(cb, lambda: ProgressCB(file=out), path, at)]
-    Learner(mlp(), batches_dls(4, 2), F.cross_entropy, 0.1, [cb, *extra], audit_log=None).fit(2)
-    return re.sub(r"\d+\.\d+s", "<t>", out.getvalue()), extra
+RESUMES = {
+    "mid-training": (1, True, 2),
+    "mid-validation": (0, False, 1),
+    "between-epochs": (1, True, 0),
+}
+
+
+progressed = checkpointed_fixture(printing_learner, 2, RESUMES.values())
 
 
 class TestResume:
-    def test_a_fit_resumed_mid_pass_prints_the_same_lines_and_table(self, tmp_path):
-        """Without MetricsCB, the running loss and the table's rows come back (times aside)."""
-        ref, _ = progress_fit()
-        text, (resume,) = progress_fit(at=(1, True, 1), path=tmp_path / "p.pt")
-        assert resume.state["loss"]["count"] == 16
-        assert [row["epoch"] for row in resume.state["rows"]] == [1]
-        assert text == ref
-        assert text.count("epoch 2/2 train loss") == 1
+    @pytest.mark.parametrize("at", RESUMES.values(), ids=list(RESUMES))
+    def test_a_resumed_fit_prints_the_same_lines_and_table(self, progressed, at):
+        """Without MetricsCB: the line of each pass from the resumed one on, the whole table."""
+        ref, files = progressed
+        text = printed(resumed_fit(printing_learner, 2, files[at]))
+        assert text == printed(ref)[-len(text) :]
+        epoch, training, _ = at
+        assert len([line for line in text if "/2 " in line]) == 4 - 2 * epoch - (not training)
+        assert text[-3:-2] == ["epoch  train_loss  valid_loss  time"]
 
     def test_a_wrong_type_is_refused(self):
         """Rows need their epoch."""

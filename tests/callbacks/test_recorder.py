@@ -7,7 +7,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import SelfLossMLP, as_mappings, batches_dls, mlp
+from helpers import (
+    SelfLossMLP,
+    as_mappings,
+    batches_dls,
+    callback_of,
+    checkpointed_fixture,
+    mlp,
+    resumed_fit,
+)
 from torchmetrics.classification import MulticlassAccuracy
 
 from callbacks.metrics import MetricsCB
@@ -157,81 +165,33 @@ class TestPlot:
             Recorder().plot("never.png")
 
 
-class ResumeAt(Callback):
-    """Rebuilds ``cb`` as a resume from a checkpoint does, at the end of one batch or pass.
-
-    ``at`` is ``(epoch, training, iter)`` for a checkpoint after that batch, or
-    ``(epoch, training, None)`` after that pass. There, ``cb.state_dict()`` goes through
-    ``torch.save`` and ``torch.load(weights_only=True)``; a fresh ``make()`` runs
-    ``before_fit`` (and ``before_epoch`` mid-pass), as the resumed fit fires them, then
-    loads it; ``cb`` takes the fresh one's attributes, so the fit's dispatch goes on with
-    the rebuilt state. The gradients are put back as the learner does.
-    """
-
-    order = 1000  # after every callback's cleanup hooks: where a checkpoint is taken
-
-    def __init__(self, cb, make, path, at):
-        self.cb, self.make, self.path, self.at = cb, make, path, at
-        self.state: dict | None = None
-
-    def cleanup_batch(self, learn):
-        if (learn.epoch, learn.training, learn.iter) == self.at:
-            self._resume(learn, mid_pass=True)
-
-    def cleanup_epoch(self, learn):
-        if (learn.epoch, learn.training, None) == self.at:
-            self._resume(learn, mid_pass=False)
-
-    def _resume(self, learn, *, mid_pass):
-        torch.save(self.cb.state_dict(), self.path)
-        self.state = torch.load(self.path, weights_only=True)
-        grads = [None if p.grad is None else p.grad.clone() for p in learn.model.parameters()]
-        fresh = self.make()
-        fresh.before_fit(learn)
-        if mid_pass:
-            fresh.before_epoch(learn)
-        for param, grad in zip(learn.model.parameters(), grads, strict=True):
-            param.grad = grad
-        fresh.load_state_dict(self.state)
-        vars(self.cb).clear()
-        vars(self.cb).update(vars(fresh))
-
-
-def round_trip(state: dict, path) -> dict:
-    """``state`` through torch.save and torch.load(weights_only=True)."""
-    torch.save(state, path)
-    return torch.load(path, weights_only=True)
-
-
-def recorded_fit(cb, extra=()):
+def recorded_learner() -> Learner:
     metrics = MetricsCB(MulticlassAccuracy(num_classes=10))
-    learn = Learner(
-        mlp(), batches_dls(4, 2), F.cross_entropy, 0.1, [metrics, cb, *extra], audit_log=None
+    return Learner(
+        mlp(), batches_dls(4, 2), F.cross_entropy, 0.1, [metrics, Recorder()], audit_log=None
     )
-    learn.fit(2)
+
+
+RESUMES = {
+    "mid-training": (1, True, 3),
+    "mid-validation": (0, False, 1),
+    "between-epochs": (1, True, 0),
+}
+
+
+recorded = checkpointed_fixture(recorded_learner, 2, RESUMES.values())
 
 
 class TestResume:
-    @pytest.mark.parametrize("at", [(1, True, 2), (0, False, None)])
-    def test_a_resumed_record_ends_as_the_uninterrupted_one(self, tmp_path, at):
-        """The learning rates, losses and epoch rows, mid-pass or between passes."""
-        ref = Recorder()
-        recorded_fit(ref)
-        cb = Recorder()
-        resume = ResumeAt(cb, Recorder, tmp_path / "r.pt", at)
-        recorded_fit(cb, [resume])
-        assert resume.state is not None
+    @pytest.mark.parametrize("at", RESUMES.values(), ids=list(RESUMES))
+    def test_a_resumed_record_ends_as_the_uninterrupted_one(self, recorded, at):
+        """The learning rates, losses and epoch rows of learn.fit(2, resume_from=...)."""
+        ref_learn, files = recorded
+        ref = callback_of(ref_learn, Recorder)
+        cb = callback_of(resumed_fit(recorded_learner, 2, files[at]), Recorder)
         assert (cb.lrs, cb.losses, cb.epochs) == (ref.lrs, ref.losses, ref.epochs)
         assert len(cb.losses) == 8
         assert [row["epoch"] for row in cb.epochs] == [0, 1]
-
-    def test_at_idle_the_record_loads_into_a_fresh_recorder(self, tmp_path):
-        """learn.load at idle: the record is there to read and plot."""
-        ref = Recorder()
-        recorded_fit(ref)
-        fresh = Recorder()
-        fresh.load_state_dict(round_trip(ref.state_dict(), tmp_path / "r.pt"))
-        assert (fresh.lrs, fresh.losses, fresh.epochs) == (ref.lrs, ref.losses, ref.epochs)
 
     def test_losses_and_rates_of_different_lengths_are_refused(self):
         """One loss per learning rate, or a CheckpointError saying so."""

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import pickle
+from functools import partial
 from pathlib import Path
 
 import orjson
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batches_dls, mlp
+from helpers import (
+    batches_dls,
+    callback_of,
+    checkpointed_fit,
+    mlp,
+    resumed_fit,
+)
 
 from callbacks.early_stopping import EarlyStoppingCB
+from callbacks.metrics import MetricsCB
 from callbacks.save_model import SaveModelCB, load_checkpoint
 from fsm_learner import Callback, CancelFitException, ConfigurationError, Learner
 from fsm_learner.exceptions import CheckpointError
@@ -339,52 +347,6 @@ def test_best_checkpoint_with_the_stock_metrics_callback():
     assert load_checkpoint("best.pt", mlp(seed=1)) == losses.index(min(losses))
 
 
-class ResumeAt(Callback):
-    """Rebuilds ``cb`` as a resume from a checkpoint does, at the end of one batch or pass.
-
-    ``at`` is ``(epoch, training, iter)`` for a checkpoint after that batch, or
-    ``(epoch, training, None)`` after that pass. There, ``cb.state_dict()`` goes through
-    ``torch.save`` and ``torch.load(weights_only=True)``; a fresh ``make()`` runs
-    ``before_fit`` (and ``before_epoch`` mid-pass), as the resumed fit fires them, then
-    loads it; ``cb`` takes the fresh one's attributes, so the fit's dispatch goes on with
-    the rebuilt state. The gradients are put back as the learner does.
-    """
-
-    order = 1000  # after every callback's cleanup hooks: where a checkpoint is taken
-
-    def __init__(self, cb, make, path, at):
-        self.cb, self.make, self.path, self.at = cb, make, path, at
-        self.state: dict | None = None
-
-    def cleanup_batch(self, learn):
-        if (learn.epoch, learn.training, learn.iter) == self.at:
-            self._resume(learn, mid_pass=True)
-
-    def cleanup_epoch(self, learn):
-        if (learn.epoch, learn.training, None) == self.at:
-            self._resume(learn, mid_pass=False)
-
-    def _resume(self, learn, *, mid_pass):
-        torch.save(self.cb.state_dict(), self.path)
-        self.state = torch.load(self.path, weights_only=True)
-        grads = [None if p.grad is None else p.grad.clone() for p in learn.model.parameters()]
-        fresh = self.make()
-        fresh.before_fit(learn)
-        if mid_pass:
-            fresh.before_epoch(learn)
-        for param, grad in zip(learn.model.parameters(), grads, strict=True):
-            param.grad = grad
-        fresh.load_state_dict(self.state)
-        vars(self.cb).clear()
-        vars(self.cb).update(vars(fresh))
-
-
-def round_trip(state: dict, path) -> dict:
-    """``state`` through torch.save and torch.load(weights_only=True)."""
-    torch.save(state, path)
-    return torch.load(path, weights_only=True)
-
-
 class Snapshots(Callback):
     """The weights at the end of each epoch's validation pass, by epoch."""
 
@@ -398,37 +360,55 @@ class Snapshots(Callback):
             self.weights.append({k: v.clone() for k, v in learn.model.state_dict().items()})
 
 
+def saving_learner(directory: Path, *, fitted: int = 0) -> Learner:
+    """An Adam learner with MetricsCB and a SaveModelCB of the best valid loss, fitted first."""
+    cbs = [MetricsCB(), SaveModelCB(directory / "best.pt", monitor="valid_loss")]
+    learn = Learner(
+        mlp(), batches_dls(4, 4), F.cross_entropy, 0.05, cbs, torch.optim.Adam, audit_log=None
+    )
+    if fitted:
+        learn.fit(fitted)
+    return learn
+
+
+RESUMES = {
+    "mid-training": (1, True, 2),
+    "mid-validation": (0, False, 3),
+    "between-epochs": (2, True, 0),
+}
+
+
+@pytest.fixture(scope="module")
+def second_fit(tmp_path_factory):
+    """fit(2) then fit(3), the second checkpointed; the best checkpoint it ends with."""
+    directory = tmp_path_factory.mktemp("save_model")
+    make = partial(saving_learner, directory, fitted=2)
+    learn, files = checkpointed_fit(make, 3, directory / "checkpoints", RESUMES.values())
+    return learn, files, directory, torch.load(directory / "best.pt", weights_only=True)
+
+
 class TestResume:
-    def test_a_resumed_fit_saves_and_numbers_as_the_uninterrupted_one(self, tmp_path):
-        """Rebuilt mid-epoch 2 of the second fit: the same best, epochs and files."""
-
-        def make():
-            return SaveModelCB(tmp_path / "b" / "best.pt", monitor="valid_loss")
-
-        ref = SaveModelCB(tmp_path / "a" / "best.pt", monitor="valid_loss")
-        learn, _ = monitored(ref, lr=0.05)
-        learn.fit(2)
-        learn.fit(3)
-        cb = make()
-        learn, _ = monitored(cb, lr=0.05)
-        learn.fit(2)
-        learn.cbs = [*learn.cbs, ResumeAt(cb, make, tmp_path / "s.pt", (2, True, 1))]
-        learn.fit(3)
+    @pytest.mark.parametrize("at", RESUMES.values(), ids=list(RESUMES))
+    def test_a_resumed_fit_saves_and_numbers_as_the_uninterrupted_one(self, second_fit, at):
+        """Resumed in the second fit: the same best, epoch numbers and best checkpoint."""
+        ref_learn, files, directory, best = second_fit
+        (directory / "best.pt").unlink(missing_ok=True)
+        learn = resumed_fit(partial(saving_learner, directory), 3, files[at])
+        cb, ref = callback_of(learn, SaveModelCB), callback_of(ref_learn, SaveModelCB)
         assert (cb.best, cb.best_epoch, cb.epochs) == (ref.best, ref.best_epoch, 5)
-        assert cb.saved == [tmp_path / "b" / "best.pt"]
-        assert_same(
-            torch.load(cb.saved[0], weights_only=True), torch.load(ref.saved[0], weights_only=True)
-        )
+        assert cb.saved == ref.saved == [directory / "best.pt"]
+        assert_same(torch.load(cb.saved[0], weights_only=True), best)
 
     def test_loaded_at_idle_the_next_fit_goes_on_from_it(self, tmp_path):
-        """Epoch numbers and files continue after the loaded count, as in one process."""
+        """learn.save, then learn.load in a fresh learner: epochs and files continue."""
         first = SaveModelCB(tmp_path, every_epoch=True)
         learn, _ = monitored(first)
         learn.fit(2)
+        path = learn.save(tmp_path / "idle.pt")
         fresh = SaveModelCB(tmp_path, every_epoch=True)
-        fresh.load_state_dict(round_trip(first.state_dict(), tmp_path / "s.pt"))
-        learn.cbs = [cb for cb in learn.cbs if cb is not first] + [fresh]
-        learn.fit(1)
+        again, _ = monitored(fresh)
+        again.load(path)
+        again.fit(1)
         assert fresh.epochs == 3
         assert fresh.saved == [tmp_path / f"epoch_{n}.pt" for n in range(3)]
 

@@ -7,7 +7,17 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batches_dls, digits_dls, mlp
+from helpers import (
+    Where,
+    batches_dls,
+    callback_of,
+    checkpointed_fixture,
+    digits_dls,
+    mlp,
+    resumed_fit,
+    same_weights,
+    saved_state,
+)
 from torch.optim.lr_scheduler import (
     CosineAnnealingLR,
     OneCycleLR,
@@ -300,109 +310,91 @@ class TestConfiguration:
             BatchSchedCB.one_cycle(max_lr)
 
 
-class ResumeAt(Callback):
-    """Rebuilds ``cb`` as a resume from a checkpoint does, at the end of one batch or pass.
-
-    ``at`` is ``(epoch, training, iter)`` for a checkpoint after that batch, or
-    ``(epoch, training, None)`` after that pass. There, ``cb.state_dict()`` goes through
-    ``torch.save`` and ``torch.load(weights_only=True)``; a fresh ``make()`` runs
-    ``before_fit`` (and ``before_epoch`` mid-pass), as the resumed fit fires them, then
-    loads it; ``cb`` takes the fresh one's attributes, so the fit's dispatch goes on with
-    the rebuilt state. The gradients are put back as the learner does.
-    """
-
-    order = 1000  # after every callback's cleanup hooks: where a checkpoint is taken
-
-    def __init__(self, cb, make, path, at):
-        self.cb, self.make, self.path, self.at = cb, make, path, at
-        self.state: dict | None = None
-
-    def cleanup_batch(self, learn):
-        if (learn.epoch, learn.training, learn.iter) == self.at:
-            self._resume(learn, mid_pass=True)
-
-    def cleanup_epoch(self, learn):
-        if (learn.epoch, learn.training, None) == self.at:
-            self._resume(learn, mid_pass=False)
-
-    def _resume(self, learn, *, mid_pass):
-        torch.save(self.cb.state_dict(), self.path)
-        self.state = torch.load(self.path, weights_only=True)
-        grads = [None if p.grad is None else p.grad.clone() for p in learn.model.parameters()]
-        fresh = self.make()
-        fresh.before_fit(learn)
-        if mid_pass:
-            fresh.before_epoch(learn)
-        for param, grad in zip(learn.model.parameters(), grads, strict=True):
-            param.grad = grad
-        fresh.load_state_dict(self.state)
-        vars(self.cb).clear()
-        vars(self.cb).update(vars(fresh))
+def one_cycle() -> BatchSchedCB:
+    return BatchSchedCB.one_cycle(0.5)
 
 
-def round_trip(state: dict, path) -> dict:
-    """``state`` through torch.save and torch.load(weights_only=True)."""
-    torch.save(state, path)
-    return torch.load(path, weights_only=True)
+def step_lr() -> EpochSchedCB:
+    return EpochSchedCB(lambda opt: StepLR(opt, step_size=1, gamma=0.5))
 
 
-def sched_fit(cb, extra=(), *, momentum: float = 0.9):
-    learn = Learner(
+def sched_learner(make_sched=one_cycle) -> Learner:
+    """SGD with momentum, 5 training batches a pass, the schedule and the rates it steps with."""
+    return Learner(
         mlp(),
         batches_dls(5, 2),
         F.cross_entropy,
         0.05,
-        [cb, *extra],
-        opt_func=partial(torch.optim.SGD, momentum=momentum),
+        [make_sched(), StepLrs()],
+        opt_func=partial(torch.optim.SGD, momentum=0.9),
         audit_log=None,
     )
-    steps = StepLrs()
-    learn.cbs = [*learn.cbs, steps]
-    learn.fit(3)
-    return learn, steps.lrs
+
+
+ONE_CYCLE_RESUMES = {
+    "mid-training": (1, True, 3),
+    "end-of-training": (0, True, 5),
+    "mid-validation": (0, False, 1),
+    "between-epochs": (1, True, 0),
+}
+STEP_LR_RESUMES = {
+    "end-of-training": (0, True, 5),
+    "between-passes": (0, False, 0),
+    "between-epochs": (1, True, 0),
+    "mid-training": (1, True, 2),
+}
+
+
+one_cycle_fit = checkpointed_fixture(sched_learner, 3, ONE_CYCLE_RESUMES.values())
+step_lr_fit = checkpointed_fixture(partial(sched_learner, step_lr), 3, STEP_LR_RESUMES.values())
 
 
 def group_settings(learn) -> list[dict]:
     return [{k: v for k, v in g.items() if k != "params"} for g in learn.opt.param_groups]
 
 
+def assert_resumed_as(learn: Learner, ref: Learner, at: Where) -> None:
+    """The steps after the checkpoint ran at the same rates; weights and settings end the same."""
+    epoch, training, batches = at
+    steps_left = 15 - 5 * epoch - (batches if training else 5)
+    lrs, ref_lrs = callback_of(learn, StepLrs).lrs, callback_of(ref, StepLrs).lrs
+    assert len(lrs) == steps_left
+    assert lrs == ref_lrs[len(ref_lrs) - steps_left :]
+    assert group_settings(learn) == group_settings(ref)
+    assert same_weights(learn, ref)
+
+
 class TestResume:
-    def test_a_one_cycle_resumed_mid_pass_continues_at_the_same_rates(self, tmp_path):
-        """Rebuilt after batch 2 of epoch 1, the schedule, weights and settings end as one fit."""
-        ref, ref_lrs = sched_fit(BatchSchedCB.one_cycle(0.5))
-        cb = BatchSchedCB.one_cycle(0.5)
-        resume = ResumeAt(cb, lambda: BatchSchedCB.one_cycle(0.5), tmp_path / "s.pt", (1, True, 2))
-        learn, lrs = sched_fit(cb, [resume])
-        assert resume.state is not None
-        assert resume.state["scheduler"]["last_epoch"] == 8  # 5 + 3 steps taken
-        assert lrs == ref_lrs
-        assert len(set(lrs)) == 15
-        assert group_settings(learn) == group_settings(ref)
-        for a, b in zip(learn.model.parameters(), ref.model.parameters(), strict=True):
-            assert torch.equal(a, b)
+    @pytest.mark.parametrize("at", ONE_CYCLE_RESUMES.values(), ids=list(ONE_CYCLE_RESUMES))
+    def test_a_resumed_one_cycle_continues_at_the_same_rates(self, one_cycle_fit, at):
+        """The schedule, weights and settings end as the uninterrupted fit's."""
+        ref, files = one_cycle_fit
+        assert_resumed_as(resumed_fit(sched_learner, 3, files[at]), ref, at)
+        assert len(set(callback_of(ref, StepLrs).lrs)) == 15
 
-    def test_an_epoch_schedule_resumed_between_passes_continues(self, tmp_path):
-        """StepLR rebuilt after epoch 0's validation pass halves the rate as the reference does."""
+    def test_the_checkpoint_holds_the_steps_taken(self, one_cycle_fit):
+        """After 3 batches of epoch 1: 5 + 3 steps."""
+        state = saved_state(one_cycle_fit[1][1, True, 3], "BatchSchedCB")
+        assert state["scheduler"]["last_epoch"] == 8
 
-        def make():
-            return EpochSchedCB(lambda opt: StepLR(opt, step_size=1, gamma=0.5))
+    @pytest.mark.parametrize("at", STEP_LR_RESUMES.values(), ids=list(STEP_LR_RESUMES))
+    def test_an_epoch_schedule_resumed_continues_at_the_same_rates(self, step_lr_fit, at):
+        """StepLR halves the rate after each training pass, as in the uninterrupted fit.
 
-        ref, ref_lrs = sched_fit(make())
-        cb = make()
-        learn, lrs = sched_fit(cb, [ResumeAt(cb, make, tmp_path / "s.pt", (0, False, None))])
-        assert lrs == ref_lrs
-        assert sorted(set(lrs), reverse=True) == [0.05, 0.025, 0.0125]
-        assert group_settings(learn) == group_settings(ref)
+        Resumed at the end of a training pass, it steps before any optimizer step of this
+        process, without torch's step-order warning (an error here).
+        """
+        ref, files = step_lr_fit
+        assert_resumed_as(resumed_fit(partial(sched_learner, step_lr), 3, files[at]), ref, at)
+        assert sorted(set(callback_of(ref, StepLrs).lrs), reverse=True) == [0.05, 0.025, 0.0125]
 
-    def test_at_idle_the_state_is_empty_and_loading_it_does_nothing(self, tmp_path):
+    def test_at_idle_the_state_is_empty_and_loading_it_does_nothing(self, one_cycle_fit):
         """After the fit no schedule runs: every value is None, and a fresh callback takes it."""
-        cb = BatchSchedCB.one_cycle(0.5)
-        sched_fit(cb)
-        state = round_trip(cb.state_dict(), tmp_path / "s.pt")
+        state = callback_of(one_cycle_fit[0], BatchSchedCB).state_dict()
         assert state == dict.fromkeys(
             ("scheduler", "scheduler_type", "total_steps", "param_groups", "fit_settings")
         )
-        fresh = BatchSchedCB.one_cycle(0.5)
+        fresh = one_cycle()
         fresh.load_state_dict(state)
         assert fresh.scheduler is None
 
@@ -420,16 +412,11 @@ class TestResume:
                 }
             )
 
-    def test_another_scheduler_s_state_is_refused(self, tmp_path):
-        """A StepLR schedule cannot continue as a OneCycleLR one."""
-
-        def make():
-            return EpochSchedCB(lambda opt: StepLR(opt, step_size=1))
-
-        cb = make()
-        wrong = EpochSchedCB(lambda opt: CosineAnnealingLR(opt, T_max=3))
+    def test_another_scheduler_s_state_is_refused(self, step_lr_fit):
+        """A StepLR schedule cannot continue as a CosineAnnealingLR one."""
+        cosine = lambda: EpochSchedCB(lambda opt: CosineAnnealingLR(opt, T_max=3))
         with pytest.raises(
             CheckpointError,
             match=r"holds a 'StepLR' schedule, this fit built a 'CosineAnnealingLR'",
         ):
-            sched_fit(cb, [ResumeAt(cb, lambda: wrong, tmp_path / "s.pt", (0, True, 1))])
+            resumed_fit(partial(sched_learner, cosine), 3, step_lr_fit[1][1, True, 2])

@@ -8,7 +8,7 @@ import orjson
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import batches_dls, mlp
+from helpers import batches_dls, checkpointed_fixture, mlp, resumed_fit, saved_state
 
 from callbacks.terminate_on_nan import TerminateOnNaNCB
 from fsm_learner import (
@@ -155,83 +155,30 @@ class TestConfiguration:
             TerminateOnNaNCB(check_every=n)
 
 
-class ResumeAt(Callback):
-    """Rebuilds ``cb`` as a resume from a checkpoint does, at the end of one batch or pass.
-
-    ``at`` is ``(epoch, training, iter)`` for a checkpoint after that batch, or
-    ``(epoch, training, None)`` after that pass. There, ``cb.state_dict()`` goes through
-    ``torch.save`` and ``torch.load(weights_only=True)``; a fresh ``make()`` runs
-    ``before_fit`` (and ``before_epoch`` mid-pass), as the resumed fit fires them, then
-    loads it; ``cb`` takes the fresh one's attributes, so the fit's dispatch goes on with
-    the rebuilt state. The gradients are put back as the learner does.
-    """
-
-    order = 1000  # after every callback's cleanup hooks: where a checkpoint is taken
-
-    def __init__(self, cb, make, path, at):
-        self.cb, self.make, self.path, self.at = cb, make, path, at
-        self.state: dict | None = None
-
-    def cleanup_batch(self, learn):
-        if (learn.epoch, learn.training, learn.iter) == self.at:
-            self._resume(learn, mid_pass=True)
-
-    def cleanup_epoch(self, learn):
-        if (learn.epoch, learn.training, None) == self.at:
-            self._resume(learn, mid_pass=False)
-
-    def _resume(self, learn, *, mid_pass):
-        torch.save(self.cb.state_dict(), self.path)
-        self.state = torch.load(self.path, weights_only=True)
-        grads = [None if p.grad is None else p.grad.clone() for p in learn.model.parameters()]
-        fresh = self.make()
-        fresh.before_fit(learn)
-        if mid_pass:
-            fresh.before_epoch(learn)
-        for param, grad in zip(learn.model.parameters(), grads, strict=True):
-            param.grad = grad
-        fresh.load_state_dict(self.state)
-        vars(self.cb).clear()
-        vars(self.cb).update(vars(fresh))
+def nan_learner() -> Learner:
+    """An infinite loss at training batch 1 of 6, read only every 4 batches."""
+    dls = DataLoaders(poisoned(batches_dls(6, 2).train, 1, math.inf), batches_dls(6, 2).valid)
+    cbs = [TerminateOnNaNCB(check_every=4)]
+    return Learner(mlp(), dls, F.cross_entropy, 0.1, cbs, audit_log=None)
 
 
-def round_trip(state: dict, path) -> dict:
-    """``state`` through torch.save and torch.load(weights_only=True)."""
-    torch.save(state, path)
-    return torch.load(path, weights_only=True)
-
-
-class InfAt:
-    """Cross-entropy, infinite at the n-th call."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.calls = n, 0
-
-    def __call__(self, preds, target):
-        self.calls += 1
-        loss = F.cross_entropy(preds, target)
-        return loss * math.inf if self.calls == self.n else loss
-
-
-def nan_fit(cb, extra=()):
-    loss = InfAt(2)
-    learn = Learner(mlp(), batches_dls(6, 2), loss, 0.1, [cb, *extra], audit_log=None)
-    learn.fit(1)
-    return loss.calls
+terminated = checkpointed_fixture(nan_learner, 1, [(0, True, 3)])
 
 
 class TestResume:
     def test_an_unread_non_finite_loss_still_stops_the_resumed_fit_at_the_same_batch(
-        self, tmp_path
+        self, terminated
     ):
-        """Rebuilt after batch 2 with check_every=4: the flag read at batch 3 stops it."""
-        ref_calls = nan_fit(TerminateOnNaNCB(check_every=4))
-        cb = TerminateOnNaNCB(check_every=4)
-        make = lambda: TerminateOnNaNCB(check_every=4)
-        resume = ResumeAt(cb, make, tmp_path / "t.pt", (0, True, 2))
-        calls = nan_fit(cb, [resume])
-        assert resume.state == {"unchecked": 3, "nonfinite": True}
-        assert calls == ref_calls == 4
+        """Resumed after batch 2, before the flag was read: batch 3 reads it and stops."""
+        ref, files = terminated
+        assert saved_state(files[0, True, 3], "TerminateOnNaNCB") == {
+            "unchecked": 3,
+            "nonfinite": True,
+        }
+        learn = resumed_fit(nan_learner, 1, files[0, True, 3])
+        assert learn.last_result.status is ref.last_result.status is RunStatus.CANCELLED
+        stopped_at = (learn.epoch, learn.training, learn.iter)
+        assert stopped_at == (ref.epoch, ref.training, ref.iter) == (0, True, 3)
 
     def test_a_wrong_type_is_refused(self):
         """nonfinite must be a bool."""
