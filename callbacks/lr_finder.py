@@ -31,8 +31,10 @@ sweep's passes are not epochs of training, so ``lr_find`` takes out of ``learn.c
 the sweep, and puts back after, the callbacks that treat them as such: ProgressCB (it
 would print a line per cancelled pass and a table), BatchSchedCB and EpochSchedCB
 (their schedules would fight the sweep for the rate), SaveModelCB (it would count the
-sweep's passes as epochs) and any other LRFinderCB. ``suggestion()`` proposes a rate,
-``plot(path)`` draws the curve (matplotlib, the ``callbacks`` extra).
+sweep's passes as epochs), CheckpointCB (a sweep is no fit to resume: it would leave
+checkpoints a restart would take for the fit's) and any other LRFinderCB.
+``suggestion()`` proposes a rate, ``plot(path)`` draws the curve (matplotlib, the
+``callbacks`` extra).
 
 Checkpoints: ``state_dict()`` holds the sweep so far (``lrs``, ``losses``, ``diverged``,
 the smoothing average and the best smoothed loss) and ``kept``, the model's and
@@ -57,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from callbacks._checks import check_count, check_number
 from callbacks._state import state_keys, state_list, state_optional, state_value
+from callbacks.checkpoint import CheckpointCB
 from callbacks.progress import ProgressCB
 from callbacks.save_model import SaveModelCB
 from callbacks.schedulers import BatchSchedCB, EpochSchedCB
@@ -307,7 +310,14 @@ class LRFinderCB(Callback):
         return target
 
 
-_SET_ASIDE: Final = (ProgressCB, BatchSchedCB, EpochSchedCB, SaveModelCB, LRFinderCB)
+_SET_ASIDE: Final = (
+    ProgressCB,
+    BatchSchedCB,
+    EpochSchedCB,
+    SaveModelCB,
+    CheckpointCB,
+    LRFinderCB,
+)
 """The callbacks ``lr_find`` takes out for the sweep (see the module doc)."""
 
 

@@ -181,7 +181,7 @@ def loader_generators(data: object) -> list[torch.Generator]:
     found: list[torch.Generator] = []
     sampler = getattr(data, "sampler", None)
     batch_sampler = getattr(data, "batch_sampler", None)
-    for owner in (data, sampler, getattr(batch_sampler, "sampler", None)):
+    for owner in (data, sampler, batch_sampler, getattr(batch_sampler, "sampler", None)):
         generator = getattr(owner, "generator", None)
         if isinstance(generator, torch.Generator) and all(g is not generator for g in found):
             found.append(generator)
@@ -298,7 +298,9 @@ _REQUIRED: Final = {
     "position": dict,
 }
 _POSITION: Final = {"state": str, "epoch": int, "training": bool, "iter": int, "n_epochs": int}
-_UNSAFE: Final = re.compile(r"Unsupported global: GLOBAL [\w.]+")
+_UNSAFE: Final = re.compile(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)")
+"""torch's words for a global the weights-only reader refuses (two wordings: not allowed,
+or in a module it blocks, such as os)."""
 _WHY_REFUSED: Final = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
 """The reason in torch's message for a weights-only refusal (the rest is advice on torch.load)."""
 _COUNT_FIELDS: Final = 3
@@ -321,8 +323,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
             why = _WHY_REFUSED.search(str(exc))
             _unreadable(name, exc if why is None else why.group(1))
         msg = (
-            f"checkpoint {name} holds {found.group(0)}: refused, since loading it could run "
-            f"code (checkpoints are read with torch.load(weights_only=True))"
+            f"checkpoint {name} holds the global {found.group(1)}: refused, since loading it "
+            f"could run code (checkpoints are read with torch.load(weights_only=True))"
         )
         raise CheckpointError(msg) from None
     except Exception as exc:  # noqa: BLE001 (garbage makes the unpickler raise anything)
@@ -424,8 +426,33 @@ def _check_rng(state: object, name: str, where: str) -> None:
         and isinstance(state.get("random"), list | tuple)
         and len(state["random"]) == _RANDOM_FIELDS
     )
-    if not ok:
+    if not ok or not _settable(state):
         _refuse(name, where, "generator states (torch's, random's)", state)
+
+
+def _settable(state: Any) -> bool:
+    """Whether ``set_rng_state`` takes ``state``: tried on generators of its own."""
+    try:
+        torch.Generator().set_state(state["torch"])
+        version, internal, gauss = state["random"]
+        random.Random().setstate((version, tuple(internal), gauss))  # noqa: S311 (a check only)
+        numpy_state = state.get("numpy")
+        if numpy_state is not None:
+            import numpy as np  # noqa: PLC0415 (numpy is optional)
+
+            keys = numpy_state["keys"].numpy().astype(np.uint32)
+            np.random.RandomState().set_state(
+                (
+                    numpy_state["name"],
+                    keys,
+                    numpy_state["pos"],
+                    numpy_state["has_gauss"],
+                    numpy_state["cached"],
+                )
+            )
+    except (TypeError, ValueError, KeyError, RuntimeError, AttributeError, OverflowError):
+        return False
+    return True
 
 
 def _check_fields(
@@ -596,19 +623,38 @@ def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
 def set_gradients(model: nn.Module, grads: Mapping[str, torch.Tensor], name: str) -> None:
     """Give the model back its gradients; the others become None."""
     params = dict(unwrap_model(model).named_parameters())
-    unknown = sorted(set(grads) - set(params))
-    if unknown:
-        msg = f"checkpoint {name} holds gradients of parameters the model lacks: {unknown[:5]}"
-        raise CheckpointError(msg)
+    check_gradients(params, grads, name)
     for key, param in params.items():
         grad = grads.get(key)
         param.grad = None if grad is None else grad.to(param.device, param.dtype)
 
 
-def load_model(model: nn.Module, state: Mapping[str, Any], name: str) -> None:
-    """Load the weights into the unwrapped model; a mismatch is one CheckpointError."""
+def check_gradients(
+    params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], name: str
+) -> None:
+    """Refuse saved gradients of parameters the model lacks, or of other shapes."""
+    unknown = sorted(set(grads) - set(params))
+    if unknown:
+        msg = f"checkpoint {name} holds gradients of parameters the model lacks: {unknown[:5]}"
+        raise CheckpointError(msg)
+    shapes = [
+        f"{key} {tuple(grad.shape)} vs {tuple(params[key].shape)}"
+        for key, grad in grads.items()
+        if grad.shape != params[key].shape
+    ]
+    if shapes:
+        msg = f"checkpoint {name} holds gradients of other shapes than the model's: {shapes[:3]}"
+        raise CheckpointError(msg)
+
+
+def check_model(model: nn.Module, state: Mapping[str, Any], name: str) -> None:
+    """Refuse weights that do not fit the unwrapped model, naming what differs."""
     target = unwrap_model(model)
     own = target.state_dict()
+    odd = sorted(key for key, value in state.items() if not isinstance(value, torch.Tensor))
+    if odd:
+        msg = f"checkpoint {name}: model holds entries that are no tensors: {odd[:5]}"
+        raise CheckpointError(msg)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [
         f"{key} {tuple(state[key].shape)} vs {tuple(own[key].shape)}"
@@ -626,6 +672,26 @@ def load_model(model: nn.Module, state: Mapping[str, Any], name: str) -> None:
             f"{'; '.join(p for p in parts if p)}"
         )
         raise CheckpointError(msg)
+
+
+def load_model(model: nn.Module, state: Mapping[str, Any], name: str) -> None:
+    """Load the weights into the unwrapped model, in their saved dtypes.
+
+    A floating-point tensor saved in another dtype than the model's (a model converted to
+    float64 by ``DeviceCB(dtype=...)``, say) converts the model's, in place: loading
+    float64 weights into float32 would round them.
+    """
+    check_model(model, state, name)
+    target = unwrap_model(model)
+    for key, tensor in [*target.named_parameters(), *target.named_buffers()]:
+        saved = state.get(key)
+        if (
+            isinstance(saved, torch.Tensor)
+            and saved.dtype != tensor.dtype
+            and saved.is_floating_point()
+            and tensor.is_floating_point()
+        ):
+            tensor.data = tensor.data.to(saved.dtype)
     target.load_state_dict(state)
 
 

@@ -17,7 +17,7 @@ import stat
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from enum import Enum
 from functools import cache
 from pathlib import Path
@@ -56,6 +56,8 @@ from fsm_learner.checkpoint import (
     callback_keys,
     callback_states,
     check_callbacks,
+    check_gradients,
+    check_model,
     find_latest,
     gradients,
     load_callbacks,
@@ -413,6 +415,21 @@ def _checkpointers(cbs: Iterable[Callback]) -> tuple[Checkpointer, ...]:
         and callable(getattr(type(cb), "checkpoint_written", None))
         and isinstance(cb, Checkpointer)  # only for those: the type checker's narrowing
     )
+
+
+def _warn_if_inexact(dls: DataLoaders | Any) -> None:
+    """Warn of a loader whose order a resume cannot reproduce: persistent workers."""
+    for data in (dls.train, dls.valid):
+        if getattr(data, "persistent_workers", False) and not stateful(data):
+            warnings.warn(
+                f"resuming with a {safe_text(type(data).__name__, 80)} with "
+                f"persistent_workers=True: its workers draw their seed once, in the pass "
+                f"that starts them, so the resumed order may differ; use "
+                f"persistent_workers=False (or a StatefulDataLoader) for an exact resume",
+                ResumeWarning,
+                stacklevel=5,
+            )
+            return
 
 
 def _started(iterator: Iterator[Any]) -> Iterator[Any]:
@@ -897,10 +914,22 @@ class Learner:
             )
             raise CheckpointError(msg)
         last = at.epoch > n_epochs or (at.epoch == n_epochs and (at.state is State.EPOCH))
-        if last or (at.state is State.EPOCH and at.iter < 1):
+        data = self.dls.train if at.training else self.dls.valid
+        length = len(data) if isinstance(data, Sized) else None
+        beyond = length is not None and at.iter > length
+        if last or beyond or (at.state is State.EPOCH and at.iter < 1):
             msg = f"checkpoint {name} holds an impossible position: {at.describe()}"
+            if beyond:
+                msg += f", in a pass of {length} batch(es)"
+            raise CheckpointError(msg)
+        if checkpoint.payload.get("optimizer") is None:
+            msg = f"checkpoint {name} holds no optimizer state, which a fit in progress has"
             raise CheckpointError(msg)
         check_callbacks(self.cbs, checkpoint.payload["callbacks"], name)
+        check_model(self.model, checkpoint.payload["model"], name)
+        params = dict(unwrap_model(self.model).named_parameters())
+        check_gradients(params, checkpoint.payload["grads"], name)
+        _warn_if_inexact(self.dls)
 
     def _start_resume(self, checkpoint: Checkpoint | None) -> None:
         """Put back what the fit starts from (weights, optimizer, gradients); the rest waits."""

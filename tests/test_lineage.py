@@ -549,3 +549,34 @@ class TestRealFits:
             {"epoch": 1, "pass": "valid", "first": 0, "last": 1},
         ]
         assert (lineage["complete"], lineage["batches"], lineage["passes"]) == (True, 14, 4)
+
+    def test_resumed_from_a_fit_without_a_log(self, tmp_path, capsys):
+        """The checkpointed fit wrote no log: the resumed run's link is said to be uncheckable."""
+        logs, first = tmp_path / "logs", tmp_path / "first"
+        learn = Learner(
+            mlp(),
+            batches_dls(5, 2),
+            F.cross_entropy,
+            0.1,
+            [CheckpointCB(first, every_n_batches=3, keep=None)],
+            audit_log=None,
+        )
+        learn.fit(2)
+        again = Learner(
+            mlp(1),
+            batches_dls(5, 2),
+            F.cross_entropy,
+            0.1,
+            [CheckpointCB(tmp_path / "second", every_n_batches=3, keep=None)],
+            audit_log=logs,
+        )
+        resumed = again.fit(2, resume_from=sorted(first.iterdir())[1])
+        assert again.resumed_from["records"] is None
+        code, document = audit_json(logs, capsys=capsys)
+        assert code == 0
+        [lineage] = document["lineages"]
+        assert lineage["notes"] == [
+            f"run {resumed.run_id!r} resumes run {learn.run_id!r}, which wrote no audit log "
+            "(audit_log=None): the link cannot be checked"
+        ]
+        assert (lineage["verified"], lineage["missing_parent"]) == (True, learn.run_id)

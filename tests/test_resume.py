@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
-from callbacks import CheckpointCB, EpochSchedCB, MetricsCB
+from callbacks import CheckpointCB, DeviceCB, EpochSchedCB, MetricsCB
 from fsm_learner import (
     Callback,
     CheckpointError,
@@ -295,6 +295,60 @@ class TestResumeFromEveryCheckpoint:
         second.fit(N_EPOCHS, resume_from=second_file)
         assert_same_end(second, reference, second_file.name)
         assert second.resumed_from["run"] == first.run_id
+
+    def test_a_float64_model(self):
+        """DeviceCB(dtype=float64): the weights are loaded in float64, not rounded to float32."""
+
+        def with_float64(dls: DataLoaders, directory: str = "ck") -> Learner:
+            return learner(dls, directory, DeviceCB("cpu", dtype=torch.float64))
+
+        reference = with_float64(torch_loaders())
+        reference.fit(N_EPOCHS)
+        for file in [checkpoints()[i] for i in (1, 3, 4)]:
+            resumed = with_float64(torch_loaders(), "resumed")
+            resumed.fit(N_EPOCHS, resume_from=file)
+            assert_same_end(resumed, reference, file.name)
+        fresh = net()
+        fresh.load_state_dict(reference.model.state_dict())  # float64 weights, a float32 model
+        loaded = Learner(fresh, torch_loaders(), F.cross_entropy, 1e-3, [], torch.optim.Adam)
+        reference.save("idle.pt")
+        loaded.load("idle.pt", strict=False)
+        assert loaded.model[0].weight.dtype == torch.float64
+        assert same(loaded.model.state_dict(), reference.model.state_dict())
+
+    def test_a_batch_sampler_with_its_own_generator(self):
+        """A custom batch sampler shuffling with its own generator: its state is kept too."""
+
+        class Shuffled(torch.utils.data.Sampler[list[int]]):
+            def __init__(self, n: int) -> None:
+                self.n, self.generator = n, torch.Generator().manual_seed(3)
+
+            def __len__(self) -> int:
+                return self.n // BATCH
+
+            def __iter__(self) -> Iterator[list[int]]:
+                order = torch.randperm(self.n, generator=self.generator).tolist()
+                return iter([order[i : i + BATCH] for i in range(0, self.n, BATCH)])
+
+        def shuffled() -> DataLoaders:
+            train, valid = split()
+            return DataLoaders(
+                DataLoader(train, batch_sampler=Shuffled(len(train))), DataLoader(valid, BATCH)
+            )
+
+        assert resume_every_checkpoint(shuffled, only=(1, 4, 6, 9)) == 4
+
+    def test_persistent_workers_warn(self):
+        """A loader with persistent workers draws its seed once: the resume says it may drift."""
+        train, valid = split()
+        dls = DataLoaders(DataLoader(train, BATCH), DataLoader(valid, BATCH))
+        learner(dls).fit(1)
+        persistent = DataLoaders(
+            DataLoader(train, BATCH, num_workers=1, persistent_workers=True),
+            DataLoader(valid, BATCH),
+        )
+        with pytest.warns(ResumeWarning, match="persistent_workers=True: its workers draw"):
+            learner(persistent, "resumed").fit(1, resume_from=checkpoints()[1])
 
     def test_schedule_across_a_resume(self):
         """An epoch schedule (StepLR) continues at the same rates after a resume."""
@@ -787,6 +841,13 @@ class Trap:
         return spring, ()
 
 
+class System:
+    """Pickled, it would call os.system when loaded."""
+
+    def __reduce__(self) -> tuple[Callable[[str], int], tuple[str]]:
+        return os.system, ("true",)
+
+
 def one_line(exc: pytest.ExceptionInfo[BaseException]) -> str:
     text = str(exc.value)
     assert "\n" not in text
@@ -844,8 +905,44 @@ class TestErrors:
                 "callbacks must be a dict of callback names to state dicts, got dict",
             ),
             (lambda p: p.update(optimizer=[]), "optimizer must be a dict or None, got list"),
+            (
+                lambda p: p["rng"].update(random=[3, [1, 2], None]),
+                "rng must be generator states (torch's, random's), got dict",
+            ),
+            (
+                lambda p: p["position"].update(iter=50),
+                (
+                    "holds an impossible position: epoch 0, training pass, after 50 batch(es), "
+                    "in a pass of 3 batch(es)"
+                ),
+            ),
+            (
+                lambda p: p.update(optimizer=None),
+                "holds no optimizer state, which a fit in progress has",
+            ),
+            (
+                lambda p: p.update(grads={"0.weight": torch.zeros(2, 2)}),
+                "holds gradients of other shapes than the model's: ['0.weight (2, 2) vs (32, 64)']",
+            ),
+            (
+                lambda p: p["model"].update({"0.weight": 1.0}),
+                "model holds entries that are no tensors: ['0.weight']",
+            ),
         ],
-        ids=["iter", "counts", "pass", "rng", "grads", "callbacks", "optimizer"],
+        ids=[
+            "iter",
+            "counts",
+            "pass",
+            "rng",
+            "grads",
+            "callbacks",
+            "optimizer",
+            "random",
+            "beyond",
+            "no-optimizer",
+            "grad-shape",
+            "model-entry",
+        ],
     )
     def test_tampered_contents(self, written, change, message):
         """A checkpoint rewritten with contents the loop cannot use is refused before the fit."""
@@ -856,7 +953,10 @@ class TestErrors:
         before = [p.detach().clone() for p in learn.model.parameters()]
         with pytest.raises(CheckpointError) as caught:
             learn.fit(1, resume_from="tampered.pt")
-        assert one_line(caught) == f"checkpoint tampered.pt: {message}"
+        assert one_line(caught) in {
+            f"checkpoint tampered.pt: {message}",  # a field's
+            f"checkpoint tampered.pt {message}",  # what does not fit this fit
+        }
         assert all(torch.equal(a, b) for a, b in zip(before, learn.model.parameters(), strict=True))
         assert learn.last_result is None
 
@@ -924,14 +1024,26 @@ class TestErrors:
         with pytest.raises(CheckpointError) as caught:
             small_learner().fit(1, resume_from="trap.pt")
         assert one_line(caught) == (
-            f"checkpoint trap.pt holds Unsupported global: GLOBAL {__name__}.spring: refused, "
+            f"checkpoint trap.pt holds the global {__name__}.spring: refused, "
             "since loading it could run code (checkpoints are read with "
             "torch.load(weights_only=True))"
         )
         assert sprung == []
-        with pytest.raises(CheckpointError, match=r"^checkpoint trap\.pt holds Unsupported"):
+        with pytest.raises(CheckpointError, match=r"^checkpoint trap\.pt holds the global "):
             small_learner().load("trap.pt")
         assert sprung == []
+
+    def test_a_blocked_module_is_refused_as_code(self, written):
+        """A pickled os.system (a module torch blocks outright) is refused as code, not garbage."""
+        payload = torch.load(written[0], weights_only=True)
+        torch.save({**payload, "meta": System()}, "system.pt")
+        with pytest.raises(CheckpointError) as caught:
+            small_learner().fit(1, resume_from="system.pt")
+        assert one_line(caught) == (
+            f"checkpoint system.pt holds the global {os.system.__module__}.system: refused, "
+            "since loading it could run code (checkpoints are read with "
+            "torch.load(weights_only=True))"
+        )
 
     def test_missing_field(self, written):
         """A checkpoint without its position names the field."""

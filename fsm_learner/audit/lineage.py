@@ -277,6 +277,8 @@ class _Link:
     head: str
     sha256: str
     at: PassPosition
+    logless: bool = False
+    """The resumed run wrote no audit log (``records`` and ``head`` null): nothing to check."""
 
 
 def _position(value: object) -> PassPosition | None:
@@ -296,6 +298,8 @@ def _link(value: object) -> _Link | str:  # noqa: PLR0911 (a reason per field)
     at = _position(value.get("at"))
     if not isinstance(run, str) or not run:
         return _malformed("run", run)
+    if records is None and head is None and isinstance(sha, str) and _SHA256.fullmatch(sha):
+        return _malformed("at", value.get("at")) if at is None else _Link(run, 0, "", sha, at, True)
     if type(records) is not int or records < 1:
         return _malformed("records", records)
     if not isinstance(head, str) or not _DIGEST.fullmatch(head):
@@ -429,7 +433,7 @@ class Lineages:
         wanted = {
             (key[0], resumed.link.parent): 0
             for key, resumed in self._resumed.items()
-            if not isinstance(resumed.link, str)
+            if not isinstance(resumed.link, str) and not resumed.link.logless
         }
         for path in files:
             for report in FileAudit(path, key=self._key):
@@ -454,7 +458,7 @@ class Lineages:
             if isinstance(resumed.link, str):
                 continue
             parent_key = (key[0], resumed.link.parent)
-            seen = self._seen.get(parent_key)
+            seen = None if resumed.link.logless else self._seen.get(parent_key)
             if seen is not None:
                 parent = nodes.setdefault(parent_key, _Node(parent_key, seen))
                 node.parent = parent
@@ -746,7 +750,13 @@ def _check_root(report: LineageReport, root: _Node, names: list[str]) -> None:
     if isinstance(resumed.link, str):
         _problem(report, names, root, f"{_run(root.run_id)}: {resumed.link}")
         return
-    if root.parent is None:
+    if root.parent is None and resumed.link.logless:
+        report.missing_parent = resumed.link.parent
+        report.notes.append(
+            f"{_run(root.run_id)} resumes {_run(resumed.link.parent)}, which wrote no audit log "
+            "(audit_log=None): the link cannot be checked"
+        )
+    elif root.parent is None:
         parent = resumed.link.parent
         report.missing_parent = parent
         report.notes.append(

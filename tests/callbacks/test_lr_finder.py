@@ -27,6 +27,7 @@ from helpers import (
 )
 from torch.optim.lr_scheduler import StepLR
 
+from callbacks.checkpoint import CheckpointCB
 from callbacks.lr_finder import LRFinderCB, lr_find
 from callbacks.progress import ProgressCB
 from callbacks.save_model import SaveModelCB, load_checkpoint
@@ -175,6 +176,16 @@ class TestTheLearnerAfterwards:
         assert learn.opt is opt
         assert_same_state(opt.state_dict(), state)
         assert_same_state(learn.model.state_dict(), weights)
+
+    def test_no_checkpoint_of_the_sweep(self, tmp_path):
+        """A CheckpointCB writes nothing for the sweep (it is no fit to resume), and is back."""
+        checkpoints = CheckpointCB(tmp_path / "ck", every_n_batches=1)
+        learn = learner([checkpoints])
+        lr_find(learn, num_it=20)
+        assert not (tmp_path / "ck").exists()
+        assert (learn.cbs, checkpoints.batches, checkpoints.written) == ([checkpoints], 0, [])
+        learn.fit(1)
+        assert len(checkpoints.written) == 3
 
     def test_no_epoch_lines_during_the_sweep(self):
         """A ProgressCB prints nothing for the sweep's cancelled passes, and is back after."""
