@@ -602,6 +602,16 @@ def stateful(data: object) -> bool:
 _NAME_SAFE: Final = re.compile(r"[^A-Za-z0-9_.-]")
 
 
+_LOGGED_PATH: Final = 1000
+"""The most characters of a checkpoint's path the log holds (the audit keeps 4 KB a field)."""
+
+
+def logged_path(path: Path) -> str:
+    """Return a checkpoint's path as the log holds it: UTF-8 (odd bytes escaped), at most 1000."""
+    raw = os.fsencode(path).decode("utf-8", "backslashreplace")
+    return raw if len(raw) <= _LOGGED_PATH else raw[: _LOGGED_PATH - 3] + "..."
+
+
 def file_name(at: Position, run_id: str) -> str:
     """Name a checkpoint file after its position and run: it sorts by position."""
     pass_name = "train" if at.training else "valid"

@@ -65,6 +65,7 @@ from fsm_learner.checkpoint import (
     load_model,
     loader_generators,
     loader_snapshot,
+    logged_path,
     read_checkpoint,
     restore_generators,
     rng_state,
@@ -945,7 +946,7 @@ class Learner:
             "records": run.get("records"),
             "head": run.get("head"),
             "sha256": checkpoint.sha256,
-            "path": os.fspath(checkpoint.path),
+            "path": logged_path(checkpoint.path),
             "at": checkpoint.position.to_json(),
         }
 
@@ -1082,7 +1083,7 @@ class Learner:
                 at_json = at.to_json()
                 self.note(
                     "resume_point",
-                    path=os.fspath(path),
+                    path=logged_path(path),
                     sha256=digest,
                     records=records,
                     head=head,

@@ -1347,3 +1347,13 @@ class TestResumedFrom:
         kinds = {r["name"] for r in run_records(resumed) if r["ev"] == "note"}
         assert "resume_point" in kinds
         assert "resumed_from" in run_records(resumed)[0]
+
+    def test_a_long_path_with_an_odd_byte(self, capsys):
+        """A deep checkpoint directory, its name not UTF-8: logged escaped and cut, audited."""
+        deep = Path(*(["d" * 200] * 18), "ck\udcff")  # 3,600 characters, one undecodable byte
+        learner(torch_loaders(), deep).fit(1)
+        resumed = learner(torch_loaders(), "resumed")
+        resumed.fit(1, resume_from=checkpoints(deep)[1])
+        logged = resumed.resumed_from["path"]
+        assert (len(logged), logged[:6], logged[-3:]) == (1000, "dddddd", "...")
+        assert audited(Path("runs"), capsys)[0] == 0
