@@ -42,7 +42,7 @@ from fsm_learner.diagram import (
 from fsm_learner.exceptions import ConfigurationError, FsmLearnerError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Sequence
+    from collections.abc import Iterable, Iterator, Mapping, Sequence
     from collections.abc import Set as AbstractSet
 
 __all__ = ["main"]
@@ -141,18 +141,46 @@ class _Spool:
             )
         self.file.write(orjson.dumps([killed, problem]).decode() + "\n")
 
-    def read(self, accounted: AbstractSet[RunKey]) -> Iterator[str | None]:
-        """Yield each problem; None for one whose run's death ``accounted`` accounts for."""
+    def read(
+        self, accounted: AbstractSet[RunKey], broken: Mapping[RunKey, Problem | None] | None = None
+    ) -> Iterator[str | None]:
+        """Yield each problem; None for one whose run's death ``accounted`` accounts for.
+
+        A killed run resumed in a lineage that does not verify yields the lineage's
+        problem (``broken``) instead, why its death is not accounted for: "" when that is
+        another run's own problem.
+        """
         if self.file is None:
             return
         self.file.seek(0)
         for line in self.file:
             killed, problem = orjson.loads(line)
-            yield None if killed is not None and tuple(killed) in accounted else problem
+            key = None if killed is None else (killed[0], killed[1])
+            if key is not None and key in accounted:
+                yield None
+            elif key is not None and problem and broken and key in broken:
+                why = broken[key]
+                yield "" if why is None else str(why)
+            else:
+                yield problem
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def _broken(lineages: Iterable[LineageReport]) -> dict[RunKey, Problem | None]:
+    """Return each run resumed in a lineage that does not verify, with why it does not.
+
+    None when a run of the lineage does not verify on its own: that run's problem says why.
+    """
+    broken: dict[RunKey, Problem | None] = {}
+    for lineage in lineages:
+        if lineage.problems:
+            why = None if lineage.unverified else lineage.problems[0]
+            for run in lineage.runs[:-1]:
+                broken.setdefault((run.rank, run.run_id), why)
+    return broken
 
 
 def _accounted(lineages: Iterable[LineageReport]) -> set[RunKey]:
@@ -169,7 +197,8 @@ class _TextSummary:
     """The audit's human summary: each run as soon as it is replayed, one problem on stderr.
 
     The problem named is the first of a file (it shows nowhere else), else of a run (its
-    summary shows it too; a killed run's only when no lineage accounts for its death),
+    summary shows it too; a killed run's only when no lineage accounts for its death, and
+    for a killed run resumed in a lineage that does not verify, that lineage's problem),
     else of a lineage, else of the runs taken together (an expected head not found).
     Lineages follow the runs.
     """
@@ -215,7 +244,7 @@ class _TextSummary:
             verified = sum(lineage.verified for lineage in self.lineages)
             _write(sys.stdout, render_lineage_totals(len(self.lineages), verified) + "\n")
         resumed, killed = 0, None
-        for problem in self.killed.read(_accounted(self.lineages)):
+        for problem in self.killed.read(_accounted(self.lineages), _broken(self.lineages)):
             resumed += problem is None
             killed = killed or problem
         of_run = killed or self.of_run

@@ -3,9 +3,10 @@
 A fit resumed from a checkpoint is a run of its own whose header's ``resumed_from`` names
 the run the checkpoint was taken in, that run's record count R and chain head H at the
 checkpoint (its seal after its R-th record), the checkpoint file's SHA-256 and where the
-resume re-enters the fit (``at``: the pass, and how many of its batches were begun). Once
-the file was written, the run it resumes noted it (a ``resume_point`` note with the same
-R, H, SHA-256 and position), unless it died first.
+resume re-enters the fit (``at``: the pass, and how many of its batches were begun). The
+learner seals (H, after R records), writes each checkpoint file, notes each one (a
+``resume_point`` note per file, consecutive, with the same R, H, SHA-256 and position) and
+seals again: only a run killed in between, its verified log ending at R, has no note.
 
 Runs so linked form a lineage, root -> ... -> leaf. When one run is resumed twice the links
 form a tree; each root-to-leaf path is then a lineage of its own (a history that could have
@@ -14,9 +15,13 @@ happened), checked and reported on its own. ``Lineages`` takes every audited run
 they resume, reads again the files that hold linked runs, only those runs' lines up to
 their last verified seal, and returns one ``LineageReport`` per leaf. A link verifies when
 
-- H is a verified seal of the run it names, after exactly R of that run's records;
-- that run's ``resume_point`` note of (H, R), if it wrote one, names the same checkpoint
-  file (SHA-256) and position;
+- the resumed run's header is in a block that verifies (else its link is not its own);
+- H is a verified seal of the run it names, after exactly R of that run's records, and
+  not the seal that follows its notes of a checkpoint;
+- when that run's verified records go on after R, they go on with its ``resume_point``
+  notes of (H, R), one of which names the same checkpoint file (SHA-256) and position
+  (no note there: no checkpoint was taken there); when they end at R, the file is
+  unconfirmed, a note, no failure;
 - ``at`` is where that run was after R records: in the pass (ep, tr) with ``it`` batches
   begun (the last one ``it - 1``), or between two passes with (ep, tr) the next (``it``
   0); the machine in ``epoch`` or ``fit``, where checkpoints are taken;
@@ -24,18 +29,28 @@ their last verified seal, and returns one ``LineageReport`` per leaf. A link ver
 and a lineage when its links do and, taking the root's passes up to the first link's R,
 each resumed run's up to the next link's R (the leaf's to its end), the passes come in
 order from epoch 0's training pass, each begins its batches 0, 1, ... once each, and a
-completed leaf ends after the last epoch's validation pass. A run whose parent's log was
+completed leaf ends after the last epoch's validation pass. Every run of the lineage must
+verify on its own, but for a killed run whose only problem is that it was killed.
+
+A pass cancelled (``cancel_epoch``) ends after the batches it began: those are checked
+once each like any other, and the lineage names the pass, whose later batches never ran;
+it does not claim "every batch of every pass". Such a lineage is still ``complete``:
+complete says the lineage is the whole history of one fit, from its beginning to its end
+and with no gap or repeat in what it began, as an unresumed fit that cancelled a pass
+completes; ``cancelled`` says which batches that fit never ran. A run whose parent's log was
 not given is no failure: its lineage starts there and is checked from ``at`` on. The
 batches a link redoes are those its parent began after R (between the checkpoint and its
 end), as far as they were sealed; lines never sealed are counted, not read.
 
 A run that was killed (truncated, every sealed block verifying) and is resumed, in a
-lineage that verifies, is accounted for: its ``LineageRun`` names the run that continued
-it (``continued_by``), and the command does not count it among the runs that fail.
+lineage that verifies (so every one of its runs verifies, but for such deaths), is
+accounted for: its ``LineageRun`` names the run that continued it (``continued_by``), and
+the command does not count it among the runs that fail.
 
 Memory: nothing per audited run unless it is linked; one small entry per resumed run and
 per run resumed; per linked run, its passes as ranges of batch indices (one per pass,
-split at its links' R), never its records. With no resumed run, no second reading.
+split at its links' R), never its records. With no resumed run, no second reading; the
+second reading looks each line up by its run id, whatever the number of runs linked.
 """
 
 from __future__ import annotations
@@ -88,7 +103,11 @@ _AT_BOUNDARY: Final = frozenset({State.EPOCH.value, State.FIT.value})
 """The states a checkpoint is taken in: between two batches, or between two passes."""
 _DIGEST: Final = re.compile(r"[0-9a-f]{32}")
 _SHA256: Final = re.compile(r"[0-9a-f]{64}")
+_RUN_FIELD: Final = re.compile(rb'"run"\s*:\s*("(?:[^"\\]|\\.)*")')
+"""A ``"run"`` field and its value, a JSON string (its escapes as they are)."""
 _ID_SHOWN: Final = 40
+_CANCELLED_KEPT: Final = 5
+"""How many cancelled passes a lineage names (it counts them all)."""
 _KILLED: Final = "truncated (a killed run?)"
 """How the replay's problem for a run with no footer, all its sealed blocks verifying, begins."""
 
@@ -198,8 +217,10 @@ class LinkReport:
     sha256: str
     at: PassPosition
     checkpoint: str
-    """``confirmed`` (the parent noted this file), ``unconfirmed`` (no note of it),
-    ``mismatch`` (it noted another file or position), ``unchecked`` (the link broke first)."""
+    """``confirmed`` (the parent noted this file), ``unconfirmed`` (the parent's verified
+    log ends at the seal: it died before noting it), ``missing`` (the parent went on without
+    noting a checkpoint there), ``mismatch`` (it noted another file or position),
+    ``unchecked`` (the link broke first)."""
     redone: tuple[BatchRange, ...] = ()
     """The batches the parent began after the checkpoint (as far as they were sealed)."""
     unsealed: int = 0
@@ -230,8 +251,14 @@ class LineageReport:
     notes: list[str] = attrs.Factory(list)
     missing_parent: str | None = None
     """The run the root resumes, when its log was not given."""
+    unverified: int = 0
+    """How many of its runs do not verify on their own (a killed run's death aside)."""
     coverage: str = ""
     """One sentence: whether the lineage began every batch of every pass exactly once."""
+    cancelled: list[PassPosition] = attrs.Factory(list)
+    """The first passes cancelled (``cancel_epoch``), each with the batches it began."""
+    cancelled_passes: int = 0
+    """How many passes were cancelled: their later batches never ran."""
     complete: bool = False
     batches: int = 0
     passes: int = 0
@@ -249,6 +276,7 @@ class LineageReport:
                     "run_id": run.run_id,
                     "path": run.path,
                     "status": run.status.value,
+                    "rank": run.rank,
                     "continued_by": run.continued_by,
                 }
                 for run in self.runs
@@ -257,6 +285,8 @@ class LineageReport:
             "missing_parent": self.missing_parent,
             "coverage": self.coverage,
             "complete": self.complete,
+            "cancelled": [at.to_json() for at in self.cancelled],
+            "cancelled_passes": self.cancelled_passes,
             "batches": self.batches,
             "passes": self.passes,
             "notes": self.notes,
@@ -327,6 +357,13 @@ class _Seen:
     unsealed: int
     killed: bool
     """Its only problem is that it was killed: no footer, every sealed block verifying."""
+    fails: bool
+    """It does not verify, and not only because it was killed: no lineage may rest on it."""
+
+    @property
+    def header_verified(self) -> bool:
+        """Whether its header is in a block that verifies: only then is its link its own."""
+        return self.limit >= self.first_line
 
 
 def _verified_to(report: RunReport) -> int:
@@ -406,6 +443,7 @@ class Lineages:
             report.status,
             report.unsealed,
             was_killed(report),
+            not report.verified and not was_killed(report),
         )
 
     def _file(self, path: Path, name: str) -> int:
@@ -497,6 +535,7 @@ class Lineages:
         if _cycle(path):
             circle = " -> ".join(_run(node.run_id) for node in path)
             _problem(report, self._names, path[-1], f"resumed_from links go round: {circle}")
+        _check_runs(report, path, self._names)
         _check_root(report, path[0], self._names)
         for parent, child in itertools.pairwise(path):
             report.links.append(_check_link(report, parent, child, self._names))
@@ -505,6 +544,19 @@ class Lineages:
         if report.verified:
             _account_for_deaths(report, path)
         return report
+
+
+def _check_runs(report: LineageReport, path: list[_Node], names: list[str]) -> None:
+    """Fail the lineage on each of its runs that does not verify (a killed run's death aside)."""
+    for node in {id(node): node for node in path}.values():
+        if node.seen.fails:
+            report.unverified += 1
+            _problem(
+                report,
+                names,
+                node,
+                f"{_run(node.run_id)} does not verify: no lineage may rest on it",
+            )
 
 
 def _account_for_deaths(report: LineageReport, path: list[_Node]) -> None:
@@ -577,7 +629,7 @@ def _cycle(path: list[_Node]) -> bool:
 
 # -- the second reading ------------------------------------------------------------------------
 
-_BEGIN, _BATCHES, _END = range(3)
+_BEGIN, _BATCHES, _END, _CANCELLED = range(4)
 
 
 @attrs.define
@@ -612,7 +664,6 @@ class _RunRead:
 
     def __init__(self, run_id: str, seen: _Seen, links: list[_Link]) -> None:
         self.run_id = run_id
-        self.needle = b'"run":' + orjson.dumps(run_id)
         self.first_line, self.limit = seen.first_line, seen.limit
         self.cuts = {link.records for link in links}
         self.heads = {link.head for link in links}
@@ -620,8 +671,14 @@ class _RunRead:
         self.state = State.IDLE.value
         self.events: list[_Event] = []
         self.split = False
-        self.notes: list[dict[str, Any]] = []
-        """The fields of its ``resume_point`` notes."""
+        self.notes: list[tuple[int, dict[str, Any]]] = []
+        """The fields of the ``resume_point`` notes right after a link's R: (R, fields)."""
+        self.after_note: set[int] = set()
+        """The links' R whose seal follows a ``resume_point`` note: the seal after the notes."""
+        self._noting: int | None = None
+        """The link's R whose notes are being read (None: the last record was none of them)."""
+        self._noted = False
+        """Whether the last record was a ``resume_point`` note."""
         self.state_at: dict[int, str] = {}
         """Per link's R: the state the run's log left the machine in after R records."""
         self.seal_at: dict[int, str] = {}
@@ -641,11 +698,15 @@ class _RunRead:
         if index in self.cuts:
             self.state_at[index] = self.state
             self.split = True
+            self._noting = index
         self.records += 1
+        self._noted = isinstance(record, Note) and record.name == RESUME_POINT
+        if not self._noted:
+            self._noting = None
+        elif self._noting is not None and isinstance(record, Note):
+            self.notes.append((self._noting, record.fields))
         if isinstance(record, Transition):
             self._transition(record, index)
-        elif isinstance(record, Note) and record.name == RESUME_POINT:
-            self.notes.append(record.fields)
 
     def _transition(self, record: Transition, index: int) -> None:
         self.state = record.dest
@@ -664,8 +725,10 @@ class _RunRead:
             kind = _BATCHES
         elif trigger == Trigger.BEGIN_EPOCH:
             kind = _BEGIN
-        elif trigger in {Trigger.END_EPOCH, Trigger.CANCEL_EPOCH}:
+        elif trigger == Trigger.END_EPOCH:
             kind = _END
+        elif trigger == Trigger.CANCEL_EPOCH:
+            kind = _CANCELLED
         else:
             return
         self.events.append(
@@ -677,6 +740,8 @@ class _RunRead:
         digest = seal.digest.hex()
         if self.records in self.cuts:
             self.seal_at.setdefault(self.records, digest)
+            if self._noted:
+                self.after_note.add(self.records)
         if digest in self.heads:
             self.records_at.setdefault(digest, self.records)
         last = self.events[-1].last if self.events else -1
@@ -693,12 +758,12 @@ class _RunRead:
         if sealed.records in self.cuts:
             self.state_at.setdefault(sealed.records, sealed.state)
         self.state_at = {r: s for r, s in self.state_at.items() if r <= sealed.records}
+        self.after_note = {r for r in self.after_note if r <= sealed.records}
 
 
 def _read_file(path: Path, reads: Mapping[str, _RunRead]) -> str | None:
     """Give each run its verified lines of the file; return why the file cannot be read."""
     last = max(read.limit for read in reads.values())
-    needles = [read.needle for read in reads.values()]
     try:
         fh = open_log(path)
     except OSError as exc:
@@ -720,9 +785,26 @@ def _read_file(path: Path, reads: Mapping[str, _RunRead]) -> str | None:
                 line += 1
                 if line > last:
                     return None
-                if any(needle in text for needle in needles):
+                if _runs_of(text) & reads.keys():
                     _give(reads, text, line)
     return None
+
+
+def _runs_of(text: bytes) -> set[str]:
+    """Return the run ids a line's ``"run"`` fields name: one, for a line the codec wrote.
+
+    A line is looked up by its run id, whatever the number of runs linked: reading each
+    line against every linked run's id took hours for a file of thousands.
+    """
+    runs = set()
+    for match in _RUN_FIELD.finditer(text):
+        try:
+            run = orjson.loads(match[1])
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(run, str):
+            runs.add(run)
+    return runs
 
 
 def _give(reads: Mapping[str, _RunRead], text: bytes, line: int) -> None:
@@ -784,6 +866,10 @@ def _check_link(report: LineageReport, parent: _Node, child: _Node, names: list[
         parent.seen.unsealed,
     )
     what = f"{_run(child.run_id)} resumes {_run(parent.run_id)}"
+    if not child.seen.header_verified:
+        why = "its header is in no block that verifies: its resumed_from is not its own"
+        _problem(report, names, child, f"{what}: {why}")
+        return found
     reason = _seal_problem(link, parent, read)
     if reason is None:
         reason = _position_problem(link, parent, read)
@@ -795,7 +881,7 @@ def _check_link(report: LineageReport, parent: _Node, child: _Node, names: list[
         _problem(report, names, child, f"{what}: {reason}")
     elif checkpoint == "unconfirmed":
         died = parent.seen.status is RunStatus.TRUNCATED
-        why = "died before noting it" if died else "noted no checkpoint at that seal"
+        why = "died before noting it" if died else "verifies only up to that seal"
         report.notes.append(f"{what}: unconfirmed checkpoint file ({_run(parent.run_id)} {why})")
     return attrs.evolve(found, checkpoint=checkpoint)
 
@@ -840,25 +926,40 @@ def _position_problem(link: _Link, parent: _Node, read: _RunRead) -> str | None:
 
 
 def _checkpoint(link: _Link, parent: _Node, read: _RunRead) -> tuple[str, str | None]:
-    """Compare the checkpoint the link loaded with the one its parent noted, if it did."""
-    note = next(
-        (f for f in read.notes if f.get("head") == link.head and f.get("records") == link.records),
-        None,
-    )
-    if note is None:
+    """Compare the checkpoint the link loaded with the ones its parent noted at that seal.
+
+    The learner seals, writes each checkpoint file, notes each one (consecutive
+    ``resume_point`` records) and seals again: a parent whose verified records go on
+    after R took a checkpoint there only if they go on with its notes. Only a parent
+    whose verified log ends at R may have died between the file and its note.
+    """
+    run, records = _run(parent.run_id), link.records
+    if records in read.after_note:
+        return "missing", (
+            f"the seal of {run} after {records} records follows its notes of a checkpoint: no "
+            "checkpoint was taken there"
+        )
+    noted = [fields for at, fields in read.notes if at == records]
+    if not noted:
+        if read.records > records:
+            return "missing", (
+                f"{run} noted no checkpoint at the seal after {records} records: no "
+                "checkpoint was taken there"
+            )
         return "unconfirmed", None
-    written = note.get("sha256")
-    if written != link.sha256:
+    of_seal = [f for f in noted if f.get("head") == link.head and f.get("records") == records]
+    note = next((f for f in of_seal if f.get("sha256") == link.sha256), None)
+    if note is None:
+        written = " or ".join(shown(f.get("sha256"), 80) for f in of_seal) or "none of that seal"
         return "mismatch", (
-            f"the checkpoint the resumed run loaded is not the one {_run(parent.run_id)} "
-            f"wrote: sha256 {link.sha256} != {shown(written, 80)}"
+            f"the checkpoint the resumed run loaded is not one {run} wrote there: sha256 "
+            f"{link.sha256} != {written}"
         )
     at = _position(note.get("at"))
     if at != link.at:
-        noted = "no valid position" if at is None else str(at)
+        noted_at = "no valid position" if at is None else str(at)
         return "mismatch", (
-            f"{_run(parent.run_id)} noted that checkpoint at {noted}, the resumed run "
-            f"re-enters at {link.at}"
+            f"{run} noted that checkpoint at {noted_at}, the resumed run re-enters at {link.at}"
         )
     return "confirmed", None
 
@@ -906,11 +1007,14 @@ def _ending(
 ) -> None:
     counted = f"{walk.batches} batches over {walk.passes} passes"
     since = "" if start is None else f" from {start} on"
+    report.cancelled, report.cancelled_passes = list(walk.cancelled_kept), walk.cancelled
+    cancelled = _cancelled(walk)
+    every = "every batch begun" if cancelled else "every batch"
     status = leaf.seen.status
     if status is not RunStatus.COMPLETED:
         report.coverage = (
-            f"lineage not complete ({_run(leaf.run_id)} {status.value}): every batch so far"
-            f"{since} exactly once ({counted})"
+            f"lineage not complete ({_run(leaf.run_id)} {status.value}): {every} so far"
+            f"{since} exactly once{cancelled} ({counted})"
         )
         return
     n_epochs = None if leaf.resumed is None else leaf.resumed.n_epochs
@@ -919,10 +1023,34 @@ def _ending(
         _problem(report, names, leaf, f"lineage: {_run(leaf.run_id)} completed, but {ended}")
         return
     report.complete = start is None
-    if report.complete:
+    if report.complete and not cancelled:
         report.coverage = f"complete lineage: every batch of every pass exactly once ({counted})"
+    elif report.complete:
+        report.coverage = (
+            f"complete lineage: every pass in order, {every} exactly once{cancelled} ({counted})"
+        )
     else:
-        report.coverage = f"lineage complete{since}: every batch exactly once ({counted})"
+        report.coverage = f"lineage complete{since}: {every} exactly once{cancelled} ({counted})"
+
+
+def _cancelled(walk: _Walk) -> str:
+    """Say which passes were cancelled ("" for none): their later batches never ran."""
+    if not walk.cancelled:
+        return ""
+    named = ", ".join(
+        f"{_pass_name(at.pass_key)} after batch {at.it - 1}"
+        if at.it
+        else f"{_pass_name(at.pass_key)} before its first batch"
+        for at in walk.cancelled_kept
+    )
+    more = walk.cancelled - len(walk.cancelled_kept)
+    named += f" and {more} more" if more else ""
+    one = walk.cancelled == 1
+    passes = "pass was" if one else "passes were"
+    return (
+        f"; {walk.cancelled} {passes} cancelled ({named}): {'its' if one else 'their'} later "
+        "batches never ran"
+    )
 
 
 class _Walk:
@@ -939,6 +1067,10 @@ class _Walk:
         self.ranges: list[tuple[int, int, str]] = []
         """The open pass's batches begun: (first, last, run)."""
         self.batches = self.passes = 0
+        self.cancelled = 0
+        """How many passes were cancelled (``cancel_epoch``): their later batches never ran."""
+        self.cancelled_kept: list[PassPosition] = []
+        """The first of them, each with the batches it began."""
         self.problem = ""
         if start is not None and start.it:
             self.open, self.next_it = start.pass_key, start.it
@@ -960,7 +1092,7 @@ class _Walk:
         elif event.kind == _BATCHES:
             self.problem = self._batches(event, run_id)
         else:
-            self.problem = self._end(event.pass_key, run_id)
+            self.problem = self._end(event.pass_key, run_id, cancelled=event.kind == _CANCELLED)
         return not self.problem
 
     def _begin(self, key: Pass, run_id: str, *, reopen: bool) -> str:
@@ -1017,10 +1149,14 @@ class _Walk:
                 return _run(run_id)
         return "the run resumed"  # before the partial lineage's first run
 
-    def _end(self, key: Pass, run_id: str) -> str:
+    def _end(self, key: Pass, run_id: str, *, cancelled: bool) -> str:
         if key != self.open:
             where = "no pass is open" if self.open is None else f"{_pass_name(self.open)} is"
             return f"{_run(run_id)} ends {_pass_name(key)} while {where}"
+        if cancelled:
+            self.cancelled += 1
+            if len(self.cancelled_kept) < _CANCELLED_KEPT:
+                self.cancelled_kept.append(PassPosition(*key, self.next_it))
         self.ended, self.open = key, None
         self.next_pass = _next_pass(key)
         return ""
