@@ -110,7 +110,9 @@ class CheckpointCB(Callback):
             return
         stale, self.written = self.written[:-keep], self.written[-keep:]
         for old in stale:
-            if old != path:
+            # only in its own directory: a fit resumed from a checkpoint elsewhere (an
+            # archive, another worker's) leaves that one where it is
+            if old != path and old.parent == self.dir:
                 with contextlib.suppress(FileNotFoundError):
                     old.unlink()
 

@@ -304,6 +304,7 @@ or in a module it blocks, such as os)."""
 _WHY_REFUSED: Final = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
 """The reason in torch's message for a weights-only refusal (the rest is advice on torch.load)."""
 _COUNT_FIELDS: Final = 3
+_LOOP_FIELDS: Final = 2
 _RANDOM_FIELDS: Final = 3
 _STATES: Final = frozenset({State.IDLE.value, State.FIT.value, State.EPOCH.value})
 
@@ -381,6 +382,13 @@ def _check_structure(payload: Mapping[str, Any], name: str) -> None:
         if position[field] < 0:
             _refuse(name, f"position.{field}", "an int >= 0", position[field])
     _check_counts(position.get("counts", []), name)
+    loop = position.get("loop", [0, 0])
+    if not (
+        isinstance(loop, list | tuple)
+        and len(loop) == _LOOP_FIELDS
+        and all(type(n) is int and n >= 0 for n in loop)
+    ):
+        _refuse(name, "position.loop", "the loop's [epoch, batch index]", loop)
     _check_rng(payload["rng"], name, "rng")
     if position["state"] == State.EPOCH.value:
         start = payload.get("pass")

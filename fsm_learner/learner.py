@@ -981,6 +981,7 @@ class Learner:
         set_gradients(self.model, payload["grads"], name)  # after before_epoch, which may zero them
         set_rng_state(payload["rng"])
         self._restore_loaders(payload)
+        self._epoch, self._iter = payload["position"].get("loop", (self._epoch, self._iter))
         counts = _zero_counts()
         for trigger, training, n in payload["position"].get("counts", ()):
             counts[Trigger(trigger), bool(training)] = int(n)
@@ -1014,6 +1015,7 @@ class Learner:
                 "training": at.training,
                 "iter": at.iter,
                 "n_epochs": self._n_epochs if fitting else 0,
+                "loop": [self._epoch, self._iter],  # the counters hooks read, as they are
                 "counts": [[t.value, tr, n] for (t, tr), n in self._counts.items() if n]
                 if fitting
                 else [],
@@ -1068,6 +1070,7 @@ class Learner:
         preempt = self._preempt_wanted
         if wanted or preempt:
             self._checkpoint(at)
+            preempt = self._preempt_wanted  # a SIGTERM during the write: this one serves it
         return preempt
 
     def _checkpoint(self, at: Position) -> None:

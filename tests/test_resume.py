@@ -50,7 +50,9 @@ from fsm_learner import (
     ResumeWarning,
     RunStatus,
     State,
+    Trigger,
 )
+from fsm_learner import checkpoint as fsm_checkpoint
 from fsm_learner.checkpoint import VERSION, Position, read_checkpoint
 from fsm_learner.cli import main
 from fsm_learner.testing import HookRecord, RecordingCallback, expected_trace
@@ -684,6 +686,43 @@ class TestPreemption:
         resumed = learner(torch_loaders(), "pre")
         assert resumed.fit(N_EPOCHS, resume_from="pre").status is RunStatus.COMPLETED
         assert_same_end(resumed, reference, file.name)
+
+    def test_sigterm_during_a_checkpoint_write_preempts_there(self, previous_handler, monkeypatch):
+        """SIGTERM while the checkpoint after batch 2 is written: that one serves, no batch more."""
+        saved = torch.save
+
+        def save_then_sigterm(*args: Any, **kwargs: Any) -> None:
+            saved(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        monkeypatch.setattr(fsm_checkpoint.torch, "save", save_then_sigterm)
+        learn = learner(torch_loaders(), "pre")
+        result = learn.fit(N_EPOCHS)
+        assert result.status is RunStatus.PREEMPTED
+        assert [f.name for f in checkpoints("pre")] == [
+            f"ckpt_e0000_train_b000002_{result.run_id}.pt"
+        ]
+        assert learn.counts[Trigger.END_BATCH, True] == 2
+
+    def test_resumed_after_the_last_pass_hooks_read_the_same_counters(self, previous_handler):
+        """A checkpoint after the last pass: after_fit reads the epoch and batch it read then."""
+
+        class Counters(Callback):
+            def __init__(self) -> None:
+                self.seen: list[tuple[int, int]] = []
+
+            def after_fit(self, learn: Learner) -> None:
+                self.seen.append((learn.epoch, learn.iter))
+
+        reference_counters, resumed_counters = Counters(), Counters()
+        reference = learner(torch_loaders(), "ck", reference_counters)
+        reference.fit(N_EPOCHS)
+        last = checkpoints()[-1]
+        assert read_checkpoint(last).position == Position(State.FIT, N_EPOCHS, True, 0)
+        resumed = learner(torch_loaders(), "resumed", resumed_counters)
+        resumed.fit(N_EPOCHS, resume_from=last)
+        assert resumed_counters.seen == reference_counters.seen == [(N_EPOCHS - 1, N_VALID - 1)]
+        assert_same_end(resumed, reference, last.name)
 
     def test_sigterm_mid_validation_pass(self, previous_handler):
         """SIGTERM after the 8th batch (2nd of validation): preempted there, resumed exactly."""

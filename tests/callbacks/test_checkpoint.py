@@ -239,6 +239,16 @@ class TestKeep:
             Path("ck", ckpt(1, "valid", 2, two)),
         ]
 
+    def test_a_resume_from_another_directory_prunes_only_its_own(self):
+        """Resumed from an archived checkpoint into another directory: the archive stays."""
+        learner(CheckpointCB("archive", every_n_batches=2, every_n_epochs=None, keep=None)).fit(2)
+        archived = names("archive")
+        assert len(archived) == 5
+        cb = CheckpointCB("ck", every_n_batches=2, every_n_epochs=None, keep=1)
+        learner(cb).fit(2, resume_from=Path("archive", archived[0]))  # after batch 2
+        assert names("archive") == archived
+        assert len(names()) == 1
+
 
 class TestState:
     """state_dict and load_state_dict: the batches counted and the files written."""
