@@ -9,6 +9,12 @@ resume needs (``fsm_learner.checkpoint``), and notes it in the audit log
 (``resume_point``: the file's SHA-256 and the log's chain head there). Only the newest
 ``keep`` files it wrote are kept (None: all).
 
+Across ranks (a fit under torch.distributed, ``learn.world.size`` > 1) every rank writes
+its own file, ``<dir>/ckpt_..._<run>.rank<r>.pt`` (its own generators and loader
+position), at the same boundaries, and keeps its own newest ``keep``: a rank removes
+only files of its own rank. A resumed fit reads each rank's newest file of its rank
+(``fsm_learner.checkpoint.find_latest``). The directory may be shared by the ranks.
+
 With it in ``learn.cbs``, the fit is preemptible: on SIGTERM the learner finishes the
 batch, checkpoints, and stops (``preempt``, status ``preempted``).
 ``learn.fit(n, resume_from=dir)`` finishes the fit from the newest checkpoint.
@@ -26,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from callbacks._checks import check_count
 from fsm_learner import Callback, CheckpointError, ConfigurationError
-from fsm_learner.checkpoint import Position, file_name
+from fsm_learner.checkpoint import Position, file_name, of_rank
 from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
@@ -97,22 +103,28 @@ class CheckpointCB(Callback):
             learn.request_checkpoint()
 
     def checkpoint_path(self, learn: Learner, at: Position) -> Path:
-        """Return where the checkpoint of ``at`` goes; it is listed before it is written."""
-        path = self.dir / file_name(at, learn.run_id)
+        """Return where the checkpoint of ``at`` goes; it is listed before it is written.
+
+        Across ranks the name says the rank: ``..._<run>.rank<r>.pt``.
+        """
+        world = learn.world
+        path = self.dir / file_name(at, learn.run_id, rank=world.rank, world_size=world.size)
         if path not in self.written:
             self.written.append(path)
         return path
 
     def checkpoint_written(self, learn: Learner, path: Path) -> None:
-        """Remove the files beyond the newest ``keep``."""
+        """Remove the files beyond the newest ``keep`` (this rank's, in ``dir``, only)."""
         keep = self.keep
         if keep is None or len(self.written) <= keep:
             return
         stale, self.written = self.written[:-keep], self.written[-keep:]
+        world = learn.world
         for old in stale:
-            # only in its own directory: a fit resumed from a checkpoint elsewhere (an
-            # archive, another worker's) leaves that one where it is
-            if old != path and old.parent == self.dir:
+            # only its own: a fit resumed from a checkpoint elsewhere (an archive, another
+            # worker's) or from another rank's file leaves that one where it is
+            own = old.parent == self.dir and of_rank(old, rank=world.rank, world_size=world.size)
+            if old != path and own:
                 with contextlib.suppress(FileNotFoundError):
                     old.unlink()
 

@@ -10,8 +10,19 @@ validate run's included, ``last_pass()`` holds that pass's values by name alone 
 and read ``values`` in their ``after_epoch``.
 
 Nothing here reads a tensor back to the host per batch: the loss is summed on the device
-(``RunningMean``) and the metrics' states stay there too; all values become Python floats
-in one transfer at the end of each pass.
+(``RunningMean``) and the metrics' states stay there too; at the end of each pass the
+loss sum is read once, and the metrics' values become Python floats in one transfer.
+
+Across ranks (a fit under torch.distributed, ``learn.world.size`` > 1) the values are
+the same on every rank, those of all the ranks' samples. At each pass end one
+``learn.world.sum`` adds up the ranks' loss sums, sample counts and metric updates (so
+the loss is the mean over every rank's samples, and every rank computes the metrics, or
+none does); each torchmetrics metric then gathers its states from every rank itself in
+``compute()``, over the default process group (with nccl its states must be on the GPU,
+as they are by default: on the model's device). Every rank ends
+each pass with the same ``values``, so the callbacks that read them (early stopping, the
+best model) decide the same on every rank. ``batches`` in the ``metrics`` note is this
+rank's own count. The state for checkpoints is each rank's own (its own sums).
 
 Checkpoints: ``state_dict()`` holds ``values``, ``history`` and ``last_pass()``, the epoch
 ``values`` belongs to, where the current pass stands (``"unseen"``, ``"open"``,
@@ -70,6 +81,10 @@ class RunningMean:
     def reset(self) -> None:
         """Forget everything added."""
         self._sum, self.count = None, 0
+
+    def total(self) -> float:
+        """Return the weighted sum as a Python float (one read from the device); 0 when empty."""
+        return 0.0 if self._sum is None else float(self._sum)
 
     def add(self, value: torch.Tensor, weight: int) -> None:
         """Add ``value`` (a 0-d tensor, the mean over ``weight`` samples) on its device."""
@@ -349,7 +364,7 @@ class MetricsCB(Callback):
 
     def _finish_pass(self, learn: Learner, *, complete: bool) -> None:
         self._state = _PassState.FINISHED
-        values = self._pass_values(learn.training)
+        values = self._pass_values(learn)
         self._last_pass = values
         prefix = pass_name(learn.training)
         keyed = {f"{prefix}_{name}": value for name, value in values.items()}
@@ -358,16 +373,17 @@ class MetricsCB(Callback):
             self._record_row(learn.epoch)
         learn.note("metrics", batches=self._batches, complete=complete, **keyed)
 
-    def _pass_values(self, training: bool) -> dict[str, float]:
-        names = ["loss", *self.metrics]
+    def _pass_values(self, learn: Learner) -> dict[str, float]:
+        """Return the pass's values over every rank: one ``world.sum``, then the metrics."""
+        reduced = learn.world.sum([self._loss.total(), self._loss.count, self._updates])
+        loss_sum, count, updates = reduced
         tensors: dict[str, torch.Tensor] = {}
-        if self._batches:
-            tensors["loss"] = self._loss.mean()
-        if self._updates:
-            for name, metric in self._passes[training].items():
+        if updates:  # on any rank: every rank computes, as torchmetrics syncs in compute
+            for name, metric in self._passes[learn.training].items():
                 tensors[name] = metric.compute()
         computed = _to_floats(tensors)
-        return {name: computed.get(name, math.nan) for name in names}
+        loss = _as_float32(loss_sum / count) if count else math.nan
+        return {"loss": loss} | {name: computed.get(name, math.nan) for name in self.metrics}
 
     def _record_row(self, epoch: int) -> None:
         row: dict[str, float] = {"epoch": epoch, **self.values}
@@ -393,6 +409,14 @@ _STATE_KEYS: Final = (
     "loss",
     "metrics",
 )
+
+
+def _as_float32(value: float) -> float:
+    """Round ``value`` to float32, as the metrics' values are.
+
+    On one process the loss is then exactly the float32 mean the device would compute.
+    """
+    return float(torch.tensor(value, dtype=torch.float32))
 
 
 def _floats(owner: str, named: Mapping[str, Any], key: str) -> dict[str, float]:

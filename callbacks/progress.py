@@ -13,6 +13,14 @@ The lines and the table are printed when their unit ends by any route (``cleanup
 before the table; after a failure only the bars are stopped, leaving the terminal to the
 traceback.
 
+Across ranks (a fit under torch.distributed, ``learn.world.size`` > 1) only rank 0
+(``learn.world.is_main``, read at ``before_fit``) prints and draws: the other ranks keep
+the same rows and running loss (their checkpoints hold them) and print nothing, so a
+torchrun job shows one progress. The values shown are MetricsCB's, the same on every
+rank (over every rank's samples); without a metrics callback the loss shown is rank 0's
+own mean, over its share of the batches. A validate or predict run is on one process
+(``learn.world`` is ``LOCAL`` there): every process that runs one prints its line.
+
 The live loss is the only host-device sync ProgressCB makes per batch, and it is
 throttled: ``learn.loss`` is read at most once every ``refresh_s`` seconds (0.25 by
 default), and only on a terminal. The per-pass loss without MetricsCB is summed on the
@@ -120,6 +128,8 @@ class ProgressCB(Callback):
         self._pass_start = 0.0
         self._pass_completed = False
         self._next_refresh = 0.0
+        self._shown = True
+        """Whether this process prints: rank 0 of a fit across ranks, any process else."""
 
     @property
     def is_terminal(self) -> bool:
@@ -127,18 +137,20 @@ class ProgressCB(Callback):
         return self.console.is_terminal
 
     def before_fit(self, learn: Learner) -> None:
-        """Find the metrics callback; on a terminal, start the bars."""
+        """Find the metrics callback; on a terminal, start the bars (on rank 0 only)."""
         self._metrics = metrics_of(learn)
+        self._shown = learn.world.is_main
         self._rows = {}
         self.live_loss_reads = 0
         self._next_refresh = 0.0
-        if self.is_terminal:
+        if self.is_terminal and self._shown:
             self._start_bars(learn.n_epochs)
 
     def before_epoch(self, learn: Learner) -> None:
         """Start timing the pass, and reset its bar; a validate run finds its metrics here."""
         if learn.kind is RunKind.VALIDATE:  # no before_fit
             self._metrics = metrics_of(learn)
+            self._shown = learn.world.is_main
         self._pass_start = time.monotonic()
         self._loss.reset()
         if self._progress is not None and self._pass_task is not None:
@@ -178,7 +190,7 @@ class ProgressCB(Callback):
     def cleanup_fit(self, learn: Learner) -> None:
         """Stop the bars; print the table of the epochs that ran, unless the fit failed."""
         self._stop_bars()
-        if learn.failure is None and self.table and self._rows:
+        if learn.failure is None and self.table and self._rows and self._shown:
             self._print_table()
 
     def state_dict(self) -> dict[str, Any]:
@@ -216,6 +228,8 @@ class ProgressCB(Callback):
         return dict(self._metrics.last_pass())
 
     def _print_line(self, learn: Learner, line: str) -> None:
+        if not self._shown:
+            return
         progress = self._progress
         if progress is not None:
             progress.console.print(line, markup=False, highlight=False, soft_wrap=True)

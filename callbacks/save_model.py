@@ -3,6 +3,9 @@
 A checkpoint is ``{"model": model.state_dict(), "opt": opt.state_dict(), "epoch": n}``
 written with ``torch.save`` (to a temporary file, then renamed over the target, so a
 crash never leaves half a checkpoint), read back with ``torch.load(weights_only=True)``.
+The model's state is the unwrapped module's (``fsm_learner.checkpoint.unwrap_model``:
+no ``module.`` prefix of DDP, no ``_orig_mod.`` of ``torch.compile``), and is loaded
+back into the unwrapped module.
 
 When it saves, at the end of each validation pass:
 
@@ -43,6 +46,13 @@ carries over into the next fit as an uninterrupted run would (``before_fit`` kee
 best); loaded after ``before_fit``, the resumed fit numbers and saves its epochs as the
 uninterrupted one does.
 
+Across ranks (a fit under torch.distributed, ``learn.world.size`` > 1) only rank 0
+(``learn.world.is_main``) writes files and notes ``checkpoint``; the ranks' models are
+the same. Every rank keeps the same count, best and ``saved`` list (the monitored value
+is the same on every rank once MetricsCB has reduced it), so ``load_best`` works on
+every rank: each calls ``learn.world.barrier()`` when the fit ends, so that rank 0's
+writes are done, then loads the file (the ranks must see the same file system there).
+
 Each save adds a ``checkpoint`` note to the audit log. Validate and predict runs are not
 epochs of a fit: nothing is saved in them. No per-batch work, so no per-batch host-device
 sync. SaveModelCB runs after EarlyStoppingCB (order 60 > 50): when early
@@ -62,6 +72,7 @@ import torch
 from callbacks._state import state_keys, state_list, state_optional, state_value
 from callbacks.monitor import Mode, Monitor
 from fsm_learner import Callback, ConfigurationError
+from fsm_learner.checkpoint import unwrap_model
 from fsm_learner.exceptions import CheckpointError
 from fsm_learner.machine import RunKind
 
@@ -86,7 +97,8 @@ def load_checkpoint(
 
     The file is read with ``torch.load(weights_only=True)``, which refuses anything but
     tensors and plain containers. The tensors are first loaded onto ``map_location``;
-    ``load_state_dict`` then copies them to wherever the model's parameters live.
+    ``load_state_dict`` then copies them to wherever the model's parameters live. A
+    wrapped model (DDP, ``torch.compile``) gets them in the module it wraps.
     """
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     missing = {"model", "opt", "epoch"} - set(checkpoint)
@@ -96,7 +108,7 @@ def load_checkpoint(
             f"(expected keys 'model', 'opt', 'epoch'; got {sorted(checkpoint)})"
         )
         raise ConfigurationError(msg)
-    model.load_state_dict(checkpoint["model"])
+    unwrap_model(model).load_state_dict(checkpoint["model"])
     if opt is not None:
         opt.load_state_dict(checkpoint["opt"])
     return int(checkpoint["epoch"])
@@ -233,12 +245,13 @@ class SaveModelCB(Callback):
 
     def _load_best(self, learn: Learner) -> None:
         monitor = self.monitor
-        if not self.load_best or monitor is None or monitor.best_epoch < 0:
+        if not self.load_best or monitor is None or learn.kind is not RunKind.FIT:
             return
-        if learn.kind is not RunKind.FIT:
+        learn.world.barrier()  # every rank, best or not: rank 0's writes are done
+        if monitor.best_epoch < 0:
             return
         checkpoint = torch.load(self.path, map_location="cpu", weights_only=True)
-        learn.model.load_state_dict(checkpoint["model"])
+        unwrap_model(learn.model).load_state_dict(checkpoint["model"])
         learn.note("load_best", path=str(self.path), epoch=int(checkpoint["epoch"]))
 
     def state_dict(self) -> dict[str, Any]:
@@ -275,21 +288,28 @@ class SaveModelCB(Callback):
         return self.path / f"epoch_{epoch}.pt" if self.every_epoch else self.path
 
     def _save(self, learn: Learner) -> None:
+        """Write the epoch's file and note it on rank 0; list it on every rank."""
         epoch = self.epoch_number(learn)
         target = self.checkpoint_path(epoch)
-        opt = learn.opt
-        checkpoint: dict[str, Any] = {
-            "model": learn.model.state_dict(),
-            "opt": {} if opt is None else opt.state_dict(),
-            "epoch": epoch,
-        }
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")
-        torch.save(checkpoint, partial)
-        partial.replace(target)
+        if learn.world.is_main:
+            _write(target, learn, epoch)
+            fields: dict[str, Any] = {"path": str(target)}
+            if self.monitor is not None:
+                fields.update(monitor=self.monitor.name, value=self.monitor.best)
+            learn.note("checkpoint", **fields)
         if target not in self.saved:
             self.saved.append(target)
-        fields: dict[str, Any] = {"path": str(target)}
-        if self.monitor is not None:
-            fields.update(monitor=self.monitor.name, value=self.monitor.best)
-        learn.note("checkpoint", **fields)
+
+
+def _write(target: Path, learn: Learner, epoch: int) -> None:
+    """Write the checkpoint to a temporary file, then rename it over ``target``."""
+    opt = learn.opt
+    checkpoint: dict[str, Any] = {
+        "model": unwrap_model(learn.model).state_dict(),
+        "opt": {} if opt is None else opt.state_dict(),
+        "epoch": epoch,
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    torch.save(checkpoint, partial)
+    partial.replace(target)

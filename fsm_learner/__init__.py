@@ -12,6 +12,9 @@ from fsm_learner.exceptions import (
     CancelFitException,
     CheckpointError,
     ConfigurationError,
+    DistributedError,
+    DistributedWarning,
+    DivergenceError,
     FsmLearnerError,
     FsmLearnerWarning,
     IllegalCancelError,
@@ -20,6 +23,8 @@ from fsm_learner.exceptions import (
     InvalidDataLoadersError,
     InvalidTransitionError,
     PartialResultWarning,
+    RankFailedError,
+    RankLostError,
     ResumeWarning,
 )
 from fsm_learner.machine import (
@@ -36,6 +41,7 @@ from fsm_learner.machine import (
 
 if typing.TYPE_CHECKING:
     from fsm_learner.diagram import DiagramFormat
+    from fsm_learner.distributed import Distributed, World
     from fsm_learner.learner import DataLoaders, Failure, FitResult, Learner
     from fsm_learner.optim import weight_decay_groups
 
@@ -52,6 +58,10 @@ __all__ = [
     "ConfigurationError",
     "DataLoaders",
     "DiagramFormat",
+    "Distributed",
+    "DistributedError",
+    "DistributedWarning",
+    "DivergenceError",
     "Failure",
     "FitResult",
     "FsmLearnerError",
@@ -68,12 +78,15 @@ __all__ = [
     "MetricsProvider",
     "Override",
     "PartialResultWarning",
+    "RankFailedError",
+    "RankLostError",
     "ResumeWarning",
     "RunKind",
     "RunStatus",
     "State",
     "TransitionSpec",
     "Trigger",
+    "World",
     "__version__",
     "build_machine",
     "weight_decay_groups",
@@ -88,6 +101,8 @@ _LAZY: typing.Final = {
     "FitResult": "fsm_learner.learner",
     "Learner": "fsm_learner.learner",
     "DiagramFormat": "fsm_learner.diagram",
+    "Distributed": "fsm_learner.distributed",
+    "World": "fsm_learner.distributed",
     "weight_decay_groups": "fsm_learner.optim",
 }
 

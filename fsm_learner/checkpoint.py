@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from fsm_learner._display import exception_text, safe_text
-from fsm_learner.exceptions import CheckpointError
+from fsm_learner.exceptions import CheckpointError, ConfigurationError
 from fsm_learner.machine import State, Trigger
 
 if TYPE_CHECKING:
@@ -474,13 +474,19 @@ def _check_fields(
             raise CheckpointError(msg)
 
 
-def checkpoint_files(directory: Path) -> list[Path]:
-    """Return the checkpoint files of ``directory``, newest first (temporary files left out)."""
+def checkpoint_files(directory: Path, *, rank: int = 0, world_size: int = 1) -> list[Path]:
+    """Return this process's checkpoint files of ``directory``, newest first.
+
+    Its files are those ``file_name`` names for ``rank`` of ``world_size``: across ranks
+    those of that rank only, on one process those without a ``.rank<r>`` part. Temporary
+    files are left out.
+    """
+    part = rank_part(rank, world_size)
     try:
         entries = [p for p in directory.iterdir() if p.suffix == _SUFFIX and p.is_file()]
     except OSError:
         return []
-    entries = [p for p in entries if not p.name.startswith(".")]
+    entries = [p for p in entries if not p.name.startswith(".") and _rank_part_of(p) == part]
 
     def newest(path: Path) -> tuple[int, str]:
         try:
@@ -491,10 +497,16 @@ def checkpoint_files(directory: Path) -> list[Path]:
     return sorted(entries, key=newest, reverse=True)
 
 
-def find_latest(directory: Path) -> tuple[Checkpoint | None, list[str]]:
-    """Return the newest checkpoint of ``directory`` that reads, and why newer ones did not."""
+def find_latest(
+    directory: Path, *, rank: int = 0, world_size: int = 1
+) -> tuple[Checkpoint | None, list[str]]:
+    """Return the newest checkpoint of ``directory`` that reads, and why newer ones did not.
+
+    Only this process's files are looked at (``checkpoint_files``): across ranks, rank
+    ``rank``'s of ``world_size``; on one process, those without a rank in their name.
+    """
     skipped: list[str] = []
-    for path in checkpoint_files(directory):
+    for path in checkpoint_files(directory, rank=rank, world_size=world_size):
         try:
             return read_checkpoint(path), skipped
         except CheckpointError as exc:
@@ -579,6 +591,16 @@ def _skipping_loader(data: object, skip: int) -> tuple[Iterable[Any], _SkippingS
     loader = torch.utils.data.DataLoader
     if not isinstance(data, loader) or isinstance(data.dataset, torch.utils.data.IterableDataset):
         return None
+    settings = loader_settings(data)
+    if data.batch_sampler is not None:
+        sampler = _SkippingSampler(data.batch_sampler, skip)
+        return loader(data.dataset, batch_sampler=sampler, **settings), sampler
+    sampler = _SkippingSampler(data.sampler, skip)
+    return loader(data.dataset, batch_size=None, sampler=sampler, **settings), sampler
+
+
+def loader_settings(data: torch.utils.data.DataLoader[Any]) -> dict[str, Any]:
+    """Return what a twin of ``data`` (another sampler, the same loading) is built with."""
     settings: dict[str, Any] = {
         "num_workers": data.num_workers,
         "collate_fn": data.collate_fn,
@@ -593,11 +615,7 @@ def _skipping_loader(data: object, skip: int) -> tuple[Iterable[Any], _SkippingS
         settings["prefetch_factor"] = data.prefetch_factor
     if hasattr(data, "in_order"):
         settings["in_order"] = data.in_order
-    if data.batch_sampler is not None:
-        sampler = _SkippingSampler(data.batch_sampler, skip)
-        return loader(data.dataset, batch_sampler=sampler, **settings), sampler
-    sampler = _SkippingSampler(data.sampler, skip)
-    return loader(data.dataset, batch_size=None, sampler=sampler, **settings), sampler
+    return settings
 
 
 def stateful(data: object) -> bool:
@@ -620,10 +638,45 @@ def logged_path(path: Path) -> str:
     return raw if len(raw) <= _LOGGED_PATH else raw[: _LOGGED_PATH - 3] + "..."
 
 
-def file_name(at: Position, run_id: str) -> str:
-    """Name a checkpoint file after its position and run: it sorts by position."""
+def file_name(at: Position, run_id: str, *, rank: int = 0, world_size: int = 1) -> str:
+    """Name a checkpoint file after its position, run and rank: it sorts by position.
+
+    Across ranks (``world_size`` > 1) each rank writes its own file, ``..._<run>.rank<r>.pt``
+    (as each writes its own log); on one process the name has no rank part.
+    """
     pass_name = "train" if at.training else "valid"
-    return f"ckpt_e{at.epoch:04d}_{pass_name}_b{at.iter:06d}_{_NAME_SAFE.sub('_', run_id)}.pt"
+    run = _NAME_SAFE.sub("_", run_id)
+    part = rank_part(rank, world_size)
+    return f"ckpt_e{at.epoch:04d}_{pass_name}_b{at.iter:06d}_{run}{part}{_SUFFIX}"
+
+
+_RANK_PART: Final = re.compile(r"\.rank[0-9]+(?=\.pt\Z)")
+"""The rank part of a checkpoint file's name (``.rank1`` of ``..._<run>.rank1.pt``)."""
+
+
+def rank_part(rank: int, world_size: int) -> str:
+    """Return the part of a checkpoint's name that says its rank: ``.rank<r>``, or none.
+
+    Across ranks (``world_size`` > 1) every rank's files have one, rank 0's included; on
+    one process (``world_size`` 1, ``rank`` 0) none.
+    """
+    if type(world_size) is not int or world_size < 1:
+        msg = f"world_size must be an int >= 1 (the processes of the fit), got {world_size!r}"
+        raise ConfigurationError(msg)
+    if type(rank) is not int or not 0 <= rank < world_size:
+        msg = f"rank must be an int from 0 to {world_size - 1} (of {world_size}), got {rank!r}"
+        raise ConfigurationError(msg)
+    return f".rank{rank}" if world_size > 1 else ""
+
+
+def _rank_part_of(path: Path) -> str:
+    found = _RANK_PART.search(path.name)
+    return "" if found is None else found.group(0)
+
+
+def of_rank(path: Path, *, rank: int = 0, world_size: int = 1) -> bool:
+    """Whether ``path`` is named as rank ``rank`` of ``world_size`` names its checkpoints."""
+    return _rank_part_of(path) == rank_part(rank, world_size)
 
 
 # -- what a checkpoint holds, and putting it back -------------------------------------------

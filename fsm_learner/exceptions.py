@@ -14,6 +14,10 @@ is the guard of a cancel transition in the machine. Errors are failures of ours:
         ├── InvalidDataLoadersError      (also TypeError)
         ├── InvalidBatchError            (also TypeError) a batch or output the loop cannot read
         ├── CheckpointError              (also ValueError) a checkpoint that cannot be used
+        ├── DistributedError             (also RuntimeError) the ranks cannot go on together
+        │   ├── RankFailedError          another rank failed; its exception is named
+        │   ├── RankLostError            a rank stopped answering (died or hung): named
+        │   └── DivergenceError          the ranks' paths differ: the first difference named
         └── InvalidTransitionError       (also RuntimeError)
             └── IllegalCancelError       a cancel raised where its transition is not allowed
 
@@ -22,6 +26,7 @@ Warnings::
     UserWarning
     └── FsmLearnerWarning
         ├── PartialResultWarning         (also RuntimeWarning) validate/get_preds cancelled
+        ├── DistributedWarning           (also RuntimeWarning) a loader left as it was across ranks
         └── ResumeWarning                (also RuntimeWarning) a resume fell back or may drift
 
 Any other exception raised during a fit is not wrapped: it takes the machine's failure
@@ -37,6 +42,9 @@ __all__ = [
     "CancelFitException",
     "CheckpointError",
     "ConfigurationError",
+    "DistributedError",
+    "DistributedWarning",
+    "DivergenceError",
     "FsmLearnerError",
     "FsmLearnerWarning",
     "IllegalCancelError",
@@ -45,6 +53,8 @@ __all__ = [
     "InvalidDataLoadersError",
     "InvalidTransitionError",
     "PartialResultWarning",
+    "RankFailedError",
+    "RankLostError",
     "ResumeWarning",
 ]
 
@@ -89,6 +99,38 @@ class CheckpointError(FsmLearnerError, ValueError):
     """A checkpoint that cannot be read or resumed from: the message names the file."""
 
 
+class DistributedError(FsmLearnerError, RuntimeError):
+    """The ranks of a distributed fit cannot go on together; every rank fails with it."""
+
+
+class RankFailedError(DistributedError):
+    """Another rank failed: this rank takes ``fail`` too. The message names the rank and its error.
+
+    ``rank`` is the rank that failed (the lowest, when several failed at once), ``at``
+    where this rank heard of it, ``error`` what that rank said of its exception.
+    """
+
+    def __init__(self, message: str, rank: int, at: str, error: str) -> None:
+        """Keep the message, the rank that failed, where it was heard of, and its error."""
+        super().__init__(message)
+        self.rank = rank
+        self.at = at
+        self.error = error
+
+
+class RankLostError(DistributedError):
+    """A rank stopped answering (it died, or hung past the timeout). ``ranks``: which."""
+
+    def __init__(self, message: str, ranks: tuple[int, ...]) -> None:
+        """Keep the message and the ranks that did not answer (empty: none could be named)."""
+        super().__init__(message)
+        self.ranks = ranks
+
+
+class DivergenceError(DistributedError):
+    """The ranks' paths differ: the message names the first transition where they part."""
+
+
 class InvalidTransitionError(FsmLearnerError, RuntimeError):
     """A trigger was fired in a state the transition table does not allow it from."""
 
@@ -110,3 +152,7 @@ class PartialResultWarning(FsmLearnerWarning, RuntimeWarning):
 
 class ResumeWarning(FsmLearnerWarning, RuntimeWarning):
     """A resume that fell back to an older checkpoint, or that may not be exact."""
+
+
+class DistributedWarning(FsmLearnerWarning, RuntimeWarning):
+    """A loader the learner could not give each rank its own share of: left as it was."""

@@ -76,6 +76,20 @@ from fsm_learner.checkpoint import (
     unwrap_model,
     write_atomic,
 )
+from fsm_learner.distributed import (
+    LOCAL,
+    Agreement,
+    AgreePoint,
+    Distributed,
+    Proposal,
+    World,
+    as_distributed,
+    distributed_loader,
+    first_difference,
+    set_sampler_epoch,
+    start_world,
+    wrap_model,
+)
 from fsm_learner.exceptions import (
     CancelBatchException,
     CancelEpochException,
@@ -83,11 +97,16 @@ from fsm_learner.exceptions import (
     CancelFitException,
     CheckpointError,
     ConfigurationError,
+    DistributedError,
+    DistributedWarning,
+    DivergenceError,
     IllegalCancelError,
     InvalidCallbackError,
     InvalidDataLoadersError,
     InvalidTransitionError,
     PartialResultWarning,
+    RankFailedError,
+    RankLostError,
     ResumeWarning,
 )
 from fsm_learner.inference import Gathered, LossMean
@@ -184,6 +203,10 @@ class _Route:
     hooks_first: bool
     count_key: tuple[Trigger, bool]
     record: RouteKey
+    agree: AgreePoint | None
+    """Where ranks agree between this route's hooks and its state change (across ranks)."""
+    code: int
+    """The trigger and pass as one int: a rank's trail hashes the same in every process."""
     next: _Node = attrs.field(repr=False)
     """The routes out of ``dest`` (same value of training): the hot path follows these."""
 
@@ -193,11 +216,28 @@ _Node = dict[Trigger, _Route]
 _Routes = Mapping[State, _Node]
 
 
-def _compile(dispatch: Dispatch, kind: RunKind) -> Mapping[Mode, _Routes]:
-    """Attach this run's ordered hooks to the table's routes, for the modes of ``kind``."""
+def _compile(
+    dispatch: Dispatch, kind: RunKind, *, agreeing: bool = False
+) -> Mapping[Mode, _Routes]:
+    """Attach this run's ordered hooks to the table's routes, for the modes of ``kind``.
+
+    ``agreeing``: the fit runs across ranks, which agree at the end of each unit.
+    """
     return MappingProxyType(
-        {mode: _compile_for(dispatch, mode) for mode in MODES if mode[0] is kind},
+        {mode: _compile_for(dispatch, mode, agreeing) for mode in MODES if mode[0] is kind},
     )
+
+
+_AGREE_AT: Final = MappingProxyType(
+    {
+        Trigger.END_BATCH: AgreePoint.END_BATCH,
+        Trigger.END_EPOCH: AgreePoint.END_EPOCH,
+        Trigger.END_FIT: AgreePoint.END_FIT,
+    },
+)
+"""The end of each unit, where ranks agree after its after_ hooks (before the change)."""
+_TRIGGERS: Final = tuple(Trigger)
+_POINTS: Final = tuple(AgreePoint)
 
 
 @attrs.frozen
@@ -233,7 +273,7 @@ def _shapes(mode: Mode) -> tuple[_RouteShape, ...]:
     )
 
 
-def _compile_for(dispatch: Dispatch, mode: Mode) -> _Routes:
+def _compile_for(dispatch: Dispatch, mode: Mode, agreeing: bool) -> _Routes:
     hooks = dispatch.hooks
     nodes: dict[State, _Node] = {state: {} for state in State}
     for shape in _shapes(mode):
@@ -249,6 +289,8 @@ def _compile_for(dispatch: Dispatch, mode: Mode) -> _Routes:
             shape.hooks_first,
             shape.count_key,
             shape.record,
+            _AGREE_AT.get(shape.trigger) if agreeing else None,
+            _TRIGGERS.index(shape.trigger) * 2 + mode[1],
             nodes[shape.dest],
         )
     return MappingProxyType(nodes)
@@ -395,6 +437,23 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+_CANCEL_OF: Final = MappingProxyType(
+    {
+        Proposal.BATCH: CancelBatchException,
+        Proposal.EPOCH: CancelEpochException,
+        Proposal.FIT: CancelFitException,
+    },
+)
+"""The cancel every rank raises when the ranks agreed on a proposal."""
+
+
+def _proposal(exc: CancelException) -> Proposal:
+    trigger = cancel_trigger(exc)
+    if trigger is Trigger.CANCEL_BATCH:
+        return Proposal.BATCH
+    return Proposal.EPOCH if trigger is Trigger.CANCEL_EPOCH else Proposal.FIT
+
+
 class _PassEnd(Enum):
     """How a pass ended: completed, cancelled, or stopped at a boundary (preempted)."""
 
@@ -477,6 +536,7 @@ class Learner:
         param_groups: ParamGroups | None = None,
         audit_log: str | os.PathLike[str] | None = "runs",
         audit_key: bytes | str | None = None,
+        distributed: Distributed | bool | None = None,
     ) -> None:
         """Check the arguments; nothing runs until ``fit``, ``validate`` or ``get_preds``.
 
@@ -490,6 +550,11 @@ class Learner:
         ``.jsonl`` file (each run appends), or None for no log. ``audit_key`` (default:
         the ``FSM_LEARNER_AUDIT_KEY`` environment variable) keys the hash chain; it is
         never written to the log.
+        ``distributed``: under a started torch.distributed process group of more than
+        one rank (None, the default), a fit is one run across the ranks
+        (``fsm_learner.distributed``); True also starts the group from torchrun's
+        environment; False keeps every process on its own; ``Distributed(...)`` sets
+        the timeout and what the learner does to the model and loaders.
         """
         if not isinstance(model, nn.Module):
             msg = f"model must be a torch.nn.Module, got {type(model).__name__}"
@@ -519,6 +584,7 @@ class Learner:
         self._init_loop()
         self._audit_log = _check_audit_log(audit_log)
         self._audit_key = _check_audit_key(audit_key)
+        self._distributed = as_distributed(distributed)
         self._run: Run | None = None
         """The current (or last) run."""
         self._last_result: FitResult | None = None
@@ -542,6 +608,19 @@ class Learner:
         self._epoch = self._n_epochs = self._iter = 0
         self._training = False
         self._rank = 0
+        self._world: World = LOCAL
+        self._agreeing = False
+        """The fit runs across ranks: they agree at the points the distributed module names."""
+        self._trail: list[tuple[int, int, int]] | None = None
+        """Across ranks: the transitions since the ranks last agreed (code, epoch, iter)."""
+        self._proposal = Proposal.NONE
+        """Across ranks: the cancel a hook raised, which the next agreement decides on."""
+        self._agreed: BaseException | None = None
+        """The cancel the ranks last agreed on, raised by the agreement (not a proposal)."""
+        self._loaders: tuple[Any, Any] = (None, None)
+        """The fit's training and validation data: each rank's share, across ranks."""
+        self._user_model: nn.Module | None = None
+        """The model as given, while a fit across ranks trains it wrapped in DDP."""
         self._counts: dict[tuple[Trigger, bool], int] = _zero_counts()
         self._hook_ns: dict[tuple[Trigger, bool], int] = _zero_counts()
         self._failure: Failure | None = None
@@ -695,6 +774,11 @@ class Learner:
         return self._rank
 
     @property
+    def world(self) -> World:
+        """The processes the current (or last) fit runs on (``World``: rank, size, sum)."""
+        return self._world
+
+    @property
     def run_id(self) -> str:
         """The id of the current (or last) run; empty before the first run."""
         return "" if self._run is None else self._run.run_id
@@ -780,6 +864,7 @@ class Learner:
         """
         self._last_result = None  # whatever happens next, not the last call's
         self._check_idle("fit()")
+        self._world = start_world(self._distributed)
         n_epochs = _check_n_epochs(n_epochs)
         reset_opt = _check_bool("reset_opt", reset_opt)
         resume = self._resume_point(resume_from, n_epochs, reset_opt=reset_opt)
@@ -794,6 +879,7 @@ class Learner:
             return self._execute(RunKind.FIT, prepare, self._train)
         finally:
             restore()
+            self._unwrap_model()
 
     # -- checkpoints -----------------------------------------------------------------
 
@@ -883,7 +969,8 @@ class Learner:
 
     def _newest(self, directory: Path) -> Checkpoint | None:
         """Return the newest checkpoint of ``directory`` that reads; say which did not."""
-        checkpoint, skipped = find_latest(directory)
+        world = self._world  # across ranks, each rank resumes its own files
+        checkpoint, skipped = find_latest(directory, rank=world.rank, world_size=world.size)
         if checkpoint is None and skipped:
             msg = (
                 f"no checkpoint in {safe_text(directory, 300)} can be read "
@@ -1045,8 +1132,8 @@ class Learner:
         assign the traceback of what it lets through, which a frozen exception refuses.
         """
         self._boundary_due = self._checkpoint_wanted = self._preempt_wanted = False
-        if threading.current_thread() is not threading.main_thread() or not _checkpointers(
-            self._cbs
+        if threading.current_thread() is not threading.main_thread() or not (
+            self._world.distributed or _checkpointers(self._cbs)
         ):
             return _nothing
         previous = signal.getsignal(signal.SIGTERM)
@@ -1058,6 +1145,13 @@ class Learner:
         return restore
 
     def _on_sigterm(self, _signum: int, _frame: object) -> None:
+        if self._world.distributed and not self._checkpointers:
+            # torchrun stops every worker once one fails: fail, closing the log, not die
+            msg = (
+                f"rank {self._world.rank} was sent SIGTERM (torchrun stops every worker "
+                f"once one fails; no checkpointing callback to preempt with)"
+            )
+            raise RankLostError(msg, ())
         self._preempt_wanted = self._boundary_due = True
 
     def _at_boundary(self, at: Position) -> bool:
@@ -1255,6 +1349,8 @@ class Learner:
                 return self._close_run(body())
             except BaseException as exc:
                 failed = self._as_failure(exc)
+                if self._agreeing:
+                    self._agree_failure(failed)
                 self._handle_failure(failed)
                 if failed is exc:
                     # by name: on CPython 3.11 a bare raise can re-raise an exception some
@@ -1280,12 +1376,17 @@ class Learner:
         try:
             self._epoch = passes[first][0] if first < len(passes) else self._n_epochs
             self._fire(Trigger.BEGIN_FIT)
+            if self._agreeing:
+                self._agree(AgreePoint.BEGIN_FIT)
+                self._wrap_model()
             if not skip:  # resuming between passes: back at the position already
                 self._reenter()
             for index in range(first, len(passes)):
                 epoch, training = passes[index]
                 self._epoch = epoch
-                data = self.dls.train if training else self.dls.valid
+                data = self._loaders[0 if training else 1]
+                if self._agreeing:
+                    set_sampler_epoch(data, epoch)
                 if self._one_pass(data, training=training, skip=skip) is _PassEnd.STOPPED:
                     return self._preempt()
                 skip = 0
@@ -1293,7 +1394,9 @@ class Learner:
                 if self._boundary_due and self._at_boundary(Position(State.FIT, *after)):
                     return self._preempt()
             self._fire(Trigger.END_FIT)
-        except CancelFitException:
+        except CancelFitException as exc:
+            if self._agreeing:
+                self._agree_cancel(exc)
             self._drop_unstepped_gradients()
             self._fire(Trigger.CANCEL_FIT)
             return RunStatus.CANCELLED
@@ -1324,21 +1427,31 @@ class Learner:
     def _prepare(self, kind: RunKind) -> None:
         self._unstepped = False
         self._resume = self._resumed_from = self._pass_start = None
+        if kind is not RunKind.FIT:
+            self._world = LOCAL
+        self._agreeing = agreeing = self._world.distributed
+        self._trail = [] if agreeing else None
+        if agreeing:
+            self._world.check = self._agree_collective
+        self._proposal, self._agreed = Proposal.NONE, None
         self._resolve_callbacks(kind)
         self._checkpointers = _checkpointers(self._cbs) if kind is RunKind.FIT else ()
         self._epoch = self._iter = 0
         self._counts = _zero_counts()
         self._hook_ns = _zero_counts()
-        self._rank = _rank()
+        self._rank = self._world.rank if agreeing else _rank()
         self._failure = self._origin = None
+        self._loaders = self._fit_loaders() if kind is RunKind.FIT else (None, None)
 
     def _resolve_callbacks(self, kind: RunKind) -> None:
         """Check the callbacks and compile their dispatch, every run (they may have changed)."""
         self._cbs = validate_callbacks(self._cbs)
         dispatch = resolve_dispatch(self._cbs)
-        key = (kind, *_dispatch_key(dispatch))
+        agreeing = self._agreeing
+        key = (kind, agreeing, *_dispatch_key(dispatch))
         if key != self._compiled_key:  # the same callbacks running the same functions: reuse
-            self._compiled_key, self._compiled_for = key, _compile(dispatch, kind)
+            self._compiled_key = key
+            self._compiled_for = _compile(dispatch, kind, agreeing=agreeing)
         # together: the compiled routes always hold the modes of the kind
         self._dispatch, self._compiled, self._kind = dispatch, self._compiled_for, kind
         self._go_idle()  # the routes match the mode
@@ -1369,7 +1482,16 @@ class Learner:
         """Start the run and open its log: a file that cannot be opened raises here, first."""
         self._pending = None
         self._run = run = Run()  # from here on, _settle closes it whatever happens
-        run.open(self._audit_log, key=self._audit_key, rank=self._rank, settings=self._settings)
+        world = self._world
+        if self._agreeing:
+            run.run_id = world.agree_run_id(run.run_id)
+        run.open(
+            self._audit_log,
+            key=self._audit_key,
+            rank=self._rank,
+            world_size=world.size,
+            settings=self._settings,
+        )
         run.start()
         self._pending = run.pending
 
@@ -1430,6 +1552,8 @@ class Learner:
         try:
             with torch.set_grad_enabled(training):
                 self._fire(Trigger.BEGIN_EPOCH)
+                if self._agreeing:
+                    self._agree(AgreePoint.BEGIN_EPOCH)
                 for i, batch in self._batches(data, skip):
                     self._iter = i
                     self.batch = batch
@@ -1442,7 +1566,9 @@ class Learner:
                     if logged:
                         flush_if_due()
                 self._fire(Trigger.END_EPOCH)
-        except CancelEpochException:
+        except CancelEpochException as exc:
+            if self._agreeing:
+                self._agree_cancel(exc)
             self._drop_unstepped_gradients()
             self._fire(Trigger.CANCEL_EPOCH)
             ended = _PassEnd.CANCELLED
@@ -1505,6 +1631,8 @@ class Learner:
                     self._refuse_work(Override.COMPUTE_LOSS, "learn.loss")
                 fire(Trigger.COMPUTE_LOSS)
                 if self._training:
+                    if self._agreeing:  # no rank skips a backward the others take
+                        self._agree(AgreePoint.BACKWARD)
                     self._unstepped = True  # from here to the step, gradients are pending
                     self._backward(self)
                     fire(Trigger.BACKWARD)
@@ -1512,7 +1640,9 @@ class Learner:
                     self._unstepped = False
                     fire(Trigger.STEP)
             fire(Trigger.END_BATCH)
-        except CancelBatchException:
+        except CancelBatchException as exc:
+            if self._agreeing:
+                self._agree_cancel(exc)
             self._drop_unstepped_gradients()
             fire(Trigger.CANCEL_BATCH)
             return False
@@ -1525,14 +1655,17 @@ class Learner:
         if route is None:
             self._refuse(trigger)
         calls = route.calls
-        if calls and route.hooks_first:
-            self._run_hooks(route)
+        if route.hooks_first:  # the end of a unit: once per batch
+            self._end_unit(route)
         # the state change, inlined: this runs 5-6 times per batch
         # the record first: an interrupt before the state change leaves the log one step
         # ahead, and the failure path takes the log's state (see _fail_transition)
         pending = self._pending
         if pending is not None:
             pending.append((_now_ns(), route.record, self._epoch, self._iter))
+        trail = self._trail
+        if trail is not None:
+            trail.append((route.code, self._epoch, self._iter))
         self._state = route.dest
         self._node = route.next
         self._counts[route.count_key] += 1
@@ -1546,6 +1679,13 @@ class Learner:
         if route.cleanups:
             self._run_cleanups(route)
 
+    def _end_unit(self, route: _Route) -> None:
+        """Run an ``end_*`` route's hooks; across ranks, then agree (before the change)."""
+        if route.calls:
+            self._run_hooks(route)
+        if route.agree is not None:
+            self._agree(route.agree)
+
     def _run_hooks(self, route: _Route) -> None:
         start = _now_ns()
         try:
@@ -1554,6 +1694,9 @@ class Learner:
                     call(self)
                 except CancelException as exc:
                     self._vet_cancel(exc, route.hook, cb)
+                    if self._agreeing:  # a proposal: the next agreement decides
+                        self._proposal = max(self._proposal, _proposal(exc))
+                        continue
                     raise
                 except BaseException as exc:
                     self._origin = Failure(exc, self._state, route.hook, cb)
@@ -1636,6 +1779,144 @@ class Learner:
         illegal = IllegalCancelError(_illegal_cancel_message(exc, trigger, where, self._node))
         self._origin = Failure(illegal, self._state, hook, cb)
         raise illegal from exc
+
+    # -- across ranks ------------------------------------------------------------------
+
+    def _fit_loaders(self) -> tuple[Any, Any]:
+        """Return the fit's training and validation data: across ranks, each rank's share."""
+        dls, config = self.dls, self._distributed
+        if not self._agreeing or config is None or not config.distribute_samplers:
+            return dls.train, dls.valid
+        shares = []
+        for name, data in (("train", dls.train), ("valid", dls.valid)):
+            share, warning = distributed_loader(data, self._world)
+            if warning is not None:
+                warnings.warn(f"dls.{name}: {warning}", DistributedWarning, stacklevel=6)
+            shares.append(share)
+        return shares[0], shares[1]
+
+    def _wrap_model(self) -> None:
+        """Train the model wrapped in DDP for this fit (after before_fit moved it)."""
+        config = self._distributed
+        if config is None or not config.wrap_model:
+            return
+        wrapped = wrap_model(self.model, self._world)
+        if wrapped is not self.model:
+            self._user_model, self.model = self.model, wrapped
+
+    def _unwrap_model(self) -> None:
+        """Give ``learn.model`` back as it was given, once the fit is over."""
+        model, self._user_model = self._user_model, None
+        if model is not None:
+            self.model = model
+
+    def _agree_collective(self) -> None:
+        """Agree before a callback's collective (``World.sum``): paths and failures only."""
+        self._agree(AgreePoint.COLLECTIVE)
+
+    def _agree(self, point: AgreePoint) -> None:
+        """Agree with every rank at ``point``; raise the cancel or the failure agreed on.
+
+        Before a callback's collective, a proposal waits for the next point of the loop.
+        """
+        trail = self._trail if self._trail is not None else []
+        proposal = Proposal.NONE
+        if point is not AgreePoint.COLLECTIVE:
+            proposal, self._proposal = self._proposal, Proposal.NONE
+        mark = hash((_POINTS.index(point), self._epoch, self._iter, self._training, *trail))
+        agreement = self._world.agree(proposal, mark, boundary=self._preempt_wanted)
+        if agreement.boundary and self._checkpointers:
+            self._preempt_wanted = self._boundary_due = True
+        if agreement.proposal is Proposal.FAIL:
+            raise self._world.failed_elsewhere(agreement, point)
+        if agreement.proposal is Proposal.NONE and agreement.diverged:
+            raise self._divergence(point)
+        trail.clear()
+        if agreement.proposal is not Proposal.NONE:
+            self._take(agreement, point)
+
+    def _take(self, agreement: Agreement, point: AgreePoint) -> NoReturn:
+        """Raise the cancel the ranks agreed on: every rank takes it here."""
+        self._note_agreed(agreement.proposal, agreement.rank, point)
+        cancel = _CANCEL_OF[agreement.proposal](
+            f"rank {agreement.rank} proposed it; every rank takes it at the {point} agreement"
+        )
+        self._agreed = cancel
+        raise cancel
+
+    def _agree_cancel(self, exc: CancelException) -> None:
+        """Agree on a cancel raised outside a hook (the batch's work), where it was raised.
+
+        A cancel the ranks agreed on (raised by ``_take``) needs no second agreement.
+        """
+        if exc is self._agreed:
+            return
+        own = _proposal(exc)
+        proposal, self._proposal = max(self._proposal, own), Proposal.NONE
+        agreement = self._world.agree(proposal, 0)  # paths may differ inside a cancelled unit
+        if self._trail is not None:
+            self._trail.clear()
+        if agreement.proposal is Proposal.FAIL:
+            raise self._world.failed_elsewhere(agreement, AgreePoint.CANCEL)
+        if agreement.proposal is not own:
+            self._take(agreement, AgreePoint.CANCEL)
+        self._note_agreed(own, agreement.rank, AgreePoint.CANCEL)
+        self._agreed = exc
+
+    def _agree_failure(self, exc: BaseException) -> None:
+        """Tell every rank this one fails (or note the failure of another): guarded.
+
+        A failing rank proposes ``fail`` at once; the others take it at their next
+        agreement, told its exception. A ``DistributedError`` was agreed already, or
+        the ranks can no longer agree.
+        """
+        world = self._world
+        try:
+            if isinstance(exc, RankFailedError):
+                self._note_agreed(Proposal.FAIL, exc.rank, AgreePoint(exc.at), exc.error)
+                return
+            if isinstance(exc, DistributedError):
+                return
+            agreement = world.agree(Proposal.FAIL, 0)
+            text = world.broadcast_text(self._failure_text(exc), agreement.rank)
+            if agreement.rank != world.rank:
+                add_note(exc, f"fsm_learner: rank {agreement.rank} failed too: {text}")
+            self._note_agreed(Proposal.FAIL, agreement.rank, AgreePoint.FAILURE, text)
+        except BaseException as later:  # noqa: BLE001 (the first failure must win)
+            add_note(
+                exc,
+                f"fsm_learner: then {exception_text(later, 300)} telling the other ranks "
+                f"(ignored: they fail at their timeout)",
+            )
+
+    def _failure_text(self, exc: BaseException) -> str:
+        origin = self._origin
+        where = (
+            origin.describe()
+            if origin is not None and origin.exception is exc
+            else f"in state '{self._state}'"
+        )
+        return f"{exception_text(exc, 1500)} ({where})"
+
+    def _note_agreed(
+        self, proposal: Proposal, rank: int, point: AgreePoint, error: str | None = None
+    ) -> None:
+        """Write the ``agreed`` note: what every rank takes, who proposed it, where."""
+        run = self._run
+        if run is None or not run.active:
+            return
+        fields: dict[str, Any] = {"cancel": proposal.name.lower(), "rank": rank, "at": str(point)}
+        if error is not None:
+            fields["error"] = error[:2000]
+        run.note("agreed", fields, epoch=self._epoch, it=self._iter, training=self._training)
+
+    def _divergence(self, point: AgreePoint) -> DivergenceError:
+        """Name the first transition where the ranks' paths part (every rank says the same)."""
+        trail = self._trail if self._trail is not None else []
+        named = [(_TRIGGERS[code // 2].value, ep, it, bool(code % 2)) for code, ep, it in trail]
+        named.append((f"@{point}", self._epoch, self._iter, self._training))
+        trails = self._world.gather(named)
+        return DivergenceError(f"the ranks' paths diverged: {first_difference(trails)}")
 
     # -- the failure path ------------------------------------------------------------
 

@@ -32,12 +32,13 @@ def _is_log_file(path: Path) -> bool:
     return path.suffix.lower() == ".jsonl" and not path.is_dir()
 
 
-def log_path(target: Path, run_id: str, rank: int) -> Path:
+def log_path(target: Path, run_id: str, rank: int, world_size: int = 1) -> Path:
     """Where a run writes: ``target`` itself (a .jsonl file) or ``<target>/<run_id>.jsonl``.
 
-    Under torch.distributed, rank N > 0 writes ``*.rankN.jsonl``: one file per process.
+    Under torch.distributed, rank N > 0 writes ``*.rankN.jsonl``: one file per process;
+    a fit across ranks (``world_size`` > 1) writes ``*.rank<r>.jsonl`` on every rank.
     """
-    suffix = f".rank{rank}" if rank else ""
+    suffix = f".rank{rank}" if rank or world_size > 1 else ""
     if _is_log_file(target):
         return target.with_name(f"{target.stem}{suffix}{target.suffix}")
     return target / f"{run_id}{suffix}.jsonl"
@@ -85,6 +86,7 @@ class Run:
         *,
         key: bytes | None,
         rank: int,
+        world_size: int = 1,
         settings: Callable[[], Mapping[Field, Any]],
     ) -> None:
         """Open the run's log under ``target`` (None: no log); the header goes with its first block.
@@ -100,9 +102,10 @@ class Run:
             Field.VERSION: _version(),
             Field.PYTHON: platform.python_version(),
             Field.RANK: rank,
+            **({Field.WORLD_SIZE: world_size} if world_size > 1 else {}),
             **settings(),
         }
-        path = log_path(target, self.run_id, rank)
+        path = log_path(target, self.run_id, rank, world_size)
         # one statement: from here on, whatever interrupts, abandon() closes the file
         self._writer = AuditWriter(path, run_id=self.run_id, key=key, header=header)
 

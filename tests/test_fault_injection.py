@@ -29,6 +29,7 @@ log every few records (``FLUSH_AT``), so that more interrupts land in a flush.
 from __future__ import annotations
 
 import gc
+import inspect
 import os
 import random
 import signal
@@ -544,6 +545,10 @@ class Interrupt:
     def local(self, frame: Any, event: str, arg: Any) -> Any:
         if self.stack is not None:
             return None
+        if event == "return" and frame.f_code.co_flags & inspect.CO_GENERATOR:
+            # a generator that all() or any() drops is closed from C: CPython cannot raise
+            # there (it reports the KeyboardInterrupt as unraisable, later), nor can a user
+            return self.local
         if self.after is None or self.after():
             self.count += 1
             if self.count == self.k:

@@ -122,6 +122,7 @@ class Field(StrEnum):
     TORCH = "torch"
     PYTHON = "python"
     RANK = "rank"
+    WORLD_SIZE = "world_size"
     KIND = "kind"
     RESUMED_FROM = "resumed_from"
     # footer

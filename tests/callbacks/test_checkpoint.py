@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -21,7 +22,14 @@ from fsm_learner import (
     RunStatus,
     State,
 )
-from fsm_learner.checkpoint import Position, read_checkpoint
+from fsm_learner.checkpoint import (
+    Position,
+    checkpoint_files,
+    file_name,
+    find_latest,
+    of_rank,
+    read_checkpoint,
+)
 
 N_TRAIN, N_VALID = 3, 2
 """Batches per pass: 5 batches an epoch."""
@@ -248,6 +256,69 @@ class TestKeep:
         learner(cb).fit(2, resume_from=Path("archive", archived[0]))  # after batch 2
         assert names("archive") == archived
         assert len(names()) == 1
+
+
+class TestRankNames:
+    """Across ranks each rank names its files ``.rank<r>.pt`` and finds only its own."""
+
+    AT = Position(State.FIT, 2, True, 0)
+
+    @pytest.mark.parametrize(
+        ("rank", "world_size", "name"),
+        [
+            (0, 1, "ckpt_e0002_train_b000000_abc.pt"),
+            (0, 2, "ckpt_e0002_train_b000000_abc.rank0.pt"),
+            (3, 4, "ckpt_e0002_train_b000000_abc.rank3.pt"),
+        ],
+    )
+    def test_file_name(self, rank, world_size, name):
+        """One process: no rank part (the names as before); across ranks, every rank's."""
+        assert file_name(self.AT, "abc", rank=rank, world_size=world_size) == name
+        assert of_rank(Path(name), rank=rank, world_size=world_size)
+
+    @pytest.mark.parametrize(
+        ("rank", "world_size", "message"),
+        [
+            (1, 1, "rank must be an int from 0 to 0 (of 1), got 1"),
+            (2, 2, "rank must be an int from 0 to 1 (of 2), got 2"),
+            (-1, 2, "rank must be an int from 0 to 1 (of 2), got -1"),
+            (True, 2, "rank must be an int from 0 to 1 (of 2), got True"),
+            (0, 0, "world_size must be an int >= 1 (the processes of the fit), got 0"),
+            (0, 2.0, "world_size must be an int >= 1 (the processes of the fit), got 2.0"),
+        ],
+    )
+    def test_a_bad_rank_is_refused(self, rank, world_size, message):
+        """A rank outside the world, or a world of no process, names what is valid."""
+        with pytest.raises(ConfigurationError) as caught:
+            file_name(self.AT, "abc", rank=rank, world_size=world_size)
+        assert str(caught.value) == message
+        with pytest.raises(ConfigurationError):
+            find_latest(Path("ck"), rank=rank, world_size=world_size)
+
+    def test_find_latest_reads_only_this_process_s_files(self):
+        """In a directory of one process's files and ranks' (each rank's the oldest of all,
+        rank 1's newest unreadable), each process finds its own newest that reads."""
+        run = learner(CheckpointCB("ck", keep=None)).fit(2).run_id
+        one = Path("ck", ckpt(2, "train", 0, run))
+        ranked = [Path("ck", ckpt(1, "train", 0, f"{run}.rank{rank}")) for rank in range(3)]
+        for path in ranked:
+            shutil.copy(Path("ck", ckpt(1, "train", 0, run)), path)
+            os.utime(path, ns=(1, 1))
+        garbage = Path("ck", ckpt(9, "train", 0, f"{run}.rank1"))
+        garbage.write_bytes(b"garbage")
+        os.utime(garbage, ns=(2, 2))
+
+        def newest(**world: int) -> tuple[Path | None, list[str]]:
+            found, skipped = find_latest(Path("ck"), **world)
+            return (None if found is None else found.path), skipped
+
+        assert newest() == (one, [])
+        assert newest(rank=0, world_size=2) == (ranked[0], [])
+        found, skipped = newest(rank=1, world_size=2)
+        assert found == ranked[1]
+        assert [garbage.name in reason for reason in skipped] == [True]
+        assert newest(rank=2, world_size=3) == (ranked[2], [])
+        assert checkpoint_files(Path("ck"), rank=3, world_size=4) == []
 
 
 class TestState:

@@ -223,6 +223,37 @@ class TestValues:
         assert reads(2) == reads(6)
 
 
+class DeviceMean(Callback):
+    """Each pass's mean loss as MetricsCB computed it on one process: RunningMean's float32
+    mean on the device."""
+
+    order = 25
+
+    def __init__(self) -> None:
+        self.running = RunningMean()
+        self.means: list[float] = []
+
+    def before_epoch(self, learn):
+        self.running.reset()
+
+    def after_batch(self, learn):
+        self.running.add(learn.loss, len(learn.batch[1]))
+
+    def after_epoch(self, learn):
+        self.means.append(float(self.running.mean()))
+
+
+class TestOneProcess:
+    def test_the_loss_is_the_float32_mean_on_the_device_exactly(self):
+        """On one process the world's sum changes nothing: every pass's loss is, bit for bit,
+        the float32 mean of the batch losses weighted by their samples."""
+        metrics, device = MetricsCB(), DeviceMean()
+        Learner(mlp(), batches_dls(5, 3, 24), F.cross_entropy, 0.5, [metrics, device]).fit(4)
+        reported = [row[f"{p}_loss"] for row in metrics.history for p in ("train", "valid")]
+        assert reported == device.means
+        assert len(set(reported)) == 8
+
+
 class TestNames:
     def test_names_derive_from_the_class(self):
         """The task prefix goes and the rest becomes lower snake case."""

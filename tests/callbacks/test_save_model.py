@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from helpers import (
     batches_dls,
@@ -17,6 +18,7 @@ from helpers import (
     mlp,
     resumed_fit,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 from callbacks.early_stopping import EarlyStoppingCB
 from callbacks.metrics import MetricsCB
@@ -482,3 +484,31 @@ class TestLoadBest:
             ConfigurationError, match=r"load_best must be True or False, got 1 \(int\)"
         ):
             SaveModelCB(tmp_path / "x.pt", monitor="valid_loss", load_best=1)
+
+
+@pytest.fixture
+def process_group():
+    """A torch.distributed group of this one process (gloo), destroyed after the test."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class TestWrappedModel:
+    def test_a_ddp_model_s_module_is_saved_and_loaded_back(self, process_group, tmp_path):
+        """A model in DDP: the file holds the module's keys (no 'module.'); load_best and
+        load_checkpoint put the best epoch's weights back into the module."""
+        cb = SaveModelCB(tmp_path / "best.pt", monitor="valid_loss", load_best=True)
+        snaps = Snapshots()
+        learn, _ = monitored(cb, lr=0.05)
+        learn.model = DistributedDataParallel(learn.model)
+        learn.cbs = [*learn.cbs, snaps]
+        learn.fit(6)
+        saved = torch.load(tmp_path / "best.pt", weights_only=True)["model"]
+        assert list(saved) == list(mlp().state_dict())
+        assert cb.best_epoch is not None
+        assert cb.best_epoch < 5
+        assert_same(learn.model.state_dict(), snaps.weights[cb.best_epoch])
+        fresh = DistributedDataParallel(mlp(seed=1))
+        assert load_checkpoint(tmp_path / "best.pt", fresh) == cb.best_epoch
+        assert_same(fresh.module.state_dict(), saved)

@@ -1,0 +1,466 @@
+"""Training on several processes: the world a fit runs in, and what its ranks agree on.
+
+Under an initialized ``torch.distributed`` process group of more than one rank, a fit is
+one run across ranks: the run id is rank 0's, each rank writes its own log, the model is
+wrapped in DDP and each loader gives each rank its share (``set_epoch`` every pass).
+
+Ranks agree on cancels. A cancel a hook raises is a proposal (none < batch < epoch < fit
+< fail); the learner takes it at the next point where ranks agree: after ``before_fit``
+and each ``before_epoch``, before backward (so that no rank skips a backward the others
+take), and at the end of each batch, pass and fit (after their ``after_`` hooks, before
+the state changes). There one all-reduce (MAX) of three integers decides, for all ranks:
+the highest proposal (and the lowest rank that made it), and whether every rank got
+there by the same path (a digest of the transitions since the last point, and the point
+itself). A rank that fails proposes ``fail`` at once; the others fail at their next
+point, naming it. A rank that stops answering (dead, or hung past ``timeout``) is
+named by the ranks still answering the process group's store.
+
+Agreement and the callbacks' reductions (``World.sum``) use a gloo group of their own,
+on the CPU: agreeing costs no host-device synchronization, whatever the backend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from datetime import timedelta
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
+
+from fsm_learner._compat import StrEnum
+from fsm_learner._display import exception_text, safe_text
+from fsm_learner.checkpoint import loader_settings
+from fsm_learner.exceptions import (
+    ConfigurationError,
+    DistributedError,
+    RankFailedError,
+    RankLostError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from torch.distributed import ProcessGroup
+
+__all__ = [
+    "LOCAL",
+    "AgreePoint",
+    "Agreement",
+    "Distributed",
+    "Proposal",
+    "World",
+    "distributed_loader",
+    "set_sampler_epoch",
+    "start_world",
+    "wrap_model",
+]
+
+
+class Proposal(IntEnum):
+    """What a rank asks all ranks to do at the next agreement point, in rising order."""
+
+    NONE = 0
+    BATCH = 1
+    EPOCH = 2
+    FIT = 3
+    FAIL = 4
+
+
+class AgreePoint(StrEnum):
+    """Where in a fit the ranks agree (the ``at`` of an ``agreed`` note)."""
+
+    BEGIN_FIT = "begin_fit"
+    BEGIN_EPOCH = "begin_epoch"
+    BACKWARD = "backward"
+    END_BATCH = "end_batch"
+    END_EPOCH = "end_epoch"
+    END_FIT = "end_fit"
+    COLLECTIVE = "collective"
+    """A callback's reduction (``World.sum``, ``World.barrier``): only a failure is taken."""
+    CANCEL = "cancel"
+    """A cancel raised outside a hook (in a batch's work): agreed where it was raised."""
+    FAILURE = "failure"
+    """A rank that failed: it proposes ``fail`` where it failed."""
+
+
+_MASK: Final = (1 << 62) - 1
+"""Marks are 62-bit: their negation fits an int64, so one MAX gives both max and min."""
+_GRACE_S: Final = 5.0
+"""How long the ranks still answering wait for the others in the store, at most."""
+
+
+@attrs.frozen
+class Distributed:
+    """How a learner runs under torch.distributed: ``Learner(distributed=Distributed(...))``.
+
+    ``init``: start the process group from torchrun's environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``...) when none is started; otherwise a fit runs
+    across ranks only under a process group the user started. ``backend``: the group's
+    backend when the learner starts it (default ``nccl`` with CUDA, else ``gloo``).
+    ``timeout``: seconds a rank waits for the others at an agreement or a reduction
+    before it names those that did not come. ``wrap_model``: wrap the model in DDP
+    for the fit when it is not already. ``distribute_samplers``: give each rank its
+    share of each torch DataLoader (a ``DistributedSampler``).
+    """
+
+    init: bool = attrs.field(default=False, kw_only=True)
+    backend: str | None = attrs.field(default=None, kw_only=True)
+    timeout: float = attrs.field(default=60.0, kw_only=True)
+    wrap_model: bool = attrs.field(default=True, kw_only=True)
+    distribute_samplers: bool = attrs.field(default=True, kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        """Check every setting: a bad one is named with what would be valid."""
+        for name in ("init", "wrap_model", "distribute_samplers"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                msg = f"Distributed({name}=...) must be True or False, got {value!r}"
+                raise ConfigurationError(msg)
+        timeout = self.timeout
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            msg = f"Distributed(timeout=...) must be a positive number of seconds, got {timeout!r}"
+            raise ConfigurationError(msg)
+        if self.backend is not None and self.backend not in {"gloo", "nccl", "mpi", "ucc"}:
+            msg = (
+                f"Distributed(backend=...) must be None, 'gloo', 'nccl', 'mpi' or 'ucc', "
+                f"got {safe_text(repr(self.backend), 80)}"
+            )
+            raise ConfigurationError(msg)
+
+
+def as_distributed(value: object) -> Distributed | None:
+    """Read ``Learner(distributed=...)``: None (a started group), True (start one), False (off)."""
+    if value is None:
+        return Distributed()
+    if value is True:
+        return Distributed(init=True)
+    if value is False:
+        return None
+    if isinstance(value, Distributed):
+        return value
+    msg = (
+        f"distributed must be None (across ranks under a started process group), True "
+        f"(start one from torchrun's environment), False (never) or a Distributed(...), "
+        f"got {safe_text(repr(value), 80)}"
+    )
+    raise ConfigurationError(msg)
+
+
+@attrs.frozen
+class Agreement:
+    """What the ranks agreed at a point: the proposal taken, and by which rank it was made."""
+
+    proposal: Proposal
+    rank: int
+    """The lowest rank that proposed it (-1 when nothing was proposed)."""
+    diverged: bool
+    """Whether the ranks reached the point by different paths (or at different points)."""
+    boundary: bool = False
+    """Whether a rank was asked to stop (SIGTERM): every rank checkpoints and preempts."""
+
+
+@attrs.define(eq=False)
+class World:
+    """The processes a fit runs on: this one's rank, how many, and their agreement group.
+
+    ``learn.world`` in a hook. One process (``LOCAL``): rank 0 of 1, and ``sum`` and
+    ``barrier`` do nothing. Callbacks that write files ask ``is_main``; callbacks that
+    decide on values computed per rank reduce them with ``sum``.
+    """
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    timeout: float = 60.0
+    group: ProcessGroup | None = attrs.field(default=None, repr=False)
+    run_id: str = ""
+    """The run the ranks are in (names the store's keys when a rank is lost)."""
+    check: Callable[[], None] | None = attrs.field(default=None, repr=False)
+    """The learner's agreement before a callback's collective (its path, its failures)."""
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process is rank 0: the one that prints and writes model files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the fit runs on more than one process."""
+        return self.size > 1
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Return ``values`` summed over every rank (in float64); the same on every rank.
+
+        Every rank must call it at the same point of its hooks. A rank that failed
+        meanwhile makes this raise ``RankFailedError`` naming it.
+        """
+        if self.size == 1:
+            return [float(v) for v in values]
+        self.collective_check()
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        self._collective(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group))
+        return [float(v) for v in tensor.tolist()]
+
+    def barrier(self) -> None:
+        """Wait for every rank to get here (a file rank 0 wrote is then there for all)."""
+        if self.size > 1:
+            self.collective_check()
+
+    def collective_check(self) -> None:
+        """Agree before a callback's collective that every rank is there and none failed.
+
+        In a fit the learner's own agreement does it (the ranks' paths compared too);
+        otherwise only a failure is looked for.
+        """
+        if self.check is not None:
+            self.check()
+            return
+        agreement = self.agree(Proposal.NONE, 0)
+        if agreement.proposal is Proposal.FAIL:
+            raise self.failed_elsewhere(agreement, AgreePoint.COLLECTIVE)
+
+    def agree(self, proposal: Proposal, mark: int, *, boundary: bool = False) -> Agreement:
+        """Agree with every rank: one all-reduce (MAX) of four integers.
+
+        ``mark`` says where this rank is and how it got there; ranks whose marks differ
+        diverged. The proposal code puts the lowest rank first among equal proposals.
+        """
+        size = self.size
+        code = proposal * size + (size - 1 - self.rank) if proposal else 0
+        mark &= _MASK
+        tensor = torch.tensor([code, mark, -mark, int(boundary)], dtype=torch.int64)
+        self._collective(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group))
+        top, high, neg_low, stop = (int(v) for v in tensor.tolist())
+        taken = Proposal(top // size)
+        rank = size - 1 - top % size if taken else -1
+        return Agreement(taken, rank, diverged=high != -neg_low, boundary=bool(stop))
+
+    def failed_elsewhere(self, agreement: Agreement, at: AgreePoint) -> RankFailedError:
+        """Return the error of a rank that takes ``fail`` for another's failure (told by it)."""
+        text = self.broadcast_text("", agreement.rank)
+        return RankFailedError(
+            f"rank {agreement.rank} failed: {text} (rank {self.rank} takes fail at the {at} "
+            f"agreement)",
+            agreement.rank,
+            at,
+            text,
+        )
+
+    def broadcast_text(self, text: str, src: int) -> str:
+        """Return rank ``src``'s ``text`` on every rank (at most 2000 characters)."""
+        box: list[Any] = [text[:2000]]
+        self._collective(lambda: dist.broadcast_object_list(box, src=src, group=self.group))
+        return str(box[0])
+
+    def gather(self, obj: object) -> list[Any]:
+        """Return every rank's ``obj``, by rank (pickled: small things only)."""
+        out: list[Any] = [None] * self.size
+        self._collective(lambda: dist.all_gather_object(out, obj, group=self.group))
+        return out
+
+    def agree_run_id(self, run_id: str) -> str:
+        """Return rank 0's run id on every rank: the ranks' logs share it."""
+        self.run_id = self.broadcast_text(run_id, 0) if self.size > 1 else run_id
+        return self.run_id
+
+    def _collective(self, call: Callable[[], object]) -> None:
+        try:
+            call()
+        except DistributedError:
+            raise
+        except RuntimeError as exc:  # gloo: a peer closed its end, or the timeout passed
+            raise self.lost(exc) from exc
+
+    def lost(self, exc: BaseException) -> RankLostError:
+        """Name the ranks that no longer answer, asking the store; return the error to raise."""
+        missing, how = self._unanswered()
+        reason = exception_text(exc, 300)
+        if missing:
+            names = ", ".join(str(r) for r in missing)
+            ranks = "rank" if len(missing) == 1 else "ranks"
+            msg = (
+                f"{ranks} {names} stopped answering (died, or hung past the "
+                f"{self.timeout:g} s timeout): {reason}"
+            )
+        else:
+            msg = f"a collective with the other ranks failed ({how}): {reason}"
+        return RankLostError(msg, missing)
+
+    def _unanswered(self) -> tuple[tuple[int, ...], str]:
+        """Return the ranks that did not say they are here within the grace period."""
+        try:
+            store = dist.distributed_c10d._get_default_store()  # noqa: SLF001 (no public way)
+            prefix = f"fsm_learner/{self.run_id}/here/"
+            store.set(f"{prefix}{self.rank}", "1")
+            deadline = time.monotonic() + min(self.timeout, _GRACE_S)
+            while True:
+                missing = tuple(r for r in range(self.size) if not store.check([f"{prefix}{r}"]))
+                if not missing or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        except DistributedError:  # SIGTERM meanwhile (torchrun stopping this worker)
+            raise
+        except (RuntimeError, OSError, ValueError) as store_exc:  # it may have died with a rank
+            return (), f"the store did not answer either: {exception_text(store_exc, 200)}"
+        how = "every rank answered the store: none died" if not missing else ""
+        return missing, how
+
+
+LOCAL: Final = World()
+"""One process: rank 0 of 1."""
+
+
+def start_world(config: Distributed | None) -> World:
+    """Return the world a fit runs in: ``LOCAL``, or the started group's ranks.
+
+    With ``init``, start the process group from torchrun's environment first. The
+    agreement group is created once per process group (every rank creates it in turn).
+    """
+    if config is None or not dist.is_available():
+        return LOCAL
+    if config.init and not dist.is_initialized():
+        _init_from_env(config)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return LOCAL
+    group = _agreement_group(config.timeout)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return World(dist.get_rank(), dist.get_world_size(), local_rank, config.timeout, group)
+
+
+def _init_from_env(config: Distributed) -> None:
+    needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    absent = [k for k in needed if k not in os.environ]
+    if absent:
+        if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+            return  # not under torchrun: one process, as without distributed
+        msg = (
+            f"Distributed(init=True) needs torchrun's environment; {', '.join(absent)} "
+            f"not set (run under torchrun, or start the process group yourself)"
+        )
+        raise ConfigurationError(msg)
+    backend = config.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=max(config.timeout, 60.0)))
+
+
+_GROUPS: dict[tuple[int, float], ProcessGroup] = {}
+"""The agreement group of each process group and timeout, created once."""
+
+
+def _agreement_group(timeout: float) -> ProcessGroup:
+    default = dist.distributed_c10d._get_default_group()  # noqa: SLF001 (identifies the group)
+    key = (id(default), timeout)
+    group = _GROUPS.get(key)
+    if group is None:
+        made = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        if made is None:  # pragma: no cover (every rank is in the group it makes)
+            msg = "torch.distributed.new_group returned no group for this rank"
+            raise DistributedError(msg)
+        group = _GROUPS[key] = made
+    return group
+
+
+def wrap_model(model: nn.Module, world: World) -> nn.Module:
+    """Return ``model`` in DDP (on its device), unless it already is or has nothing to train."""
+    if isinstance(model, DistributedDataParallel):
+        return model
+    if not any(p.requires_grad for p in model.parameters()):
+        return model
+    device = next(model.parameters()).device
+    ids = [device.index if device.index is not None else world.local_rank]
+    return DistributedDataParallel(model, device_ids=ids if device.type == "cuda" else None)
+
+
+def distributed_loader(data: Any, world: World) -> tuple[Any, str | None]:
+    """Return ``data`` giving this rank its share, and a warning when it cannot.
+
+    A torch DataLoader over a map-style dataset with a stock sampler gets a twin with a
+    ``DistributedSampler`` (shuffling as it did; seeded by its generator's initial seed,
+    or 0). One that already has a DistributedSampler, or an iterable dataset, is kept.
+    Anything else is kept, with a warning: every rank would go over all of it.
+    """
+    if not isinstance(data, DataLoader):
+        return data, (
+            f"a {safe_text(type(data).__name__, 80)} is not a torch DataLoader: every rank "
+            f"goes over all of it (give each rank its share yourself)"
+        )
+    if isinstance(data.dataset, torch.utils.data.IterableDataset):
+        return data, None  # the dataset shards itself (get_worker_info / rank), or not
+    if isinstance(_sampler(data), DistributedSampler):
+        return data, None
+    batches = data.batch_sampler
+    if data.batch_size is None or type(batches) is not BatchSampler:
+        return data, (
+            "a DataLoader with its own batch sampler is kept: every rank goes over all of "
+            "it (give it a sampler that knows the rank)"
+        )
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        data.dataset,
+        num_replicas=world.size,
+        rank=world.rank,
+        shuffle=isinstance(data.sampler, RandomSampler),
+        seed=data.generator.initial_seed() if data.generator is not None else 0,
+    )
+    settings = loader_settings(data)
+    twin = DataLoader(
+        data.dataset,
+        batch_size=data.batch_size,
+        sampler=sampler,
+        drop_last=data.drop_last,
+        **settings,
+    )
+    return twin, None
+
+
+def _sampler(data: DataLoader[Any]) -> object:
+    batches = data.batch_sampler
+    inner = getattr(batches, "sampler", None) if batches is not None else None
+    return inner if inner is not None else data.sampler
+
+
+def set_sampler_epoch(data: object, epoch: int) -> None:
+    """Call ``set_epoch(epoch)`` on a DataLoader's DistributedSampler, if it has one."""
+    if isinstance(data, DataLoader):
+        sampler = _sampler(data)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+
+
+def first_difference(trails: Sequence[Sequence[tuple[str, int, int, bool]]]) -> str:
+    """Name the first transition where the ranks' trails differ (rank: trigger, ep, it, pass)."""
+    longest = max(len(t) for t in trails)
+    for index in range(longest):
+        steps = [t[index] if index < len(t) else None for t in trails]
+        if len(set(steps)) > 1:
+            shown = "; ".join(f"rank {r}: {_step(s)}" for r, s in enumerate(steps))
+            return f"transition {index + 1} since the ranks last agreed differs ({shown})"
+    return "the ranks reached different agreement points by the same transitions"
+
+
+def _step(step: tuple[str, int, int, bool] | None) -> str:
+    if step is None:
+        return "nothing more"
+    trigger, epoch, it, training = step
+    if trigger == f"@{AgreePoint.COLLECTIVE}":
+        return f"in a callback's reduction at epoch {epoch}, batch {it}, {_pass(training)}"
+    if trigger.startswith("@"):
+        return f"at the {trigger[1:]} agreement of epoch {epoch}, batch {it}, {_pass(training)}"
+    return f"{trigger} at epoch {epoch}, batch {it}, {_pass(training)}"
+
+
+def _pass(training: bool) -> str:
+    return "training" if training else "validation"
