@@ -21,8 +21,11 @@ from fsm_learner._display import file_name, printable
 from fsm_learner.audit.codec import KEY_ENV, derive_key
 from fsm_learner.audit.files import file_kind, log_files
 from fsm_learner.audit.lineage import LineageReport, Lineages, RunKey, run_key, was_killed
+from fsm_learner.audit.ranks import DistributedReport, DistributedRuns
 from fsm_learner.audit.replay import FileAudit, Problem, RunReport, RunSet
 from fsm_learner.audit.summary import (
+    render_distributed,
+    render_distributed_totals,
     render_lineage,
     render_lineage_totals,
     render_report,
@@ -66,8 +69,12 @@ def _audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "(the checkpoint's seal, file and position), and each lineage of resumed fits as a "
             "whole (every batch of every pass begun exactly once; the batches redone); a run "
             "killed (truncated, every sealed block verifying) and resumed in a lineage that "
-            "verifies is accounted for. Exit 0 when every run and lineage verifies or is "
-            "accounted for, 1 when one does not, 2 on a usage error."
+            "verifies is accounted for. The ranks of a fit across processes (each rank's log, "
+            "<run>.rank<r>.jsonl, with world_size in its header) are checked together: every "
+            "rank present once, their headers alike, their unit transitions and agreed cancels "
+            "in lockstep (the first divergence named). Exit 0 when every run, lineage and "
+            "distributed run verifies or is accounted for, 1 when one does not, 2 on a usage "
+            "error."
         ),
     )
     parser.add_argument("paths", nargs="+", metavar="PATH")  # str: Path("") would be "."
@@ -199,8 +206,8 @@ class _TextSummary:
     The problem named is the first of a file (it shows nowhere else), else of a run (its
     summary shows it too; a killed run's only when no lineage accounts for its death, and
     for a killed run resumed in a lineage that does not verify, that lineage's problem),
-    else of a lineage, else of the runs taken together (an expected head not found).
-    Lineages follow the runs.
+    else of a lineage, else of a distributed run, else of the runs taken together (an
+    expected head not found). Lineages follow the runs, distributed runs the lineages.
     """
 
     def __init__(self) -> None:
@@ -211,6 +218,8 @@ class _TextSummary:
         self.killed = _Spool()
         """The killed runs: each one's problem, "" once ``of_run`` is found before it."""
         self.of_lineage: Problem | None = None
+        self.distributed_runs = self.distributed_verified = 0
+        self.of_distributed: Problem | None = None
         self.of_all: Problem | None = None
 
     def close(self) -> None:
@@ -239,10 +248,21 @@ class _TextSummary:
         if lineage.problems:
             self.of_lineage = self.of_lineage or lineage.problems[0]
 
+    def distributed(self, report: DistributedReport) -> None:
+        self.distributed_runs += 1
+        self.distributed_verified += report.verified
+        _write(sys.stdout, render_distributed(report) + "\n\n")
+        problems = report.all_problems()
+        if problems:
+            self.of_distributed = self.of_distributed or problems[0]
+
     def finish(self) -> int:
         if self.lineages:
             verified = sum(lineage.verified for lineage in self.lineages)
             _write(sys.stdout, render_lineage_totals(len(self.lineages), verified) + "\n")
+        if self.distributed_runs:
+            totals = render_distributed_totals(self.distributed_runs, self.distributed_verified)
+            _write(sys.stdout, totals + "\n")
         resumed, killed = 0, None
         for problem in self.killed.read(_accounted(self.lineages), _broken(self.lineages)):
             resumed += problem is None
@@ -250,7 +270,7 @@ class _TextSummary:
         of_run = killed or self.of_run
         if self.runs:
             _write(sys.stdout, render_totals(self.runs, self.verified, resumed) + "\n")
-        first = self.of_file or of_run or self.of_lineage or self.of_all
+        first = self.of_file or of_run or self.of_lineage or self.of_distributed or self.of_all
         if first is None:
             return EXIT_OK
         _write(sys.stderr, f"fsm-learner audit: {printable(str(first))}\n")
@@ -273,8 +293,9 @@ class _JsonSummary:
 
     Problems are held in a spooled temporary file until the runs are written, so memory
     does not grow with the number of runs that fail. ``lineages`` is there only when a
-    run resumes another (lineages are few: they are held until the end). A killed run's
-    problem is left out when a lineage that verifies accounts for its death.
+    run resumes another (lineages are few: they are held until the end), ``distributed``
+    only when a run ran across ranks. A killed run's problem is left out when a lineage
+    that verifies accounts for its death.
     """
 
     def __init__(self) -> None:
@@ -283,6 +304,7 @@ class _JsonSummary:
         """A run that does not verify with no problem of its own (its problem is spooled)."""
         self.problems = _Spool()
         self.lineages: list[LineageReport] = []
+        self.distributed_runs: list[DistributedReport] = []
         _write(sys.stdout, '{\n  "runs": [')
 
     def close(self) -> None:
@@ -305,11 +327,19 @@ class _JsonSummary:
         for problem in lineage.problems:
             self.problem(problem)
 
+    def distributed(self, report: DistributedReport) -> None:
+        self.distributed_runs.append(report)
+        for problem in report.all_problems():
+            self.problem(problem)
+
     def finish(self) -> int:
         _write(sys.stdout, "\n  ]," if self.runs else "],")
         if self.lineages:
             lineages = [lineage.to_json() for lineage in self.lineages]
             _write(sys.stdout, '\n  "lineages": ' + _json(lineages).replace("\n", "\n  ") + ",")
+        if self.distributed_runs:
+            runs = [report.to_json() for report in self.distributed_runs]
+            _write(sys.stdout, '\n  "distributed": ' + _json(runs).replace("\n", "\n  ") + ",")
         _write(sys.stdout, '\n  "problems": [')
         count = 0
         for problem in self.problems.read(_accounted(self.lineages)):
@@ -341,25 +371,40 @@ def _run_audit(args: argparse.Namespace) -> int:
         for error in errors:
             _write(sys.stderr, f"fsm-learner audit: {printable(error)}\n")
         return EXIT_USAGE
-    runs = RunSet(args.expect_head)
-    lineages = Lineages(key=key)
     summary = _JsonSummary() if args.json else _TextSummary()
     try:
-        for path in files:
-            audit = FileAudit(path, key=key)
-            for report in audit:
-                runs.add(report)
-                lineages.add(report, path)
-                summary.run(report)
-            if audit.problem is not None:
-                summary.problem(audit.problem)
-        for lineage in lineages.check(files):
-            summary.lineage(lineage)
-        for problem in runs.missing():
-            summary.problem(problem)
+        _audit(files, key=key, expected_heads=args.expect_head, summary=summary)
         return summary.finish()
     finally:
         summary.close()
+
+
+def _audit(
+    files: Sequence[Path],
+    *,
+    key: bytes | None,
+    expected_heads: Iterable[str],
+    summary: _TextSummary | _JsonSummary,
+) -> None:
+    """Replay every file, run by run; then check the lineages, the distributed runs, the heads."""
+    runs = RunSet(expected_heads)
+    lineages = Lineages(key=key)
+    distributed = DistributedRuns()
+    for path in files:
+        audit = FileAudit(path, key=key)
+        for report in audit:
+            runs.add(report)
+            lineages.add(report, path)
+            distributed.add(report, path)
+            summary.run(report)
+        if audit.problem is not None:
+            summary.problem(audit.problem)
+    for lineage in lineages.check(files):
+        summary.lineage(lineage)
+    for run in distributed.check(files):
+        summary.distributed(run)
+    for problem in runs.missing():
+        summary.problem(problem)
 
 
 def _diagram_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -370,7 +415,9 @@ def _diagram_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "Draw the transition table as Mermaid (the default), DOT, SVG or PNG; SVG and PNG "
             "need Graphviz's dot. --learner puts a learner's callbacks on the transitions they "
             "run on; --from-log draws the path an audited run (a fit, a validate or a predict "
-            "run) took. --write regenerates the committed diagrams and the README's generated "
+            "run) took; given the logs of a fit's ranks (files, or a directory), it draws the "
+            "run once, when every rank is there and the ranks are lockstep. --write "
+            "regenerates the committed diagrams and the README's generated "
             "parts (its diagram and path table), --check compares them with the table. Exit 0 "
             "on success, 1 when the drawing or a check fails, 2 on a usage error."
         ),
@@ -386,9 +433,12 @@ def _diagram_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     view.add_argument(
         "--from-log",
-        type=Path,
+        nargs="+",
         metavar="RUN.jsonl",
-        help="an audit log: draw the path its run took, each edge with how often",
+        help=(
+            "an audit log: draw the path its run took, each edge with how often; or the logs "
+            "of a run's ranks (files, or directories of them): the run drawn once"
+        ),
     )
     view.add_argument(
         "--write",
@@ -401,7 +451,9 @@ def _diagram_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="exit 1 when the diagrams folder or the README differs from what the table makes",
     )
     parser.add_argument(
-        "--run-id", metavar="ID", help="with --from-log: which run of the file (default: last)"
+        "--run-id",
+        metavar="ID",
+        help="with --from-log: which run of the logs (default: the last, in every log given)",
     )
     parser.add_argument(
         "--key-env",
@@ -435,7 +487,7 @@ def _diagram_usage(args: argparse.Namespace) -> str | None:
     if args.format == DiagramFormat.PNG and args.output is None:
         return "png is an image, not text for stdout: give --output PATH"
     if args.from_log is not None:
-        return _key_problem(args.key_env) or _log_file_problem(args.from_log)
+        return _key_problem(args.key_env) or _from_log_problem(args.from_log)
     return None
 
 
@@ -448,17 +500,32 @@ def _key_problem(name: str | None) -> str | None:
     return None
 
 
+_FROM_LOG_TAKES: Final = "--from-log takes audit logs, or directories of them"
+
+
+def _from_log_problem(paths: Sequence[str]) -> str | None:
+    """Say why the paths given to --from-log cannot be read as logs, if they cannot."""
+    if not all(paths):
+        return _EMPTY_PATH
+    for path in map(Path, paths):
+        problem = _log_file_problem(path)
+        if problem is not None:
+            return problem
+    _, errors = log_files(map(Path, paths))
+    return errors[0] if errors else None
+
+
 def _log_file_problem(path: Path) -> str | None:
-    """Say why ``path`` cannot be the one log --from-log reads, if it cannot."""
+    """Say why ``path`` cannot be a log --from-log reads (or a directory of them), if it cannot."""
     try:
         kind = file_kind(path)
     except FileNotFoundError:
-        return f"{file_name(path)}: no such file (--from-log takes one audit log)"
+        return f"{file_name(path)}: no such file ({_FROM_LOG_TAKES})"
     except OSError as exc:
         return f"{file_name(path)[:80]}: {exc.strerror or exc}"
-    if kind is None:
+    if kind is None or kind.endswith("a directory"):
         return None
-    return f"{file_name(path)}: not a regular file ({kind}); --from-log takes one audit log"
+    return f"{file_name(path)}: not a regular file ({kind}); {_FROM_LOG_TAKES}"
 
 
 def _diagram_view(args: argparse.Namespace) -> DiagramView:
@@ -468,7 +535,8 @@ def _diagram_view(args: argparse.Namespace) -> DiagramView:
         learn = learner_from_factory(args.learner)
         return callbacks_view(learn.cbs, f"fsm_learner: what runs where ({args.learner})")
     if args.from_log is not None:
-        return run_view(args.from_log, run_id=args.run_id, key=_key(args.key_env))
+        files, _ = log_files(map(Path, args.from_log))  # checked by _diagram_usage
+        return run_view(files, run_id=args.run_id, key=_key(args.key_env))
     return table_view()
 
 

@@ -26,7 +26,8 @@ that runs only in some runs, ``cleanup_fit`` on a cancel that also ends validate
 carries the guard that says which: ``cleanup_fit [fitting]``); ``callbacks_view(cbs)``
 adds the callbacks that run on each of those hooks, in order; ``run_view(log)`` labels
 each edge with how many times one audited run (a fit, a validate or a predict run) took
-it, greys what the run never took, and marks the failure edge.
+it, greys what the run never took, and marks the failure edge; given the logs of a fit's
+ranks, it draws the run once, when every rank is there and the ranks are lockstep.
 
 ``path_table()`` is the path table (which hooks fire, in order, on the normal, cancel and
 failure paths of each kind of run), generated from the table as well; ``write_docs``
@@ -54,7 +55,7 @@ import attrs
 from fsm_learner import machine
 from fsm_learner._compat import StrEnum
 from fsm_learner._display import exception_text, file_name, printable, shown
-from fsm_learner.audit.codec import FailureField
+from fsm_learner.audit.codec import FailureField, Field
 from fsm_learner.callback import resolve_dispatch, validate_callbacks
 from fsm_learner.exceptions import ConfigurationError
 from fsm_learner.machine import (
@@ -371,16 +372,31 @@ def learner_from_factory(spec: str) -> Learner:
     return learn
 
 
-def run_view(path: Path, *, run_id: str | None = None, key: bytes | None = None) -> DiagramView:
-    """Show the path one audited run took (the file's last unless ``run_id``); it must verify.
+def run_view(
+    path: Path | Sequence[Path], *, run_id: str | None = None, key: bytes | None = None
+) -> DiagramView:
+    """Show the path one audited run took; it must verify.
 
-    The run may be of any kind: a fit, a validate or a predict run.
+    ``path`` is one log (the run: its last unless ``run_id``), or several (the logs of a
+    run's ranks, say): the run is then the one each of them ends with, unless ``run_id``.
+    The run may be of any kind: a fit, a validate or a predict run. A fit across ranks
+    (its header has a ``world_size``) is drawn once, from its lowest rank's log, when the
+    logs given hold every rank and the ranks are lockstep (``fsm_learner.audit.ranks``);
+    the title says which ranks it covers. One rank's log alone is drawn as that rank's.
     """
-    report = _verified_run(path, run_id, key)
+    paths = [path] if isinstance(path, Path) else list(path)
+    if len(paths) == 1:
+        report, ranks = _verified_run(paths[0], run_id, key), ""
+        world = _world_size(report)
+        if world > 1:
+            ranks = f", rank {shown(report.header.get(Field.RANK.value))} of {world} only"
+    else:
+        report, ranks = _verified_ranks(paths, run_id, key)
     failed_in = None if report.failed_at is None else State(report.failed_at["state"])
     kind = report.kind or RunKind.FIT  # a run that verifies has a kind
+    title = f"{kind} run {_clip(report.run_id, _RUN_ID_SHOWN)} ({report.status}){ranks}"
     return DiagramView(
-        f"fsm_learner: {kind} run {_clip(report.run_id, _RUN_ID_SHOWN)} ({report.status})",
+        f"fsm_learner: {title}",
         counts={
             (Trigger(trigger), State(source), State(dest)): n
             for (trigger, source, dest), n in report.edges.items()
@@ -396,6 +412,12 @@ _RUN_IDS_LISTED: Final = 8
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _world_size(report: RunReport) -> int:
+    from fsm_learner.audit.ranks import world_size_of  # noqa: PLC0415 (only this view)
+
+    return world_size_of(report.header)
 
 
 def _verified_run(path: Path, run_id: str | None, key: bytes | None) -> RunReport:
@@ -423,6 +445,77 @@ def _verified_run(path: Path, run_id: str | None, key: bytes | None) -> RunRepor
         msg = f"run {_clip(chosen.run_id, _RUN_ID_SHOWN)} does not verify: {chosen.problem}"
         raise ConfigurationError(msg)
     return chosen
+
+
+def _verified_ranks(
+    paths: Sequence[Path], run_id: str | None, key: bytes | None
+) -> tuple[RunReport, str]:
+    """Return the run the logs hold (its lowest rank's report), and the ranks it covers.
+
+    Several logs hold one run: the ranks of a fit across ranks, all there and lockstep.
+    """
+    from fsm_learner.audit.ranks import check_ranks  # noqa: PLC0415 (only this view)
+
+    chosen = _chosen_runs(paths, run_id, key)
+    name = _clip(chosen[0][0].run_id, _RUN_ID_SHOWN)
+    for report, _ in chosen:
+        if not report.verified:
+            msg = f"run {name} ({report.path}) does not verify: {report.problem}"
+            raise ConfigurationError(msg)
+    world = _world_size(chosen[0][0])
+    if world == 1:
+        if len(chosen) == 1:
+            return chosen[0][0], ""
+        files = ", ".join(report.path for report, _ in chosen[:3])
+        msg = (
+            f"run {name} is in {len(chosen)} of the logs ({files}) and is no fit across "
+            "ranks (its header has no world_size): give one of them"
+        )
+        raise ConfigurationError(msg)
+    ranks = check_ranks(chosen)
+    problems = ranks.all_problems()
+    if problems:
+        raise ConfigurationError(str(problems[0]))
+    lowest = min(chosen, key=lambda found: found[0].header[Field.RANK.value])[0]
+    return lowest, f", ranks 0-{world - 1} of {world}, lockstep"
+
+
+def _chosen_runs(
+    paths: Sequence[Path], run_id: str | None, key: bytes | None
+) -> list[tuple[RunReport, Path]]:
+    """Audit the logs; return the runs of ``run_id`` (default: the run every log ends with)."""
+    from fsm_learner.audit.replay import FileAudit, RunSet  # noqa: PLC0415 (only this view)
+
+    runs = RunSet()
+    found: list[tuple[RunReport, Path]] = []
+    last: list[tuple[RunReport, Path]] = []
+    ids: dict[str, None] = {}
+    for path in paths:
+        audit = FileAudit(path, key=key)
+        ending: RunReport | None = None
+        for report in audit:  # streamed: only the chosen runs are kept
+            runs.add(report)
+            if len(ids) < _RUN_IDS_LISTED:
+                ids[_clip(report.run_id, _RUN_ID_SHOWN)] = None
+            if report.run_id == run_id:
+                found.append((report, path))
+            ending = report
+        if audit.problem is not None:
+            msg = f"{audit.problem} (fsm-learner audit does not verify it)"
+            raise ConfigurationError(msg)
+        if ending is not None:
+            last.append((ending, path))
+    if run_id is None:
+        found = last
+        endings = sorted({report.run_id for report, _ in last})
+        if len(endings) > 1:
+            listed = ", ".join(_clip(e, _RUN_ID_SHOWN) for e in endings[:_RUN_IDS_LISTED])
+            msg = f"the logs end with different runs ({listed}): choose one with --run-id"
+            raise ConfigurationError(msg)
+    if not found:
+        msg = f"no run {shown(run_id)} in the {len(paths)} logs; their runs: {', '.join(ids)}"
+        raise ConfigurationError(msg)
+    return found
 
 
 def _failure_text(report: RunReport) -> str:

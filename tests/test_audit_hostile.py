@@ -120,7 +120,7 @@ def test_fifos_and_devices_are_refused_at_once(tmp_path):
         f"{logs}/x.jsonl:0: not a regular file (a FIFO): a log is a regular file",
     ]
     not_a_log = "a log is a regular file or a directory of them"
-    one_log = "--from-log takes one audit log"
+    one_log = "--from-log takes audit logs, or directories of them"
     fifo, device = "(a FIFO)", "(a symlink to a character device)"
     assert done.stderr.split("--\n")[:-1] == [
         (

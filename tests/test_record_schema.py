@@ -42,8 +42,8 @@ from fsm_learner.machine import Hook, RunKind, State, Trigger
 SCHEMA_FILE = resources.files("fsm_learner.audit").joinpath("record.schema.json")
 CALLBACKS = Path(__file__).parents[1] / "callbacks"
 LEARNER = Path(__file__).parents[1] / "fsm_learner" / "learner.py"
-OPTIONAL_HEADER = {"resumed_from"}
-"""Header fields only some runs have (a resumed fit)."""
+OPTIONAL_HEADER = {"resumed_from", "world_size"}
+"""Header fields only some runs have (a resumed fit, a fit across ranks)."""
 KINDS = ("run_start", "transition", "note", "run_end", "seal")
 RUN = "d5a648a66bb8"
 
@@ -180,6 +180,12 @@ STOCK_NOTES = {
         "records": 113,
         "head": "606d" * 8,
         "at": {"ep": 1, "tr": True, "it": 12},
+    },
+    "agreed": {
+        "cancel": "fail",
+        "rank": 1,
+        "at": "backward",
+        "error": "ValueError: boom (in after_loss of Boom)",
     },
     "single_batch": {"reason": "SingleBatchCB stops after one training batch"},
     "terminate_on_nan": {"reason": "non-finite loss", "loss": math.nan, "batches_checked": 1},
@@ -388,6 +394,8 @@ class TestInvalidRecords:
             (header, "kind", "train"),
             (header, "kind", None),
             (header, "opt", 3),
+            (header, "world_size", 1),
+            (header, "world_size", "2"),
             (note, "name", 3),
             (note, "tr", None),
             (footer, "status", "truncated"),

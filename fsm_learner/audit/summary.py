@@ -22,10 +22,13 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
     from fsm_learner.audit.lineage import LineageReport, LinkReport
+    from fsm_learner.audit.ranks import AgreedCancel, DistributedReport, RankLog
     from fsm_learner.audit.replay import RunReport, SlowTransition
 
 __all__ = [
     "Table",
+    "render_distributed",
+    "render_distributed_totals",
     "render_lineage",
     "render_lineage_totals",
     "render_report",
@@ -278,3 +281,74 @@ def render_lineage(lineage: LineageReport) -> str:
 def render_lineage_totals(lineages: int, verified: int) -> str:
     """Render how many lineages verified."""
     return f"{lineages} lineage(s): {verified} verified, {lineages - verified} do not verify"
+
+
+def _ranks_text(ranks: Sequence[int]) -> str:
+    """Say ``0-3`` for consecutive ranks, ``0, 2`` otherwise."""
+    if len(ranks) > 1 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ", ".join(map(str, ranks)) or "none"
+
+
+def _rank_line(log: RankLog) -> str:
+    if log.killed:
+        how = "truncated: killed, its sealed records verify"
+    else:
+        failure = f": {log.failure}" if log.failure is not None else ""
+        how = f"{log.status.value}{failure}, {'verified' if log.verified else 'DOES NOT VERIFY'}"
+    rank = "?" if log.rank is None else log.rank
+    return f"  rank {rank}: {log.path} ({how})"
+
+
+def _lockstep_line(report: DistributedReport) -> str:
+    if report.caught:
+        return f"  lockstep: NO, the ranks found so themselves: {report.caught}"
+    if report.divergence is not None:
+        return f"  lockstep: NO, first divergence at {report.divergence}"
+    if report.lockstep is None:
+        return f"  lockstep: not checked ({report.unchecked})"
+    left_out = " (the trailing begin_* and fail of a failed run left out)" if report.failed else ""
+    shorter = "".join(
+        f"; rank {rank}, killed, logged the first {count}" for rank, count in report.shorter.items()
+    )
+    given = " (among the ranks given)" if report.missing else ""
+    return f"  lockstep: yes{given}, {report.transitions} unit transitions{left_out}{shorter}"
+
+
+def _agreed_line(cancel: AgreedCancel) -> str:
+    first = cancel.first
+    taken = f", taken as {first.taken}" if first.taken is not None else ", then the log ends"
+    ats = {note.at for _, note in cancel.notes if note is not None}
+    if len(ats) == 1:
+        where = f"at {next(iter(ats))} on every rank"
+    else:
+        where = "at " + ", ".join(
+            f"rank {rank} {'-' if note is None else note.at}" for rank, note in cancel.notes
+        )
+    error = f"; error: {shown(first.error, 200)}" if first.error is not None else ""
+    return f"    {first}{taken}; {where}{error}"
+
+
+def render_distributed(report: DistributedReport) -> str:
+    """Render one distributed run: its ranks, whether they are lockstep, the cancels agreed."""
+    verdict = "verified" if report.verified else "DOES NOT VERIFY"
+    present = sorted({log.rank for log in report.ranks if log.rank is not None})
+    missing = f" (missing: {_ranks_text(report.missing)})" if report.missing else ""
+    run = _text(report.run_id, _RUN_ID_SHOWN)
+    ranks = f"ranks {_ranks_text(present)}{missing}"
+    world = f"world size {report.world_size}, {ranks}, {report.status.value}"
+    out = [f"distributed run {run}: {world}  {verdict}"]
+    out.extend(_rank_line(log) for log in report.ranks)
+    out.append(_lockstep_line(report))
+    if report.lockstep is not None:
+        out.append(f"  agreed cancels: {report.agreed_count or 'none'}")
+        out.extend(_agreed_line(cancel) for cancel in report.agreed)
+        if report.agreed_count > len(report.agreed):
+            out.append(f"    ... and {report.agreed_count - len(report.agreed)} more")
+    out.extend(f"  problem: {problem}" for problem in report.problems)
+    return "\n".join(printable(line) for line in out)
+
+
+def render_distributed_totals(runs: int, verified: int) -> str:
+    """Render how many distributed runs verified."""
+    return f"{runs} distributed run(s): {verified} verified, {runs - verified} do not verify"
