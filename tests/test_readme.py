@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +84,7 @@ def test_python_blocks_then_commands_run_in_order():
     shown = shown_outputs()
     assert shown, "the README shows no command output"
     for command in commands():
-        if command.startswith("make "):
+        if command.startswith(("make ", "torchrun ")):  # torchrun: its own test, below
             continue
         result = run_command(command)
         assert result.returncode == 0, (command, result.stderr)
@@ -116,8 +118,8 @@ def test_make_commands_are_real_targets(command):
 
 
 def test_every_command_is_covered():
-    """Each console command is a make target or an fsm-learner command run above."""
-    assert all(c.startswith(("make ", "fsm-learner ")) for c in commands()), commands()
+    """Each console command is a make target, an fsm-learner command or torchrun, run here."""
+    assert all(c.startswith(("make ", "fsm-learner ", "torchrun ")) for c in commands()), commands()
 
 
 def audit_log_section() -> str:
@@ -242,3 +244,63 @@ def test_resuming_section(tmp_path, monkeypatch):
         {"epoch": 2, "pass": "valid", "first": 0, "last": 1},
     ]
     assert (lineage["complete"], lineage["batches"], lineage["passes"]) == (True, 24, 6)
+
+
+TORCHRUN_TIMEOUT_S = 240
+
+
+def test_training_on_several_processes_section(tmp_path):
+    """The section's script under its torchrun command (2 ranks, gloo): one run, a log per rank,
+    the same metrics on both; then its audit command reads the two logs as one run."""
+    text = section("Training on several processes")
+    [script] = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    [console] = re.findall(r"```console\n(.*?)```", text, flags=re.DOTALL)
+    launch, audit = [line[2:] for line in console.splitlines() if line.startswith("$ ")]
+    assert script.startswith("# train.py: " + launch)
+    (tmp_path / "train.py").write_text(script)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = shlex.split(launch)
+    with socket.socket() as s:  # torchrun's default port may be taken by another test run
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("FSM_LEARNER_AUDIT_KEY", None)
+    result = subprocess.run(
+        [str(torchrun), "--master_port", port, *args[1:]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=TORCHRUN_TIMEOUT_S,
+        start_new_session=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logs = sorted((tmp_path / "runs").glob("*.jsonl"))
+    run_id = logs[0].name.split(".")[0]
+    assert [p.name for p in logs] == [f"{run_id}.rank0.jsonl", f"{run_id}.rank1.jsonl"]
+    footers = [orjson.loads(p.read_bytes().splitlines()[-2]) for p in logs]  # then its seal
+    status = footers[0]["status"]
+    assert [f["status"] for f in footers] == [status, status]
+    assert status in {"completed", "cancelled"}
+    assert result.stdout.split() == ["2", status, f"runs/{run_id}.rank0.jsonl"]  # rank 0 alone
+    metrics = [
+        [r for r in map(orjson.loads, p.read_bytes().splitlines()) if r.get("name") == "metrics"]
+        for p in logs
+    ]
+    assert [[m["ep"], m.get("valid_loss")] for m in metrics[0]] == [
+        [m["ep"], m.get("valid_loss")] for m in metrics[1]
+    ]
+    checked = subprocess.run(
+        [sys.executable, "-m", "fsm_learner.cli", *shlex.split(audit)[1:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert (
+        f"distributed run {run_id}: world size 2, ranks 0-1, {status}  verified" in checked.stdout
+    )
+    assert "  lockstep: yes, " in checked.stdout
