@@ -8,7 +8,7 @@ Ranks agree on cancels. A cancel a hook raises is a proposal (none < batch < epo
 < fail); the learner takes it at the next point where ranks agree: after ``before_fit``
 and each ``before_epoch``, before backward (so that no rank skips a backward the others
 take), and at the end of each batch, pass and fit (after their ``after_`` hooks, before
-the state changes). There one all-reduce (MAX) of three integers decides, for all ranks:
+the state changes). There one all-reduce (MAX) of five integers decides, for all ranks:
 the highest proposal (and the lowest rank that made it), and whether every rank got
 there by the same path (a digest of the transitions since the last point, and the point
 itself). A rank that fails proposes ``fail`` at once; the others fail at their next
@@ -21,6 +21,7 @@ on the CPU: agreeing costs no host-device synchronization, whatever the backend.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -41,6 +42,7 @@ from fsm_learner.checkpoint import loader_settings
 from fsm_learner.exceptions import (
     ConfigurationError,
     DistributedError,
+    DivergenceError,
     RankFailedError,
     RankLostError,
 )
@@ -77,9 +79,13 @@ class Proposal(IntEnum):
 class AgreePoint(StrEnum):
     """Where in a fit the ranks agree (the ``at`` of an ``agreed`` note)."""
 
+    OPEN = "open"
+    """Before the run opens its log: a rank whose fit could not start says so here."""
     BEGIN_FIT = "begin_fit"
     BEGIN_EPOCH = "begin_epoch"
     BACKWARD = "backward"
+    STEP = "step"
+    """Before the step, when a hook or override between backward and step may cancel."""
     END_BATCH = "end_batch"
     END_EPOCH = "end_epoch"
     END_FIT = "end_fit"
@@ -170,6 +176,21 @@ class Agreement:
     """Whether the ranks reached the point by different paths (or at different points)."""
     boundary: bool = False
     """Whether a rank was asked to stop (SIGTERM): every rank checkpoints and preempts."""
+    escaped: bool = False
+    """Whether a rank agrees where a cancel escaped a batch's work (its path is cut short)."""
+    collective: bool = False
+    """Whether a rank agrees before a callback's reduction (where no cancel is taken)."""
+
+    @property
+    def parted(self) -> bool:
+        """Whether the ranks are not where they should be together: they diverged.
+
+        Marks may differ where a cancel escaped a batch's work; a reduction meets only
+        ranks in a reduction too, with nothing to take.
+        """
+        if self.collective and (self.proposal or self.escaped or self.diverged):
+            return self.proposal is not Proposal.FAIL
+        return self.diverged and not self.escaped
 
 
 @attrs.define(eq=False)
@@ -188,6 +209,8 @@ class World:
     group: ProcessGroup | None = attrs.field(default=None, repr=False)
     run_id: str = ""
     """The run the ranks are in (names the store's keys when a rank is lost)."""
+    serial: int = 0
+    """How many fits across ranks this process started before: the same on every rank."""
     check: Callable[[], None] | None = attrs.field(default=None, repr=False)
     """The learner's agreement before a callback's collective (its path, its failures)."""
 
@@ -207,10 +230,11 @@ class World:
         Every rank must call it at the same point of its hooks. A rank that failed
         meanwhile makes this raise ``RankFailedError`` naming it.
         """
+        floats = [float(v) for v in values]  # a bad value raises before any collective
         if self.size == 1:
-            return [float(v) for v in values]
+            return floats
         self.collective_check()
-        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        tensor = torch.tensor(floats, dtype=torch.float64)
         self._collective(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group))
         return [float(v) for v in tensor.tolist()]
 
@@ -228,25 +252,44 @@ class World:
         if self.check is not None:
             self.check()
             return
-        agreement = self.agree(Proposal.NONE, 0)
+        agreement = self.agree(Proposal.NONE, 0, collective=True)
         if agreement.proposal is Proposal.FAIL:
             raise self.failed_elsewhere(agreement, AgreePoint.COLLECTIVE)
 
-    def agree(self, proposal: Proposal, mark: int, *, boundary: bool = False) -> Agreement:
-        """Agree with every rank: one all-reduce (MAX) of four integers.
+    def agree(
+        self,
+        proposal: Proposal,
+        mark: int,
+        *,
+        boundary: bool = False,
+        escaped: bool = False,
+        collective: bool = False,
+    ) -> Agreement:
+        """Agree with every rank: one all-reduce (MAX) of six integers.
 
         ``mark`` says where this rank is and how it got there; ranks whose marks differ
         diverged. The proposal code puts the lowest rank first among equal proposals.
+        ``boundary``: this rank was asked to stop; ``escaped``: a cancel escaped its
+        work; ``collective``: it is before a callback's reduction.
         """
         size = self.size
         code = proposal * size + (size - 1 - self.rank) if proposal else 0
         mark &= _MASK
-        tensor = torch.tensor([code, mark, -mark, int(boundary)], dtype=torch.int64)
+        sent = [code, mark, -mark, int(boundary), int(escaped), int(collective)]
+        tensor = torch.tensor(sent, dtype=torch.int64)
         self._collective(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group))
-        top, high, neg_low, stop = (int(v) for v in tensor.tolist())
+        got = [int(v) for v in tensor.tolist()]
+        top, high, neg_low, *flags = got
+        if not 0 <= top < len(Proposal) * size or any(flag not in {0, 1} for flag in flags):
+            msg = (
+                f"rank {self.rank}'s agreement got {got} back: the ranks' collectives are "
+                f"out of step (a rank in another collective)"
+            )
+            raise DivergenceError(msg)
         taken = Proposal(top // size)
         rank = size - 1 - top % size if taken else -1
-        return Agreement(taken, rank, diverged=high != -neg_low, boundary=bool(stop))
+        stop, escape, reduction = (bool(flag) for flag in flags)
+        return Agreement(taken, rank, high != -neg_low, stop, escape, reduction)
 
     def failed_elsewhere(self, agreement: Agreement, at: AgreePoint) -> RankFailedError:
         """Return the error of a rank that takes ``fail`` for another's failure (told by it)."""
@@ -303,7 +346,7 @@ class World:
         """Return the ranks that did not say they are here within the grace period."""
         try:
             store = dist.distributed_c10d._get_default_store()  # noqa: SLF001 (no public way)
-            prefix = f"fsm_learner/{self.run_id}/here/"
+            prefix = f"fsm_learner/{self.serial}/{self.run_id}/here/"
             store.set(f"{prefix}{self.rank}", "1")
             deadline = time.monotonic() + min(self.timeout, _GRACE_S)
             while True:
@@ -337,7 +380,12 @@ def start_world(config: Distributed | None) -> World:
         return LOCAL
     group = _agreement_group(config.timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, config.timeout, group)
+    rank, size = dist.get_rank(), dist.get_world_size()
+    return World(rank, size, local_rank, config.timeout, group, serial=next(_SERIAL))
+
+
+_SERIAL: Final = itertools.count()
+"""Numbers the worlds a process starts: its store keys never meet an earlier fit's."""
 
 
 def _init_from_env(config: Distributed) -> None:
@@ -357,21 +405,26 @@ def _init_from_env(config: Distributed) -> None:
     dist.init_process_group(backend, timeout=timedelta(seconds=max(config.timeout, 60.0)))
 
 
-_GROUPS: dict[tuple[int, float], ProcessGroup] = {}
-"""The agreement group of each process group and timeout, created once."""
+_GROUPS: dict[float, tuple[ProcessGroup, ProcessGroup]] = {}
+"""By timeout: the process group an agreement group was made in, and that group."""
 
 
 def _agreement_group(timeout: float) -> ProcessGroup:
+    """Return the agreement group for ``timeout``, made once per process group.
+
+    The process group it was made in is kept with it: a group started anew (after
+    ``destroy_process_group``) gets a new agreement group, never a dead one.
+    """
     default = dist.distributed_c10d._get_default_group()  # noqa: SLF001 (identifies the group)
-    key = (id(default), timeout)
-    group = _GROUPS.get(key)
-    if group is None:
-        made = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
-        if made is None:  # pragma: no cover (every rank is in the group it makes)
-            msg = "torch.distributed.new_group returned no group for this rank"
-            raise DistributedError(msg)
-        group = _GROUPS[key] = made
-    return group
+    cached = _GROUPS.get(timeout)
+    if cached is not None and cached[0] is default:
+        return cached[1]
+    made: ProcessGroup | None = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+    if made is None:  # pragma: no cover (every rank is in the group it makes)
+        msg = "torch.distributed.new_group returned no group for this rank"
+        raise DistributedError(msg)
+    _GROUPS[timeout] = (default, made)
+    return made
 
 
 def wrap_model(model: nn.Module, world: World) -> nn.Module:

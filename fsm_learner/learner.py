@@ -596,6 +596,8 @@ class Learner:
         """A checkpoint or a preemption waits for the next boundary (checked once per batch)."""
         self._checkpoint_wanted = False
         self._preempt_wanted = False
+        self._stop_asked = False
+        """Across ranks: this rank got SIGTERM; the next agreement stops every rank."""
         self._resume: Checkpoint | None = None
         """The checkpoint this fit resumes, until the machine is back at its position."""
         self._resumed_from: dict[str, Any] | None = None
@@ -611,12 +613,16 @@ class Learner:
         self._world: World = LOCAL
         self._agreeing = False
         """The fit runs across ranks: they agree at the points the distributed module names."""
+        self._agree_step = False
+        """Across ranks, with after_backward hooks or backward overrides: agree before the step."""
         self._trail: list[tuple[int, int, int]] | None = None
         """Across ranks: the transitions since the ranks last agreed (code, epoch, iter)."""
         self._proposal = Proposal.NONE
         """Across ranks: the cancel a hook raised, which the next agreement decides on."""
         self._agreed: BaseException | None = None
         """The cancel the ranks last agreed on, raised by the agreement (not a proposal)."""
+        self._told: BaseException | None = None
+        """The failure the other ranks were told of (once, wherever it is caught)."""
         self._loaders: tuple[Any, Any] = (None, None)
         """The fit's training and validation data: each rank's share, across ranks."""
         self._user_model: nn.Module | None = None
@@ -867,9 +873,9 @@ class Learner:
         self._world = start_world(self._distributed)
         n_epochs = _check_n_epochs(n_epochs)
         reset_opt = _check_bool("reset_opt", reset_opt)
-        resume = self._resume_point(resume_from, n_epochs, reset_opt=reset_opt)
 
-        def prepare() -> None:
+        def prepare() -> None:  # across ranks, a rank failing here tells the others
+            resume = self._resume_point(resume_from, n_epochs, reset_opt=reset_opt)
             self._n_epochs = n_epochs
             self._ready_optimizer(reset=reset_opt)
             self._start_resume(resume)
@@ -880,6 +886,7 @@ class Learner:
         finally:
             restore()
             self._unwrap_model()
+            self._world.check = None  # a reduction after the fit agrees with no loop
 
     # -- checkpoints -----------------------------------------------------------------
 
@@ -1132,6 +1139,7 @@ class Learner:
         assign the traceback of what it lets through, which a frozen exception refuses.
         """
         self._boundary_due = self._checkpoint_wanted = self._preempt_wanted = False
+        self._stop_asked = False
         if threading.current_thread() is not threading.main_thread() or not (
             self._world.distributed or _checkpointers(self._cbs)
         ):
@@ -1152,6 +1160,9 @@ class Learner:
                 f"once one fails; no checkpointing callback to preempt with)"
             )
             raise RankLostError(msg, ())
+        if self._world.distributed:  # every rank stops at the same boundary: agreed first
+            self._stop_asked = True
+            return
         self._preempt_wanted = self._boundary_due = True
 
     def _at_boundary(self, at: Position) -> bool:
@@ -1359,6 +1370,8 @@ class Learner:
                     raise exc  # noqa: TRY201 (see above)
                 raise failed from exc
         except BaseException as exc:
+            if self._agreeing and exc is not self._told:  # before the run opened, say
+                self._agree_failure(exc)
             self._settle(exc)
             raise exc  # noqa: TRY201 (by name, as above)
         finally:
@@ -1433,7 +1446,7 @@ class Learner:
         self._trail = [] if agreeing else None
         if agreeing:
             self._world.check = self._agree_collective
-        self._proposal, self._agreed = Proposal.NONE, None
+        self._proposal, self._agreed, self._told = Proposal.NONE, None, None
         self._resolve_callbacks(kind)
         self._checkpointers = _checkpointers(self._cbs) if kind is RunKind.FIT else ()
         self._epoch = self._iter = 0
@@ -1454,6 +1467,9 @@ class Learner:
             self._compiled_for = _compile(dispatch, kind, agreeing=agreeing)
         # together: the compiled routes always hold the modes of the kind
         self._dispatch, self._compiled, self._kind = dispatch, self._compiled_for, kind
+        self._agree_step = agreeing and bool(
+            dispatch.hooks[Hook.AFTER_BACKWARD] or dispatch.overrides[Override.BACKWARD]
+        )
         self._go_idle()  # the routes match the mode
         chains = {
             override: chain_overrides(dispatch.overrides[override], override, default)
@@ -1484,6 +1500,7 @@ class Learner:
         self._run = run = Run()  # from here on, _settle closes it whatever happens
         world = self._world
         if self._agreeing:
+            self._agree(AgreePoint.OPEN)  # every rank got this far: no fit failed to start
             run.run_id = world.agree_run_id(run.run_id)
         run.open(
             self._audit_log,
@@ -1636,6 +1653,8 @@ class Learner:
                     self._unstepped = True  # from here to the step, gradients are pending
                     self._backward(self)
                     fire(Trigger.BACKWARD)
+                    if self._agree_step:  # a hook or override may cancel before the step
+                        self._agree(AgreePoint.STEP)
                     self._step(self)
                     self._unstepped = False
                     fire(Trigger.STEP)
@@ -1820,20 +1839,27 @@ class Learner:
         Before a callback's collective, a proposal waits for the next point of the loop.
         """
         trail = self._trail if self._trail is not None else []
+        collective = point is AgreePoint.COLLECTIVE
         proposal = Proposal.NONE
-        if point is not AgreePoint.COLLECTIVE:
+        if not collective:
             proposal, self._proposal = self._proposal, Proposal.NONE
         mark = hash((_POINTS.index(point), self._epoch, self._iter, self._training, *trail))
-        agreement = self._world.agree(proposal, mark, boundary=self._preempt_wanted)
+        agreement = self._world.agree(
+            proposal, mark, boundary=self._stop_asked, collective=collective
+        )
+        self._decide(agreement, point)
+        trail.clear()
+        if agreement.proposal is not Proposal.NONE:
+            self._take(agreement, point)
+
+    def _decide(self, agreement: Agreement, point: AgreePoint) -> None:
+        """Act on what every rank sees alike: a stop asked, a failure, ranks that parted."""
         if agreement.boundary and self._checkpointers:
             self._preempt_wanted = self._boundary_due = True
         if agreement.proposal is Proposal.FAIL:
             raise self._world.failed_elsewhere(agreement, point)
-        if agreement.proposal is Proposal.NONE and agreement.diverged:
+        if agreement.parted:
             raise self._divergence(point)
-        trail.clear()
-        if agreement.proposal is not Proposal.NONE:
-            self._take(agreement, point)
 
     def _take(self, agreement: Agreement, point: AgreePoint) -> NoReturn:
         """Raise the cancel the ranks agreed on: every rank takes it here."""
@@ -1853,11 +1879,11 @@ class Learner:
             return
         own = _proposal(exc)
         proposal, self._proposal = max(self._proposal, own), Proposal.NONE
-        agreement = self._world.agree(proposal, 0)  # paths may differ inside a cancelled unit
+        # paths differ inside a cancelled unit: the mark says nothing here
+        agreement = self._world.agree(proposal, 0, boundary=self._stop_asked, escaped=True)
+        self._decide(agreement, AgreePoint.CANCEL)
         if self._trail is not None:
             self._trail.clear()
-        if agreement.proposal is Proposal.FAIL:
-            raise self._world.failed_elsewhere(agreement, AgreePoint.CANCEL)
         if agreement.proposal is not own:
             self._take(agreement, AgreePoint.CANCEL)
         self._note_agreed(own, agreement.rank, AgreePoint.CANCEL)
@@ -1870,7 +1896,7 @@ class Learner:
         agreement, told its exception. A ``DistributedError`` was agreed already, or
         the ranks can no longer agree.
         """
-        world = self._world
+        world, self._told = self._world, exc
         try:
             if isinstance(exc, RankFailedError):
                 self._note_agreed(Proposal.FAIL, exc.rank, AgreePoint(exc.at), exc.error)

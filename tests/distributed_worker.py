@@ -18,6 +18,10 @@ the same processes (a failed fit leaves the learner idle and the group usable):
 - ``diverge``: each rank its own list of batches, rank 1 one fewer (no samplers);
 - ``sigkill``: rank 1 SIGKILLs itself in before_batch of batch 3 (timeout 10 s);
 - ``preempt``: with CheckpointCB, rank 1 alone gets SIGTERM in batch 3: both preempt;
+- ``late_term``: the same, SIGTERM in cleanup_batch of batch 3 (after that batch's agreement);
+- ``step_cancel``: rank 1 alone raises CancelBatchException in after_backward of batch 2;
+- ``bad_sum``: rank 1 alone gives World.sum a value that is no number (after_epoch);
+- ``late_start``: rank 1 alone resumes from a checkpoint that is not there;
 - ``resume``: both resume ``preempt``'s checkpoint directory (each its own files);
 - ``readme``: nothing: the README's own script is run by the test instead.
 """
@@ -128,6 +132,35 @@ class RankFault(Callback):
         )
 
 
+class LateFaults(Callback):
+    """Rank 1's faults after a batch's agreement, after backward, and in a reduction."""
+
+    order = 6
+
+    def __init__(self, scenario: str) -> None:
+        """Strike as ``scenario`` says."""
+        self.scenario = scenario
+
+    def cleanup_batch(self, learn: Learner) -> None:
+        """late_term: SIGTERM after batch 3's end_batch agreement."""
+        if self.scenario == "late_term" and self._at(learn, 3):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def after_backward(self, learn: Learner) -> None:
+        """step_cancel: cancel batch 2 once its gradients are there, before the step."""
+        if self.scenario == "step_cancel" and self._at(learn, 2):
+            raise CancelBatchException("rank 1 skips the step of batch 2")
+
+    def after_epoch(self, learn: Learner) -> None:
+        """bad_sum: a reduction every rank makes, rank 1's with a value that is no number."""
+        if self.scenario == "bad_sum" and learn.training:
+            learn.world.sum([1.0, "x" if learn.world.rank == 1 else 2.0])  # type: ignore[list-item]
+
+    @staticmethod
+    def _at(learn: Learner, it: int) -> bool:
+        return learn.world.rank == 1 and learn.training and learn.epoch == 0 and learn.iter == it
+
+
 class RankScore(Callback):
     """A metrics provider whose ``valid_score`` improves on rank 0 and worsens on rank 1."""
 
@@ -176,10 +209,13 @@ def run(scenario: str, out: Path) -> dict[str, Any]:
         fault = RankFault(1, 3, None, kill=True)
         fault.out = out / "killed.json"
         cbs.append(fault)
-    elif scenario in {"preempt", "resume"}:
-        cbs.append(CheckpointCB(out / "ckpt", every_n_epochs=1, keep=2))
+    elif scenario in {"preempt", "resume", "late_term"}:
+        ckpt = out / ("ckpt" if scenario != "late_term" else "ckpt_late")
+        cbs.append(CheckpointCB(ckpt, every_n_epochs=1, keep=2))
         if scenario == "preempt":
             cbs.append(RankFault(1, 3, None, term=True))
+    if scenario in {"late_term", "step_cancel", "bad_sum"}:
+        cbs.append(LateFaults(scenario))
     elif scenario == "diverge":
         config = Distributed(init=True, timeout=TIMEOUT_S, distribute_samplers=False)
         x, y = digits()
@@ -199,6 +235,8 @@ def run(scenario: str, out: Path) -> dict[str, Any]:
     seen: dict[str, Any] = {"scenario": scenario}
     try:
         resume = out / "ckpt" if scenario == "resume" else None
+        if scenario == "late_start" and os.environ["RANK"] == "1":
+            resume = out / "no_such_checkpoint.pt"
         result = learn.fit(EPOCHS, resume_from=resume)
         seen |= {"status": str(result.status), "log": str(result.audit_path)}
     except Exception as exc:

@@ -34,7 +34,19 @@ TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 LAUNCH_TIMEOUT_S = 240.0
-SCENARIOS = ("equal", "batch_cancel", "early_stop", "value_error", "diverge", "preempt", "resume")
+SCENARIOS = (
+    "equal",
+    "batch_cancel",
+    "early_stop",
+    "value_error",
+    "diverge",
+    "preempt",
+    "resume",
+    "late_term",
+    "step_cancel",
+    "bad_sum",
+    "late_start",
+)
 
 pytestmark = pytest.mark.skipif(
     not TORCHRUN.is_file(), reason=f"no torchrun beside {sys.executable}"
@@ -453,3 +465,49 @@ class TestAuditOfRanks:
         result = audit("diagram", "--from-log", ranks / "runs" / "early_stop")
         assert result.returncode == 0, result.stderr
         assert "(cancelled), ranks 0-1 of 2, lockstep" in result.stdout.splitlines()[1]
+
+
+class TestAgreementEdges:
+    """Where a rank acts alone between agreements: the others still take it at the same point."""
+
+    def test_a_cancel_after_backward_on_rank_1_skips_the_step_on_both(self, ranks: Path) -> None:
+        """A hook between backward and step: the ranks agree before the step, and none steps."""
+        logs = [seen(ranks, "step_cancel", r)["log"] for r in (0, 1)]
+        for log in logs:
+            assert notes(log, "agreed") == [
+                {"ep": 0, "it": 2, "tr": True, "cancel": "batch", "rank": 1, "at": "step"}
+            ]
+            assert footer(log)["counts"]["step"] == [24 * worker.EPOCHS - 1, 0]
+        rank0, rank1 = weights(ranks, "step_cancel", 0), weights(ranks, "step_cancel", 1)
+        assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+    def test_a_sigterm_after_a_batchs_agreement_preempts_both_at_the_next(
+        self, ranks: Path
+    ) -> None:
+        """SIGTERM in rank 1's cleanup_batch of batch 3: both stop after batch 4, together."""
+        for rank in (0, 1):
+            info = seen(ranks, "late_term", rank)
+            assert info["status"] == "preempted"
+            assert transitions(info["log"])[-1] == ("preempt", 0, 4, True)
+
+    def test_a_bad_value_in_a_reduction_fails_both(self, ranks: Path) -> None:
+        """Rank 1's World.sum refuses its value before any collective; rank 0 is told."""
+        rank0, rank1 = seen(ranks, "bad_sum", 0), seen(ranks, "bad_sum", 1)
+        assert (rank1["type"], rank1["message"]) == (
+            "ValueError",
+            "could not convert string to float: 'x'",
+        )
+        assert rank0["type"] == "RankFailedError"
+        assert rank0["message"].startswith(
+            "rank 1 failed: ValueError: could not convert string to float: 'x' (in state "
+            "'epoch', in hook after_epoch of LateFaults) (rank 0 takes fail at the collective "
+        )
+
+    def test_a_rank_that_cannot_start_its_fit_fails_the_others_at_once(self, ranks: Path) -> None:
+        """Rank 1's checkpoint is not there: rank 0 fails where the run opens, not at a timeout."""
+        rank0, rank1 = seen(ranks, "late_start", 0), seen(ranks, "late_start", 1)
+        assert rank1["type"] == "CheckpointError"
+        assert rank0["type"] == "RankFailedError"
+        assert rank0["message"].startswith("rank 1 failed: CheckpointError: ")
+        assert rank0["message"].endswith("(rank 0 takes fail at the open agreement)")
+        assert rank0["seconds"] < worker.TIMEOUT_S / 2

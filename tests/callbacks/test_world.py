@@ -69,10 +69,18 @@ class SimulatedWorld(World):
     def collective_check(self) -> None:
         """No rank failed."""
 
-    def agree(self, proposal: Proposal, mark: int, *, boundary: bool = False) -> Agreement:
+    def agree(
+        self,
+        proposal: Proposal,
+        mark: int,
+        *,
+        boundary: bool = False,
+        escaped: bool = False,
+        collective: bool = False,
+    ) -> Agreement:
         """Take this rank's own proposal; the others came the same way."""
         rank = self.rank if proposal else -1
-        return Agreement(proposal, rank, diverged=False, boundary=boundary)
+        return Agreement(proposal, rank, False, boundary, escaped, collective)
 
     def broadcast_text(self, text: str, src: int) -> str:
         """Return ``text``: every rank says the same."""
