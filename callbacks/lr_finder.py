@@ -57,6 +57,8 @@ from collections.abc import Sized
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+import torch
+
 from callbacks._checks import check_count, check_number
 from callbacks._state import state_keys, state_list, state_optional, state_value
 from callbacks.checkpoint import CheckpointCB
@@ -70,13 +72,12 @@ from fsm_learner import (
     ConfigurationError,
     FsmLearnerError,
 )
+from fsm_learner.checkpoint import unwrap_model
 from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
     import os
     from collections.abc import Mapping
-
-    import torch
 
     from fsm_learner import FitResult, Learner
 
@@ -144,7 +145,8 @@ class LRFinderCB(Callback):
         fitting, so that nothing that runs as the fit starts changes what is loaded back.
         """
         opt = learn.opt
-        model_state = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+        model = unwrap_model(learn.model)  # across ranks the fit wraps it in DDP
+        model_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         opt_state = {} if opt is None else copy.deepcopy(opt.state_dict())
         self._saved = (model_state, opt_state)
 
@@ -157,7 +159,7 @@ class LRFinderCB(Callback):
         if saved is None:
             return
         model_state, opt_state = saved
-        learn.model.load_state_dict(model_state)
+        unwrap_model(learn.model).load_state_dict(model_state)
         if learn.opt is not None and opt_state:
             learn.opt.load_state_dict(opt_state)
 
@@ -322,12 +324,18 @@ _SET_ASIDE: Final = (
 
 
 def _epochs_for(train: object, num_it: int) -> int:
+    """Epochs enough for ``num_it`` batches; the finder ends the fit once it has them.
+
+    Across ranks each rank goes over its share only: as many times more epochs.
+    """
     if not isinstance(train, Sized):
         return num_it
     if len(train) == 0:
         msg = "lr_find needs training batches; learn.dls.train is empty"
         raise ConfigurationError(msg)
-    return math.ceil(num_it / len(train))
+    dist = torch.distributed
+    ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return math.ceil(num_it * ranks / len(train))
 
 
 def lr_find(  # noqa: PLR0913 (the finder's settings, keyword-only)

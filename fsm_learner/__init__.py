@@ -26,6 +26,7 @@ from fsm_learner.exceptions import (
     RankFailedError,
     RankLostError,
     ResumeWarning,
+    TerminatedError,
 )
 from fsm_learner.machine import (
     TRANSITION_TABLE,
@@ -84,6 +85,7 @@ __all__ = [
     "RunKind",
     "RunStatus",
     "State",
+    "TerminatedError",
     "TransitionSpec",
     "Trigger",
     "World",

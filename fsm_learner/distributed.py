@@ -6,9 +6,11 @@ wrapped in DDP and each loader gives each rank its share (``set_epoch`` every pa
 
 Ranks agree on cancels. A cancel a hook raises is a proposal (none < batch < epoch < fit
 < fail); the learner takes it at the next point where ranks agree: after ``before_fit``
-and each ``before_epoch``, before backward (so that no rank skips a backward the others
-take), and at the end of each batch, pass and fit (after their ``after_`` hooks, before
-the state changes). There one all-reduce (MAX) of five integers decides, for all ranks:
+and each ``before_epoch``, before a training batch's forward and its backward (DDP makes
+both collective: no rank skips what the others take), before the step when a hook or an
+override sits between backward and step, at the end of each batch, pass and fit (after
+their ``after_`` hooks, before the state changes), and once the fit is over. There one
+all-reduce (MAX) of eight integers decides, for all ranks:
 the highest proposal (and the lowest rank that made it), and whether every rank got
 there by the same path (a digest of the transitions since the last point, and the point
 itself). A rank that fails proposes ``fail`` at once; the others fail at their next
@@ -25,6 +27,7 @@ import itertools
 import math
 import os
 import time
+from collections.abc import Mapping
 from datetime import timedelta
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, Final
@@ -43,6 +46,7 @@ from fsm_learner.exceptions import (
     ConfigurationError,
     DistributedError,
     DivergenceError,
+    FsmLearnerError,
     RankFailedError,
     RankLostError,
 )
@@ -83,6 +87,8 @@ class AgreePoint(StrEnum):
     """Before the run opens its log: a rank whose fit could not start says so here."""
     BEGIN_FIT = "begin_fit"
     BEGIN_EPOCH = "begin_epoch"
+    FORWARD = "forward"
+    """Before a training batch's forward (DDP's forward may be collective): after before_batch."""
     BACKWARD = "backward"
     STEP = "step"
     """Before the step, when a hook or override between backward and step may cancel."""
@@ -95,6 +101,8 @@ class AgreePoint(StrEnum):
     """A cancel raised outside a hook (in a batch's work): agreed where it was raised."""
     FAILURE = "failure"
     """A rank that failed: it proposes ``fail`` where it failed."""
+    CLOSE = "close"
+    """After the fit's last transition and cleanups: a rank failing there tells the others."""
 
 
 _MASK: Final = (1 << 62) - 1
@@ -114,7 +122,8 @@ class Distributed:
     ``timeout``: seconds a rank waits for the others at an agreement or a reduction
     before it names those that did not come. ``wrap_model``: wrap the model in DDP
     for the fit when it is not already. ``distribute_samplers``: give each rank its
-    share of each torch DataLoader (a ``DistributedSampler``).
+    share of each torch DataLoader (a ``DistributedSampler``); ``ddp_options``: what
+    ``DistributedDataParallel`` is built with besides the model and its device.
     """
 
     init: bool = attrs.field(default=False, kw_only=True)
@@ -122,6 +131,8 @@ class Distributed:
     timeout: float = attrs.field(default=60.0, kw_only=True)
     wrap_model: bool = attrs.field(default=True, kw_only=True)
     distribute_samplers: bool = attrs.field(default=True, kw_only=True)
+    ddp_options: Mapping[str, Any] = attrs.field(factory=dict, kw_only=True)
+    """Keyword arguments for ``DistributedDataParallel`` (``find_unused_parameters=True``)."""
 
     def __attrs_post_init__(self) -> None:
         """Check every setting: a bad one is named with what would be valid."""
@@ -138,6 +149,14 @@ class Distributed:
             or timeout <= 0
         ):
             msg = f"Distributed(timeout=...) must be a positive number of seconds, got {timeout!r}"
+            raise ConfigurationError(msg)
+        if not isinstance(self.ddp_options, Mapping) or not all(
+            isinstance(k, str) for k in self.ddp_options
+        ):
+            msg = (
+                f"Distributed(ddp_options=...) must map DistributedDataParallel's keyword "
+                f"names to values, got {safe_text(repr(self.ddp_options), 80)}"
+            )
             raise ConfigurationError(msg)
         if self.backend is not None and self.backend not in {"gloo", "nccl", "mpi", "ucc"}:
             msg = (
@@ -180,16 +199,23 @@ class Agreement:
     """Whether a rank agrees where a cancel escaped a batch's work (its path is cut short)."""
     collective: bool = False
     """Whether a rank agrees before a callback's reduction (where no cancel is taken)."""
+    stepped_apart: bool = False
+    """Whether a rank cancelled in its step work while another did not (and so stepped)."""
 
     @property
     def parted(self) -> bool:
         """Whether the ranks are not where they should be together: they diverged.
 
         Marks may differ where a cancel escaped a batch's work; a reduction meets only
-        ranks in a reduction too, with nothing to take.
+        ranks in a reduction too, with nothing to take; a cancel in the step work of
+        some ranks only leaves the others stepped.
         """
+        if self.proposal is Proposal.FAIL:
+            return False
+        if self.stepped_apart:
+            return True
         if self.collective and (self.proposal or self.escaped or self.diverged):
-            return self.proposal is not Proposal.FAIL
+            return True
         return self.diverged and not self.escaped
 
 
@@ -211,6 +237,8 @@ class World:
     """The run the ranks are in (names the store's keys when a rank is lost)."""
     serial: int = 0
     """How many fits across ranks this process started before: the same on every rank."""
+    broken: bool = False
+    """A collective failed (a rank lost, a timeout): no agreement can be made any more."""
     check: Callable[[], None] | None = attrs.field(default=None, repr=False)
     """The learner's agreement before a callback's collective (its path, its failures)."""
 
@@ -256,7 +284,7 @@ class World:
         if agreement.proposal is Proposal.FAIL:
             raise self.failed_elsewhere(agreement, AgreePoint.COLLECTIVE)
 
-    def agree(
+    def agree(  # noqa: PLR0913 (each flag is one integer of the all-reduce)
         self,
         proposal: Proposal,
         mark: int,
@@ -264,23 +292,30 @@ class World:
         boundary: bool = False,
         escaped: bool = False,
         collective: bool = False,
+        in_step: bool = False,
     ) -> Agreement:
-        """Agree with every rank: one all-reduce (MAX) of six integers.
+        """Agree with every rank: one all-reduce (MAX) of eight integers.
 
         ``mark`` says where this rank is and how it got there; ranks whose marks differ
         diverged. The proposal code puts the lowest rank first among equal proposals.
         ``boundary``: this rank was asked to stop; ``escaped``: a cancel escaped its
-        work; ``collective``: it is before a callback's reduction.
+        work (``in_step``: the step work); ``collective``: it is before a callback's
+        reduction.
         """
         size = self.size
         code = proposal * size + (size - 1 - self.rank) if proposal else 0
         mark &= _MASK
-        sent = [code, mark, -mark, int(boundary), int(escaped), int(collective)]
+        step = int(in_step and escaped)
+        sent = [code, mark, -mark, -step, step, int(boundary), int(escaped), int(collective)]
         tensor = torch.tensor(sent, dtype=torch.int64)
         self._collective(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group))
         got = [int(v) for v in tensor.tolist()]
-        top, high, neg_low, *flags = got
-        if not 0 <= top < len(Proposal) * size or any(flag not in {0, 1} for flag in flags):
+        top, high, neg_low, not_all_step, *flags = got
+        if (
+            not 0 <= top < len(Proposal) * size
+            or not_all_step not in {-1, 0}
+            or any(flag not in {0, 1} for flag in flags)
+        ):
             msg = (
                 f"rank {self.rank}'s agreement got {got} back: the ranks' collectives are "
                 f"out of step (a rank in another collective)"
@@ -288,8 +323,9 @@ class World:
             raise DivergenceError(msg)
         taken = Proposal(top // size)
         rank = size - 1 - top % size if taken else -1
-        stop, escape, reduction = (bool(flag) for flag in flags)
-        return Agreement(taken, rank, high != -neg_low, stop, escape, reduction)
+        any_step, stop, escape, reduction = (bool(flag) for flag in flags)
+        apart = any_step and not_all_step == 0  # some cancelled in the step work, not all
+        return Agreement(taken, rank, high != -neg_low, stop, escape, reduction, apart)
 
     def failed_elsewhere(self, agreement: Agreement, at: AgreePoint) -> RankFailedError:
         """Return the error of a rank that takes ``fail`` for another's failure (told by it)."""
@@ -322,9 +358,10 @@ class World:
     def _collective(self, call: Callable[[], object]) -> None:
         try:
             call()
-        except DistributedError:
+        except FsmLearnerError:  # TerminatedError from SIGTERM meanwhile, say
             raise
         except RuntimeError as exc:  # gloo: a peer closed its end, or the timeout passed
+            self.broken = True
             raise self.lost(exc) from exc
 
     def lost(self, exc: BaseException) -> RankLostError:
@@ -354,7 +391,7 @@ class World:
                 if not missing or time.monotonic() >= deadline:
                     break
                 time.sleep(0.05)
-        except DistributedError:  # SIGTERM meanwhile (torchrun stopping this worker)
+        except FsmLearnerError:  # SIGTERM meanwhile (torchrun stopping this worker)
             raise
         except (RuntimeError, OSError, ValueError) as store_exc:  # it may have died with a rank
             return (), f"the store did not answer either: {exception_text(store_exc, 200)}"
@@ -419,7 +456,17 @@ def _agreement_group(timeout: float) -> ProcessGroup:
     cached = _GROUPS.get(timeout)
     if cached is not None and cached[0] is default:
         return cached[1]
-    made: ProcessGroup | None = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+    try:
+        made: ProcessGroup | None = dist.new_group(
+            backend="gloo", timeout=timedelta(seconds=timeout)
+        )
+    except RuntimeError as exc:  # a store timeout: the other ranks are not starting a fit
+        msg = (
+            f"rank {dist.get_rank()} could not agree on a group with the other ranks: every "
+            f"rank of the process group must start the fit (Learner(distributed=False) fits "
+            f"on this process alone): {exception_text(exc, 300)}"
+        )
+        raise DistributedError(msg) from exc
     if made is None:  # pragma: no cover (every rank is in the group it makes)
         msg = "torch.distributed.new_group returned no group for this rank"
         raise DistributedError(msg)
@@ -427,7 +474,9 @@ def _agreement_group(timeout: float) -> ProcessGroup:
     return made
 
 
-def wrap_model(model: nn.Module, world: World) -> nn.Module:
+def wrap_model(
+    model: nn.Module, world: World, options: Mapping[str, Any] | None = None
+) -> nn.Module:
     """Return ``model`` in DDP (on its device), unless it already is or has nothing to train."""
     if isinstance(model, DistributedDataParallel):
         return model
@@ -435,7 +484,8 @@ def wrap_model(model: nn.Module, world: World) -> nn.Module:
         return model
     device = next(model.parameters()).device
     ids = [device.index if device.index is not None else world.local_rank]
-    return DistributedDataParallel(model, device_ids=ids if device.type == "cuda" else None)
+    kwargs = {"device_ids": ids if device.type == "cuda" else None, **(options or {})}
+    return DistributedDataParallel(model, **kwargs)
 
 
 def distributed_loader(data: Any, world: World) -> tuple[Any, str | None]:

@@ -18,6 +18,7 @@ is the guard of a cancel transition in the machine. Errors are failures of ours:
         │   ├── RankFailedError          another rank failed; its exception is named
         │   ├── RankLostError            a rank stopped answering (died or hung): named
         │   └── DivergenceError          the ranks' paths differ: the first difference named
+        ├── TerminatedError              (also RuntimeError) SIGTERM ended a fit across ranks
         └── InvalidTransitionError       (also RuntimeError)
             └── IllegalCancelError       a cancel raised where its transition is not allowed
 
@@ -56,6 +57,7 @@ __all__ = [
     "RankFailedError",
     "RankLostError",
     "ResumeWarning",
+    "TerminatedError",
 ]
 
 
@@ -129,6 +131,14 @@ class RankLostError(DistributedError):
 
 class DivergenceError(DistributedError):
     """The ranks' paths differ: the message names the first transition where they part."""
+
+
+class TerminatedError(FsmLearnerError, RuntimeError):
+    """SIGTERM during a fit across ranks with no checkpointing callback: the fit fails.
+
+    torchrun sends it to every worker of a node once one fails; the log still closes,
+    and the other ranks are told.
+    """
 
 
 class InvalidTransitionError(FsmLearnerError, RuntimeError):

@@ -106,8 +106,8 @@ from fsm_learner.exceptions import (
     InvalidTransitionError,
     PartialResultWarning,
     RankFailedError,
-    RankLostError,
     ResumeWarning,
+    TerminatedError,
 )
 from fsm_learner.inference import Gathered, LossMean
 from fsm_learner.machine import (
@@ -623,8 +623,8 @@ class Learner:
         """The cancel the ranks last agreed on, raised by the agreement (not a proposal)."""
         self._told: BaseException | None = None
         """The failure the other ranks were told of (once, wherever it is caught)."""
-        self._loaders: tuple[Any, Any] = (None, None)
-        """The fit's training and validation data: each rank's share, across ranks."""
+        self._user_dls: DataLoaders | Any = None
+        """The data as given, while a fit across ranks trains on each rank's share of it."""
         self._user_model: nn.Module | None = None
         """The model as given, while a fit across ranks trains it wrapped in DDP."""
         self._counts: dict[tuple[Trigger, bool], int] = _zero_counts()
@@ -885,7 +885,7 @@ class Learner:
             return self._execute(RunKind.FIT, prepare, self._train)
         finally:
             restore()
-            self._unwrap_model()
+            self._give_back()
             self._world.check = None  # a reduction after the fit agrees with no loop
 
     # -- checkpoints -----------------------------------------------------------------
@@ -1156,10 +1156,10 @@ class Learner:
         if self._world.distributed and not self._checkpointers:
             # torchrun stops every worker once one fails: fail, closing the log, not die
             msg = (
-                f"rank {self._world.rank} was sent SIGTERM (torchrun stops every worker "
-                f"once one fails; no checkpointing callback to preempt with)"
+                f"rank {self._world.rank} was sent SIGTERM during a fit across ranks (torchrun "
+                f"stops every worker once one fails); no checkpointing callback to preempt with"
             )
-            raise RankLostError(msg, ())
+            raise TerminatedError(msg)
         if self._world.distributed:  # every rank stops at the same boundary: agreed first
             self._stop_asked = True
             return
@@ -1357,7 +1357,11 @@ class Learner:
             prepare()
             self._open_run()
             try:
-                return self._close_run(body())
+                status = body()
+                if self._agreeing:  # after the last hooks and cleanups: no rank fails alone
+                    self._agree(AgreePoint.CLOSE)
+                    self._agreeing = False
+                return self._close_run(status)
             except BaseException as exc:
                 failed = self._as_failure(exc)
                 if self._agreeing:
@@ -1397,7 +1401,7 @@ class Learner:
             for index in range(first, len(passes)):
                 epoch, training = passes[index]
                 self._epoch = epoch
-                data = self._loaders[0 if training else 1]
+                data = self.dls.train if training else self.dls.valid
                 if self._agreeing:
                     set_sampler_epoch(data, epoch)
                 if self._one_pass(data, training=training, skip=skip) is _PassEnd.STOPPED:
@@ -1440,9 +1444,8 @@ class Learner:
     def _prepare(self, kind: RunKind) -> None:
         self._unstepped = False
         self._resume = self._resumed_from = self._pass_start = None
-        if kind is not RunKind.FIT:
-            self._world = LOCAL
-        self._agreeing = agreeing = self._world.distributed
+        # an inference run is this process's alone; learn.world stays the last fit's
+        self._agreeing = agreeing = kind is RunKind.FIT and self._world.distributed
         self._trail = [] if agreeing else None
         if agreeing:
             self._world.check = self._agree_collective
@@ -1454,7 +1457,8 @@ class Learner:
         self._hook_ns = _zero_counts()
         self._rank = self._world.rank if agreeing else _rank()
         self._failure = self._origin = None
-        self._loaders = self._fit_loaders() if kind is RunKind.FIT else (None, None)
+        if agreeing:
+            self._share_loaders()
 
     def _resolve_callbacks(self, kind: RunKind) -> None:
         """Check the callbacks and compile their dispatch, every run (they may have changed)."""
@@ -1638,6 +1642,8 @@ class Learner:
         self.loss = _NO_LOSS
         try:
             fire(Trigger.BEGIN_BATCH)
+            if self._agreeing and self._training:  # DDP's forward is collective too
+                self._agree(AgreePoint.FORWARD)
             self._predict(self)
             if self.preds is None:
                 self._refuse_work(Override.PREDICT, "learn.preds")
@@ -1801,33 +1807,37 @@ class Learner:
 
     # -- across ranks ------------------------------------------------------------------
 
-    def _fit_loaders(self) -> tuple[Any, Any]:
-        """Return the fit's training and validation data: across ranks, each rank's share."""
-        dls, config = self.dls, self._distributed
-        if not self._agreeing or config is None or not config.distribute_samplers:
-            return dls.train, dls.valid
+    def _share_loaders(self) -> None:
+        """For the fit, make ``learn.dls`` each rank's share (what callbacks count too)."""
+        dls, config = self._dls, self._distributed
+        if config is None or not config.distribute_samplers:
+            return
         shares = []
         for name, data in (("train", dls.train), ("valid", dls.valid)):
             share, warning = distributed_loader(data, self._world)
             if warning is not None:
                 warnings.warn(f"dls.{name}: {warning}", DistributedWarning, stacklevel=6)
             shares.append(share)
-        return shares[0], shares[1]
+        if shares != [dls.train, dls.valid]:
+            self._user_dls, self._dls = dls, DataLoaders(shares[0], shares[1])
 
     def _wrap_model(self) -> None:
         """Train the model wrapped in DDP for this fit (after before_fit moved it)."""
         config = self._distributed
         if config is None or not config.wrap_model:
             return
-        wrapped = wrap_model(self.model, self._world)
+        wrapped = wrap_model(self.model, self._world, config.ddp_options)
         if wrapped is not self.model:
             self._user_model, self.model = self.model, wrapped
 
-    def _unwrap_model(self) -> None:
-        """Give ``learn.model`` back as it was given, once the fit is over."""
+    def _give_back(self) -> None:
+        """Give ``learn.model`` and ``learn.dls`` back as they were given, once the fit is over."""
         model, self._user_model = self._user_model, None
         if model is not None:
             self.model = model
+        dls, self._user_dls = self._user_dls, None
+        if dls is not None:
+            self._dls = dls
 
     def _agree_collective(self) -> None:
         """Agree before a callback's collective (``World.sum``): paths and failures only."""
@@ -1841,7 +1851,7 @@ class Learner:
         trail = self._trail if self._trail is not None else []
         collective = point is AgreePoint.COLLECTIVE
         proposal = Proposal.NONE
-        if not collective:
+        if point is not AgreePoint.CLOSE and not collective:  # at close: failures only
             proposal, self._proposal = self._proposal, Proposal.NONE
         mark = hash((_POINTS.index(point), self._epoch, self._iter, self._training, *trail))
         agreement = self._world.agree(
@@ -1859,7 +1869,7 @@ class Learner:
         if agreement.proposal is Proposal.FAIL:
             raise self._world.failed_elsewhere(agreement, point)
         if agreement.parted:
-            raise self._divergence(point)
+            raise self._divergence(point, agreement)
 
     def _take(self, agreement: Agreement, point: AgreePoint) -> NoReturn:
         """Raise the cancel the ranks agreed on: every rank takes it here."""
@@ -1879,8 +1889,12 @@ class Learner:
             return
         own = _proposal(exc)
         proposal, self._proposal = max(self._proposal, own), Proposal.NONE
-        # paths differ inside a cancelled unit: the mark says nothing here
-        agreement = self._world.agree(proposal, 0, boundary=self._stop_asked, escaped=True)
+        # paths differ inside a cancelled unit: the mark says nothing here; in the step work,
+        # the ranks that did not cancel stepped (which only every rank cancelling there undoes)
+        in_step = self._state is State.BACKWARD
+        agreement = self._world.agree(
+            proposal, 0, boundary=self._stop_asked, escaped=True, in_step=in_step
+        )
         self._decide(agreement, AgreePoint.CANCEL)
         if self._trail is not None:
             self._trail.clear()
@@ -1901,8 +1915,8 @@ class Learner:
             if isinstance(exc, RankFailedError):
                 self._note_agreed(Proposal.FAIL, exc.rank, AgreePoint(exc.at), exc.error)
                 return
-            if isinstance(exc, DistributedError):
-                return
+            if isinstance(exc, DistributedError) or world.broken:
+                return  # agreed already, or the ranks can no longer agree
             agreement = world.agree(Proposal.FAIL, 0)
             text = world.broadcast_text(self._failure_text(exc), agreement.rank)
             if agreement.rank != world.rank:
@@ -1936,13 +1950,19 @@ class Learner:
             fields["error"] = error[:2000]
         run.note("agreed", fields, epoch=self._epoch, it=self._iter, training=self._training)
 
-    def _divergence(self, point: AgreePoint) -> DivergenceError:
+    def _divergence(self, point: AgreePoint, agreement: Agreement) -> DivergenceError:
         """Name the first transition where the ranks' paths part (every rank says the same)."""
         trail = self._trail if self._trail is not None else []
         named = [(_TRIGGERS[code // 2].value, ep, it, bool(code % 2)) for code, ep, it in trail]
         named.append((f"@{point}", self._epoch, self._iter, self._training))
         trails = self._world.gather(named)
-        return DivergenceError(f"the ranks' paths diverged: {first_difference(trails)}")
+        why = (
+            "a cancel raised in the step work of some ranks only (the others stepped: their "
+            "weights differ; cancel in after_backward, where the ranks agree before the step); "
+            if agreement.stepped_apart
+            else ""
+        )
+        return DivergenceError(f"the ranks' paths diverged: {why}{first_difference(trails)}")
 
     # -- the failure path ------------------------------------------------------------
 

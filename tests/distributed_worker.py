@@ -22,6 +22,11 @@ the same processes (a failed fit leaves the learner idle and the group usable):
 - ``step_cancel``: rank 1 alone raises CancelBatchException in after_backward of batch 2;
 - ``bad_sum``: rank 1 alone gives World.sum a value that is no number (after_epoch);
 - ``late_start``: rank 1 alone resumes from a checkpoint that is not there;
+- ``forward_error``: a BatchNorm model; rank 1 alone raises ValueError in before_batch of
+  batch 1 (DDP's forward broadcasts buffers: the others must not be in it);
+- ``step_escape``: rank 1's step override alone raises CancelBatchException before stepping;
+- ``close_error``: rank 1 alone raises ValueError in cleanup_fit, after the fit's last hooks;
+- ``schedule``: one-cycle over each rank's share of the batches (the lr it ends with);
 - ``resume``: both resume ``preempt``'s checkpoint directory (each its own files);
 - ``readme``: nothing: the README's own script is run by the test instead.
 """
@@ -43,7 +48,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks import CheckpointCB, EarlyStoppingCB, MetricsCB
+from callbacks import BatchSchedCB, CheckpointCB, EarlyStoppingCB, MetricsCB
 from fsm_learner import (
     Callback,
     CancelBatchException,
@@ -151,6 +156,24 @@ class LateFaults(Callback):
         if self.scenario == "step_cancel" and self._at(learn, 2):
             raise CancelBatchException("rank 1 skips the step of batch 2")
 
+    def before_batch(self, learn: Learner) -> None:
+        """forward_error: fail before batch 1's forward."""
+        if self.scenario == "forward_error" and self._at(learn, 1):
+            msg = "rank 1 cannot read batch 1"
+            raise ValueError(msg)
+
+    def step(self, learn: Learner, proceed: Any) -> None:
+        """step_escape: cancel batch 2 inside the step work, before stepping."""
+        if self.scenario == "step_escape" and self._at(learn, 2):
+            raise CancelBatchException("rank 1 skips its step")
+        proceed()
+
+    def cleanup_fit(self, learn: Learner) -> None:
+        """close_error: fail in the fit's last cleanup."""
+        if self.scenario == "close_error" and learn.world.rank == 1:
+            msg = "rank 1 cannot clean up"
+            raise ValueError(msg)
+
     def after_epoch(self, learn: Learner) -> None:
         """bad_sum: a reduction every rank makes, rank 1's with a value that is no number."""
         if self.scenario == "bad_sum" and learn.training:
@@ -194,11 +217,14 @@ class RankScore(Callback):
             self._values = {"valid_score": 1.0 + learn.epoch if worse else 1.0 - learn.epoch}
 
 
-def run(scenario: str, out: Path) -> dict[str, Any]:
-    """Fit the scenario; return what this rank saw."""
+LATE_FAULTS = frozenset(
+    {"late_term", "step_cancel", "bad_sum", "forward_error", "step_escape", "close_error"}
+)
+
+
+def callbacks_for(scenario: str, out: Path) -> list[Callback]:
+    """The scenario's callbacks (MetricsCB first, but for early_stop)."""
     cbs: list[Callback] = [MetricsCB()] if scenario != "early_stop" else []
-    dls: Any = loaders(BATCH)
-    config = Distributed(init=True, timeout=TIMEOUT_S)
     if scenario == "batch_cancel":
         cbs.append(RankFault(1, 2, CancelBatchException("rank 1 skips batch 2")))
     elif scenario == "early_stop":
@@ -214,47 +240,74 @@ def run(scenario: str, out: Path) -> dict[str, Any]:
         cbs.append(CheckpointCB(ckpt, every_n_epochs=1, keep=2))
         if scenario == "preempt":
             cbs.append(RankFault(1, 3, None, term=True))
-    if scenario in {"late_term", "step_cancel", "bad_sum"}:
+    elif scenario == "schedule":
+        cbs.append(BatchSchedCB.one_cycle(0.5))
+    if scenario in LATE_FAULTS:
         cbs.append(LateFaults(scenario))
+    return cbs
+
+
+def learner_for(scenario: str, out: Path) -> Learner:
+    """The scenario's learner: its model, data, callbacks and log directory."""
+    dls: Any = loaders(BATCH)
+    config = Distributed(init=True, timeout=TIMEOUT_S)
+    model = make_model()
+    if scenario == "forward_error":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
     elif scenario == "diverge":
         config = Distributed(init=True, timeout=TIMEOUT_S, distribute_samplers=False)
         x, y = digits()
         n = 6 - int(os.environ["RANK"])  # rank 0: 6 batches, rank 1: 5
         train = [(x[i * BATCH : (i + 1) * BATCH], y[i * BATCH : (i + 1) * BATCH]) for i in range(n)]
         dls = DataLoaders(train, train[:2])
-    learn = Learner(
-        make_model(),
+    return Learner(
+        model,
         dls,
         F.cross_entropy,
         lr=0.1,
-        cbs=cbs,
+        cbs=callbacks_for(scenario, out),
         audit_log=out / "runs" / scenario,
         distributed=config,
     )
-    start = time.time()
-    seen: dict[str, Any] = {"scenario": scenario}
+
+
+def fit(learn: Learner, scenario: str, out: Path) -> dict[str, Any]:
+    """Fit; return the status, or the exception's type, message and notes, and the log."""
+    resume = out / "ckpt" if scenario == "resume" else None
+    if scenario == "late_start" and os.environ["RANK"] == "1":
+        resume = out / "no_such_checkpoint.pt"
     try:
-        resume = out / "ckpt" if scenario == "resume" else None
-        if scenario == "late_start" and os.environ["RANK"] == "1":
-            resume = out / "no_such_checkpoint.pt"
         result = learn.fit(EPOCHS, resume_from=resume)
-        seen |= {"status": str(result.status), "log": str(result.audit_path)}
     except Exception as exc:
         last = learn.last_result
-        seen |= {
+        return {
             "status": "raised",
             "type": type(exc).__name__,
             "message": str(exc),
             "notes": list(getattr(exc, "__notes__", [])),
             "log": None if last is None else str(last.audit_path),
         }
-    seen |= {"seconds": time.time() - start, "failed_at": time.time()}
-    seen["rank"] = learn.world.rank
-    seen["world_size"] = learn.world.size
-    seen["model_type"] = type(learn.model).__name__
-    seen["values"] = dict(cbs[0].values) if isinstance(cbs[0], MetricsCB) else {}
-    seen["resumed_from"] = learn.resumed_from
-    seen["checkpoints"] = sorted(p.name for p in (out / "ckpt").glob("*.pt"))
+    return {"status": str(result.status), "log": str(result.audit_path)}
+
+
+def run(scenario: str, out: Path) -> dict[str, Any]:
+    """Fit the scenario; return what this rank saw."""
+    learn = learner_for(scenario, out)
+    start = time.time()
+    seen: dict[str, Any] = {"scenario": scenario, **fit(learn, scenario, out)}
+    metrics = learn.cbs[0]
+    seen |= {
+        "seconds": time.time() - start,
+        "failed_at": time.time(),
+        "rank": learn.world.rank,
+        "world_size": learn.world.size,
+        "model_type": type(learn.model).__name__,
+        "values": dict(metrics.values) if isinstance(metrics, MetricsCB) else {},
+        "resumed_from": learn.resumed_from,
+        "lr": None if learn.opt is None else learn.opt.param_groups[0]["lr"],
+        "checkpoints": sorted(p.name for p in (out / "ckpt").glob("*.pt")),
+    }
     torch.save(learn.model.state_dict(), out / f"{scenario}.rank{seen['rank']}.pt")
     return seen
 

@@ -165,15 +165,15 @@ class TestProgressCB:
         assert len(plain(across.getvalue())) == 4 + 3  # a line per pass, a table of 2 rows
         assert plain(across.getvalue()) == plain(alone.getvalue())
 
-    def test_a_validate_run_on_rank_1_prints_its_line(self, on_rank):
-        """A validate run is on one process (learn.world is LOCAL): it prints on any rank."""
+    def test_a_validate_run_after_a_fit_on_rank_1_prints_nothing(self, on_rank):
+        """learn.world stays the last fit's: a validate run on rank 1 is silent, as the fit was."""
         on_rank(1)
         out = io.StringIO()
         learn = learner(MetricsCB(), ProgressCB(file=out))
         learn.fit(1)
         assert out.getvalue() == ""
-        values = learn.validate()
-        assert plain(out.getvalue()) == [f"validate loss {values['loss']:.4f} Ts"]
+        learn.validate()
+        assert (learn.world.rank, out.getvalue()) == (1, "")
 
 
 def save_learner(cb: SaveModelCB) -> Learner:
