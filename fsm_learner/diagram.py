@@ -462,8 +462,7 @@ def _verified_ranks(
         if not report.verified:
             msg = f"run {name} ({report.path}) does not verify: {report.problem}"
             raise ConfigurationError(msg)
-    world = _world_size(chosen[0][0])
-    if world == 1:
+    if Field.WORLD_SIZE.value not in chosen[0][0].header:  # an invalid one: checked below
         if len(chosen) == 1:
             return chosen[0][0], ""
         files = ", ".join(report.path for report, _ in chosen[:3])
@@ -477,6 +476,7 @@ def _verified_ranks(
     if problems:
         raise ConfigurationError(str(problems[0]))
     lowest = min(chosen, key=lambda found: found[0].header[Field.RANK.value])[0]
+    world = _world_size(lowest)  # every rank's says it, a valid one: no problem was found
     return lowest, f", ranks 0-{world - 1} of {world}, lockstep"
 
 

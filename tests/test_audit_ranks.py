@@ -8,26 +8,43 @@ agreed on), one writer per rank.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
 import time
 from importlib import resources
+from pathlib import Path
 
 import orjson
 import pytest
 from audit_logs import reseal, spaced
 from jsonschema import Draft202012Validator
 
-from fsm_learner.audit.codec import Encoder, FailureField, Field, RunStatus, note_fields
+from fsm_learner.audit import ranks as ranks_module
+from fsm_learner.audit.codec import (
+    KEY_ENV,
+    Encoder,
+    FailureField,
+    Field,
+    RunStatus,
+    derive_key,
+    note_fields,
+)
 from fsm_learner.audit.ranks import (
     AGREED,
     MAX_ERROR_CHARS,
+    MAX_WORLD_SIZE,
     UNIT_TRIGGERS,
     AgreedAt,
     AgreedField,
     Cancel,
     DistributedRuns,
     check_ranks,
+    ranges_text,
+    rank_ranges,
 )
-from fsm_learner.audit.replay import FileAudit
+from fsm_learner.audit.replay import FileAudit, RunReport
 from fsm_learner.audit.writer import AuditWriter
 from fsm_learner.cli import main
 from fsm_learner.diagram import render_text, run_view
@@ -51,7 +68,16 @@ class RankLog:
     """One rank's log of a fit across ranks, as the learner writes it on that rank."""
 
     def __init__(
-        self, directory, rank, *, run_id=RUN, world_size=2, n_epochs=1, name=None, header=None
+        self,
+        directory,
+        rank,
+        *,
+        run_id=RUN,
+        world_size=2,
+        n_epochs=1,
+        name=None,
+        header=None,
+        key=None,
     ):
         self.path = directory / (name or f"{run_id}.rank{rank}.jsonl")
         fields = {
@@ -65,7 +91,7 @@ class RankLog:
             del fields[Field.WORLD_SIZE]
         fields |= header or {}
         self.run_id = run_id
-        self.writer = AuditWriter(self.path, run_id=run_id, key=None, header=fields)
+        self.writer = AuditWriter(self.path, run_id=run_id, key=key, header=fields)
         self.writer.start()
         self.records = 1  # the header
         self.state, self.epoch, self.it, self.training = "idle", 0, 0, False
@@ -108,8 +134,11 @@ class RankLog:
         fields = {AgreedField.CANCEL: cancel, AgreedField.RANK: rank, AgreedField.AT: at}
         if error is not None:
             fields[AgreedField.ERROR] = error
-        note = {str(k): v for k, v in fields.items()}
-        self.writer.note(AGREED, note, epoch=self.epoch, it=self.it, tr=self.training)
+        return self.note_agreed({str(k): v for k, v in fields.items()})
+
+    def note_agreed(self, fields):
+        """An agreed note of these fields, whatever they are."""
+        self.writer.note(AGREED, fields, epoch=self.epoch, it=self.it, tr=self.training)
         self.records += 1
         return self
 
@@ -486,7 +515,7 @@ class TestRanksAndHeaders:
         logs = lockstep_run(tmp_path, world_size=3)
         logs[2].path.unlink()
         [report] = distributed(logs[0].path, logs[1].path)
-        assert (report.missing, report.lockstep, report.verified) == ([2], True, False)
+        assert (report.missing, report.lockstep, report.verified) == ([(2, 2)], True, False)
         code, out, err = audit(tmp_path, capsys=capsys)
         assert (code, err) == (
             1,
@@ -548,21 +577,88 @@ class TestRanksAndHeaders:
         ) in reasons
 
     def test_run_ids_mixed(self, tmp_path, capsys):
-        """Rank 0 of one run, rank 1 of another: two runs, each missing a rank, named."""
+        """fit.rank0.jsonl of one run, fit.rank1.jsonl of another: each names the other's file."""
+        fit(RankLog(tmp_path, 0, run_id=RUN, name="fit.rank0.jsonl"))
+        fit(RankLog(tmp_path, 1, run_id=OTHER, name="fit.rank1.jsonl"))
+        code, out, _ = audit(tmp_path, capsys=capsys)
+        assert code == 1
+        assert "  lockstep: not checked (fewer than two ranks' logs)\n" in out
+        assert (
+            f"  problem: distributed run '{RUN}': rank 1 of 2 missing: its log {tmp_path}/"
+            f"fit.rank1.jsonl holds run '{OTHER}' instead: run ids mixed?\n"
+        ) in out
+        assert (
+            f"  problem: distributed run '{OTHER}': rank 0 of 2 missing: its log {tmp_path}/"
+            f"fit.rank0.jsonl holds run '{RUN}' instead: run ids mixed?\n"
+        ) in out
+
+    def test_another_runs_rank_in_another_file(self, tmp_path, capsys):
+        """Rank 1 of another run, in that run's own file: no hint, rank 1 is just missing."""
         fit(RankLog(tmp_path, 0, run_id=RUN))
         fit(RankLog(tmp_path, 1, run_id=OTHER))
         reports = distributed(*sorted(tmp_path.iterdir()))
         assert [(r.run_id, r.missing, r.lockstep) for r in reports] == [
-            (RUN, [1], None),
-            (OTHER, [0], None),
+            (RUN, [(1, 1)], None),
+            (OTHER, [(0, 0)], None),
         ]
-        assert str(reports[0].problems[-1]) == (
-            f"distributed run '{RUN}': the missing ranks' logs are of other runs ('{OTHER}'): "
-            "run ids mixed?"
-        )
-        code, out, _ = audit(tmp_path, capsys=capsys)
-        assert code == 1
-        assert "  lockstep: not checked (fewer than two ranks' logs)\n" in out
+        assert [str(problem) for problem in reports[0].problems] == [
+            (
+                f"distributed run '{RUN}': rank 1 of 2 missing: no log of theirs among the files "
+                "audited"
+            )
+        ]
+
+    def test_a_file_named_as_the_missing_rank_holding_this_runs_other_rank(self, tmp_path):
+        """Rank 0's log copied as rank 1's: rank 0 twice, and rank 1's file says what it holds."""
+        logs = lockstep_run(tmp_path)
+        logs[1].path.write_bytes(logs[0].path.read_bytes())
+        files = sorted(tmp_path.iterdir())
+        runs = DistributedRuns()
+        for path in files:
+            for report in FileAudit(path):
+                runs.add(report, path)
+        [report] = runs.check(files)
+        assert [p.reason.split(": ", 1)[1] for p in report.problems][:2] == [
+            f"rank 0 appears 2 times ({logs[0].path}, {logs[1].path})",
+            f"rank 1 of 2 missing: its log {logs[1].path} holds this run's rank 0 instead",
+        ]
+
+    def test_many_runs_each_missing_a_rank(self):
+        """Runs in one file, each missing rank 1: checked in linear work (not runs x runs).
+
+        Counted in Python calls, not seconds: twice the runs take about twice the calls
+        (checked against every other run, it was four times).
+        """
+        path = Path("/nonexistent/x.rank0.jsonl")
+        header = {str(Field.RANK): 0, str(Field.WORLD_SIZE): 2, str(Field.TABLE): "t"}
+
+        def calls(n_runs: int) -> int:
+            runs = DistributedRuns()
+            for index in range(n_runs):
+                report = RunReport(
+                    str(path),
+                    1 + 3 * index,
+                    run_id=f"{index:012x}",
+                    status=RunStatus.COMPLETED,
+                    header=header | {str(Field.N_EPOCHS): 1},
+                )
+                runs.add(report, path)
+            counted = [0]
+
+            def count(_frame: object, event: str, _arg: object) -> None:
+                if event in {"call", "c_call"}:
+                    counted[0] += 1
+
+            sys.setprofile(count)
+            try:
+                reports = runs.check([path])
+            finally:
+                sys.setprofile(None)
+            assert [r.missing for r in reports] == [[(1, 1)]] * n_runs
+            return counted[0]
+
+        small, large = calls(300), calls(600)
+        assert large < 2.3 * small, (small, large)
 
     def test_a_rank_twice_and_a_rank_out_of_range(self, tmp_path):
         """Rank 1's log copied, a rank 5 in a world of two: each named."""
@@ -665,6 +761,7 @@ class TestCommandLine:
                 for rank, path in enumerate(rank_files)
             ],
             "missing_ranks": [],
+            "missing_count": 0,
             "lockstep": True,
             "unchecked": None,
             "unit_transitions": 6,
@@ -841,34 +938,36 @@ def agreed_note(**fields):
     return orjson.loads(Encoder(RUN).note(AGREED, values, epoch=0, it=3, training=True, t_ns=9))
 
 
+VALID_NOTES = [
+    {"cancel": "batch", "rank": 1, "at": "backward"},
+    {"cancel": "batch", "rank": 0, "at": "step"},
+    {"cancel": "epoch", "rank": 0, "at": "begin_epoch"},
+    {"cancel": "fit", "rank": 3, "at": "collective"},
+    {"cancel": "fail", "rank": 1, "at": "failure", "error": ERROR},
+    {"cancel": "fail", "rank": 2, "at": "open", "error": ERROR},
+    {"cancel": "fail", "rank": 1, "at": "end_fit", "error": "x" * MAX_ERROR_CHARS},
+]
+"""Agreed notes the schema takes (in a world of four, the audit too)."""
+INVALID_NOTES = [
+    {"cancel": "fail", "rank": 1, "at": "failure"},  # a failure names its error
+    {"cancel": "batch", "rank": 1, "at": "backward", "error": ERROR},  # only a failure
+    {"cancel": "none", "rank": 1, "at": "backward"},
+    {"cancel": "batch", "rank": -1, "at": "backward"},
+    {"cancel": "batch", "rank": 1, "at": "predict"},
+    {"cancel": "batch", "rank": 1},
+    {"cancel": "batch", "rank": 1, "at": "backward", "by": 0},
+    {"cancel": "fail", "rank": 1, "at": "failure", "error": "x" * (MAX_ERROR_CHARS + 1)},
+]
+"""Agreed notes the schema rejects (and so does the audit)."""
+
+
 class TestTheAgreedNote:
-    @pytest.mark.parametrize(
-        "fields",
-        [
-            {"cancel": "batch", "rank": 1, "at": "backward"},
-            {"cancel": "epoch", "rank": 0, "at": "begin_epoch"},
-            {"cancel": "fit", "rank": 3, "at": "collective"},
-            {"cancel": "fail", "rank": 1, "at": "failure", "error": ERROR},
-            {"cancel": "fail", "rank": 1, "at": "end_fit", "error": "x" * MAX_ERROR_CHARS},
-        ],
-    )
+    @pytest.mark.parametrize("fields", VALID_NOTES)
     def test_valid_notes(self, fields):
         """Each cancel, where ranks agree; a failure with its error."""
         assert VALIDATOR.is_valid(agreed_note(**fields))
 
-    @pytest.mark.parametrize(
-        "fields",
-        [
-            {"cancel": "fail", "rank": 1, "at": "failure"},  # a failure names its error
-            {"cancel": "batch", "rank": 1, "at": "backward", "error": ERROR},  # only a failure
-            {"cancel": "none", "rank": 1, "at": "backward"},
-            {"cancel": "batch", "rank": -1, "at": "backward"},
-            {"cancel": "batch", "rank": 1, "at": "predict"},
-            {"cancel": "batch", "rank": 1},
-            {"cancel": "batch", "rank": 1, "at": "backward", "by": 0},
-            {"cancel": "fail", "rank": 1, "at": "failure", "error": "x" * (MAX_ERROR_CHARS + 1)},
-        ],
-    )
+    @pytest.mark.parametrize("fields", INVALID_NOTES)
     def test_invalid_notes(self, fields):
         """A field missing, of another value, or one too many."""
         assert not VALIDATOR.is_valid(agreed_note(**fields))
@@ -887,3 +986,436 @@ class TestTheAgreedNote:
 
         assert [p.name.lower() for p in Proposal if p is not Proposal.NONE] == list(Cancel)
         assert {point.value for point in AgreePoint} == set(AgreedAt)
+
+
+def take(log, cancel):
+    """Take what an agreed note says (a batch cancel when it says none) and end the fit."""
+    if cancel == "fail":
+        log.fail("ValueError", "boom")
+    elif cancel == "fit":
+        log.cancel_fit()
+    elif cancel == "epoch":
+        log.fire("cancel_epoch", "fit")
+        log.begin_pass(training=False).batches(1).end_pass().end_fit()
+    else:
+        log.fire("cancel_batch", "epoch").batch(2).end_pass().end_fit()
+
+
+def agreed_then_taken(directory, fields, *, world_size=2):
+    """Every rank: an agreed note of ``fields`` in batch 1, after its loss; then ``take`` it."""
+    logs = [RankLog(directory, rank, world_size=world_size) for rank in range(world_size)]
+    for log in logs:
+        log.begin_fit().begin_pass().batch(0).batch(1, upto="compute_loss").note_agreed(fields)
+        take(log, fields.get("cancel"))
+    return logs
+
+
+def line_of(path, part):
+    """The number of the first line of the file holding ``part``."""
+    lines = path.read_bytes().splitlines()
+    return next(number for number, line in enumerate(lines, 1) if part in line)
+
+
+def reasons(report):
+    """The report's problems, without the run they are of."""
+    return [problem.reason.split(": ", 1)[1] for problem in report.problems]
+
+
+@pytest.mark.unchecked_records("agreed notes the schema rejects, as a forger writes them")
+class TestAgreedNotesChecked:
+    @pytest.mark.parametrize("fields", VALID_NOTES + INVALID_NOTES)
+    def test_the_audit_takes_what_the_schema_takes(self, tmp_path, fields):
+        """Every rank's note, valid or not as the schema says: the audit says the same."""
+        logs = agreed_then_taken(tmp_path, fields, world_size=4)
+        [report] = distributed(*(log.path for log in logs))
+        assert VALIDATOR.is_valid(agreed_note(**fields)) == (not report.problems)
+        assert report.lockstep is True
+
+    @pytest.mark.parametrize(
+        ("fields", "fault"),
+        [
+            (
+                {"cancel": "banana", "rank": 0, "at": "nowhere"},
+                (
+                    "cancel 'banana' is not one of batch, epoch, fit, fail; at 'nowhere' is not "
+                    "one of open, begin_fit, begin_epoch, forward, backward, step, end_batch, "
+                    "end_epoch, end_fit, collective, cancel, failure, close"
+                ),
+            ),
+            (
+                {"cancel": "batch", "rank": 7, "at": "backward"},
+                "rank 7 is not a rank of a world of 2 (0-1)",
+            ),
+            (
+                {"cancel": "batch", "rank": True, "at": "backward", "by": 0},
+                (
+                    "fields ['by'] are not an agreed note's (cancel, rank, at, error); rank True "
+                    "is not a rank of a world of 2 (0-1)"
+                ),
+            ),
+            (
+                {"cancel": "fail", "rank": 1, "at": "failure"},
+                "error missing: a fail's note names the failure",
+            ),
+            (
+                {"cancel": "batch", "rank": 1, "at": "backward", "error": ERROR},
+                "error 'ValueError: boom' given: only a fail's note has one",
+            ),
+            (
+                {"cancel": "fail", "rank": 1, "at": "failure", "error": ["x"]},
+                "error ['x'] is not a str",
+            ),
+        ],
+        ids=["cancel-and-at", "rank", "field-and-rank", "no-error", "error", "error-type"],
+    )
+    def test_what_a_note_may_not_say(self, tmp_path, fields, fault):
+        """Each rank's note that its schema rejects: one line per note, saying what is wrong."""
+        logs = agreed_then_taken(tmp_path, fields)
+        [report] = distributed(*(log.path for log in logs))
+        line = line_of(logs[0].path, b'"name":"agreed"')
+        assert reasons(report) == [
+            f"rank {rank}'s log, line {line}: agreed note: {fault}" for rank in (0, 1)
+        ]
+        assert (report.lockstep, report.verified) == (True, False)
+
+    def test_a_note_whose_cancel_is_not_taken(self, tmp_path):
+        """A batch cancel agreed, then the batch goes on: its backward is named."""
+        logs = [RankLog(tmp_path, rank) for rank in (0, 1)]
+        for log in logs:
+            log.begin_fit().begin_pass().batch(0, upto="compute_loss")
+            log.agreed(Cancel.BATCH, 1, AgreedAt.BACKWARD)
+            log.fire("backward", "backward").fire("step", "step").fire("end_batch", "epoch")
+            log.end_pass().end_fit()
+        [report] = distributed(*(log.path for log in logs))
+        note = line_of(logs[0].path, b'"name":"agreed"')
+        assert reasons(report) == [
+            f"rank {rank}'s log, line {note}: agreed note of a batch cancel followed by backward "
+            f"at line {note + 1}, not by cancel_batch"
+            for rank in (0, 1)
+        ]
+
+    def test_a_cancel_without_its_note(self, tmp_path):
+        """Both ranks take cancel_batch, neither noted an agreement: lockstep, yet named."""
+        logs = [RankLog(tmp_path, rank) for rank in (0, 1)]
+        for log in logs:
+            log.begin_fit().begin_pass().batch(0, upto="compute_loss")
+            log.fire("cancel_batch", "epoch").end_pass().end_fit()
+        [report] = distributed(*(log.path for log in logs))
+        cancel = line_of(logs[0].path, b'"ev":"cancel_batch"')
+        assert report.lockstep is True
+        assert reasons(report) == [
+            f"rank {rank}'s log, line {cancel}: cancel_batch follows no agreed note: across "
+            "ranks, every rank takes a cancel the ranks agreed on, right after its note"
+            for rank in (0, 1)
+        ]
+
+    def test_a_note_moved_after_its_cancel(self, tmp_path):
+        """The note after cancel_batch: the cancel has no note, the note the wrong transition."""
+        logs = [RankLog(tmp_path, rank) for rank in (0, 1)]
+        for log in logs:
+            log.begin_fit().begin_pass().batch(0).batch(1, upto="compute_loss")
+            log.fire("cancel_batch", "epoch").agreed(Cancel.BATCH, 1, AgreedAt.BACKWARD)
+            log.batch(2).end_pass().end_fit()
+        [report] = distributed(*(log.path for log in logs))
+        cancel = line_of(logs[0].path, b'"ev":"cancel_batch"')
+        assert reasons(report)[:2] == [
+            (
+                f"rank 0's log, line {cancel}: cancel_batch follows no agreed note: across ranks, "
+                "every rank takes a cancel the ranks agreed on, right after its note"
+            ),
+            (
+                f"rank 0's log, line {cancel + 1}: agreed note of a batch cancel followed by "
+                f"begin_batch at line {cancel + 2}, not by cancel_batch"
+            ),
+        ]
+
+    def test_a_fail_needs_no_note(self, tmp_path):
+        """A rank killed, the other fails for its loss without a note: no fault."""
+        zero, one = RankLog(tmp_path, 0), RankLog(tmp_path, 1)
+        for log in (zero, one):
+            log.begin_fit().begin_pass().batches(2)
+        one.kill()
+        zero.fail("RankLostError", "rank 1 stopped answering")
+        [report] = distributed(zero.path, one.path)
+        assert (report.problems, report.verified) == ([], True)
+
+    def test_a_failure_while_taking_a_cancel(self, tmp_path):
+        """A batch cancel agreed, then a failure before it is taken: the fail note covers it."""
+        logs = [RankLog(tmp_path, rank) for rank in (0, 1)]
+        for log in logs:
+            log.begin_fit().begin_pass().batch(0, upto="compute_loss")
+            log.agreed(Cancel.BATCH, 1, AgreedAt.BACKWARD)
+            log.agreed(Cancel.FAIL, 0, AgreedAt.FAILURE, ERROR).fail("ValueError", "boom")
+        [report] = distributed(*(log.path for log in logs))
+        assert (report.problems, report.verified, report.agreed_count) == ([], True, 2)
+
+    def test_a_log_that_ends_after_a_note(self, tmp_path):
+        """A killed rank's log may end after its note; a rank that ended may not."""
+        zero, one = RankLog(tmp_path, 0), RankLog(tmp_path, 1)
+        for log in (zero, one):
+            log.begin_fit().begin_pass().batch(0, upto="step").agreed(Cancel.FIT, 0, "end_batch")
+        one.kill()
+        zero.fire("end_batch", "epoch").end_pass()
+        zero.fire("end_fit", "idle").agreed(Cancel.FIT, 0, AgreedAt.END_FIT)
+        zero.writer.finish(RunStatus.COMPLETED, hook_ns={})
+        [report] = distributed(zero.path, one.path)
+        first, last = (
+            line
+            for line, text in enumerate(zero.path.read_bytes().splitlines(), 1)
+            if b'"name":"agreed"' in text
+        )
+        assert reasons(report)[-2:] == [
+            (
+                f"rank 0's log, line {first}: agreed note of a fit cancel followed by end_batch at "
+                f"line {first + 1}, not by cancel_fit"
+            ),
+            f"rank 0's log, line {last}: agreed note followed by no transition of the run",
+        ]
+
+    def test_the_first_faults_listed(self, tmp_path):
+        """Twelve bad notes on each of two ranks: ten listed, then how many more."""
+        logs = [RankLog(tmp_path, rank) for rank in (0, 1)]
+        for log in logs:
+            log.begin_fit().begin_pass()
+            for it in range(12):
+                log.batch(it, upto="compute_loss").note_agreed({"cancel": "x", "rank": 0})
+                log.fire("cancel_batch", "epoch")
+            log.end_pass().end_fit()
+        [report] = distributed(*(log.path for log in logs))
+        found = reasons(report)
+        assert len(found) == 11
+        assert all(reason.startswith("rank 0's log, line ") for reason in found[:10])
+        assert found[10] == "and 14 more faults in the ranks' agreed notes"
+
+
+LIMITED = textwrap.dedent(
+    """
+    import contextlib, io, json, resource, sys
+
+    name, soft = sys.argv[1], int(sys.argv[2])
+    limit = getattr(resource, name)
+    hard = resource.getrlimit(limit)[1]
+    resource.setrlimit(limit, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+    from fsm_learner.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(sys.argv[3:])
+    print(json.dumps({"code": code, "out": out.getvalue(), "err": err.getvalue()}))
+    """
+)
+needs_resource = pytest.mark.skipif(sys.platform == "win32", reason="no resource limits")
+
+
+def limited(limit, soft, *args):
+    """Run the command in a fresh interpreter, its resource ``limit`` lowered to ``soft``."""
+    done = subprocess.run(
+        [sys.executable, "-c", LIMITED, limit, str(soft), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+class TestLargeWorlds:
+    @needs_resource
+    def test_a_world_size_far_above_the_limit(self, tmp_path):
+        """world_size 10**18 on both ranks: a header problem, found at once, in 2 GiB."""
+        for rank in (0, 1):
+            fit(RankLog(tmp_path, rank, world_size=10**18))
+        problem = (
+            f"distributed run '{RUN}': rank 0's header field 'world_size' must be an int from 2 "
+            f"to {MAX_WORLD_SIZE} (MAX_WORLD_SIZE), got {10**18}"
+        )
+        audited = limited("RLIMIT_AS", 2 << 30, "audit", tmp_path)
+        assert (audited["code"], audited["err"]) == (1, f"fsm-learner audit: {problem}\n")
+        assert (
+            f"distributed run {RUN}: world size unknown (no header says a valid one), ranks 0-1, "
+            "completed  DOES NOT VERIFY\n"
+        ) in audited["out"]
+        drawn = limited("RLIMIT_AS", 2 << 30, "diagram", "--from-log", tmp_path)
+        assert (drawn["code"], drawn["err"]) == (1, f"fsm-learner diagram: {problem}\n")
+
+    def test_a_world_size_one_above_the_limit(self, tmp_path):
+        """MAX_WORLD_SIZE + 1: refused, the value and the limit named; no rank is missing."""
+        assert MAX_WORLD_SIZE == 1 << 20
+        for rank in (0, 1):
+            fit(RankLog(tmp_path, rank, world_size=MAX_WORLD_SIZE + 1))
+        [report] = distributed(*sorted(tmp_path.iterdir()))
+        assert (report.world_size, report.missing, report.lockstep) == (None, [], True)
+        assert reasons(report) == [
+            f"rank {rank}'s header field 'world_size' must be an int from 2 to 1048576 "
+            "(MAX_WORLD_SIZE), got 1048577"
+            for rank in (0, 1)
+        ]
+
+    def test_missing_ranks_as_ranges(self, tmp_path, capsys):
+        """Ranks 0 and 1 of a world of MAX_WORLD_SIZE: one range missing, said in one line."""
+        for rank in (0, 1):
+            fit(RankLog(tmp_path, rank, world_size=MAX_WORLD_SIZE))
+        [report] = distributed(*sorted(tmp_path.iterdir()))
+        last = MAX_WORLD_SIZE - 1
+        assert (report.missing, report.missing_count) == ([(2, last)], MAX_WORLD_SIZE - 2)
+        assert reasons(report) == [
+            f"ranks 2-{last} of {MAX_WORLD_SIZE} missing: no log of theirs among the files audited"
+        ]
+        code, out, _ = audit(tmp_path, capsys=capsys)
+        assert code == 1
+        assert (
+            f"distributed run {RUN}: world size {MAX_WORLD_SIZE}, ranks 0-1 (missing: 2-{last}), "
+            "completed  DOES NOT VERIFY\n"
+        ) in out
+        _, document, _ = audit_json(tmp_path, capsys=capsys)
+        [run] = document["distributed"]
+        assert (run["missing_ranks"], run["missing_count"]) == ([[2, last]], MAX_WORLD_SIZE - 2)
+
+    def test_scattered_missing_ranks(self, tmp_path, capsys):
+        """Every odd rank of 40 missing: ten ranges listed, then how many more ranks."""
+        for rank in range(0, 40, 2):
+            fit(RankLog(tmp_path, rank, world_size=40), train=1, valid=1)
+        [report] = distributed(*sorted(tmp_path.iterdir()))
+        assert report.missing == [(rank, rank) for rank in range(1, 40, 2)]
+        assert reasons(report) == [
+            (
+                "ranks 1, 3, 5, 7, 9, 11, 13, 15, 17, 19 and 10 more of 40 missing: no log of "
+                "theirs among the files audited"
+            )
+        ]
+        _, out, _ = audit(tmp_path, capsys=capsys)
+        assert (
+            f"distributed run {RUN}: world size 40, ranks 0, 2, 4, 6, 8, 10, 12, 14, 16, 18 and "
+            "10 more (missing: 1, 3, 5, 7, 9, 11, 13, 15, 17, 19 and 10 more), completed  "
+            "DOES NOT VERIFY\n"
+        ) in out
+
+    def test_ranges(self):
+        """Ranks in order as ranges of consecutive ranks; ranges said as few words."""
+        assert rank_ranges([0, 1, 2, 4, 6, 7]) == [(0, 2), (4, 4), (6, 7)]
+        assert rank_ranges([]) == []
+        assert ranges_text([(0, 2), (4, 4), (6, 7)]) == "0-2, 4, 6-7"
+        assert ranges_text([(0, 0), (2, 5), (9, 9)], listed=1) == "0 and 5 more"
+        assert ranges_text([]) == "none"
+
+
+def ranks_json(directory):
+    """The audit's report of the distributed run in ``directory``, as data."""
+    [report] = distributed(*sorted(directory.iterdir()))
+    return report.to_json()
+
+
+class TestManyRanks:
+    @needs_resource
+    def test_more_ranks_than_files_open(self, tmp_path):
+        """200 ranks, 64 files open at most: compared in groups, the run verifies."""
+        lockstep_run(tmp_path, world_size=200, train=2, valid=1)
+        found = limited("RLIMIT_NOFILE", 64, "audit", tmp_path)
+        assert (found["code"], found["err"]) == (0, "")
+        assert (
+            f"distributed run {RUN}: world size 200, ranks 0-199, completed  verified\n  rank 0: "
+        ) in found["out"]
+        assert "  lockstep: yes, 12 unit transitions\n" in found["out"]
+
+    @needs_resource
+    def test_a_divergence_among_more_ranks_than_files_open(self, tmp_path):
+        """Rank 150 of 200 ran one batch fewer: named, with what every rank took there."""
+        for rank in range(200):
+            fit(RankLog(tmp_path, rank, world_size=200), train=2 if rank == 150 else 3, valid=1)
+        found = limited("RLIMIT_NOFILE", 64, "audit", tmp_path)
+        [report] = distributed(*sorted(tmp_path.iterdir()))  # all 200 files open at once
+        [problem] = report.all_problems()
+        assert (found["code"], found["err"]) == (1, f"fsm-learner audit: {problem}\n")
+        assert str(report.divergence).startswith(
+            "unit transition 7 (index 6): rank 0: begin_batch (epoch 0, batch 2, train) at line "
+            "17; rank 1: begin_batch"
+        )
+        assert "; rank 150: end_epoch (epoch 0, batch 1, train) at line 17; " in found["err"]
+        assert found["err"].count("begin_batch (epoch 0, batch 2, train)") == 199
+
+    @pytest.mark.parametrize("at_once", [2, 3, 5])
+    def test_groups_read_as_all_at_once(self, tmp_path, monkeypatch, at_once):
+        """Few files open at once: the same report as all at once, whatever the run."""
+        runs = {
+            "lockstep": lambda d: lockstep_run(d, world_size=7, train=2, valid=1),
+            "cancel": lambda d: agreed_then_taken(d, VALID_NOTES[0], world_size=7),
+            "diverged": lambda d: [
+                fit(RankLog(d, rank, world_size=7), train=2 if rank == 5 else 3)
+                for rank in range(7)
+            ],
+            "killed": killed_ranks,
+            "all-killed": lambda d: killed_ranks(d, everyone=True),
+        }
+        for name, make in runs.items():
+            directory = tmp_path / name
+            directory.mkdir()
+            make(directory)
+            expected = ranks_json(directory)
+            monkeypatch.setattr(ranks_module, "_files_at_once", lambda: at_once)
+            assert ranks_json(directory) == expected, name
+            monkeypatch.undo()
+
+
+def killed_ranks(directory, *, everyone=False):
+    """Six ranks, each killed after another number of batches (rank 0 fails, unless all)."""
+    logs = [RankLog(directory, rank, world_size=6) for rank in range(6)]
+    for batches, log in zip([6, 2, 5, 1, 4, 3], logs, strict=True):
+        log.begin_fit().begin_pass().batches(batches)
+    for log in logs[0 if everyone else 1 :]:
+        log.kill()
+    if not everyone:
+        logs[0].fail("RankLostError", "ranks lost")
+    logs[4].batch(9)  # killed, yet a batch the others never took: diverged
+    return logs
+
+
+class TestWhatTheSummarySays:
+    @pytest.mark.unchecked_records("a header's rank the schema rejects")
+    @pytest.mark.parametrize(
+        ("rank", "said"), [("1", "'1'"), (True, "True"), (1.5, "1.5"), (-1, "-1")]
+    )
+    def test_a_header_rank_that_is_no_rank(self, tmp_path, capsys, rank, said):
+        """Rank 1's header says another rank: shown as it says it, rank 1 named missing."""
+        fit(RankLog(tmp_path, 0))
+        path = fit(RankLog(tmp_path, rank, name=f"{RUN}.rank1.jsonl")).path
+        code, out, _ = audit(tmp_path, capsys=capsys)
+        assert code == 1
+        assert f"distributed run {RUN}: world size 2, ranks 0 (missing: 1), completed  " in out
+        assert (
+            f"  problem: distributed run '{RUN}': {path}: rank {said} is not a rank of a world of "
+            "2 (0-1)\n"
+            f"  problem: distributed run '{RUN}': rank 1 of 2 missing: its log {path} holds this "
+            f"run's rank {said} instead\n"
+        ) in out
+
+    @pytest.mark.unchecked_records("a header's world_size the schema rejects")
+    def test_world_size_one_on_every_rank(self, tmp_path, capsys):
+        """No header says a valid world size: unknown, and no rank is out of it."""
+        for rank in (0, 1):
+            fit(RankLog(tmp_path, rank, header={Field.WORLD_SIZE: 1}))
+        [report] = distributed(*sorted(tmp_path.iterdir()))
+        assert reasons(report) == [
+            f"rank {rank}'s header field 'world_size' must be an int from 2 to 1048576 "
+            "(MAX_WORLD_SIZE), got 1"
+            for rank in (0, 1)
+        ]
+        _, out, _ = audit(tmp_path, capsys=capsys)
+        assert (
+            f"distributed run {RUN}: world size unknown (no header says a valid one), ranks 0-1, "
+            "completed  DOES NOT VERIFY\n"
+        ) in out
+
+    def test_a_keyed_run_without_its_key(self, tmp_path, capsys, monkeypatch):
+        """Its ranks' logs not read: the run's status unknown, not truncated."""
+        for rank in (0, 1):
+            fit(RankLog(tmp_path, rank, key=derive_key("s3cret")))
+        monkeypatch.setenv(KEY_ENV, "s3cret")
+        assert audit(tmp_path, capsys=capsys)[0] == 0
+        monkeypatch.delenv(KEY_ENV)
+        _, out, _ = audit(tmp_path, capsys=capsys)
+        assert (
+            f"distributed run {RUN}: world size 2, ranks 0-1, status unknown  DOES NOT VERIFY\n"
+        ) in out
+        _, document, _ = audit_json(tmp_path, capsys=capsys)
+        assert document["distributed"][0]["status"] is None

@@ -517,7 +517,6 @@ class TestAgreementEdges:
         assert rank0["type"] == "RankFailedError"
         assert rank0["message"].startswith("rank 1 failed: CheckpointError: ")
         assert rank0["message"].endswith("(rank 0 takes fail at the open agreement)")
-        assert rank0["seconds"] < worker.TIMEOUT_S / 2
 
     def test_a_failure_before_a_ddp_forward_is_told_before_it(self, ranks: Path) -> None:
         """BatchNorm: DDP's forward broadcasts buffers; rank 0 hears of rank 1's error first."""
@@ -525,7 +524,6 @@ class TestAgreementEdges:
         assert (rank1["type"], rank1["message"]) == ("ValueError", "rank 1 cannot read batch 1")
         assert rank0["type"] == "RankFailedError"
         assert rank0["message"].endswith("(rank 0 takes fail at the forward agreement)")
-        assert rank0["seconds"] < worker.TIMEOUT_S / 2
 
     def test_a_cancel_in_one_ranks_step_work_is_a_divergence_not_silent(self, ranks: Path) -> None:
         """Rank 1's step override cancels before stepping, rank 0 stepped: both fail, saying so."""

@@ -16,6 +16,7 @@ import attrs
 
 from fsm_learner._display import printable, shown
 from fsm_learner.audit.codec import FailureField
+from fsm_learner.audit.ranks import ranges_text, rank_ranges
 from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
@@ -283,13 +284,6 @@ def render_lineage_totals(lineages: int, verified: int) -> str:
     return f"{lineages} lineage(s): {verified} verified, {lineages - verified} do not verify"
 
 
-def _ranks_text(ranks: Sequence[int]) -> str:
-    """Say ``0-3`` for consecutive ranks, ``0, 2`` otherwise."""
-    if len(ranks) > 1 and list(ranks) == list(range(ranks[0], ranks[-1] + 1)):
-        return f"{ranks[0]}-{ranks[-1]}"
-    return ", ".join(map(str, ranks)) or "none"
-
-
 def _rank_line(log: RankLog) -> str:
     if log.killed:
         how = "truncated: killed, its sealed records verify"
@@ -329,15 +323,28 @@ def _agreed_line(cancel: AgreedCancel) -> str:
     return f"    {first}{taken}; {where}{error}"
 
 
+def _world_line(report: DistributedReport) -> str:
+    """Say the world size, the ranks of the world given and missing (as ranges), the status."""
+    size, world = report.world_size, report.world_size or 0
+    present = sorted(
+        {log.rank for log in report.ranks if log.rank is not None and log.rank >= 0}
+        if size is None
+        else {log.rank for log in report.ranks if log.rank is not None and 0 <= log.rank < world}
+    )
+    missing = f" (missing: {ranges_text(report.missing)})" if report.missing else ""
+    ranks = f"ranks {ranges_text(rank_ranges(present))}{missing}"
+    said = (
+        "world size unknown (no header says a valid one)" if size is None else f"world size {size}"
+    )
+    status = "status unknown" if report.status is None else report.status.value
+    return f"{said}, {ranks}, {status}"
+
+
 def render_distributed(report: DistributedReport) -> str:
     """Render one distributed run: its ranks, whether they are lockstep, the cancels agreed."""
     verdict = "verified" if report.verified else "DOES NOT VERIFY"
-    present = sorted({log.rank for log in report.ranks if log.rank is not None})
-    missing = f" (missing: {_ranks_text(report.missing)})" if report.missing else ""
     run = _text(report.run_id, _RUN_ID_SHOWN)
-    ranks = f"ranks {_ranks_text(present)}{missing}"
-    world = f"world size {report.world_size}, {ranks}, {report.status.value}"
-    out = [f"distributed run {run}: {world}  {verdict}"]
+    out = [f"distributed run {run}: {_world_line(report)}  {verdict}"]
     out.extend(_rank_line(log) for log in report.ranks)
     out.append(_lockstep_line(report))
     if report.lockstep is not None:
