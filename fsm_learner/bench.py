@@ -9,24 +9,39 @@ is timed with the process's CPU time (wall time plus a device sync on CUDA), eac
 is divided by the bare run of its round, and the median of those per-round ratios is
 reported with its min and max: the machines this runs on are shared and noisy, and
 rounds cancel most of the drift. A benchmark, not a test: nothing here asserts.
+
+When asked (``agreement=True``, ``fsm-learner bench --agreement``), it also measures what
+agreeing across ranks costs: two worker processes on this machine form a gloo group, build
+the learner's agreement group (``start_world``) and time ``World.agree`` (one all-reduce of
+eight integers) against a bare all-reduce of as many, then a ``tiny`` fit across the
+two ranks (no DDP, every rank all the data) against the same fit in one process. That is
+wall time (waiting for the other rank is the cost), on rank 0.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import attrs
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from fsm_learner.audit.codec import Field, RecordError, RunStatus, Transition, decode
 from fsm_learner.audit.replay import audit_file
 from fsm_learner.audit.writer import AuditWriter
 from fsm_learner.callback import Callback
+from fsm_learner.distributed import Distributed, Proposal, World, start_world
 from fsm_learner.examples import digits_dataloaders, small_cnn, tiny_mlp, wide_mlp
 from fsm_learner.learner import DataLoaders, Learner
 from fsm_learner.machine import table_digest
@@ -37,12 +52,18 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
+    "AGREEMENTS_PER_TRAINING_BATCH",
+    "AGREEMENTS_PER_VALIDATION_BATCH",
+    "AgreementCost",
     "BenchReport",
     "CaseResult",
+    "agreement_cost",
     "audit_throughput",
     "run_bench",
     "write_synthetic_log",
 ]
+
+_Timed = TypeVar("_Timed")
 
 N_NOOP_CALLBACKS: Final = 50
 _LR: Final = 0.1
@@ -79,6 +100,38 @@ class CaseResult:
 
 
 @attrs.frozen
+class AgreementCost:
+    """What agreeing across ranks costs: one all-reduce per agreement (gloo, on the CPU).
+
+    Wall time per call on rank 0, each round's mean; the median of the rounds, with min
+    and max. Per batch: times the agreements of a training and of a validation batch
+    (``AGREEMENTS_PER_*``); passes and fits agree once more at their start and end.
+    """
+
+    backend: str
+    ranks: int
+    rounds: int
+    calls_per_round: int
+    us_per_agreement: float
+    us_per_agreement_min: float
+    us_per_agreement_max: float
+    us_per_all_reduce: float
+    """A bare ``all_reduce`` of as many int64 on the same group, in the same rounds."""
+    cpu_us_per_agreement: float
+    """CPU time of rank 0's process per agreement (gloo's threads included): the work alone."""
+    agreements_per_training_batch: int
+    agreements_per_validation_batch: int
+    us_per_training_batch: float
+    us_per_validation_batch: float
+    fit: CaseResult
+    """A ``tiny`` fit across the ranks (no DDP, every rank all the data) against one process.
+
+    ``bare_*`` is the fit in one process, ``fsm_*`` the fit across ranks; per batch, what
+    the fit across ranks costs once (the run id, the pass and fit agreements) included.
+    """
+
+
+@attrs.frozen
 class BenchReport:
     """Everything ``fsm-learner bench`` measured."""
 
@@ -98,6 +151,8 @@ class BenchReport:
     bytes_per_transition: float
     audit_records: int
     audit_records_per_s: float
+    agreement: AgreementCost | None = None
+    """Agreement across ranks, when asked for (``None`` otherwise)."""
 
     def to_json(self) -> dict[str, Any]:
         """Return the report as JSON-able data."""
@@ -148,13 +203,17 @@ def _n_batches(dls: DataLoaders) -> int:
 
 
 def _rounds(
-    runs: Sequence[Callable[[], object]], *, pairs: int, warmup: int, timer: _Timer
-) -> list[list[float]]:
+    runs: Sequence[Callable[[], object]],
+    *,
+    pairs: int,
+    warmup: int,
+    timer: Callable[[Callable[[], object]], _Timed],
+) -> list[list[_Timed]]:
     """Time ``runs`` in turn, ``pairs`` rounds after ``warmup``; the times per run."""
     for _ in range(warmup):
         for run in runs:
             run()
-    times: list[list[float]] = [[] for _ in runs]
+    times: list[list[_Timed]] = [[] for _ in runs]
     for _ in range(pairs):
         for run, kept in zip(runs, times, strict=True):
             kept.append(timer(run))
@@ -330,6 +389,232 @@ def audit_throughput(n_records: int, directory: Path) -> float:
     return reports[0].records / elapsed
 
 
+AGREEMENTS_PER_TRAINING_BATCH: Final = 3
+"""Before its forward, before its backward, at its end (DDP's forward and backward are
+collective). One more before the step when a hook or an override sits between backward
+and step."""
+AGREEMENTS_PER_VALIDATION_BATCH: Final = 1
+"""At its end."""
+AGREEMENT_RANKS: Final = 2
+_AGREE_ROUNDS: Final = 15
+_AGREE_CALLS: Final = 100
+_AGREE_FIT_PAIRS: Final = 8
+_AGREE_FIT_EPOCHS: Final = 2
+_AGREE_TIMEOUT_S: Final = 120.0
+"""A bound on a hang: on a 2-core machine the ranks take 10 to 20 s, a third of it starting."""
+_AGREE_INTS: Final = 8
+"""What ``World.agree`` all-reduces: eight int64."""
+_AGREE_MARK: Final = 0x5EED
+"""The same mark on every rank: the ranks agree without diverging."""
+_AGREE_WORKER: Final = "from fsm_learner.bench import _agreement_worker; _agreement_worker()"
+
+
+@attrs.frozen
+class _AgreeKnobs:
+    rounds: int
+    calls: int
+    fit_pairs: int
+    timeout_s: float
+
+
+def agreement_cost(
+    *,
+    rounds: int = _AGREE_ROUNDS,
+    calls: int = _AGREE_CALLS,
+    fit_pairs: int = _AGREE_FIT_PAIRS,
+    timeout_s: float = _AGREE_TIMEOUT_S,
+) -> AgreementCost:
+    """Start two ranks here (gloo), time their agreements and a tiny fit; return the cost.
+
+    The ranks are killed if they are not done within ``timeout_s``, or as soon as one
+    fails; either raises ``RuntimeError`` with the end of what they printed.
+    """
+    knobs = _AgreeKnobs(rounds, calls, fit_pairs, timeout_s)
+    with tempfile.TemporaryDirectory(prefix="fsm-learner-agree-") as tmp:
+        out = Path(tmp)
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            port = _free_port()
+            for rank in range(AGREEMENT_RANKS):  # kept one by one: a failed start stops the rest
+                procs.append(_start_rank(rank, port, out, knobs))  # noqa: PERF401
+            problem = _join(procs, timeout_s)
+        finally:
+            _stop(procs)
+        if problem is not None:
+            raise RuntimeError(f"{problem}{_logs_tail(out)}")
+        measured = json.loads((out / "rank0.json").read_text())
+    return _agreement_report(measured, knobs)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start_rank(rank: int, port: int, out: Path, knobs: _AgreeKnobs) -> subprocess.Popen[bytes]:
+    """Start rank ``rank`` in a new interpreter; its output goes to ``out/rank<r>.log``."""
+    args = [sys.executable, "-c", _AGREE_WORKER, str(out), json.dumps(attrs.asdict(knobs))]
+    with (out / f"rank{rank}.log").open("wb") as log:
+        return subprocess.Popen(  # noqa: S603 (this interpreter, running this module)
+            args, env=_rank_env(rank, port), stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        )
+
+
+def _rank_env(rank: int, port: int) -> dict[str, str]:
+    """Return what ``env://`` reads, one thread, and this ``fsm_learner`` first on the path."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(AGREEMENT_RANKS),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=path,
+    )
+
+
+def _join(procs: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> str | None:
+    """Wait until every rank exits 0; return what went wrong instead, if anything did."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        codes = [proc.poll() for proc in procs]
+        for rank, code in enumerate(codes):
+            if code not in {None, 0}:
+                return f"agreement bench: rank {rank} exited with {code}"
+        if all(code == 0 for code in codes):
+            return None
+        if time.monotonic() >= deadline:
+            return f"agreement bench: the ranks were not done within {timeout_s:g} s (killed)"
+        time.sleep(0.05)
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Kill every rank still running, then reap them all."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in procs:
+        proc.wait()
+
+
+def _logs_tail(out: Path) -> str:
+    """Return the last lines each rank printed, for the error."""
+    tails = []
+    for log in sorted(out.glob("rank*.log")):
+        lines = log.read_text(errors="replace").strip().splitlines()[-3:]
+        if lines:
+            tails.append(f"{log.stem}: " + " | ".join(lines))
+    return "".join(f"\n  {tail}" for tail in tails)
+
+
+def _agreement_report(measured: dict[str, Any], knobs: _AgreeKnobs) -> AgreementCost:
+    per_call = [t / knobs.calls * 1e6 for t in measured["agree"]]
+    median = statistics.median(per_call)
+    bare = statistics.median(t / knobs.calls * 1e6 for t in measured["all_reduce"])
+    cpu = statistics.median(t / knobs.calls * 1e6 for t in measured["agree_cpu"])
+    fit = _result(
+        f"tiny, {AGREEMENT_RANKS} ranks vs 1 process",
+        measured["fit_one"],
+        measured["fit_ranks"],
+        measured["fit_batches"],
+    )
+    return AgreementCost(
+        backend="gloo",
+        ranks=AGREEMENT_RANKS,
+        rounds=knobs.rounds,
+        calls_per_round=knobs.calls,
+        us_per_agreement=median,
+        us_per_agreement_min=min(per_call),
+        us_per_agreement_max=max(per_call),
+        us_per_all_reduce=bare,
+        cpu_us_per_agreement=cpu,
+        agreements_per_training_batch=AGREEMENTS_PER_TRAINING_BATCH,
+        agreements_per_validation_batch=AGREEMENTS_PER_VALIDATION_BATCH,
+        us_per_training_batch=AGREEMENTS_PER_TRAINING_BATCH * median,
+        us_per_validation_batch=AGREEMENTS_PER_VALIDATION_BATCH * median,
+        fit=fit,
+    )
+
+
+def _agreement_worker() -> None:
+    """One rank of ``agreement_cost``: ``python -c ... OUT KNOBS`` with ``env://`` set."""
+    out, knobs = Path(sys.argv[1]), _AgreeKnobs(**json.loads(sys.argv[2]))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=knobs.timeout_s))
+    try:
+        world = start_world(Distributed(timeout=knobs.timeout_s))
+        measured = {**_time_agreements(world, knobs), **_time_fits(world, knobs)}
+    finally:
+        dist.destroy_process_group()
+    if world.is_main:
+        (out / "rank0.json").write_text(json.dumps(measured))
+
+
+class _RankTimer:
+    """Wall and CPU time of a run that every rank starts together (a barrier first, untimed)."""
+
+    def __init__(self, world: World) -> None:
+        self.group = world.group
+
+    def __call__(self, run: Callable[[], object]) -> tuple[float, float]:
+        dist.barrier(group=self.group)
+        wall, cpu = time.perf_counter(), time.process_time()
+        run()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _repeat(call: Callable[[], object], times: int) -> None:
+    for _ in range(times):
+        call()
+
+
+def _time_agreements(world: World, knobs: _AgreeKnobs) -> dict[str, list[float]]:
+    """Time rounds of agreements and of bare all-reduces, in turn; seconds per round."""
+    tensor = torch.zeros(_AGREE_INTS, dtype=torch.int64)
+
+    def bare() -> None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=world.group)
+
+    def agree() -> None:
+        world.agree(Proposal.NONE, _AGREE_MARK)
+
+    bare_times, agree_times = _rounds(
+        [lambda: _repeat(bare, knobs.calls), lambda: _repeat(agree, knobs.calls)],
+        pairs=knobs.rounds,
+        warmup=1,
+        timer=_RankTimer(world),
+    )
+    return {
+        "all_reduce": [wall for wall, _ in bare_times],
+        "agree": [wall for wall, _ in agree_times],
+        "agree_cpu": [cpu for _, cpu in agree_times],
+    }
+
+
+def _time_fits(world: World, knobs: _AgreeKnobs) -> dict[str, Any]:
+    """Time a tiny fit in this process alone and across the ranks, in turn."""
+    config = CONFIGS["tiny"]
+    dls = digits_dataloaders(config.batch_size)
+    across = Distributed(timeout=knobs.timeout_s, wrap_model=False, distribute_samplers=False)
+    one = Learner(config.model(0), dls, F.cross_entropy, _LR, audit_log=None, distributed=False)
+    ranks = Learner(config.model(0), dls, F.cross_entropy, _LR, audit_log=None, distributed=across)
+    one_times, ranks_times = _rounds(
+        [lambda: one.fit(_AGREE_FIT_EPOCHS), lambda: ranks.fit(_AGREE_FIT_EPOCHS)],
+        pairs=knobs.fit_pairs,
+        warmup=1,
+        timer=_RankTimer(world),
+    )
+    return {
+        "fit_one": [wall for wall, _ in one_times],
+        "fit_ranks": [wall for wall, _ in ranks_times],
+        "fit_batches": _n_batches(dls) * _AGREE_FIT_EPOCHS,
+    }
+
+
 def run_bench(  # noqa: PLR0913 (each knob is a command-line option)
     *,
     configs: Sequence[str] = ("tiny", "small", "few"),
@@ -339,8 +624,9 @@ def run_bench(  # noqa: PLR0913 (each knob is a command-line option)
     threads: int = 1,
     epochs: int = 5,
     audit_records: int = 1_000_000,
+    agreement: bool = False,
 ) -> BenchReport:
-    """Run every case and return the report."""
+    """Run every case and return the report; ``agreement``: time agreement across ranks too."""
     torch.set_num_threads(threads)
     dev = torch.device(device)
     with tempfile.TemporaryDirectory(prefix="fsm-learner-bench-") as tmp:
@@ -355,6 +641,7 @@ def run_bench(  # noqa: PLR0913 (each knob is a command-line option)
         batched = writer_cost_us(Path(tmp), flush_every=170)  # about one tiny pass
         one_each = writer_cost_us(Path(tmp), flush_every=1)
         throughput = audit_throughput(audit_records, Path(tmp))
+    across = agreement_cost() if agreement else None
     return BenchReport(
         torch_version=torch.__version__,
         device=str(dev),
@@ -370,6 +657,7 @@ def run_bench(  # noqa: PLR0913 (each knob is a command-line option)
         bytes_per_transition=per_transition,
         audit_records=audit_records,
         audit_records_per_s=throughput,
+        agreement=across,
     )
 
 
@@ -413,4 +701,32 @@ def render_bench(report: BenchReport) -> str:
         f"fsm-learner audit: {report.audit_records_per_s:,.0f} records/s "
         f"({report.audit_records:,} records, one core)",
     )
+    if report.agreement is not None:
+        lines += _agreement_lines(report.agreement)
     return "\n".join(lines)
+
+
+def _agreement_lines(cost: AgreementCost) -> list[str]:
+    """Render the agreement section: per call, per batch, and the fit across ranks."""
+    fit = cost.fit
+    return [
+        (
+            f"agreement across {cost.ranks} ranks ({cost.backend} on CPU, wall time, median of "
+            f"{cost.rounds} rounds of {cost.calls_per_round} calls): "
+            f"{cost.us_per_agreement:.1f} µs per agreement [{cost.us_per_agreement_min:.1f}, "
+            f"{cost.us_per_agreement_max:.1f}]; a bare all-reduce {cost.us_per_all_reduce:.1f} µs; "
+            f"CPU time {cost.cpu_us_per_agreement:.1f} µs per agreement"
+        ),
+        (
+            f"agreement per batch: {cost.us_per_training_batch:.1f} µs per training batch "
+            f"({cost.agreements_per_training_batch} agreements), "
+            f"{cost.us_per_validation_batch:.1f} µs per validation batch "
+            f"({cost.agreements_per_validation_batch})"
+        ),
+        (
+            f"{fit.name} (no DDP, every rank all the data, {fit.pairs} pairs of "
+            f"{fit.batches_per_run} batches): {fit.fsm_us_per_batch:.1f} against "
+            f"{fit.bare_us_per_batch:.1f} µs/batch, {fit.overhead_us_per_batch:+.1f} µs/batch, "
+            f"ratio {fit.ratio_median:.3f} [{fit.ratio_min:.3f}, {fit.ratio_max:.3f}]"
+        ),
+    ]

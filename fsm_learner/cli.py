@@ -611,6 +611,11 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=1_000_000,
         help="size of the synthetic log the audit throughput is measured on",
     )
+    parser.add_argument(
+        "--agreement",
+        action="store_true",
+        help="also time agreement across 2 ranks (gloo on CPU): one all-reduce per agreement",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run=_run_bench)
 
@@ -646,6 +651,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         epochs=args.epochs,
         audit_records=args.audit_records,
+        agreement=args.agreement,
     )
     if args.json:
         print(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())

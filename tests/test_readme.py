@@ -57,6 +57,16 @@ QUICK = {
         "2000",
     ],
     "fsm-learner demo": ["--epochs", "2"],
+    "fsm-learner bench --agreement": [
+        "--pairs",
+        "2",
+        "--warmup",
+        "0",
+        "--epochs",
+        "1",
+        "--audit-records",
+        "2000",
+    ],
 }
 
 
