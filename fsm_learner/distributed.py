@@ -23,10 +23,13 @@ on the CPU: agreeing costs no host-device synchronization, whatever the backend.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import itertools
 import math
 import os
 import time
+import weakref
 from collections.abc import Mapping
 from datetime import timedelta
 from enum import IntEnum
@@ -418,7 +421,9 @@ def start_world(config: Distributed | None) -> World:
     group = _agreement_group(config.timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     rank, size = dist.get_rank(), dist.get_world_size()
-    return World(rank, size, local_rank, config.timeout, group, serial=next(_SERIAL))
+    world = World(rank, size, local_rank, config.timeout, group, serial=next(_SERIAL))
+    _WORLDS.add(world)
+    return world
 
 
 _SERIAL: Final = itertools.count()
@@ -440,10 +445,41 @@ def _init_from_env(config: Distributed) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=max(config.timeout, 60.0)))
+    _STARTED.append(dist.distributed_c10d._get_default_group())  # noqa: SLF001 (ours to end)
 
 
 _GROUPS: dict[float, tuple[ProcessGroup, ProcessGroup]] = {}
 """By timeout: the process group an agreement group was made in, and that group."""
+_WORLDS: Final[weakref.WeakSet[World]] = weakref.WeakSet()
+"""The worlds started: each holds its agreement group, let go at exit."""
+_STARTED: Final[list[ProcessGroup]] = []
+"""The process group the learner started (``Distributed(init=True)``), ended at exit."""
+
+
+def _release_groups() -> None:
+    """At exit, while the interpreter is whole: end the groups this module holds.
+
+    A gloo group destroyed during the interpreter's finalization can abort the process
+    (its threads still hold tensors); so the agreement groups, and the process group
+    the learner started, are ended here, and no reference to them is left to finalize.
+    """
+    for world in list(_WORLDS):
+        world.group = None
+    groups = [made for _, made in _GROUPS.values()]
+    _GROUPS.clear()
+    started = _STARTED[:]
+    _STARTED.clear()
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    for group in groups:
+        with contextlib.suppress(Exception):  # destroyed already with its process group
+            dist.destroy_process_group(group)
+    default = dist.distributed_c10d._get_default_group()  # noqa: SLF001 (is it ours?)
+    if any(group is default for group in started):
+        dist.destroy_process_group()
+
+
+atexit.register(_release_groups)
 
 
 def _agreement_group(timeout: float) -> ProcessGroup:
