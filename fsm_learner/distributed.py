@@ -42,8 +42,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
 
-from fsm_learner._compat import StrEnum
 from fsm_learner._display import exception_text, safe_text
+from fsm_learner.audit.codec import AgreePoint
 from fsm_learner.checkpoint import loader_settings
 from fsm_learner.exceptions import (
     ConfigurationError,
@@ -81,31 +81,6 @@ class Proposal(IntEnum):
     EPOCH = 2
     FIT = 3
     FAIL = 4
-
-
-class AgreePoint(StrEnum):
-    """Where in a fit the ranks agree (the ``at`` of an ``agreed`` note)."""
-
-    OPEN = "open"
-    """Before the run opens its log: a rank whose fit could not start says so here."""
-    BEGIN_FIT = "begin_fit"
-    BEGIN_EPOCH = "begin_epoch"
-    FORWARD = "forward"
-    """Before a training batch's forward (DDP's forward may be collective): after before_batch."""
-    BACKWARD = "backward"
-    STEP = "step"
-    """Before the step, when a hook or override between backward and step may cancel."""
-    END_BATCH = "end_batch"
-    END_EPOCH = "end_epoch"
-    END_FIT = "end_fit"
-    COLLECTIVE = "collective"
-    """A callback's reduction (``World.sum``, ``World.barrier``): only a failure is taken."""
-    CANCEL = "cancel"
-    """A cancel raised outside a hook (in a batch's work): agreed where it was raised."""
-    FAILURE = "failure"
-    """A rank that failed: it proposes ``fail`` where it failed."""
-    CLOSE = "close"
-    """After the fit's last transition and cleanups: a rank failing there tells the others."""
 
 
 _MASK: Final = (1 << 62) - 1

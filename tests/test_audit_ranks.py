@@ -24,6 +24,7 @@ from jsonschema import Draft202012Validator
 from fsm_learner.audit import ranks as ranks_module
 from fsm_learner.audit.codec import (
     KEY_ENV,
+    AgreePoint,
     Encoder,
     FailureField,
     Field,
@@ -36,7 +37,6 @@ from fsm_learner.audit.ranks import (
     MAX_ERROR_CHARS,
     MAX_WORLD_SIZE,
     UNIT_TRIGGERS,
-    AgreedAt,
     AgreedField,
     Cancel,
     DistributedRuns,
@@ -193,7 +193,7 @@ def batch_cancelled(directory):
     logs = [RankLog(directory, rank) for rank in (0, 1)]
     for log in logs:
         log.begin_fit().begin_pass().batch(0).batch(1, upto="compute_loss")
-        log.agreed(Cancel.BATCH, 1, AgreedAt.BACKWARD).fire("cancel_batch", "epoch")
+        log.agreed(Cancel.BATCH, 1, AgreePoint.BACKWARD).fire("cancel_batch", "epoch")
         log.batch(2).end_pass().end_fit()
     return logs
 
@@ -203,7 +203,7 @@ def fit_cancelled(directory):
     logs = [RankLog(directory, rank) for rank in (0, 1)]
     for log in logs:
         log.begin_fit().begin_pass().batch(0).batch(1, upto="step")
-        log.agreed(Cancel.FIT, 0, AgreedAt.END_BATCH).cancel_fit()
+        log.agreed(Cancel.FIT, 0, AgreePoint.END_BATCH).cancel_fit()
     return logs
 
 
@@ -217,8 +217,8 @@ def failed_run(directory, *, rank_1_in_batch=False):
         log.begin_fit().begin_pass().batches(2)
     if rank_1_in_batch:
         one.batch(2, upto="predict")
-    one.agreed(Cancel.FAIL, 1, AgreedAt.FAILURE, ERROR).fail("ValueError", "boom")
-    zero.batch(2, upto="compute_loss").agreed(Cancel.FAIL, 1, AgreedAt.BACKWARD, ERROR)
+    one.agreed(Cancel.FAIL, 1, AgreePoint.FAILURE, ERROR).fail("ValueError", "boom")
+    zero.batch(2, upto="compute_loss").agreed(Cancel.FAIL, 1, AgreePoint.BACKWARD, ERROR)
     zero.fail("RankFailedError", f"rank 1 failed: {ERROR}")
     return zero, one
 
@@ -357,7 +357,7 @@ class TestAgreedCancels:
         logs = [RankLog(tmp_path, rank) for rank in (0, 1)]
         for log, proposer in zip(logs, (0, 1), strict=True):
             log.begin_fit().begin_pass().batch(0, upto="step")
-            log.agreed(Cancel.FIT, proposer, AgreedAt.END_BATCH).cancel_fit()
+            log.agreed(Cancel.FIT, proposer, AgreePoint.END_BATCH).cancel_fit()
         [report] = distributed(*(log.path for log in logs))
         assert (report.lockstep, report.verified) == (False, False)
         assert str(report.divergence) == (
@@ -370,7 +370,7 @@ class TestAgreedCancels:
         logs = [RankLog(tmp_path, rank) for rank in (0, 1)]
         for log in logs:
             log.begin_fit().begin_pass().batch(0, upto="step")
-        logs[0].agreed(Cancel.FIT, 0, AgreedAt.END_BATCH)
+        logs[0].agreed(Cancel.FIT, 0, AgreePoint.END_BATCH)
         for log in logs:
             log.cancel_fit()
         [report] = distributed(*(log.path for log in logs))
@@ -973,19 +973,18 @@ class TestTheAgreedNote:
         assert not VALIDATOR.is_valid(agreed_note(**fields))
 
     def test_the_schemas_values_are_the_audits(self):
-        """cancel and at: the values of Cancel and AgreedAt; the fields: AgreedField."""
+        """cancel and at: the values of Cancel and AgreePoint; the fields: AgreedField."""
         definition = SCHEMA["$defs"]["note_agreed"]
         assert definition["properties"]["cancel"]["enum"] == [c.value for c in Cancel]
-        assert definition["properties"]["at"]["enum"] == [a.value for a in AgreedAt]
+        assert definition["properties"]["at"]["enum"] == [a.value for a in AgreePoint]
         assert list(definition["properties"]) == [f.value for f in AgreedField]
         assert definition["properties"]["error"]["maxLength"] == MAX_ERROR_CHARS
 
     def test_the_learners_vocabulary(self):
-        """The learner's proposals and agreement points are the note's cancels and places."""
-        from fsm_learner.distributed import AgreePoint, Proposal
+        """The learner's proposals are the note's cancels (its places are AgreePoint itself)."""
+        from fsm_learner.distributed import Proposal
 
         assert [p.name.lower() for p in Proposal if p is not Proposal.NONE] == list(Cancel)
-        assert {point.value for point in AgreePoint} == set(AgreedAt)
 
 
 def take(log, cancel):
@@ -1083,7 +1082,7 @@ class TestAgreedNotesChecked:
         logs = [RankLog(tmp_path, rank) for rank in (0, 1)]
         for log in logs:
             log.begin_fit().begin_pass().batch(0, upto="compute_loss")
-            log.agreed(Cancel.BATCH, 1, AgreedAt.BACKWARD)
+            log.agreed(Cancel.BATCH, 1, AgreePoint.BACKWARD)
             log.fire("backward", "backward").fire("step", "step").fire("end_batch", "epoch")
             log.end_pass().end_fit()
         [report] = distributed(*(log.path for log in logs))
@@ -1114,7 +1113,7 @@ class TestAgreedNotesChecked:
         logs = [RankLog(tmp_path, rank) for rank in (0, 1)]
         for log in logs:
             log.begin_fit().begin_pass().batch(0).batch(1, upto="compute_loss")
-            log.fire("cancel_batch", "epoch").agreed(Cancel.BATCH, 1, AgreedAt.BACKWARD)
+            log.fire("cancel_batch", "epoch").agreed(Cancel.BATCH, 1, AgreePoint.BACKWARD)
             log.batch(2).end_pass().end_fit()
         [report] = distributed(*(log.path for log in logs))
         cancel = line_of(logs[0].path, b'"ev":"cancel_batch"')
@@ -1144,8 +1143,8 @@ class TestAgreedNotesChecked:
         logs = [RankLog(tmp_path, rank) for rank in (0, 1)]
         for log in logs:
             log.begin_fit().begin_pass().batch(0, upto="compute_loss")
-            log.agreed(Cancel.BATCH, 1, AgreedAt.BACKWARD)
-            log.agreed(Cancel.FAIL, 0, AgreedAt.FAILURE, ERROR).fail("ValueError", "boom")
+            log.agreed(Cancel.BATCH, 1, AgreePoint.BACKWARD)
+            log.agreed(Cancel.FAIL, 0, AgreePoint.FAILURE, ERROR).fail("ValueError", "boom")
         [report] = distributed(*(log.path for log in logs))
         assert (report.problems, report.verified, report.agreed_count) == ([], True, 2)
 
@@ -1156,7 +1155,7 @@ class TestAgreedNotesChecked:
             log.begin_fit().begin_pass().batch(0, upto="step").agreed(Cancel.FIT, 0, "end_batch")
         one.kill()
         zero.fire("end_batch", "epoch").end_pass()
-        zero.fire("end_fit", "idle").agreed(Cancel.FIT, 0, AgreedAt.END_FIT)
+        zero.fire("end_fit", "idle").agreed(Cancel.FIT, 0, AgreePoint.END_FIT)
         zero.writer.finish(RunStatus.COMPLETED, hook_ns={})
         [report] = distributed(zero.path, one.path)
         first, last = (

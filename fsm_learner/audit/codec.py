@@ -54,6 +54,7 @@ __all__ = [
     "MAX_NOTE_BYTES",
     "SCHEMA_VERSION",
     "SEAL_START",
+    "AgreePoint",
     "Encoder",
     "FailureField",
     "Field",
@@ -153,6 +154,31 @@ class RecordKind(StrEnum):
     NOTE = "note"
     RUN_END = "run_end"
     SEAL = "seal"
+
+
+class AgreePoint(StrEnum):
+    """Where in a fit the ranks agree: an ``agreed`` note's ``at`` (see fsm_learner.distributed)."""
+
+    OPEN = "open"
+    """Before the run opens its log: a rank whose fit could not start says so here."""
+    BEGIN_FIT = "begin_fit"
+    BEGIN_EPOCH = "begin_epoch"
+    FORWARD = "forward"
+    """Before a training batch's forward (DDP's forward may be collective): after before_batch."""
+    BACKWARD = "backward"
+    STEP = "step"
+    """Before the step, when a hook or override between backward and step may cancel."""
+    END_BATCH = "end_batch"
+    END_EPOCH = "end_epoch"
+    END_FIT = "end_fit"
+    COLLECTIVE = "collective"
+    """A callback's reduction (``World.sum``, ``World.barrier``): only a failure is taken."""
+    CANCEL = "cancel"
+    """A cancel raised outside a hook (in a batch's work): agreed where it was raised."""
+    FAILURE = "failure"
+    """A rank that failed: it proposes ``fail`` where it failed."""
+    CLOSE = "close"
+    """After the fit's last transition and cleanups: a rank failing there tells the others."""
 
 
 class RunStatus(StrEnum):

@@ -49,6 +49,7 @@ from fsm_learner._compat import StrEnum
 from fsm_learner._display import file_name, shown
 from fsm_learner.audit.codec import (
     SEAL_START,
+    AgreePoint,
     FailureField,
     Field,
     Note,
@@ -79,7 +80,6 @@ __all__ = [
     "MAX_WORLD_SIZE",
     "UNIT_TRIGGERS",
     "Agreed",
-    "AgreedAt",
     "AgreedField",
     "Cancel",
     "DistributedReport",
@@ -108,30 +108,6 @@ class Cancel(StrEnum):
     EPOCH = "epoch"
     FIT = "fit"
     FAIL = "fail"
-
-
-class AgreedAt(StrEnum):
-    """Where a rank agreed (an ``agreed`` note's ``at``)."""
-
-    OPEN = "open"
-    """Before the run opens its log (a rank whose fit could not start)."""
-    BEGIN_FIT = "begin_fit"
-    BEGIN_EPOCH = "begin_epoch"
-    FORWARD = "forward"
-    """Before a training batch's forward (after before_batch)."""
-    BACKWARD = "backward"
-    STEP = "step"
-    """Before the step (a hook or override between backward and step cancelled)."""
-    END_BATCH = "end_batch"
-    END_EPOCH = "end_epoch"
-    END_FIT = "end_fit"
-    COLLECTIVE = "collective"
-    CANCEL = "cancel"
-    """Where a cancel raised outside a hook (in a batch's work) was raised."""
-    FAILURE = "failure"
-    """Where the rank failed (the failing rank's own note)."""
-    CLOSE = "close"
-    """After the fit's last transition and cleanups (a rank failing there)."""
 
 
 class AgreedField(StrEnum):
@@ -1098,7 +1074,7 @@ _TAKEN: Final = {
 """The transition each agreed cancel is taken as, right after its note."""
 _CANCEL_TRIGGERS: Final = frozenset(_TAKEN.values()) - {Trigger.FAIL.value}
 _AGREED_FIELDS: Final = frozenset(AgreedField)
-_AT_VALUES: Final = frozenset(AgreedAt)
+_AT_VALUES: Final = frozenset(AgreePoint)
 
 
 @attrs.define
@@ -1182,7 +1158,7 @@ def _field_faults(fields: Mapping[str, Any], world: int | None) -> list[str]:
         )
     at = fields.get(AgreedField.AT.value)
     if not (isinstance(at, str) and at in _AT_VALUES):
-        wrong.append(f"at {_said(fields, AgreedField.AT)} is not one of {', '.join(AgreedAt)}")
+        wrong.append(f"at {_said(fields, AgreedField.AT)} is not one of {', '.join(AgreePoint)}")
     wrong.extend(_error_faults(fields, failed=cancel == Cancel.FAIL))
     return wrong
 
