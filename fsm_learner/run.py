@@ -14,7 +14,10 @@ import platform
 import uuid
 from datetime import datetime, timezone
 from functools import cache
+from importlib import metadata
 from typing import TYPE_CHECKING, Any, Final
+
+import torch
 
 from fsm_learner.audit.codec import FailureField, Field, RunStatus, note_fields
 from fsm_learner.audit.writer import AuditWriter, PendingRecord, emit_run_event
@@ -45,6 +48,46 @@ def log_path(target: Path, run_id: str, rank: int, world_size: int = 1) -> Path:
 
 
 @cache
+def reproducibility() -> dict[Field, Any]:
+    """Return what a reproducibility audit compares: seed, determinism, threads, versions.
+
+    ``seed`` is ``torch.initial_seed()`` (the default generator's seed: what
+    ``torch.manual_seed`` set, or the random one torch drew), ``deterministic`` is
+    ``"warn"`` when ``torch.use_deterministic_algorithms(True, warn_only=True)`` is on,
+    ``threads`` is [intra-op, inter-op]. Nothing here initialises CUDA.
+    """
+    deterministic: bool | str = torch.are_deterministic_algorithms_enabled()
+    if deterministic and torch.is_deterministic_algorithms_warn_only_enabled():
+        deterministic = "warn"
+    return {
+        Field.SEED: torch.initial_seed(),
+        Field.DETERMINISTIC: deterministic,
+        Field.CUBLAS_WORKSPACE: os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+        Field.THREADS: [torch.get_num_threads(), torch.get_num_interop_threads()],
+        Field.VERSIONS: _versions(),
+    }
+
+
+@cache
+def _versions() -> dict[str, str | None]:
+    """Return the versions the numbers depend on besides torch and Python (once a process)."""
+    cudnn_version: Callable[[], int | None] = torch.backends.cudnn.version  # untyped in torch
+    cudnn = cudnn_version()
+    return {
+        "numpy": _distribution_version("numpy"),
+        "transitions": _distribution_version("transitions"),
+        "cuda": torch.version.cuda,
+        "cudnn": None if cudnn is None else str(cudnn),
+    }
+
+
+def _distribution_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _version() -> str:
     from fsm_learner import __version__  # noqa: PLC0415 (the package imports this module)
 
@@ -101,6 +144,7 @@ class Run:
             Field.TABLE: table_digest(),
             Field.VERSION: _version(),
             Field.PYTHON: platform.python_version(),
+            **reproducibility(),
             Field.RANK: rank,
             **({Field.WORLD_SIZE: world_size} if world_size > 1 else {}),
             **settings(),
