@@ -47,7 +47,6 @@ def log_path(target: Path, run_id: str, rank: int, world_size: int = 1) -> Path:
     return target / f"{run_id}{suffix}.jsonl"
 
 
-@cache
 def reproducibility() -> dict[Field, Any]:
     """Return what a reproducibility audit compares: seed, determinism, threads, versions.
 
@@ -88,6 +87,7 @@ def _distribution_version(name: str) -> str | None:
         return None
 
 
+@cache
 def _version() -> str:
     from fsm_learner import __version__  # noqa: PLC0415 (the package imports this module)
 
