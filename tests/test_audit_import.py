@@ -14,15 +14,13 @@ import fsm_learner
 
 COMMAND = textwrap.dedent(
     """
-    import contextlib, io, json, sys, time
+    import contextlib, io, json, sys
 
-    start = time.perf_counter()
     from fsm_learner.cli import main
 
     with contextlib.redirect_stdout(io.StringIO()):
         code = main(sys.argv[1:])
-    elapsed = time.perf_counter() - start
-    print(json.dumps({"code": code, "torch": "torch" in sys.modules, "seconds": elapsed}))
+    print(json.dumps({"code": code, "torch": "torch" in sys.modules}))
     """
 )
 
@@ -45,9 +43,10 @@ def predict_run(run_id: str) -> bytes:
     ids=["audit", "audit-json", "diagram"],
 )
 def test_reading_a_log_imports_no_torch(args, log, tmp_path):
-    """In a fresh interpreter: exit 0, torch never imported, import and audit well under 0.5 s.
+    """In a fresh interpreter: exit 0, torch never imported (it would cost about a second).
 
-    A guard against an import that drags torch in (about a second), not a benchmark.
+    The guard is that torch stays out of sys.modules, not a time limit: a loaded CI machine
+    makes any limit flaky, and the import's cost is what ``-X importtime`` shows.
     """
     data = log("0123456789ab")
     (tmp_path / "x.jsonl").write_bytes(data)
@@ -59,7 +58,6 @@ def test_reading_a_log_imports_no_torch(args, log, tmp_path):
     )
     found = orjson.loads(done.stdout)
     assert (found["code"], found["torch"]) == (0, False), done.stderr
-    assert found["seconds"] < 0.5
 
 
 def test_the_learner_is_imported_on_first_use():
