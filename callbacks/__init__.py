@@ -2,10 +2,12 @@
 
 Their orders, and which force a host-device sync, are in the README's table. Importing
 this package needs the ``callbacks`` extra (torchmetrics, rich, matplotlib):
-``pip install 'fsm-learner[callbacks]'``.
+``pip install 'fsm-learner[callbacks]'``. ``TensorBoardCB`` also needs the
+``tensorboard`` extra, when one is constructed: importing this package does not.
 """
 
 from callbacks.checkpoint import CheckpointCB
+from callbacks.csv_logger import CSVLoggerCB
 from callbacks.device import DeviceCB
 from callbacks.early_stopping import EarlyStoppingCB
 from callbacks.grad_accum import GradientAccumulationCB
@@ -19,10 +21,12 @@ from callbacks.recorder import Recorder
 from callbacks.save_model import SaveModelCB, load_checkpoint
 from callbacks.schedulers import BatchSchedCB, EpochSchedCB
 from callbacks.single_batch import SingleBatchCB
+from callbacks.tensorboard import TensorBoardCB
 from callbacks.terminate_on_nan import TerminateOnNaNCB
 
 __all__ = [
     "BatchSchedCB",
+    "CSVLoggerCB",
     "CheckpointCB",
     "DeviceCB",
     "EarlyStoppingCB",
@@ -37,6 +41,7 @@ __all__ = [
     "Recorder",
     "SaveModelCB",
     "SingleBatchCB",
+    "TensorBoardCB",
     "TerminateOnNaNCB",
     "load_checkpoint",
     "lr_find",
