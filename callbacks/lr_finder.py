@@ -32,7 +32,8 @@ the sweep, and puts back after, the callbacks that treat them as such: ProgressC
 would print a line per cancelled pass and a table), BatchSchedCB and EpochSchedCB
 (their schedules would fight the sweep for the rate), SaveModelCB (it would count the
 sweep's passes as epochs), CheckpointCB (a sweep is no fit to resume: it would leave
-checkpoints a restart would take for the fit's) and any other LRFinderCB.
+checkpoints a restart would take for the fit's), CSVLoggerCB and TensorBoardCB (the
+sweep's passes would be rows and runs of the experiment's log) and any other LRFinderCB.
 ``suggestion()`` proposes a rate, ``plot(path)`` draws the curve (matplotlib, the
 ``callbacks`` extra).
 
@@ -62,9 +63,11 @@ import torch
 from callbacks._checks import check_count, check_number
 from callbacks._state import state_keys, state_list, state_optional, state_value
 from callbacks.checkpoint import CheckpointCB
+from callbacks.csv_logger import CSVLoggerCB
 from callbacks.progress import ProgressCB
 from callbacks.save_model import SaveModelCB
 from callbacks.schedulers import BatchSchedCB, EpochSchedCB
+from callbacks.tensorboard import TensorBoardCB
 from fsm_learner import (
     Callback,
     CancelEpochException,
@@ -318,6 +321,8 @@ _SET_ASIDE: Final = (
     EpochSchedCB,
     SaveModelCB,
     CheckpointCB,
+    CSVLoggerCB,
+    TensorBoardCB,
     LRFinderCB,
 )
 """The callbacks ``lr_find`` takes out for the sweep (see the module doc)."""

@@ -28,10 +28,13 @@ from helpers import (
 from torch.optim.lr_scheduler import StepLR
 
 from callbacks.checkpoint import CheckpointCB
+from callbacks.csv_logger import CSVLoggerCB
 from callbacks.lr_finder import LRFinderCB, lr_find
+from callbacks.metrics import MetricsCB
 from callbacks.progress import ProgressCB
 from callbacks.save_model import SaveModelCB, load_checkpoint
 from callbacks.schedulers import BatchSchedCB, EpochSchedCB
+from callbacks.tensorboard import TensorBoardCB
 from fsm_learner import (
     Callback,
     ConfigurationError,
@@ -199,6 +202,18 @@ class TestTheLearnerAfterwards:
         lines = out.getvalue().splitlines()
         assert lines[0].startswith("epoch 1/1 train loss ")
         assert lines[1].startswith("epoch 1/1 valid loss ")
+
+    def test_the_experiment_loggers_log_no_sweep(self, tmp_path):
+        """CSVLoggerCB and TensorBoardCB write nothing for the sweep, and are back after."""
+        cbs = [MetricsCB(), CSVLoggerCB(tmp_path / "m.csv"), TensorBoardCB(tmp_path / "tb")]
+        learn = learner(cbs)
+        lr_find(learn, num_it=20)
+        assert not (tmp_path / "m.csv").exists()
+        assert not (tmp_path / "tb").exists()
+        assert learn.cbs == cbs
+        learn.fit(1)
+        assert len((tmp_path / "m.csv").read_text().splitlines()) == 3  # header, train, valid
+        assert [p.name for p in (tmp_path / "tb").iterdir()] == [learn.run_id]
 
 
 def groups(opt):
