@@ -16,6 +16,12 @@ the learner's agreement group (``start_world``) and time ``World.agree`` (one al
 eight integers) against a bare all-reduce of as many, then a ``tiny`` fit across the
 two ranks (no DDP, every rank all the data) against the same fit in one process. That is
 wall time (waiting for the other rank is the cost), on rank 0.
+
+When asked (``profile_hooks=True``, ``fsm-learner bench --profile-hooks``), it also
+measures what ``Learner(..., profile_hooks=True)`` costs: a ``tiny`` fit with
+``N_PROFILED_CALLBACKS`` callbacks that implement every batch hook (doing nothing, so
+that the timing is all there is to see), log on, with profiling off and on in turn; the
+hook calls per fit are read back from the profiled fit's own ``hook_times`` notes.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from fsm_learner.callback import Callback
 from fsm_learner.distributed import Distributed, Proposal, World, start_world
 from fsm_learner.examples import digits_dataloaders, small_cnn, tiny_mlp, wide_mlp
 from fsm_learner.learner import DataLoaders, Learner
-from fsm_learner.machine import table_digest
+from fsm_learner.machine import Hook, table_digest
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -57,8 +63,10 @@ __all__ = [
     "AgreementCost",
     "BenchReport",
     "CaseResult",
+    "ProfileHooksCost",
     "agreement_cost",
     "audit_throughput",
+    "profile_hooks_cost",
     "run_bench",
     "write_synthetic_log",
 ]
@@ -66,6 +74,8 @@ __all__ = [
 _Timed = TypeVar("_Timed")
 
 N_NOOP_CALLBACKS: Final = 50
+N_PROFILED_CALLBACKS: Final = 5
+"""Callbacks of the profile_hooks case, each hooked on every batch hook."""
 _LR: Final = 0.1
 
 
@@ -132,6 +142,28 @@ class AgreementCost:
 
 
 @attrs.frozen
+class ProfileHooksCost:
+    """What ``profile_hooks=True`` costs: the same fits with hooked callbacks, profiled or not.
+
+    In each case ``bare_*`` is the fit with profiling off, ``fsm_*`` with it on (log on
+    both). ``fit`` trains the tiny MLP on digits; ``loop`` runs the same callbacks over
+    batches whose work (predict, loss, backward, step) is overridden to do nothing: the
+    machine and its hooks alone, where the timing is most of what changes.
+    """
+
+    callbacks: int
+    hooks_per_callback: int
+    hook_calls_per_run: int
+    """Hook calls of one digits fit, as its ``hook_times`` notes count them."""
+    loop_hook_calls_per_run: int
+    """Hook calls of one ``loop`` fit, as its notes count them."""
+    ns_per_hook_call: float
+    """The ``loop`` case's median per-round extra time, per hook call."""
+    fit: CaseResult
+    loop: CaseResult
+
+
+@attrs.frozen
 class BenchReport:
     """Everything ``fsm-learner bench`` measured."""
 
@@ -153,6 +185,8 @@ class BenchReport:
     audit_records_per_s: float
     agreement: AgreementCost | None = None
     """Agreement across ranks, when asked for (``None`` otherwise)."""
+    profile_hooks: ProfileHooksCost | None = None
+    """What profiling the hooks costs, when asked for (``None`` otherwise)."""
 
     def to_json(self) -> dict[str, Any]:
         """Return the report as JSON-able data."""
@@ -293,6 +327,119 @@ def _noop_case(knobs: _Knobs) -> CaseResult:
     )
     name = f"tiny, {N_NOOP_CALLBACKS} no-op callbacks vs none"
     return _result(name, plain_times, busy_times, _n_batches(dls) * epochs)
+
+
+class _EveryBatchHook(Callback):
+    """A callback on every batch hook that does nothing: what its hooks cost is the timing."""
+
+    def before_batch(self, _learn: Learner) -> None:
+        """Do nothing."""
+
+    def after_predict(self, _learn: Learner) -> None:
+        """Do nothing."""
+
+    def after_loss(self, _learn: Learner) -> None:
+        """Do nothing."""
+
+    def after_backward(self, _learn: Learner) -> None:
+        """Do nothing."""
+
+    def after_step(self, _learn: Learner) -> None:
+        """Do nothing."""
+
+    def after_batch(self, _learn: Learner) -> None:
+        """Do nothing."""
+
+
+def _hooks_of(kind: type[Callback]) -> int:
+    """Count the hooks a callback class implements."""
+    return sum(getattr(kind, hook) is not getattr(Callback, hook) for hook in Hook)
+
+
+_NOTHING: Final = torch.zeros(())
+_LOOP_BATCHES: Final = (200, 100)
+"""Training and validation batches of the ``loop`` case."""
+
+
+class _NoWork(Callback):
+    """Overrides a batch's work with nothing: the fit is the machine and its hooks alone."""
+
+    def predict(self, learn: Learner, _proceed: Callable[[], None]) -> None:
+        """Predict nothing (a constant)."""
+        learn.preds = _NOTHING
+
+    def compute_loss(self, learn: Learner, _proceed: Callable[[], None]) -> None:
+        """Compute no loss (a constant)."""
+        learn.loss = _NOTHING
+
+    def backward(self, _learn: Learner, _proceed: Callable[[], None]) -> None:
+        """Go back through nothing."""
+
+    def step(self, _learn: Learner, _proceed: Callable[[], None]) -> None:
+        """Step nothing."""
+
+
+def profile_hooks_cost(knobs: _Knobs, log_dir: Path) -> ProfileHooksCost:
+    """Time fits with hooked callbacks, profile_hooks off and on in turn (log on)."""
+    config = CONFIGS["tiny"]
+    digits = digits_dataloaders(config.batch_size, device=knobs.device)
+    fit, calls = _profile_case(digits, [], knobs, log_dir)
+    train, valid = _LOOP_BATCHES
+    nothing = DataLoaders([0] * train, [0] * valid)
+    loop, loop_calls = _profile_case(nothing, [_NoWork()], knobs, log_dir)
+    extra = [
+        (on - off) / loop_calls * 1e9
+        for off, on in zip(loop[0], loop[1], strict=True)  # per round
+    ]
+    return ProfileHooksCost(
+        callbacks=N_PROFILED_CALLBACKS,
+        hooks_per_callback=_hooks_of(_EveryBatchHook),
+        hook_calls_per_run=calls,
+        loop_hook_calls_per_run=loop_calls,
+        ns_per_hook_call=statistics.median(extra),
+        fit=_result(_profile_name("tiny"), *fit, _n_batches(digits) * knobs.epochs),
+        loop=_result(_profile_name("tiny, no work"), *loop, (train + valid) * knobs.epochs),
+    )
+
+
+def _profile_name(case: str) -> str:
+    return f"{case}, {N_PROFILED_CALLBACKS} hooked callbacks, profile_hooks on vs off"
+
+
+def _profile_case(
+    dls: DataLoaders, extra: list[Callback], knobs: _Knobs, log_dir: Path
+) -> tuple[tuple[list[float], list[float]], int]:
+    """Time tiny fits of ``dls``, profiling off and on in turn; return the times and hook calls."""
+
+    def learner(*, profile: bool) -> Learner:
+        cbs = [*extra, *(_EveryBatchHook() for _ in range(N_PROFILED_CALLBACKS))]
+        model = CONFIGS["tiny"].model(0).to(knobs.device)
+        return Learner(
+            model, dls, F.cross_entropy, _LR, cbs, audit_log=log_dir, profile_hooks=profile
+        )
+
+    off, on = learner(profile=False), learner(profile=True)
+    off_times, on_times = _rounds(
+        [lambda: off.fit(knobs.epochs), lambda: on.fit(knobs.epochs)],
+        pairs=knobs.pairs,
+        warmup=knobs.warmup,
+        timer=_Timer(knobs.device),
+    )
+    return (off_times, on_times), _hook_calls(on)
+
+
+def _hook_calls(learn: Learner) -> int:
+    """Return the hook calls of the learner's last fit, as its log's hook_times notes say."""
+    path = learn.audit_path
+    if path is None:  # pragma: no cover (the case logs every fit)
+        msg = "the profile_hooks case wrote no log"
+        raise RuntimeError(msg)
+    reports, _ = audit_file(path)
+    [report] = [r for r in reports if r.run_id == learn.run_id]
+    if not report.verified:  # pragma: no cover (a bug if it happens)
+        msg = f"the profile_hooks case's log did not verify: {report.problem}"
+        raise RuntimeError(msg)
+    return sum(calls for calls, _ in report.hook_times.values())
 
 
 def _fixed_cost_us(target: Path | None, *, pairs: int) -> float:
@@ -625,8 +772,13 @@ def run_bench(  # noqa: PLR0913 (each knob is a command-line option)
     epochs: int = 5,
     audit_records: int = 1_000_000,
     agreement: bool = False,
+    profile_hooks: bool = False,
 ) -> BenchReport:
-    """Run every case and return the report; ``agreement``: time agreement across ranks too."""
+    """Run every case and return the report.
+
+    ``agreement``: time agreement across ranks too; ``profile_hooks``: what profiling
+    the hooks costs too.
+    """
     torch.set_num_threads(threads)
     dev = torch.device(device)
     with tempfile.TemporaryDirectory(prefix="fsm-learner-bench-") as tmp:
@@ -641,6 +793,7 @@ def run_bench(  # noqa: PLR0913 (each knob is a command-line option)
         batched = writer_cost_us(Path(tmp), flush_every=170)  # about one tiny pass
         one_each = writer_cost_us(Path(tmp), flush_every=1)
         throughput = audit_throughput(audit_records, Path(tmp))
+        profiled = profile_hooks_cost(knobs, Path(tmp) / "profiled") if profile_hooks else None
     across = agreement_cost() if agreement else None
     return BenchReport(
         torch_version=torch.__version__,
@@ -658,6 +811,7 @@ def run_bench(  # noqa: PLR0913 (each knob is a command-line option)
         audit_records=audit_records,
         audit_records_per_s=throughput,
         agreement=across,
+        profile_hooks=profiled,
     )
 
 
@@ -703,7 +857,31 @@ def render_bench(report: BenchReport) -> str:
     )
     if report.agreement is not None:
         lines += _agreement_lines(report.agreement)
+    if report.profile_hooks is not None:
+        lines += _profile_lines(report.profile_hooks)
     return "\n".join(lines)
+
+
+def _profile_lines(cost: ProfileHooksCost) -> list[str]:
+    """Render the profile_hooks section: per batch off and on, in each case; per hook call."""
+    per_batch = cost.hook_calls_per_run / cost.fit.batches_per_run
+    return [
+        *(_profile_case_line(case) for case in (cost.fit, cost.loop)),
+        (
+            f"profile_hooks per hook call: {cost.ns_per_hook_call:.0f} ns, from the no-work case "
+            f"({cost.hook_calls_per_run:,} hook calls per digits fit, {per_batch:.1f} per batch: "
+            f"{cost.callbacks} callbacks x {cost.hooks_per_callback} batch hooks)"
+        ),
+    ]
+
+
+def _profile_case_line(case: CaseResult) -> str:
+    return (
+        f"{case.name} (log on, {case.pairs} pairs of {case.batches_per_run} batches): "
+        f"{case.bare_us_per_batch:.1f} µs/batch off, {case.fsm_us_per_batch:.1f} on, "
+        f"{case.overhead_us_per_batch:+.1f} µs/batch, ratio {case.ratio_median:.3f} "
+        f"[{case.ratio_min:.3f}, {case.ratio_max:.3f}]"
+    )
 
 
 def _agreement_lines(cost: AgreementCost) -> list[str]:

@@ -616,6 +616,11 @@ def _bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="also time agreement across 2 ranks (gloo on CPU): one all-reduce per agreement",
     )
+    parser.add_argument(
+        "--profile-hooks",
+        action="store_true",
+        help="also time Learner(profile_hooks=True) against off: a tiny fit with hooked callbacks",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run=_run_bench)
 
@@ -652,6 +657,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         audit_records=args.audit_records,
         agreement=args.agreement,
+        profile_hooks=args.profile_hooks,
     )
     if args.json:
         print(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())

@@ -19,7 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from enum import Enum
-from functools import cache
+from functools import cache, update_wrapper
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, NoReturn
@@ -296,6 +296,94 @@ def _compile_for(dispatch: Dispatch, mode: Mode, agreeing: bool) -> _Routes:
     return MappingProxyType(nodes)
 
 
+# -- profile_hooks: time per (callback, hook) -------------------------------------------
+
+_HookCalls = Mapping[Hook, tuple[tuple[Callback, HookCall], ...]]
+_Slot = tuple[str, int, Hook]
+"""A profiled (callback, hook): the callback's class name, its index in ``learn.cbs``, the hook."""
+_HOOK_ORDER: Final = {hook: index for index, hook in enumerate(Hook)}
+_ROWS_PER_NOTE: Final = 1024
+"""Rows of one ``hook_times`` note at most (a note is at most ``MAX_NOTE_BYTES``)."""
+
+
+@attrs.define(eq=False)
+class _HookTimes:
+    """Calls and nanoseconds per profiled (callback, hook) since the last ``hook_times`` note.
+
+    The timed hook calls add to ``calls`` and ``ns`` in place, at their slot's index.
+    """
+
+    slots: tuple[_Slot, ...]
+    calls: list[int]
+    ns: list[int]
+
+    @classmethod
+    def of(cls, slots: tuple[_Slot, ...]) -> _HookTimes:
+        """Return zeroed times for ``slots``."""
+        return cls(slots, [0] * len(slots), [0] * len(slots))
+
+    def reset(self) -> None:
+        """Forget what was timed (a new run starts)."""
+        self.calls[:] = self.ns[:] = [0] * len(self.slots)
+
+    def take(self) -> list[list[object]]:
+        """Return ``[callback, index, hook, calls, ns]`` per slot that ran, and start again."""
+        rows: list[list[object]] = [
+            [name, index, hook.value, calls, ns]
+            for (name, index, hook), calls, ns in zip(self.slots, self.calls, self.ns, strict=True)
+            if calls
+        ]
+        if rows:
+            self.reset()
+        return rows
+
+
+def _positions(cbs: Iterable[Callback]) -> dict[int, int]:
+    """Return each callback's index in ``cbs`` (its first, should it be there twice), by id."""
+    positions: dict[int, int] = {}
+    for index, cb in enumerate(cbs):
+        positions.setdefault(id(cb), index)
+    return positions
+
+
+def _hook_slots(hooks: _HookCalls, positions: Mapping[int, int]) -> tuple[_Slot, ...]:
+    """Return the (callback, hook) pairs of the dispatch, by index in ``learn.cbs``, then hook."""
+    slots = {
+        (type(cb).__name__, positions[id(cb)], hook)
+        for hook, calls in hooks.items()
+        for cb, _ in calls
+    }
+    return tuple(sorted(slots, key=lambda slot: (slot[1], _HOOK_ORDER[slot[2]])))
+
+
+def _timed(call: HookCall, times: _HookTimes, slot: int) -> HookCall:
+    """Wrap ``call`` to add its calls and time to ``times`` at ``slot``; it raises as it did."""
+    calls, spent = times.calls, times.ns
+
+    def timed(learn: Learner) -> None:
+        start = _now_ns()
+        try:
+            call(learn)
+        finally:
+            spent[slot] += _now_ns() - start
+            calls[slot] += 1
+
+    return update_wrapper(timed, call)  # __wrapped__: the bound hook
+
+
+def _timed_hooks(hooks: _HookCalls, positions: Mapping[int, int], times: _HookTimes) -> _HookCalls:
+    """Return ``hooks`` with each call timed: one wrapper per (callback, hook), for every route."""
+    slot_of = {(index, hook): slot for slot, (_, index, hook) in enumerate(times.slots)}
+    return MappingProxyType(
+        {
+            hook: tuple(
+                (cb, _timed(call, times, slot_of[positions[id(cb)], hook])) for cb, call in calls
+            )
+            for hook, calls in hooks.items()
+        },
+    )
+
+
 _COUNT_KEYS: Final = tuple((trigger, training) for trigger in Trigger for training in (True, False))
 
 
@@ -537,6 +625,7 @@ class Learner:
         audit_log: str | os.PathLike[str] | None = "runs",
         audit_key: bytes | str | None = None,
         distributed: Distributed | bool | None = None,
+        profile_hooks: bool = False,
     ) -> None:
         """Check the arguments; nothing runs until ``fit``, ``validate`` or ``get_preds``.
 
@@ -555,6 +644,10 @@ class Learner:
         (``fsm_learner.distributed``); True also starts the group from torchrun's
         environment; False keeps every process on its own; ``Distributed(...)`` sets
         the timeout and what the learner does to the model and loaders.
+        ``profile_hooks``: time each callback's hooks; at each pass end (and at the end
+        of the run) a ``hook_times`` note in the log gives, per (callback, hook) that
+        ran since the last one, the calls and nanoseconds, which ``fsm-learner audit``
+        shows per callback. Off, the loop runs exactly as without it.
         """
         if not isinstance(model, nn.Module):
             msg = f"model must be a torch.nn.Module, got {type(model).__name__}"
@@ -585,6 +678,7 @@ class Learner:
         self._audit_log = _check_audit_log(audit_log)
         self._audit_key = _check_audit_key(audit_key)
         self._distributed = as_distributed(distributed)
+        self._profile_hooks = _check_bool("profile_hooks", profile_hooks)
         self._run: Run | None = None
         """The current (or last) run."""
         self._last_result: FitResult | None = None
@@ -636,6 +730,10 @@ class Learner:
         self._compiled_for = self._compiled
         self._compiled_key: tuple[object, ...] = ()
         """What ``_compiled_for`` was compiled from (``_dispatch_key``), with the callbacks."""
+        self._compiled_times: tuple[_HookTimes, _HookCalls] | None = None
+        """With ``profile_hooks``: the times the compiled routes add to, and their timed hooks."""
+        self._hook_times: _HookTimes | None = None
+        """The current run's times per (callback, hook); None when it does not profile them."""
         self._node: _Node = self._compiled[RunKind.FIT, False][State.IDLE]
         self._fail_source = State.IDLE
         self._predict, self._compute_loss, self._backward, self._step = (
@@ -720,6 +818,15 @@ class Learner:
     @audit_log.setter
     def audit_log(self, value: str | os.PathLike[str] | None) -> None:
         self._audit_log = _check_audit_log(value)
+
+    @property
+    def profile_hooks(self) -> bool:
+        """Whether runs time each callback's hooks (``hook_times`` notes); from the next run."""
+        return self._profile_hooks
+
+    @profile_hooks.setter
+    def profile_hooks(self, value: bool) -> None:
+        self._profile_hooks = _check_bool("profile_hooks", value)
 
     # -- read-only loop state -------------------------------------------------------
 
@@ -1455,6 +1562,8 @@ class Learner:
         self._epoch = self._iter = 0
         self._counts = _zero_counts()
         self._hook_ns = _zero_counts()
+        if self._hook_times is not None:
+            self._hook_times.reset()
         self._rank = self._world.rank if agreeing else _rank()
         self._failure = self._origin = None
         if agreeing:
@@ -1465,12 +1574,11 @@ class Learner:
         self._cbs = validate_callbacks(self._cbs)
         dispatch = resolve_dispatch(self._cbs)
         agreeing = self._agreeing
-        key = (kind, agreeing, *_dispatch_key(dispatch))
-        if key != self._compiled_key:  # the same callbacks running the same functions: reuse
-            self._compiled_key = key
-            self._compiled_for = _compile(dispatch, kind, agreeing=agreeing)
+        self._compile_routes(dispatch, kind, agreeing=agreeing)
+        self._dispatch = self._profiled(dispatch)
         # together: the compiled routes always hold the modes of the kind
-        self._dispatch, self._compiled, self._kind = dispatch, self._compiled_for, kind
+        self._compiled, self._kind = self._compiled_for, kind
+        self._hook_times = None if self._compiled_times is None else self._compiled_times[0]
         self._agree_step = agreeing and bool(
             dispatch.hooks[Hook.AFTER_BACKWARD] or dispatch.overrides[Override.BACKWARD]
         )
@@ -1532,6 +1640,44 @@ class Learner:
             Field.TORCH: torch.__version__,
         } | ({} if self._resumed_from is None else {Field.RESUMED_FROM: self._resumed_from})
 
+    def _compile_routes(self, dispatch: Dispatch, kind: RunKind, *, agreeing: bool) -> None:
+        """Compile the run's routes, unless the same callbacks run the same functions (reuse).
+
+        With ``profile_hooks``, each hook call is timed (``_timed``), and where each
+        callback sits in ``learn.cbs`` is part of what the routes depend on.
+        """
+        positions = _positions(self._cbs) if self._profile_hooks else None
+        slots = None if positions is None else _hook_slots(dispatch.hooks, positions)
+        key = (kind, agreeing, slots, *_dispatch_key(dispatch))
+        if key == self._compiled_key:
+            return
+        self._compiled_key = key
+        self._compiled_times = None
+        if positions is not None and slots is not None:
+            times = _HookTimes.of(slots)
+            self._compiled_times = times, _timed_hooks(dispatch.hooks, positions, times)
+        self._compiled_for = _compile(self._profiled(dispatch), kind, agreeing=agreeing)
+
+    def _profiled(self, dispatch: Dispatch) -> Dispatch:
+        """Return ``dispatch`` with the compiled routes' timed hooks, when they profile them."""
+        compiled = self._compiled_times
+        return dispatch if compiled is None else Dispatch(compiled[1], dispatch.overrides)
+
+    def _note_hook_times(self, _exc: BaseException | None = None) -> None:
+        """Note the time per (callback, hook) since the last note: if any ran and the run is on."""
+        times, run = self._hook_times, self._run
+        if times is None or run is None or not run.active or run.footed:
+            return
+        rows = times.take()
+        for start in range(0, len(rows), _ROWS_PER_NOTE):
+            run.note(
+                "hook_times",
+                {"hooks": rows[start : start + _ROWS_PER_NOTE]},
+                epoch=self._epoch,
+                it=self._iter,
+                training=self._training,
+            )
+
     def _the_run(self) -> Run:
         run = self._run
         if run is None:  # pragma: no cover (a run is opened before any transition)
@@ -1540,6 +1686,8 @@ class Learner:
         return run
 
     def _end_pass(self) -> None:
+        if self._hook_times is not None:
+            self._note_hook_times()
         self._the_run().end_pass(
             epoch=self._epoch,
             training=self._training,
@@ -1548,6 +1696,8 @@ class Learner:
 
     def _close_run(self, status: RunStatus) -> FitResult:
         run = self._the_run()
+        if self._hook_times is not None:
+            self._note_hook_times()
         run.finish(status, self._hook_ns)
         self._pending = None
         self._last_result = FitResult(run.run_id, status, run.path, run.head)
@@ -1984,6 +2134,7 @@ class Learner:
             ("the fail transition", self._fail_step),
             ("dropping the batch's gradients", self._drop_unstepped_gradients),
             (f"{Hook.AFTER_FAIL}", self._run_fail_hooks),
+            ("noting the hook times", self._note_hook_times),
             ("closing the audit log", self._log_failure),
         )
         for what, step in steps:
@@ -2069,6 +2220,10 @@ class Learner:
         noted on ``current``, and a block whose write was cut short is cut off the file.
         """
         run = self._run
+        try:
+            self._note_hook_times()
+        except BaseException as exc:  # noqa: BLE001 (an exception is already on its way out)
+            add_note(current, f"fsm_learner: then {exception_text(exc, 200)} noting the hook times")
         try:
             if run is not None and not run.closed:
                 self._pending = run.pending

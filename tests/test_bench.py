@@ -19,6 +19,8 @@ from fsm_learner.bench import (
     AGREEMENTS_PER_TRAINING_BATCH,
     AGREEMENTS_PER_VALIDATION_BATCH,
     AgreementCost,
+    CaseResult,
+    ProfileHooksCost,
     agreement_cost,
     render_bench,
     run_bench,
@@ -52,6 +54,8 @@ def test_report_shape_and_text():
     assert text.splitlines()[0].startswith("fsm-learner bench: torch ")
     assert "tiny, 50 no-op callbacks vs none" in text
     assert "agreement" not in text
+    assert report.profile_hooks is None
+    assert "profile_hooks" not in text
 
 
 def test_synthetic_log_verifies(tmp_path):
@@ -89,6 +93,58 @@ def test_cli_json(capsys):
     assert {c["name"] for c in data["cases"]} == {"tiny, log off", "tiny, log on"}
     assert data["threads"] == 1
     assert data["agreement"] is None
+
+
+class TestProfileHooksCost:
+    """The profile_hooks section: the same hooked fits, profiled and not, interleaved."""
+
+    def test_in_the_report(self):
+        """Hook calls read back from the fits' notes: 5 callbacks, 6 hooks a training batch."""
+        report = run_bench(
+            configs=("tiny",), pairs=1, warmup=0, epochs=1, audit_records=2_000, profile_hooks=True
+        )
+        cost = report.profile_hooks
+        assert cost is not None
+        # a training batch runs the 6 batch hooks; a validation batch 4 (no backward, no step)
+        assert cost.hook_calls_per_run == 5 * (22 * 6 + 7 * 4)
+        assert cost.loop_hook_calls_per_run == 5 * (200 * 6 + 100 * 4)
+        assert (cost.callbacks, cost.hooks_per_callback) == (5, 6)
+        assert (cost.fit.pairs, cost.fit.batches_per_run) == (1, 29)
+        assert (cost.loop.pairs, cost.loop.batches_per_run) == (1, 300)
+        assert cost.fit.name == "tiny, 5 hooked callbacks, profile_hooks on vs off"
+        assert cost.loop.name == "tiny, no work, 5 hooked callbacks, profile_hooks on vs off"
+        values = [cost.ns_per_hook_call]
+        for case in (cost.fit, cost.loop):
+            values += [case.bare_us_per_batch, case.fsm_us_per_batch]
+        assert all(math.isfinite(v) for v in values)
+        assert render_bench(report).endswith("\n".join(bench._profile_lines(cost)))
+        data = orjson.loads(orjson.dumps(report.to_json()))
+        assert data["profile_hooks"]["hook_calls_per_run"] == 800
+
+    def test_rendered_lines(self):
+        """Off and on per batch in each case, the difference, and the cost per hook call."""
+        fit = CaseResult("digits case", 20, 29, *[1.0] * 6)
+        fit = attrs.evolve(fit, bare_us_per_batch=500.0, fsm_us_per_batch=508.25)
+        loop = attrs.evolve(fit, name="no-work case", batches_per_run=300)
+        cost = ProfileHooksCost(5, 6, 800, 8000, 300.4, fit, loop)
+        first, second, third = bench._profile_lines(cost)
+        assert first.startswith("digits case (log on, 20 pairs of 29 batches): 500.0 µs/batch off")
+        assert second.startswith("no-work case (log on, 20 pairs of 300 batches): ")
+        assert third == (
+            "profile_hooks per hook call: 300 ns, from the no-work case (800 hook calls per "
+            "digits fit, 27.6 per batch: 5 callbacks x 6 batch hooks)"
+        )
+
+    def test_cli_option(self, monkeypatch, capsys):
+        """`fsm-learner bench --profile-hooks --json` has the section; without it, null."""
+        fit = CaseResult("case", 1, 29, *[1.0] * 6)
+        cost = ProfileHooksCost(5, 6, 800, 8000, 300.0, fit, fit)
+        monkeypatch.setattr(bench, "profile_hooks_cost", lambda _knobs, _dir: cost)
+        quick = ["--config", "tiny", "--pairs", "1", "--warmup", "0", "--epochs", "1"]
+        for flag, expected in ((["--profile-hooks"], 800), ([], None)):
+            assert main(["bench", *quick, "--audit-records", "2000", *flag, "--json"]) == 0
+            section = orjson.loads(capsys.readouterr().out)["profile_hooks"]
+            assert (section and section["hook_calls_per_run"]) == expected
 
 
 @pytest.mark.parametrize(

@@ -187,6 +187,9 @@ STOCK_NOTES = {
         "at": "backward",
         "error": "ValueError: boom (in after_loss of Boom)",
     },
+    "hook_times": {
+        "hooks": [["MetricsCB", 0, "after_batch", 22, 1_234_567], ["SlowCB", 1, "after_fit", 1, 0]]
+    },
     "single_batch": {"reason": "SingleBatchCB stops after one training batch"},
     "terminate_on_nan": {"reason": "non-finite loss", "loss": math.nan, "batches_checked": 1},
 }
@@ -348,20 +351,20 @@ class TestValidRecords:
 
 class TestARealFit:
     def test_every_record_is_valid_and_the_header_complete(self, tmp_path):
-        """A fit with the stock callbacks that note: each line valid, every header field there."""
+        """A fit with the stock callbacks that note, profiled: each line valid, the header whole."""
         cbs = [
             MetricsCB(),
             DeviceCB("cpu"),
             SaveModelCB(tmp_path / "model.pt", monitor="valid_loss"),
         ]
-        learn = Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, cbs)
+        learn = Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, cbs, profile_hooks=True)
         result = learn.fit(2)
         assert result.audit_path is not None
         records = [line(data) for data in result.audit_path.read_bytes().splitlines()]
         assert [r for r in records if not valid(r)] == []
         assert set(records[0]) == set(DEFS["run_start"]["properties"]) - OPTIONAL_HEADER
         noted = {r["name"] for r in records if r["ev"] == RecordKind.NOTE}
-        assert noted == {"device", "metrics", "checkpoint"}
+        assert noted == {"device", "metrics", "checkpoint", "hook_times"}
 
     @pytest.mark.parametrize("run", ["validate", "get_preds"])
     def test_every_record_of_an_inference_run_is_valid(self, run):
@@ -483,6 +486,15 @@ class TestInvalidRecords:
             ("lr_finder", "outcome", "finished"),
             ("checkpoint", "path", None),
             ("terminate_on_nan", "batches_checked", 0),
+            ("hook_times", "hooks", []),
+            ("hook_times", "hooks", [["MetricsCB", 0, "after_batch", 0, 5]]),  # no call
+            ("hook_times", "hooks", [["MetricsCB", -1, "after_batch", 1, 5]]),
+            ("hook_times", "hooks", [["MetricsCB", 0, "after_batches", 1, 5]]),
+            ("hook_times", "hooks", [["MetricsCB", 0, "after_batch", 1, 5.5]]),
+            ("hook_times", "hooks", [["MetricsCB", 0, "after_batch", 1]]),
+            ("hook_times", "hooks", [["MetricsCB", 0, "after_batch", 1, 5, 6]]),
+            ("hook_times", "hooks", [[None, 0, "after_batch", 1, 5]]),
+            ("hook_times", "hooks", [["MetricsCB", 0, "after_batch", 1, 5]] * 1025),
         ],
     )
     def test_stock_note_fields_have_their_types(self, name, field, value):

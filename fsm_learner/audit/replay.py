@@ -20,9 +20,12 @@ run's first block, names this table and a kind of run and binds to the file (``p
 the last seal before it), and the footer ends the run, agreeing with the replay (records,
 counts, machine idle, a status its last transition gives: ``end_fit``, or a validate or
 predict run's ``end_epoch``, completed, ``cancel_*`` cancelled, ``fail`` failed; hook time
-that fits). A line that is no
-record, or a record of another run, cuts the block it is in: that block was never
-sealed. ``RunSet`` checks the runs taken together: no (run id, rank) twice, each
+that fits). A run that profiled its hooks (``Learner(profile_hooks=True)``) has
+``hook_times`` notes: each row must be well formed and name a callback as the header's
+``cbs`` does (class name at that index), no (callback, hook) twice in a note, and their
+time must fit in the footer's hook time; the report adds them up per (callback, hook).
+A line that is no record, or a record of another run, cuts the block it is in: that
+block was never sealed. ``RunSet`` checks the runs taken together: no (run id, rank) twice, each
 expected chain head ending exactly one run (a run's head is its last seal).
 
 Speed: a block is hashed in one call per chunk, and its transition lines are read in
@@ -33,7 +36,8 @@ record by record (``decode``), which says what is wrong and where; both ways agr
 
 A log is hostile input: memory is bounded (chunks of whole lines, lines of at most
 ``MAX_LINE_BYTES`` never held beyond, at most ``MAX_OPEN_RUNS`` runs open at once, what a
-report keeps of a header or a failure bounded), every reason is one printable line, and
+report keeps of a header or a failure bounded, at most ``MAX_HOOK_TIMES_KEPT`` (callback,
+hook) pairs added up per run), every reason is one printable line, and
 received values are described briefly (``fsm_learner._display.shown``).
 """
 
@@ -85,6 +89,7 @@ from fsm_learner.audit.files import (
 from fsm_learner.machine import (
     TIMING_OF,
     TRANSITION_TABLE,
+    Hook,
     HookTiming,
     RunKind,
     State,
@@ -99,7 +104,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = [
+    "HOOK_TIMES",
     "MAX_DEPTH",
+    "MAX_HOOK_TIMES_KEPT",
     "MAX_OPEN_RUNS",
     "FileAudit",
     "Problem",
@@ -109,6 +116,7 @@ __all__ = [
     "Work",
     "audit_file",
     "log_files",  # lives in fsm_learner.audit.files; re-exported where it always was
+    "sorted_hook_times",
 ]
 
 SLOWEST_KEPT: Final = 5
@@ -122,6 +130,14 @@ _KEPT_FIELD_BYTES: Final = 4096
 _KEPT_FIELDS: Final = 256
 _ENDED_KEPT: Final = 1 << 16
 """Ended runs a file remembers (a salted 64-bit digest each), to name records after an end."""
+HOOK_TIMES: Final = "hook_times"
+"""The note of a run that profiles its hooks: calls and time per (callback, hook)."""
+MAX_HOOK_TIMES_KEPT: Final = 4096
+"""Distinct (callback, hook) pairs a report adds up; the rows of any more are counted only."""
+_HOOK_TIMES_ROWS: Final = 1024
+"""Rows of one hook_times note at most (the learner writes more in further notes)."""
+_KEPT_NAME: Final = 120
+"""A callback's class name longer than this is kept cut (the report shows it)."""
 
 
 class Work(StrEnum):
@@ -354,6 +370,10 @@ class RunReport:
     last_state: str = State.IDLE.value
     unsealed: int = 0
     """Lines of the run after its last seal, never sealed (a killed run)."""
+    hook_times: dict[tuple[str, int, str], tuple[int, int]] = attrs.Factory(dict)
+    """Its ``hook_times`` notes added up: (callback, index in cbs, hook) -> (calls, ns)."""
+    hook_times_left_out: int = 0
+    """Rows of hook_times notes beyond ``MAX_HOOK_TIMES_KEPT`` distinct pairs: not added up."""
 
     @property
     def verified(self) -> bool:
@@ -411,8 +431,21 @@ class RunReport:
             "slowest": [attrs.asdict(s) for s in self.slowest],
             "head": self.head,
             "unsealed": self.unsealed,
+            "hook_times": [
+                {"callback": name, "index": index, "hook": hook, "calls": calls, "ns": ns}
+                for (name, index, hook), (calls, ns) in sorted_hook_times(self.hook_times)
+            ],
+            "hook_times_left_out": self.hook_times_left_out,
             "header": self.header,
         }
+
+
+def sorted_hook_times(
+    times: Mapping[tuple[str, int, str], tuple[int, int]],
+) -> list[tuple[tuple[str, int, str], tuple[int, int]]]:
+    """Return a report's hook times, the longest first (ties: by callback index, then hook)."""
+    order = {hook.value: index for index, hook in enumerate(Hook)}
+    return sorted(times.items(), key=lambda item: (-item[1][1], item[0][1], order[item[0][2]]))
 
 
 # -- what a run's records add up to --------------------------------------------------------
@@ -453,10 +486,23 @@ class _Tally:
     last_route: int = -1
     """The route of the last transition (-1: none yet): how the run ended."""
     footer: Footer | None = None
+    callbacks: tuple[str, ...] | None = None
+    """The class names of the header's ``cbs`` (None: it lists none), for hook_times notes."""
+    hook_times: dict[tuple[int, str], tuple[int, int]] = attrs.Factory(dict)
+    """The hook_times notes added up: (callback index, hook) -> (calls, ns); copied on write."""
+    hook_times_own: bool = True
+    """Whether ``hook_times`` is this tally's own (a block's copy shares it until it adds)."""
+    hook_times_ns: int = 0
+    """The time of every hook_times row (left out or not): at most the footer's hook_ns."""
+    hook_times_left_out: int = 0
 
     def copy(self) -> _Tally:
         return attrs.evolve(
-            self, routes=self.routes.copy(), route_ns=self.route_ns.copy(), slow=list(self.slow)
+            self,
+            routes=self.routes.copy(),
+            route_ns=self.route_ns.copy(),
+            slow=list(self.slow),
+            hook_times_own=False,
         )
 
 
@@ -606,13 +652,96 @@ def _replay_header(tally: _Tally, header: Header, line: int, first_line: int) ->
     tally.records = 1
     tally.kind = _run_kind(header.fields) or RunKind.FIT  # an unknown kind fails the header
     tally.start_ns = tally.t_ns = tally.last_ns = header.t_ns
+    tally.callbacks = _callback_names(header.fields.get(Field.CALLBACKS.value))
+
+
+def _callback_names(cbs: object) -> tuple[str, ...] | None:
+    """Return the class names a header's ``cbs`` lists ([name, order] each); None if not that."""
+    if type(cbs) is not list:
+        return None
+    names = tuple(cb[0] for cb in cbs if type(cb) is list and cb and type(cb[0]) is str)
+    return names if len(names) == len(cbs) else None
 
 
 def _replay_note(tally: _Tally, note: Note, line: int) -> None:
     _before(tally, note.t_ns, line)
+    if note.name == HOOK_TIMES:
+        _add_hook_times(tally, _hook_time_rows(note.fields, tally.callbacks, line))
     tally.notes += 1
     tally.records += 1
     tally.last_ns = note.t_ns
+
+
+_HookRow = tuple[int, str, int, int]
+"""A hook_times row as the replay keeps it: callback index, hook, calls, ns."""
+_HOOKS: Final = frozenset(hook.value for hook in Hook)
+_ROW_SHAPE: Final = "[callback class name, index in cbs, hook, calls >= 1, ns >= 0]"
+_ROW_LENGTH: Final = 5
+
+
+def _hook_time_rows(
+    fields: Mapping[str, Any], callbacks: tuple[str, ...] | None, line: int
+) -> list[_HookRow]:
+    """Check a hook_times note's fields; return its rows, or raise _Invalid saying what is wrong."""
+    rows = fields.get("hooks")
+    if set(fields) != {"hooks"} or type(rows) is not list:
+        what = f"fields {shown(sorted(fields))}" if set(fields) != {"hooks"} else shown(rows)
+        msg = f"a hook_times note holds {what}: it holds exactly 'hooks', a list of rows"
+        raise _Invalid(line, msg)
+    if not 1 <= len(rows) <= _HOOK_TIMES_ROWS:
+        msg = f"a hook_times note of {len(rows):,} rows: it has 1 to {_HOOK_TIMES_ROWS:,}"
+        raise _Invalid(line, msg)
+    if callbacks is None:
+        msg = "a hook_times note in a run whose header lists no callbacks (cbs) to name"
+        raise _Invalid(line, msg)
+    kept: list[_HookRow] = []
+    seen: set[tuple[int, str]] = set()
+    for number, row in enumerate(rows):
+        reason = _hook_row_problem(row, callbacks)
+        if reason is None and (row[1], row[2]) in seen:
+            reason = f"{row[2]} of callback {row[1]} a second time in the note"
+        if reason is not None:
+            raise _Invalid(line, f"hook_times note, row {number}: {reason}")
+        seen.add((row[1], row[2]))
+        kept.append((row[1], row[2], row[3], row[4]))
+    return kept
+
+
+def _hook_row_problem(row: object, callbacks: tuple[str, ...]) -> str | None:
+    """Say what is wrong with one hook_times row; None when it is right."""
+    if not (
+        type(row) is list
+        and len(row) == _ROW_LENGTH
+        and type(row[0]) is str
+        and all(type(value) is int and value >= 0 for value in (row[1], row[3], row[4]))
+        and type(row[2]) is str
+        and row[2] in _HOOKS
+        and row[3] >= 1
+    ):
+        return f"{shown(row)} is no {_ROW_SHAPE}"
+    name, index = row[0], row[1]
+    if index >= len(callbacks):
+        return f"callback index {index}, but the header lists {len(callbacks)} callback(s)"
+    if name != callbacks[index]:
+        header = shown(callbacks[index])
+        return f"callback {index} is named {shown(name)}, but the header's cbs[{index}] is {header}"
+    return None
+
+
+def _add_hook_times(tally: _Tally, rows: list[_HookRow]) -> None:
+    """Add a note's rows to the run's; beyond ``MAX_HOOK_TIMES_KEPT`` pairs, count them only."""
+    if not tally.hook_times_own:
+        tally.hook_times, tally.hook_times_own = dict(tally.hook_times), True
+    times = tally.hook_times
+    for index, hook, calls, ns in rows:
+        tally.hook_times_ns += ns
+        before = times.get((index, hook))
+        if before is not None:
+            times[index, hook] = (before[0] + calls, before[1] + ns)
+        elif len(times) < MAX_HOOK_TIMES_KEPT:
+            times[index, hook] = (calls, ns)
+        else:
+            tally.hook_times_left_out += 1
 
 
 def _replay_odd(tally: _Tally, record: Transition, line: int) -> None:
@@ -653,6 +782,7 @@ def _replay_footer(tally: _Tally, footer: Footer, line: int) -> None:
         raise _Invalid(line, f"run_end while the replayed machine is in {state!r}, not idle")
     _check_status(tally, footer.status, line)
     _hook_work(footer, tally, _work_before_hooks(tally, footer.t_ns), line)
+    _check_hook_times(tally, footer, line)
     tally.footer = footer
     tally.records += 1
     tally.last_ns = footer.t_ns
@@ -675,6 +805,17 @@ def _check_status(tally: _Tally, status: RunStatus, line: int) -> None:
             line,
             f"run_end says {status.value}, but {ended}: a {status.value} {tally.kind} run ends "
             f"with {expected}",
+        )
+
+
+def _check_hook_times(tally: _Tally, footer: Footer, line: int) -> None:
+    """Each profiled hook call is timed inside the footer's hook time: the notes fit in it."""
+    hooks_ns = sum(sum(pair) for pair in footer.hook_ns.values())
+    if tally.hook_times_ns > hooks_ns:
+        raise _Invalid(
+            line,
+            f"the hook_times notes give {tally.hook_times_ns:,} ns to callbacks' hooks, but "
+            f"run_end hook_ns counts only {hooks_ns:,} ns of hooks",
         )
 
 
@@ -806,7 +947,22 @@ def _finish(report: RunReport, tally: _Tally) -> RunReport:
     if footer is not None:
         report.status = footer.status
         report.failure = None if footer.failure is None else _bounded(footer.failure)
+    _finish_hook_times(report, tally)
     return report
+
+
+def _finish_hook_times(report: RunReport, tally: _Tally) -> None:
+    """Name the run's hook times by callback (a long class name cut) in its report."""
+    names = tally.callbacks or ()
+    report.hook_times = {
+        (_kept_name(names[index]), index, hook): times
+        for (index, hook), times in tally.hook_times.items()
+    }
+    report.hook_times_left_out = tally.hook_times_left_out
+
+
+def _kept_name(name: str) -> str:
+    return name if len(name) <= _KEPT_NAME else name[: _KEPT_NAME - 3] + "..."
 
 
 def _time_by_work(tally: _Tally) -> dict[Work, int]:

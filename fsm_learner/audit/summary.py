@@ -17,6 +17,7 @@ import attrs
 from fsm_learner._display import printable, shown
 from fsm_learner.audit.codec import FailureField
 from fsm_learner.audit.ranks import ranges_text, rank_ranges
+from fsm_learner.audit.replay import MAX_HOOK_TIMES_KEPT, Work, sorted_hook_times
 from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
@@ -119,6 +120,48 @@ def _work_table(report: RunReport) -> Table:
     return Table("where the time went", ("work", "ms", "%"), tuple(rows), frozenset({1, 2}))
 
 
+_HOOK_ROWS_SHOWN: Final = 20
+"""The (callback, hook) pairs the time-per-callback table lists, the longest first."""
+_NAME_SHOWN: Final = 40
+
+
+def _hook_times_table(report: RunReport) -> Table:
+    """Tabulate the time per callback and hook (``hook_times`` notes): calls, total, mean, share.
+
+    The share is of the run's hook time (the footer's ``hook_ns``, the ``hooks`` work);
+    without a footer, of the time the notes give.
+    """
+    ranked = sorted_hook_times(report.hook_times)
+    noted = sum(ns for _, (_, ns) in ranked)
+    total = report.time_by_work_ns[Work.HOOKS] or noted or 1
+    rows = [
+        (
+            str(index),
+            printable(_text(name, _NAME_SHOWN)),
+            hook,
+            f"{calls:,}",
+            _ms(ns),
+            f"{ns / calls / 1e3:.1f}",
+            f"{100 * ns / total:.1f}",
+        )
+        for (name, index, hook), (calls, ns) in ranked[:_HOOK_ROWS_SHOWN]
+    ]
+    rest = ranked[_HOOK_ROWS_SHOWN:]
+    if rest:
+        calls, ns = sum(c for _, (c, _) in rest), sum(n for _, (_, n) in rest)
+        more = f"{len(rest):,} more"
+        rows.append(("", more, "", f"{calls:,}", _ms(ns), "", f"{100 * ns / total:.1f}"))
+    columns = ("cbs", "callback", "hook", "calls", "total ms", "mean µs", "% of hooks")
+    return Table("time per callback", columns, tuple(rows), frozenset({0, 3, 4, 5, 6}))
+
+
+def _left_out_line(report: RunReport) -> str:
+    return (
+        f"  hook_times: {report.hook_times_left_out:,} row(s) beyond the first "
+        f"{MAX_HOOK_TIMES_KEPT:,} (callback, hook) pairs left out of the table"
+    )
+
+
 _OUTSIDE_PASSES: Final = frozenset({"idle", "fit"})
 
 
@@ -218,10 +261,17 @@ def _work_done(report: RunReport) -> str:
 
 
 def render_report(report: RunReport, *, rich: bool | None = None) -> str:
-    """Render one run's summary: what was verified, its counts, where the time went, slowest."""
+    """Render one run's summary: what was verified, its counts, where the time went, slowest.
+
+    A run that profiled its hooks also gets the time per callback, after where the time went.
+    """
     out = _describe(report)
     if report.records:
         out.append(render_table(_work_table(report), rich=rich))
+    if report.hook_times:
+        out.append(render_table(_hook_times_table(report), rich=rich))
+    if report.hook_times_left_out:
+        out.append(_left_out_line(report))
     if report.slowest:
         out.append(render_table(_slow_table(report), rich=rich))
     return "\n".join(out)
