@@ -19,6 +19,7 @@ import orjson
 
 from fsm_learner._display import file_name, printable
 from fsm_learner.audit.codec import KEY_ENV, derive_key
+from fsm_learner.audit.diff import ChosenRun, diff_runs, render_diff, runs_by_id, runs_in_files
 from fsm_learner.audit.files import file_kind, log_files
 from fsm_learner.audit.lineage import LineageReport, Lineages, RunKey, run_key, was_killed
 from fsm_learner.audit.ranks import DistributedReport, DistributedRuns
@@ -74,11 +75,30 @@ def _audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "rank present once, their headers alike, their unit transitions and agreed cancels "
             "in lockstep (the first divergence named). Exit 0 when every run, lineage and "
             "distributed run verifies or is accounted for, 1 when one does not, 2 on a usage "
-            "error."
+            "error. With --diff A B, compare two runs instead (see --diff)."
         ),
     )
-    parser.add_argument("paths", nargs="+", metavar="PATH")  # str: Path("") would be "."
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    # str: Path("") would be "."; none only with --diff (checked in _run_audit)
+    parser.add_argument("paths", nargs="*", metavar="PATH")
+    parser.add_argument(
+        "--diff",
+        nargs=2,
+        metavar=("A", "B"),
+        help=(
+            "compare two runs: without PATH, A and B are log files (the run begun last in "
+            "each); with PATHs, run ids found in those logs (a fit across ranks: its lowest "
+            "rank's log). "
+            "Both are audited: one that does not verify is named and fails the diff. Shows "
+            "whether the table digests match, the header fields that differ (wall and prev "
+            "left out), the first transition where the paths part (trigger, epoch, pass, "
+            "batch) and the metrics notes' values per epoch and pass with b - a. Exit 0 when "
+            "both verify and the paths are identical (settings and metrics may differ), 1 "
+            "otherwise, 2 on a usage error"
+        ),
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the summary (or the diff) as JSON"
+    )
     parser.add_argument(
         "--expect-head",
         action="append",
@@ -99,7 +119,7 @@ def _audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             f"{KEY_ENV}, where unset means no key)"
         ),
     )
-    parser.set_defaults(run=_run_audit)
+    parser.set_defaults(run=_run_audit, usage_error=parser.error)
 
 
 class _KeyError(Exception):
@@ -358,8 +378,15 @@ _EMPTY_PATH: Final = (
 )
 
 
+_NO_PATH: Final = "give PATH (the logs to audit: files, or directories of them), or --diff A B"
+
+
 def _run_audit(args: argparse.Namespace) -> int:
+    if args.diff is not None:
+        return _run_diff(args)
     paths: list[str] = args.paths
+    if not paths:  # argparse's usage error, as when PATH was required (nargs="+")
+        args.usage_error(_NO_PATH)
     files, errors = log_files(Path(path) for path in paths if path)
     if not all(paths):
         errors.insert(0, _EMPTY_PATH)
@@ -377,6 +404,43 @@ def _run_audit(args: argparse.Namespace) -> int:
         return summary.finish()
     finally:
         summary.close()
+
+
+def _run_diff(args: argparse.Namespace) -> int:
+    """Compare the two runs of --diff: exit 0 when both verify and their paths are identical."""
+    try:
+        diff = diff_runs(*_diff_runs(args))
+    except (_KeyError, ConfigurationError) as exc:
+        _write(sys.stderr, f"fsm-learner audit --diff: {printable(str(exc))}\n")
+        return EXIT_USAGE
+    except OSError as exc:  # a log gone or unreadable since its audit
+        _write(sys.stderr, f"fsm-learner audit --diff: cannot read: {exc.strerror or exc}\n")
+        return EXIT_FAILED
+    if args.json:
+        _write(sys.stdout, _json(diff.to_json()) + "\n")
+    else:
+        _write(sys.stdout, render_diff(diff) + "\n")
+        for side in (diff.a, diff.b):
+            if side.problem is not None:
+                _write(sys.stderr, f"fsm-learner audit --diff: {printable(str(side.problem))}\n")
+    return EXIT_OK if diff.identical else EXIT_FAILED
+
+
+def _diff_runs(args: argparse.Namespace) -> tuple[ChosenRun, ChosenRun]:
+    """Choose the runs --diff names; raise ConfigurationError (or _KeyError) on a usage error."""
+    if args.expect_head:
+        msg = "--expect-head goes with the audit of whole logs, not with --diff"
+        raise ConfigurationError(msg)
+    key = _key(args.key_env)
+    a, b = args.diff
+    if not args.paths:
+        return runs_in_files(a, b, key=key)
+    if not all(args.paths):
+        raise ConfigurationError(_EMPTY_PATH)
+    files, errors = log_files(Path(path) for path in args.paths)
+    if errors:
+        raise ConfigurationError(errors[0])
+    return runs_by_id(a, b, files, key=key)
 
 
 def _audit(
