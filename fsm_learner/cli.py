@@ -488,7 +488,7 @@ def _diagram_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     formats = [f.value for f in DiagramFormat]
     parser.add_argument("--format", choices=formats, help="default: mermaid")
-    parser.add_argument("--output", type=Path, metavar="PATH", help="default: stdout (text)")
+    parser.add_argument("-o", "--output", type=Path, metavar="PATH", help="default: stdout (text)")
     view = parser.add_mutually_exclusive_group()
     view.add_argument(
         "--learner",
@@ -753,7 +753,15 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     parser.add_argument("--batch-size", type=_positive, default=64)
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs"), help="where files go")
+    parser.add_argument(
+        "-o",
+        "--out",
+        "--output",
+        type=Path,
+        default=Path("runs"),
+        metavar="DIR",
+        help="where files go (default: runs)",
+    )
     parser.set_defaults(run=_run_demo)
 
 
@@ -784,6 +792,90 @@ def _run_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if result.report.verified else EXIT_FAILED
 
 
+def _report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "report",
+        help="one run of an audit log as a self-contained HTML page",
+        description=(
+            "Audit one run of a log and draw it as one HTML page that loads nothing (inline "
+            "SVG and CSS, no script): the verdict (in red, with the problem, when the run does "
+            "not verify), its header (model, optimizer, callbacks, device, seed, versions), the "
+            "path it took through the machine with how often it took each transition, a "
+            "timeline of its passes, cancels and failure, where its time went, its metrics per "
+            "epoch (MetricsCB's notes), the slowest transitions, and the time per callback when "
+            "it noted hook_times. LOG is a log file (the run begun last in it, or --run-id's) "
+            "or a directory (its newest log, or the newest holding --run-id). A fit across "
+            "ranks writes a log per rank: the page shows the rank whose log is given. Exit 0 "
+            "when the page is written and the run verifies, 1 when it is written and the run "
+            "does not verify, 2 on a usage error."
+        ),
+    )
+    parser.add_argument("log", metavar="LOG")  # str: Path("") would be "."
+    parser.add_argument(
+        "-o",
+        "--output",
+        default="report.html",
+        metavar="PATH",
+        help="where the page goes (default: report.html; - for stdout)",
+    )
+    parser.add_argument("--run-id", metavar="ID", help="which run (default: the run begun last)")
+    parser.add_argument(
+        "--key-env",
+        metavar="VAR",
+        help=f"variable holding a keyed log's chain key (default: {KEY_ENV}, unset: no key)",
+    )
+    parser.set_defaults(run=_run_report)
+
+
+def _report_usage(args: argparse.Namespace) -> str | None:
+    """Say what is wrong with the report's LOG or output, if that is plain before the audit."""
+    if not args.log:
+        return _EMPTY_PATH
+    output: str = args.output
+    if output == "-":
+        return None
+    path = Path(output)
+    if not output or path.is_dir():
+        return f"-o {file_name(path) if output else repr(output)}: give a file name for the page"
+    if not path.parent.is_dir():
+        return f"-o {file_name(path)}: no directory {file_name(path.parent)} to write it in"
+    return None
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from fsm_learner.report import load_run, render_page  # noqa: PLC0415 (only this command)
+
+    output: str = args.output
+    problem = _report_usage(args)
+    if problem is not None:
+        _write(sys.stderr, f"fsm-learner report: {printable(problem)}\n")
+        return EXIT_USAGE
+    try:
+        page = load_run(Path(args.log), run_id=args.run_id, key=_key(args.key_env))
+    except (_KeyError, ConfigurationError) as exc:
+        _write(sys.stderr, f"fsm-learner report: {printable(str(exc))}\n")
+        return EXIT_USAGE
+    text = render_page(page)
+    if output == "-":
+        _write(sys.stdout, text)
+    else:
+        try:
+            Path(output).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            said = f"cannot write {file_name(output)}: {exc.strerror or exc}"
+            _write(sys.stderr, f"fsm-learner report: {said}\n")
+            return EXIT_USAGE
+        verdict = "verified" if page.verified else "DOES NOT VERIFY"
+        run = printable(page.report.run_id[:64])
+        said = f"run {run} of {file_name(page.path)} ({page.report.status.value}, {verdict})"
+        _write(sys.stdout, f"wrote {file_name(output)}: {said}\n")
+    if page.verified:
+        return EXIT_OK
+    said = "the run does not verify" if page.problem is None else str(page.problem)
+    _write(sys.stderr, f"fsm-learner report: {printable(said)}\n")
+    return EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser of the whole command."""
     parser = argparse.ArgumentParser(
@@ -795,6 +887,7 @@ def build_parser() -> argparse.ArgumentParser:
     _diagram_parser(sub)
     _bench_parser(sub)
     _demo_parser(sub)
+    _report_parser(sub)
     return parser
 
 
