@@ -11,7 +11,7 @@ from helpers import digits_dls, mlp
 
 from callbacks import MetricsCB
 from fsm_learner import Callback, CancelEpochException, CancelFitException, Learner
-from fsm_learner.audit.runlog import PassSpan, passes, read_runs
+from fsm_learner.audit.runlog import PassSpan, Step, Steps, passes, read_run, read_runs
 from fsm_learner.machine import Trigger
 
 
@@ -99,8 +99,58 @@ class TestReadRuns:
         lines = log.read_bytes().splitlines(keepends=True)
         log.write_bytes(b"".join([lines[0], b"{not json\n", b"[1,2]\n", *lines[1:]]))
         again = read_runs(log)[learn.run_id]
-        assert again.steps == whole.steps
+        assert list(again.steps) == list(whole.steps)
         assert again.notes == whole.notes
+
+    def test_a_second_run_with_the_same_id_is_never_mixed_into_the_first(self, tmp_path):
+        """A forged copy of a run (same id) after it: each is read on its own, by its line."""
+        log = tmp_path / "runs.jsonl"
+        learn = _learner(log)
+        learn.fit(1)
+        data = log.read_bytes()
+        log.write_bytes(data + data)  # the audit refuses the copy; the reader keeps them apart
+        lines = len(data.splitlines())
+        first = read_runs(log)[learn.run_id]
+        assert first.first_line == 1
+        assert first.repeated
+        whole = read_run(log, learn.run_id, 1)
+        copy = read_run(log, learn.run_id, lines + 1)
+        assert (copy.first_line, copy.repeated) == (lines + 1, True)
+        assert list(whole.steps) == list(copy.steps) == list(first.steps)
+        assert len(whole.notes) == len(copy.notes) == 2  # train and valid metrics, not 4
+        assert len(read_run(log, learn.run_id, 2).steps) == len(read_run(log, "nope", 1).steps) == 0
+
+    def test_records_after_a_runs_footer_are_not_its_own(self, tmp_path):
+        """A line of a run's id after its footer (no header before it) belongs to no run."""
+        log = tmp_path / "runs.jsonl"
+        learn = _learner(log)
+        learn.fit(1)
+        run = read_runs(log)[learn.run_id]
+        lines = log.read_bytes().splitlines(keepends=True)
+        transition = next(line for line in lines if b'"ev":"begin_batch"' in line)
+        log.write_bytes(b"".join(lines) + transition)
+        assert list(read_runs(log)[learn.run_id].steps) == list(run.steps)
+
+
+class TestSteps:
+    """Transitions held as arrays read back as the Steps they were."""
+
+    def test_round_trip_slices_and_huge_numbers(self):
+        steps = Steps()
+        made = [
+            Step("begin_batch", "epoch", "batch", True, 0, 3, 10),
+            Step("predict", "batch", "predict", False, 2**70, -(2**70), 2**63),
+        ]
+        for step in made:
+            steps.append(step)
+        assert len(steps) == 2
+        assert steps[0] == made[0]
+        assert steps[1] == Step(
+            "predict", "batch", "predict", False, 2**63 - 1, -(2**63 - 1), 2**63 - 1
+        )
+        assert steps[-1] == steps[1]
+        assert steps[0:1] == [made[0]]
+        assert list(steps) == [steps[0], steps[1]]
 
 
 class TestPasses:

@@ -10,7 +10,9 @@ verifies is the audit's to say (``FileAudit``): read a run here once it has.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from array import array
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final, overload
 
 import attrs
 
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Collection, Iterator
     from pathlib import Path
 
-__all__ = ["PassSpan", "RunLog", "Step", "passes", "read_runs"]
+__all__ = ["PassSpan", "RunLog", "Step", "Steps", "passes", "read_run", "read_runs"]
 
 
 @attrs.frozen
@@ -38,6 +40,62 @@ class Step:
     t_ns: int
 
 
+class Steps(Sequence[Step]):
+    """A run's transitions, held compactly: four integers each, a Step when read.
+
+    A run of millions of batches is read as arrays (its route as an index into the routes
+    seen, its epoch, batch index and time), about 32 bytes a transition, not as objects.
+    """
+
+    def __init__(self) -> None:
+        """Start empty."""
+        self._routes: list[tuple[str, str, str, bool]] = []
+        self._route_index: dict[tuple[str, str, str, bool], int] = {}
+        self._columns = (array("q"), array("q"), array("q"), array("q"))
+
+    def append(self, step: Step) -> None:
+        """Add a transition at the end."""
+        route = (step.trigger, step.source, step.dest, step.training)
+        index = self._route_index.get(route)
+        if index is None:
+            index = self._route_index[route] = len(self._routes)
+            self._routes.append(route)
+        routes, epochs, iters, times = self._columns
+        routes.append(index)
+        epochs.append(_clamped(step.epoch))
+        iters.append(_clamped(step.iter))
+        times.append(_clamped(step.t_ns))
+
+    def __len__(self) -> int:
+        """Return how many transitions there are."""
+        return len(self._columns[0])
+
+    @overload
+    def __getitem__(self, index: int) -> Step: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Step]: ...
+    def __getitem__(self, index: int | slice) -> Step | list[Step]:
+        """Return the transition at ``index`` (a list of them for a slice)."""
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        routes, epochs, iters, times = self._columns
+        trigger, source, dest, training = self._routes[routes[index]]
+        return Step(trigger, source, dest, training, epochs[index], iters[index], times[index])
+
+    def __iter__(self) -> Iterator[Step]:
+        """Yield the transitions in order."""
+        for i in range(len(self)):
+            yield self[i]
+
+
+_INT64: Final = (1 << 63) - 1
+
+
+def _clamped(value: int) -> int:
+    """Keep a number within int64 (a log may hold any integer; the audit bounds real ones)."""
+    return max(-_INT64, min(value, _INT64))
+
+
 @attrs.define
 class RunLog:
     """The records of one run of a log file, in the order they were written."""
@@ -47,49 +105,95 @@ class RunLog:
     """The header's fields (besides the envelope); empty when the run has no header."""
     start_ns: int | None = None
     """The header's time: when the run started (monotonic ns, as the transitions' times)."""
-    steps: list[Step] = attrs.Factory(list)
+    steps: Steps = attrs.Factory(Steps)
     notes: list[Note] = attrs.Factory(list)
     footer: Footer | None = None
+    first_line: int = 0
+    """The line of its header (1-based; 0 when it has none)."""
+    repeated: bool = False
+    """Another run of the file has the same id; its records are not these."""
 
 
 def read_runs(path: Path, wanted: Collection[str] | None = None) -> dict[str, RunLog]:
     """Read the runs of the log ``path`` (only those in ``wanted``, if given), in file order.
 
-    Raises OSError when the file cannot be opened or read.
+    A run is its header and the records of its id after it, up to its footer or the next
+    header of its id: the records of a second run with one id (which the audit refuses)
+    are never mixed into the first. A run id's first run is returned. Raises OSError when
+    the file cannot be opened or read.
     """
-    runs: dict[str, RunLog] = {}
-    with open_log(path) as fh:
-        for chunk in read_chunks(fh):
-            if isinstance(chunk, Unreadable):
-                raise OSError(chunk.reason)
-            if isinstance(chunk, Overlong):
-                continue
-            for line in chunk.splitlines():
-                _take(runs, line, wanted)
-    return runs
+    reader = _Reader(wanted, None)
+    reader.read(path)
+    return reader.first
 
 
-def _take(runs: dict[str, RunLog], line: bytes, wanted: Collection[str] | None) -> None:
-    try:
-        record = decode(line)
-    except RecordError:
-        return
-    if wanted is not None and record.run not in wanted:
-        return
-    run = runs.get(record.run)
-    if run is None:
-        run = runs[record.run] = RunLog(record.run)
-    match record:
-        case Transition():
-            run.steps.append(_step(record))
-        case Note():
-            run.notes.append(record)
-        case Header():
-            run.header, run.start_ns = record.fields, record.t_ns
-        case Footer():
-            run.footer = record
-        case _:  # a seal
-            pass
+def read_run(path: Path, run_id: str, first_line: int) -> RunLog:
+    """Read the run ``run_id`` of ``path`` whose header is on line ``first_line`` (1-based).
+
+    This is the run the audit reported (``RunReport.first_line``), even when another run
+    of the file has the same id. Raises OSError when the file cannot be opened or read.
+    """
+    reader = _Reader({run_id}, first_line)
+    reader.read(path)
+    return reader.chosen or RunLog(run_id, first_line=first_line)
+
+
+class _Reader:
+    """Reads a file's runs; each record goes to the open run of its id, if any."""
+
+    def __init__(self, wanted: Collection[str] | None, first_line: int | None) -> None:
+        self.wanted, self.first_line = wanted, first_line
+        self.first: dict[str, RunLog] = {}
+        self.open: dict[str, RunLog] = {}
+        self.chosen: RunLog | None = None
+        self.line = 0
+
+    def read(self, path: Path) -> None:
+        with open_log(path) as fh:
+            for chunk in read_chunks(fh):
+                if isinstance(chunk, Unreadable):
+                    raise OSError(chunk.reason)
+                if isinstance(chunk, Overlong):
+                    self.line += 1
+                    continue
+                for line in chunk.splitlines():
+                    self.line += 1
+                    self._take(line)
+
+    def _take(self, line: bytes) -> None:
+        try:
+            record = decode(line)
+        except RecordError:
+            return
+        if self.wanted is not None and record.run not in self.wanted:
+            return
+        if isinstance(record, Header):
+            self._begin(record)
+            return
+        run = self.open.get(record.run)
+        if run is None:
+            return
+        match record:
+            case Transition():
+                run.steps.append(_step(record))
+            case Note():
+                run.notes.append(record)
+            case Footer():
+                run.footer = record
+                del self.open[record.run]
+            case _:  # a seal
+                pass
+
+    def _begin(self, header: Header) -> None:
+        run = RunLog(header.run, header.fields, header.t_ns, first_line=self.line)
+        earlier = self.first.get(header.run)
+        if earlier is not None:
+            earlier.repeated = run.repeated = True
+        else:
+            self.first[header.run] = run
+        self.open[header.run] = run
+        if self.first_line == self.line:
+            self.chosen = run
 
 
 def _step(record: Transition) -> Step:
