@@ -715,3 +715,39 @@ class TestRealFits:
             )
         ]
         assert (lineage["verified"], lineage["missing_parent"]) == (True, learn.run_id)
+
+
+class TestVerdictOfOneRun:
+    """audit.verdict: what `fsm-learner audit` says of one run, for the report and the diff."""
+
+    def _verdicts(self, tmp_path):
+        from fsm_learner.audit.files import log_files
+        from fsm_learner.audit.verdict import audit_files
+
+        files, _ = log_files([tmp_path])
+        audited = audit_files(files)
+        return {report.run_id: audited.verdict(report) for _, report in audited.runs}
+
+    def test_a_killed_run_a_verified_lineage_continues_is_accounted_for(self, tmp_path):
+        link = killed_at(tmp_path, (1, True, 5), then=(1, True, 7))
+        resumed(tmp_path, link)
+        verdicts = self._verdicts(tmp_path)
+        assert verdicts["a"].verified
+        assert verdicts["a"].continued_by == "b"
+        assert verdicts["b"].verified
+
+    def test_a_killed_run_nobody_resumes_does_not_verify(self, tmp_path):
+        killed_at(tmp_path, (1, True, 5))
+        [verdict] = self._verdicts(tmp_path).values()
+        assert not verdict.verified
+        assert verdict.continued_by is None
+        assert "truncated (a killed run?)" in verdict.problems[0].reason
+
+    def test_a_broken_link_fails_the_run_that_verifies_on_its_own(self, tmp_path):
+        """Run b verifies alone; the lineage's problem (a head that is no seal) is its too."""
+        link = killed_at(tmp_path, (1, True, 5), then=(1, True, 7))
+        resumed(tmp_path, {**link, "head": "0" * 32})
+        verdicts = self._verdicts(tmp_path)
+        assert not verdicts["b"].verified
+        assert any("which is no seal of run 'a'" in p.reason for p in verdicts["b"].problems)
+        assert not verdicts["a"].verified
