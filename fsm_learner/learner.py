@@ -126,7 +126,7 @@ from fsm_learner.machine import (
     table_routes,
 )
 from fsm_learner.optim import BaseHypers, held_ids
-from fsm_learner.run import Run
+from fsm_learner.run import Run, callable_name, optimizer_groups
 from fsm_learner.work import DEFAULT_WORK
 
 __all__ = ["DataLoaders", "Failure", "FitResult", "Learner", "OptimizerFactory", "ParamGroups"]
@@ -1636,6 +1636,8 @@ class Learner:
             Field.PARAMS: sum(p.numel() for p in params),
             Field.N_EPOCHS: self._n_epochs if fitting else 0,
             Field.LR: self.opt.param_groups[0]["lr"] if fitting and self.opt else self.lr,
+            Field.OPT_GROUPS: optimizer_groups(self.opt) if fitting and self.opt else None,
+            Field.LOSS: callable_name(self.loss_func),
             Field.DEVICE: str(params[0].device) if params else "cpu",
             Field.TORCH: torch.__version__,
         } | ({} if self._resumed_from is None else {Field.RESUMED_FROM: self._resumed_from})

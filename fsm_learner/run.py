@@ -9,9 +9,15 @@ the codec (``fsm_learner.audit.codec``); the learner does not know it at all.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import math
 import os
 import platform
+import random
+import sys
 import uuid
+from array import array
 from datetime import datetime, timezone
 from functools import cache
 from importlib import metadata
@@ -64,7 +70,78 @@ def reproducibility() -> dict[Field, Any]:
         Field.CUBLAS_WORKSPACE: os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
         Field.THREADS: [torch.get_num_threads(), torch.get_num_interop_threads()],
         Field.VERSIONS: _versions(),
+        Field.RNG: _rng_digests(),
     }
+
+
+def _rng_digests() -> dict[str, str]:
+    """Digest the generators' states: two fits after one ``manual_seed`` start apart.
+
+    torch's default CPU generator, Python's ``random`` and, when numpy is imported,
+    numpy's global generator (CUDA's would initialise CUDA: left out). 16 hex digits each.
+    """
+    numpy = sys.modules.get("numpy")
+    state = torch.get_rng_state()
+    version, keys, gauss = random.getstate()
+    digests = {
+        "torch": _digest(state.numpy().tobytes() if numpy else bytes(state.tolist())),
+        "random": _digest(array("Q", keys).tobytes() + repr((version, gauss)).encode()),
+    }
+    if numpy is not None:
+        kind, keys, *rest = numpy.random.get_state()  # the legacy tuple: its keys an array
+        digests["numpy"] = _digest(repr((kind, *rest)).encode() + keys.tobytes())
+    return digests
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+_MAX_GROUPS: Final = 64
+_MAX_TEXT: Final = 200
+
+
+def optimizer_groups(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Return each param group's hyperparameters (all but its params), as JSON values.
+
+    Numbers, booleans, None and strings as they are; tuples and lists of them as lists; a
+    one-element tensor as its number; anything else as its repr, cut to 200 characters.
+    At most 64 groups (a header stays small).
+    """
+    return [
+        {str(key): _json_setting(value) for key, value in group.items() if key != "params"}
+        for group in opt.param_groups[:_MAX_GROUPS]
+    ]
+
+
+def _json_setting(value: object) -> object:
+    if value is None or isinstance(value, bool | int | str):
+        return value if not isinstance(value, str) else value[:_MAX_TEXT]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, tuple | list) and len(value) <= _MAX_GROUPS:
+        return [_json_setting(item) for item in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return _json_setting(value.item())
+    return repr(value)[:_MAX_TEXT]
+
+
+def callable_name(func: object) -> str | None:
+    """Name a loss function as a header shows it: ``cross_entropy(label_smoothing=0.1)``.
+
+    A ``functools.partial`` shows its arguments; a module (``nn.CrossEntropyLoss()``) its
+    repr; None (the model computes its own loss) stays None. At most 200 characters.
+    """
+    if func is None:
+        return None
+    if isinstance(func, functools.partial):
+        args = [repr(arg) for arg in func.args]
+        args += [f"{key}={value!r}" for key, value in func.keywords.items()]
+        return f"{callable_name(func.func)}({', '.join(args)})"[:_MAX_TEXT]
+    if isinstance(func, torch.nn.Module):
+        return repr(func)[:_MAX_TEXT]
+    name = getattr(func, "__qualname__", None) or type(func).__qualname__
+    return str(name)[:_MAX_TEXT]
 
 
 @cache
