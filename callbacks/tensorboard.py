@@ -9,7 +9,10 @@ which names the fit's audit log too):
   (``register_step_post_hook``), so it is the rate the step used, before a scheduler
   moves it; the TensorBoard step is the count of the fit's optimizer steps before it
   (from 0). Only steps the optimizer took count: a batch whose step gradient
-  accumulation defers, or a GradScaler skips, writes nothing;
+  accumulation defers, or a GradScaler skips, writes nothing. The step hook does no
+  I/O: it keeps the rates, and the callback writes them in its own hooks (``after_batch``,
+  the pass's and the fit's cleanup), so a writer's error is raised from, and blamed on,
+  a TensorBoardCB hook;
 - ``<pass>/<name>``: at the end of each pass of the fit, the values of the learner's
   metrics callback (``MetricsCB``, or any ``MetricsProvider``: its ``last_pass()``):
   ``train/loss``, ``valid/loss``, ``valid/accuracy``...; the TensorBoard step is the
@@ -32,9 +35,12 @@ Without a metrics callback it writes the learning rates, the seconds and the
 hyperparameters. Validate and predict runs write nothing. Nothing here syncs with the
 device per batch: the rates are Python floats (a rate held as a tensor, as capturable
 optimizers may, is read with ``float()``), and the metrics are the floats the metrics
-callback computed once per pass. The run directory and its writer are opened at the
-first value written, and the writer is flushed and closed when the fit ends, by any
-route (``cleanup_fit``).
+callback computed once per pass. ``log_dir`` is checked when the callback is
+constructed (an existing path that is not a directory is refused), and the run directory
+is created at ``before_fit`` (on rank 0), so a place that cannot be written fails the fit
+there, before any training, with a ConfigurationError naming it. The writer is opened at
+the first value written, and flushed and closed when the fit ends, by any route
+(``cleanup_fit``).
 
 Across ranks (``learn.world.size`` > 1) only rank 0 (``learn.world.is_main``) writes;
 the metrics callback's values are the same on every rank.
@@ -47,15 +53,19 @@ counted and, during a fit on rank 0, the run directory's event files with their 
 taken after flushing the writer (so everything written before the checkpoint is on disk
 with it). Loaded after ``before_fit`` (a resumed fit, which has a run id of its own),
 the fit goes on in the checkpointed run's directory, its steps numbered on from the
-checkpoint's, so TensorBoard shows one run; on rank 0 each event file there is first cut
-back to its size at the checkpoint (a file begun since, to nothing), so the points the
-interrupted process wrote past the checkpoint go and the resumed fit writes them again:
-the run ends as the uninterrupted fit's. Loaded at idle, the files are left as they are,
-and the next fit's ``before_fit`` starts a run of its own, as it would have.
+checkpoint's, so TensorBoard shows one run (the directory ``before_fit`` created for the
+resumed fit's own run id is removed while still empty); on rank 0 each event file there
+is first cut back to its size at the checkpoint (a file begun since, to nothing), so the
+points the interrupted process wrote past the checkpoint go and the resumed fit writes
+them again: the run ends as the uninterrupted fit's. The cut cannot take another fit's
+points: each fit writes only its own run directory, named by its unique run id. Loaded
+at idle, the files are left as they are, and the next fit's ``before_fit`` starts a run
+of its own, as it would have.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -84,7 +94,12 @@ if TYPE_CHECKING:
 __all__ = ["HParam", "TensorBoardCB"]
 
 HParam = str | int | float | bool
-"""A hyperparameter's value: a string or a number (a bool is written as 0 or 1)."""
+"""A hyperparameter's value: a string or a number (a bool is written as 0 or 1).
+
+``hparams`` may also give None, written as the string ``"None"``; a number must be one
+TensorBoard holds as a float64 exactly (an int beyond 2**53 may not: give it as a str),
+and a float finite.
+"""
 
 _INSTALL: Final = "pip install 'fsm-learner[tensorboard]'"
 _EVENTS: Final = "events.out.tfevents."
@@ -124,7 +139,14 @@ def _check_log_dir(log_dir: object) -> Path:
             f"<log_dir>/<run_id>), got {type(log_dir).__name__} {log_dir!r}"
         )
         raise ConfigurationError(msg)
-    return Path(log_dir)
+    path = Path(log_dir)
+    if path.exists() and not path.is_dir():
+        msg = (
+            f"TensorBoardCB: log_dir must be a directory (each fit writes <log_dir>/<run_id>), "
+            f"got {os.fspath(log_dir)!r}, which is a file"
+        )
+        raise ConfigurationError(msg)
+    return path
 
 
 def _check_hparams(hparams: object) -> dict[str, HParam]:
@@ -136,14 +158,58 @@ def _check_hparams(hparams: object) -> dict[str, HParam]:
             f"({{'weight_decay': 0.01}}, say), got {type(hparams).__name__}"
         )
         raise ConfigurationError(msg)
-    for name, value in hparams.items():
-        if not isinstance(name, str) or not name or not isinstance(value, str | int | float):
-            msg = (
-                f"TensorBoardCB: each hparam must be a non-empty str name with a str, int, "
-                f"float or bool value, got {name!r}: {value!r} ({type(value).__name__})"
-            )
-            raise ConfigurationError(msg)
-    return dict(hparams)
+    return {
+        _hparam_name(name, value): _hparam_value(name, value) for name, value in hparams.items()
+    }
+
+
+def _hparam_name(name: object, value: object) -> str:
+    if not isinstance(name, str) or not name:
+        msg = (
+            f"TensorBoardCB: each hparam must have a non-empty str name, got {name!r}: "
+            f"{_shown(value)}"
+        )
+        raise ConfigurationError(msg)
+    return name
+
+
+def _hparam_value(name: str, value: object) -> HParam:
+    """Return ``value`` as the HParams tab holds it (None as "None"), or refuse it."""
+    if value is None:
+        return "None"
+    if isinstance(value, str | bool):
+        return value
+    if not isinstance(value, int | float):
+        msg = (
+            f"TensorBoardCB: each hparam must be a str, int, float, bool or None, got "
+            f"{name!r}: {_shown(value)} ({type(value).__name__})"
+        )
+        raise ConfigurationError(msg)
+    if not _exact_float64(value):
+        msg = (
+            f"TensorBoardCB: hparam {name!r} is {_shown(value)}, which TensorBoard cannot hold "
+            f"as a float64 (it keeps numbers as finite float64s); give a finite float, an int "
+            f"within 2**53, or the value as a str"
+        )
+        raise ConfigurationError(msg)
+    return value
+
+
+def _exact_float64(value: float) -> bool:
+    """Whether ``value`` is a finite float64 exactly (an int: one that converts back)."""
+    try:
+        as_float = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(as_float) and (isinstance(value, float) or int(as_float) == value)
+
+
+def _shown(value: object) -> str:
+    """``repr(value)``, shortened to 80 characters (an int of 400 digits, say)."""
+    if isinstance(value, int) and abs(value) >= 10**60:  # str() of a huge int may refuse
+        return f"an int of {int(math.log10(abs(value))) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _run_hparams(learn: Learner) -> dict[str, HParam]:
@@ -162,6 +228,20 @@ def _run_hparams(learn: Learner) -> dict[str, HParam]:
     if isinstance(train, DataLoader) and train.batch_size is not None:
         hparams["batch_size"] = train.batch_size
     return hparams
+
+
+def _make_run_dir(run_dir: Path) -> Path | None:
+    """Create ``run_dir`` (and its parents); return it when it did not exist before."""
+    existed = run_dir.is_dir()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = (
+            f"TensorBoardCB: cannot create the run directory {run_dir} ({exc}); give a "
+            f"log_dir it can write"
+        )
+        raise ConfigurationError(msg) from exc
+    return None if existed else run_dir
 
 
 def _event_files(run_dir: Path) -> dict[str, int]:
@@ -215,7 +295,7 @@ class TensorBoardCB(Callback):
         self,
         log_dir: str | os.PathLike[str] = "runs/tensorboard",
         *,
-        hparams: Mapping[str, HParam] | None = None,
+        hparams: Mapping[str, HParam | None] | None = None,
     ) -> None:
         """Check the settings and that tensorboard is installed; nothing is written yet."""
         self._writer_type = _summary_writer_type()
@@ -229,6 +309,10 @@ class TensorBoardCB(Callback):
         self._fit_hparams: dict[str, HParam] = {}
         self._writer: SummaryWriter | None = None
         self._hook: RemovableHandle | None = None
+        self._pending: list[tuple[int, list[float]]] = []
+        """The rates of the optimizer steps not written yet: (step, rate of each group)."""
+        self._made: Path | None = None
+        """The run directory ``before_fit`` created, until the fit writes there."""
         self._pass_start: float | None = None
 
     @property
@@ -242,10 +326,11 @@ class TensorBoardCB(Callback):
         return self._steps
 
     def before_fit(self, learn: Learner) -> None:
-        """Start the fit's run: its directory's name, the step count, the step hook."""
+        """Start the fit's run: its directory, the step count, the step hook."""
         self._close()
-        self._run, self._steps = learn.run_id, 0
+        self._run, self._steps, self._pending = learn.run_id, 0, []
         self._main = learn.world.is_main
+        self._made = _make_run_dir(self.run_dir) if self._main else None
         self._provider = metrics_of(learn)
         self._fit_hparams = _run_hparams(learn) | self.hparams
         if learn.opt is not None:
@@ -255,21 +340,23 @@ class TensorBoardCB(Callback):
     def _after_optimizer_step(
         self, opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        """Write each param group's rate at this step (the step hook of the optimizer)."""
+        """Keep each param group's rate at this step (the step hook of the optimizer; no I/O)."""
         step, self._steps = self._steps, self._steps + 1
-        if not self._main:
-            return
-        writer = self._open()
-        for i, group in enumerate(opt.param_groups):
-            writer.add_scalar(f"lr/group{i}", float(group["lr"]), step)
+        if self._main:
+            self._pending.append((step, [float(group["lr"]) for group in opt.param_groups]))
 
     def before_epoch(self, learn: Learner) -> None:
         """Start the pass's clock."""
         self._pass_start = time.perf_counter()
 
+    def after_batch(self, learn: Learner) -> None:
+        """Write the rates of the optimizer steps taken since the last write."""
+        self._write_rates()
+
     def cleanup_epoch(self, learn: Learner) -> None:
         """Write a fit's pass that ended by any route but failure: its values and seconds."""
         start, self._pass_start = self._pass_start, None
+        self._write_rates()
         if learn.kind is not RunKind.FIT or learn.failure is not None or not self._main:
             return
         phase = pass_name(learn.training)
@@ -281,9 +368,12 @@ class TensorBoardCB(Callback):
                 writer.add_scalar(f"{phase}/{name}", value, learn.epoch)
 
     def cleanup_fit(self, learn: Learner) -> None:
-        """Remove the step hook; flush and close the writer, whatever the fit's end."""
-        self._close()
-        self._fitting, self._provider = False, None
+        """Write the rates kept; remove the step hook; close the writer, whatever the end."""
+        try:
+            self._write_rates()
+        finally:
+            self._close()
+            self._fitting, self._provider = False, None
 
     def state_dict(self) -> dict[str, Any]:
         """Return the run directory's name, the steps so far and, in a fit, its event files.
@@ -293,6 +383,7 @@ class TensorBoardCB(Callback):
         """
         files = None
         if self._fitting and self._main:
+            self._write_rates()
             if self._writer is not None:
                 self._writer.flush()
             files = _event_files(self.run_dir)
@@ -310,7 +401,25 @@ class TensorBoardCB(Callback):
             raise CheckpointError(msg)
         self._run, self._steps = run or self._run, steps
         if self._fitting and self._main and files is not None:
+            self._forget_made_dir()
             _cut_back(self.run_dir, files)
+
+    def _write_rates(self) -> None:
+        """Write the rates the step hook kept, and forget them."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        writer = self._open()
+        for step, rates in pending:
+            for i, rate in enumerate(rates):
+                writer.add_scalar(f"lr/group{i}", rate, step)
+
+    def _forget_made_dir(self) -> None:
+        """Remove the run directory ``before_fit`` made when nothing was written there."""
+        made, self._made = self._made, None
+        if made is not None and made != self.run_dir and self._writer is None:
+            with contextlib.suppress(OSError):  # not empty after all: leave it
+                made.rmdir()
 
     def _open(self) -> SummaryWriter:
         """Return the run's writer, opening it (and writing the hyperparameters) the first time."""
@@ -323,6 +432,7 @@ class TensorBoardCB(Callback):
         return writer
 
     def _close(self) -> None:
+        self._pending = []
         hook, self._hook = self._hook, None
         if hook is not None:
             hook.remove()

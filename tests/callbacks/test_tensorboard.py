@@ -252,14 +252,36 @@ class TestHParams:
         ("hparams", "match"),
         [
             ([("a", 1)], r"hparams must be a dict .* got list"),
-            ({"": 1}, r"non-empty str name .* got '': 1"),
-            ({"layers": [32]}, r"str, int, float or bool value, got 'layers': \[32\] \(list\)"),
+            ({"": 1}, r"non-empty str name, got '': 1"),
+            (
+                {"layers": [32]},
+                r"str, int, float, bool or None, got 'layers': \[32\] \(list\)",
+            ),
+            ({"x": 10**400}, r"hparam 'x' is an int of 401 digits, which TensorBoard cannot"),
+            ({"x": 2**53 + 1}, r"hparam 'x' is 9007199254740993, which TensorBoard cannot"),
+            ({"x": float("nan")}, r"hparam 'x' is nan, which TensorBoard cannot hold"),
+            ({"x": -float("inf")}, r"hparam 'x' is -inf, which TensorBoard cannot hold"),
         ],
     )
     def test_bad_hparams_are_refused(self, hparams, match):
-        """The message says what a hyperparameter may be, and what was given."""
+        """Refused at construction: the message says what a hyperparameter may be, and
+        what was given (a number TensorBoard cannot hold as a float64 among them)."""
         with pytest.raises(ConfigurationError, match=match):
             TensorBoardCB(hparams=hparams)
+
+    def test_none_and_the_edges_of_float64_are_written(self, tmp_path):
+        """None is written as the string "None"; a bool as 1; 2**53 and the largest float
+        exactly."""
+        hparams = {"sched": None, "flag": True, "big": 2**53, "huge": sys.float_info.max}
+        cb = TensorBoardCB(tmp_path, hparams=hparams)
+        Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, [cb], audit_log=None).fit(1)
+        written = session_start(events(cb.run_dir))
+        assert (written["sched"], written["flag"], written["big"], written["huge"]) == (
+            "None",
+            1.0,
+            2.0**53,
+            sys.float_info.max,
+        )
 
 
 def hparams_plugin_groups(log_dir: Path) -> list[dict]:
@@ -290,6 +312,84 @@ def hparams_plugin_groups(log_dir: Path) -> list[dict]:
     )
     assert response.status_code == 200
     return json.loads(response.get_data(as_text=True))["sessionGroups"]
+
+
+class TestLogDirectory:
+    def test_a_log_dir_that_is_a_file_is_refused(self, tmp_path):
+        """An existing path that is no directory: ConfigurationError at construction."""
+        (tmp_path / "plain").write_text("x")
+        with pytest.raises(
+            ConfigurationError, match=r"log_dir must be a directory .* got '.*plain', which is a"
+        ):
+            TensorBoardCB(tmp_path / "plain")
+
+    def test_a_log_dir_that_cannot_be_made_fails_in_before_fit(self, tmp_path):
+        """A log_dir under a regular file: the fit fails in TensorBoardCB's before_fit,
+        naming the run directory, before any batch runs."""
+        (tmp_path / "plain").write_text("x")
+        batches = []
+
+        class CountBatches(Callback):
+            def before_batch(self, learn):
+                batches.append(learn.iter)
+
+        learn = one_cycle_two_groups(tmp_path / "plain" / "tb", CountBatches())
+        with pytest.raises(ConfigurationError, match=r"cannot create the run directory .*plain/tb"):
+            learn.fit(1)
+        assert batches == []
+        assert learn.failure is not None
+        assert (learn.failure.hook, learn.failure.callback) == (
+            "before_fit",
+            callback_of(learn, TensorBoardCB),
+        )
+
+    def test_the_run_directory_is_made_at_before_fit(self, tmp_path):
+        """Before the first batch, <log_dir>/<run_id> exists."""
+        seen = []
+
+        class LookFirst(Callback):
+            def before_batch(self, learn):
+                seen.append((tmp_path / "tb" / learn.run_id).is_dir())
+
+        one_cycle_two_groups(tmp_path / "tb", LookFirst()).fit(1)
+        assert seen[0] is True
+
+    def test_a_writer_error_at_a_step_is_blamed_on_tensorboardcb(self, tmp_path, monkeypatch):
+        """The optimizer's step hook writes nothing: a writer failing on the rates fails the
+        fit in a TensorBoardCB hook (after_batch), and the failure names it."""
+        add_scalar = SummaryWriter.add_scalar
+
+        def failing(writer, tag, *args, **kwargs):
+            if tag.startswith("lr/"):
+                raise OSError(28, "No space left on device")
+            return add_scalar(writer, tag, *args, **kwargs)
+
+        monkeypatch.setattr(SummaryWriter, "add_scalar", failing)
+        learn = one_cycle_two_groups(tmp_path)
+        with pytest.raises(OSError, match="No space left on device"):
+            learn.fit(1)
+        assert learn.failure is not None
+        assert (learn.failure.hook, learn.failure.callback) == (
+            "after_batch",
+            callback_of(learn, TensorBoardCB),
+        )
+
+    def test_the_rates_of_steps_a_failure_cut_short_are_written(self, tmp_path):
+        """A failure in the step right after the optimizer's: the rate that step used is
+        still written (the pass's cleanup writes what the step hook kept)."""
+        used = RatesUsed()
+
+        class FailAfterThirdStep(Callback):
+            def after_step(self, learn):
+                if len(used.rates) == 3:
+                    raise Boom
+
+        learn = one_cycle_two_groups(tmp_path, used, FailAfterThirdStep())
+        with pytest.raises(Boom):
+            learn.fit(1)
+        run = events(callback_of(learn, TensorBoardCB).run_dir)
+        rates = as_float32([step[0] for step in used.rates])
+        assert points(run, "lr/group0") == list(enumerate(rates))
 
 
 class TestRanks:
@@ -337,6 +437,7 @@ class TestResume:
         assert cb.run_dir == ref_cb.run_dir
         assert cb.steps == 8
         assert everything(events(cb.run_dir)) == uninterrupted
+        assert list(log_dir.iterdir()) == [cb.run_dir]  # none left for the resume's own id
         (own,) = set(cb.run_dir.iterdir()) - written
         assert [s for s, _ in points(events(own), "lr/group0")] == list(range(first_step, 8))
 
