@@ -24,7 +24,8 @@ which names the fit's audit log too):
 - the hyperparameters of the run, for the HParams tab: ``run_id``, ``n_epochs``,
   ``lr`` (``learn.lr``), ``optimizer`` and ``model`` (class names), ``batch_size``
   (when ``dls.train`` is a DataLoader that has one), ``world_size``, and the
-  ``hparams`` given to the callback (which win over these on a shared name). They are
+  ``hparams`` given to the callback (which win over these on a shared name, except
+  ``run_id``: the run's own id is always the one written). They are
   written as the session start of the run directory itself (no sub-run, unlike
   ``SummaryWriter.add_hparams``), and without an experiment summary, so TensorBoard
   builds the HParams table from every run under the log directory: the union of the
@@ -428,7 +429,7 @@ class TensorBoardCB(Callback):
             writer = self._writer = self._writer_type(log_dir=str(self.run_dir))
             sink = cast("_SummarySink", writer.file_writer)
             run: dict[str, HParam] = {"run_id": self._run}
-            sink.add_summary(_session_start(run | self._fit_hparams))
+            sink.add_summary(_session_start(self._fit_hparams | run))  # the id is the run's
         return writer
 
     def _close(self) -> None:

@@ -283,6 +283,14 @@ class TestHParams:
             sys.float_info.max,
         )
 
+    def test_the_run_id_is_always_the_runs_own(self, tmp_path):
+        """An hparams entry named run_id does not pass for the run's id (review)."""
+        cb = TensorBoardCB(tmp_path, hparams={"run_id": "spoofed", "hidden": 32})
+        learn = Learner(mlp(), batches_dls(2, 1), F.cross_entropy, 0.1, [cb], audit_log=None)
+        learn.fit(1)
+        written = session_start(events(cb.run_dir))
+        assert (written["run_id"], written["hidden"]) == (learn.run_id, 32.0)
+
 
 def hparams_plugin_groups(log_dir: Path) -> list[dict]:
     """The session groups TensorBoard's HParams plugin lists for ``log_dir``."""
