@@ -7,6 +7,7 @@ else is counted exactly: notes, rows, calls.
 
 from __future__ import annotations
 
+import inspect
 import re
 import time
 import types
@@ -33,7 +34,7 @@ from fsm_learner import (
     RunStatus,
     Trigger,
 )
-from fsm_learner.audit.codec import Encoder, Field
+from fsm_learner.audit.codec import MAX_NOTE_BYTES, Encoder, Field
 from fsm_learner.audit.replay import MAX_HOOK_TIMES_KEPT, RunReport, audit_file
 from fsm_learner.audit.summary import render_report
 from fsm_learner.cli import main
@@ -421,10 +422,10 @@ class TestCancels:
 # -- what the audit makes of hook_times notes it is given ------------------------------------
 
 
-def tampered(path: Path, edit) -> Path:
-    """The log with its first hook_times note edited by ``edit(fields)``, the seals recomputed."""
+def tampered(path: Path, edit, which: int = 0) -> Path:
+    """The log with a hook_times note (the first) edited by ``edit(fields)``, seals recomputed."""
     content = path.read_bytes().splitlines(keepends=True)
-    at = next(i for i, line in enumerate(content) if b'"name":"hook_times"' in line)
+    at = [i for i, line in enumerate(content) if b'"name":"hook_times"' in line][which]
     record = orjson.loads(content[at])
     edit(record)
     content[at] = orjson.dumps(record) + b"\n"
@@ -502,13 +503,94 @@ class TestHostileNotes:
         assert "\n" not in found
 
     def test_more_time_than_the_footer_gives_hooks(self, log):
-        """The notes' time is inside the footer's hook_ns: more does not verify."""
+        """The hook rows' time is inside the footer's hook_ns: 1 ns more does not verify."""
+        records = [orjson.loads(line) for line in log.read_bytes().splitlines()]
+        footer = next(r for r in records if r["ev"] == "run_end")
+        hook_ns = sum(map(sum, footer["hook_ns"].values()))
+        noted = sum(row[4] for r in records if r.get("name") == "hook_times" for row in r["hooks"])
+
+        def edit(record: dict[str, Any]) -> None:
+            record["hooks"][0][4] += hook_ns - noted + 1
+
+        found = problem_of(tampered(log, edit, which=-1))
+        assert found == (
+            f"the hook_times notes give {hook_ns + 1:,} ns to callbacks' hooks, but run_end "
+            f"hook_ns counts only {hook_ns:,} ns of hooks"
+        )
+
+    def test_more_time_than_the_run_has_had(self, log):
+        """The notes' time so far is inside the run's time so far: 10**15 ns is not."""
         found = problem_of(tampered(log, set_item(4, 10**15)))
         assert re.fullmatch(
-            r"the hook_times notes give 1,000,000,\d{3},\d{3},\d{3} ns to callbacks' "
-            r"hooks, but run_end hook_ns counts only [\d,]+ ns of hooks",
+            r"the hook_times notes so far give callbacks 1,000,000,\d{3},\d{3},\d{3} ns, "
+            r"but only [\d,]+ ns of the run have passed by this note",
             found,
         )
+
+    @pytest.mark.parametrize(
+        ("edit", "reason"),
+        [
+            (
+                set_item(3, 10**18),
+                (
+                    "row 0: before_batch of callback 0 with 1,000,000,000,000,000,000 call(s) "
+                    "since the last note, but the replay counts at most 3 call(s) the run's "
+                    "transitions allow since"
+                ),
+            ),
+            (
+                set_item(3, 2**64 - 1),
+                "row 0: before_batch of callback 0 with 18,446,744,073,709,551,615 call(s)",
+            ),
+            (
+                lambda r: r["hooks"].append(["Tick", 0, "step", 3, 1]),
+                (
+                    "step of callback 0 with 3 call(s) since the last note, but the replay "
+                    "counts at most 2 batch(es) that run it since"
+                ),
+            ),
+        ],
+    )
+    def test_more_calls_than_the_run_made(self, log, edit, reason):
+        """Calls beyond the window's transitions (+1 per cancel or failure, +1): one line."""
+        found = problem_of(tampered(log, edit))
+        assert reason in found
+        assert "\n" not in found
+
+    def test_a_training_hook_in_a_validation_pass_note(self, log):
+        """The validation pass's note: no after_backward ran since the training pass's note."""
+        found = problem_of(
+            tampered(log, lambda r: r["hooks"].append(["Tick", 0, "after_backward", 2, 1]), which=1)
+        )
+        assert "after_backward of callback 0 with 2 call(s) since the last note, but the " in found
+        assert "at most 1 call(s)" in found
+
+    def test_an_override_of_training_in_a_validate_run(self, tmp_path):
+        """A validate run has no training batch: a step row there does not verify."""
+        learn = Learner(
+            mlp(),
+            batches_dls(2, 2),
+            F.cross_entropy,
+            0.1,
+            [Tick()],
+            audit_log=tmp_path / "v.jsonl",
+            profile_hooks=True,
+        )
+        learn.validate()
+        edit = lambda r: r["hooks"].append(["Tick", 0, "backward", 1, 0])
+        assert "most 0 batch(es) that run it" in problem_of(tampered(learn.audit_path, edit))
+
+    def test_the_json_of_a_forged_log_is_written(self, log, capsys):
+        """Calls of 2**64 - 1 in every row: a problem, and --json still writes (no overflow)."""
+
+        def edit(record: dict[str, Any]) -> None:
+            for row in record["hooks"]:
+                row[3] = 2**64 - 1
+
+        path = tampered(log, edit)
+        assert main(["audit", "--json", str(path)]) == 1
+        [run] = orjson.loads(capsys.readouterr().out)["runs"]
+        assert run["verified"] is False
 
     def test_a_note_in_a_run_whose_header_lists_no_callbacks(self, log):
         """Without the header's cbs nothing names the rows: a problem."""
@@ -520,24 +602,51 @@ class TestHostileNotes:
         assert "header lists no callbacks (cbs)" in problem_of(log)
 
 
-def noted_run(path: Path, callbacks: int, notes: list[list[list[object]]]) -> None:
-    """Write a one-run log: a header naming ``callbacks`` callbacks, the notes, an empty fit."""
+TRAINING_BATCH = [
+    ("begin_batch", "epoch", "batch", True),
+    ("predict", "batch", "predict", True),
+    ("compute_loss", "predict", "loss", True),
+    ("backward", "loss", "backward", True),
+    ("step", "backward", "step", True),
+    ("end_batch", "step", "epoch", True),
+]
+
+
+def noted_run(
+    path: Path, callbacks: int, notes: list[list[list[object]]], *, batches: int = 0
+) -> None:
+    """Write a one-run log: a header naming ``callbacks`` callbacks, a fit of one training
+    pass, ``batches`` training batches before each note."""
     run_id = "0123456789ab"
     enc = Encoder(run_id)
     cbs = [[f"C{index}", 0] for index in range(callbacks)]
     lines = [header_line(enc, header={Field.CALLBACKS: cbs})]
-    lines.append(enc.transition(("begin_fit", "idle", "fit", False), 0, 0, 10))
-    lines += [
-        enc.note("hook_times", {"hooks": rows}, epoch=0, it=0, training=False, t_ns=15)
-        for rows in notes
-    ]
-    lines.append(enc.transition(("end_fit", "fit", "idle", False), 0, 0, 20))
+    keys = [("begin_fit", "idle", "fit", False), ("begin_epoch", "fit", "epoch", True)]
+    t_ns = 10
+    for rows in notes:
+        keys += TRAINING_BATCH * batches
+        lines += [enc.transition(key, 0, 0, t_ns) for key in keys]
+        keys = []
+        lines.append(
+            enc.note("hook_times", {"hooks": rows}, epoch=0, it=0, training=True, t_ns=t_ns)
+        )
+    keys += [("end_epoch", "epoch", "fit", True), ("end_fit", "fit", "idle", False)]
+    lines += [enc.transition(key, 0, 0, t_ns) for key in keys]
+    counts: dict[str, list[int]] = {
+        "begin_fit": [0, 1],
+        "begin_epoch": [1, 0],
+        "end_epoch": [1, 0],
+        "end_fit": [0, 1],
+    }
+    for trigger, *_ in TRAINING_BATCH:
+        if batches:
+            counts[trigger] = [batches * len(notes), 0]
     lines.append(
         enc.footer(
-            t_ns=30,
+            t_ns=t_ns,
             status=RunStatus.COMPLETED,
             records=len(lines),
-            counts={"begin_fit": [0, 1], "end_fit": [0, 1]},
+            counts=counts,
             hook_ns={},
         )
     )
@@ -562,7 +671,182 @@ class TestBounded:
     def test_the_same_pair_in_many_notes_adds_up(self, tmp_path):
         """Rows of one pair in successive notes: one entry, calls and time summed."""
         notes = [[["C0", 0, "after_batch", 2, 0]], [["C0", 0, "after_batch", 3, 0]]]
-        noted_run(tmp_path / "two.jsonl", 1, notes)
+        noted_run(tmp_path / "two.jsonl", 1, notes, batches=3)
         [report], _ = audit_file(tmp_path / "two.jsonl")
         assert report.verified
         assert report.hook_times == {("C0", 0, "after_batch"): (5, 0)}
+
+
+# -- overrides of the batch's work, timed as self time -----------------------------------------
+
+STEP_SLEEP_S, LOSS_SLEEP_S = 0.004, 0.002
+
+
+class SlowStep(Callback):
+    """Sleeps STEP_SLEEP_S in its step override, then proceeds (to the optimizer step)."""
+
+    order = 2
+
+    def step(self, learn: Learner, proceed) -> None:
+        time.sleep(STEP_SLEEP_S)
+        proceed()
+
+
+class SlowLoss(Callback):
+    """Sleeps LOSS_SLEEP_S in its compute_loss override, then proceeds."""
+
+    order = 3
+
+    def compute_loss(self, learn: Learner, proceed) -> None:
+        time.sleep(LOSS_SLEEP_S)
+        proceed()
+
+
+class Outer(Callback):
+    """A step override that only proceeds: to SlowStep's, which sleeps (order 2 runs inside)."""
+
+    order = 1
+
+    def step(self, learn: Learner, proceed) -> None:
+        proceed()
+
+
+class StepCancels(Callback):
+    """Cancels the second batch in its step override, and raises Boom in the fourth."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def step(self, learn: Learner, proceed) -> None:
+        self.steps += 1
+        if self.steps == 2:
+            raise CancelBatchException
+        if self.steps == 4:
+            raise Boom
+        proceed()
+
+
+@pytest.fixture(scope="module")
+def overridden(tmp_path_factory) -> Learner:
+    """Two epochs of 5 training and 2 validation batches with Outer, SlowStep, SlowLoss."""
+    logs = tmp_path_factory.mktemp("overridden")
+    dls = digits_dls(64, n_train=64 * TRAIN_BATCHES, n_valid=64 * VALID_BATCHES)
+    cbs = [Outer(), SlowStep(), SlowLoss()]
+    learn = Learner(mlp(), dls, F.cross_entropy, 0.1, cbs, audit_log=logs, profile_hooks=True)
+    learn.fit(2)
+    return learn
+
+
+class TestOverrides:
+    def test_a_slow_override_is_named_with_its_calls_and_sleeps(self, overridden):
+        """step once a training batch, compute_loss once a batch; each took its sleeps at least."""
+        total = summed(hook_notes(overridden))
+        step_calls, step_ns = total["SlowStep", 1, "step"]
+        loss_calls, loss_ns = total["SlowLoss", 2, "compute_loss"]
+        assert step_calls == 2 * TRAIN_BATCHES
+        assert loss_calls == 2 * (TRAIN_BATCHES + VALID_BATCHES)
+        assert step_ns >= step_calls * STEP_SLEEP_S * 1e9
+        assert loss_ns >= loss_calls * LOSS_SLEEP_S * 1e9
+
+    def test_an_outer_override_is_not_charged_the_inner_ones_time(self, overridden):
+        """Outer proceeds into SlowStep: its self time is far under SlowStep's sleeps."""
+        calls, ns = summed(hook_notes(overridden))["Outer", 0, "step"]
+        assert calls == 2 * TRAIN_BATCHES
+        assert ns < calls * STEP_SLEEP_S * 1e9
+
+    def test_the_audit_verifies_and_shows_them(self, overridden):
+        """The log verifies; the report adds the override rows up; the table names them."""
+        report = the_report(overridden)
+        assert report.verified
+        assert report.hook_times == summed(hook_notes(overridden))
+        text = render_report(report)
+        table = text[text.index("time per callback") : text.index("slowest transitions")]
+        assert "SlowStep" in table
+        assert "compute_loss" in table
+
+    def test_an_inference_run_times_its_compute_loss(self):
+        """validate(): compute_loss once a batch, no step row; the log verifies."""
+        learn = Learner(
+            mlp(),
+            batches_dls(2, 3),
+            F.cross_entropy,
+            0.1,
+            [SlowStep(), SlowLoss()],
+            profile_hooks=True,
+        )
+        learn.validate()
+        assert calls_of(hook_notes(learn)[0]) == {("SlowLoss", 1, "compute_loss"): 3}
+        assert the_report(learn).verified
+
+    def test_off_the_chain_calls_the_bound_override(self):
+        """Unprofiled, the step chain's link holds SlowStep.step itself; profiled, a wrapper."""
+        slow = SlowStep()
+        for profile in (False, True):
+            learn = Learner(
+                mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [slow], profile_hooks=profile
+            )
+            learn.fit(1)
+            link = learn._step
+            if profile:  # the chain, inside the wrapper that numbers its runs
+                link = inspect.getclosurevars(link).nonlocals["chain"]
+            method = inspect.getclosurevars(link).nonlocals["method"]
+            if profile:
+                assert type(method) is not types.MethodType
+                assert method.__wrapped__ == slow.step
+            else:
+                assert type(method) is types.MethodType
+                assert (method.__self__, method.__func__) == (slow, SlowStep.step)
+
+    def test_cancels_and_failures_in_an_override_pass_through(self):
+        """A step override that cancels, then raises: the same path profiled; the log verifies."""
+        told = []
+        for profile in (False, True):
+            learn = Learner(
+                mlp(),
+                batches_dls(5, 1),
+                F.cross_entropy,
+                0.1,
+                [StepCancels()],
+                profile_hooks=profile,
+            )
+            with pytest.raises(Boom):
+                learn.fit(1)
+            told.append((learn.failure.state, learn.counts[Trigger.CANCEL_BATCH, True]))
+            report = the_report(learn)
+            assert (report.verified, report.status) == (True, RunStatus.FAILED)
+        assert told[0] == told[1]
+        assert summed(hook_notes(learn))["StepCancels", 0, "step"][0] == 4
+
+
+class TestNoteSize:
+    def test_long_class_names_split_the_note_by_size(self):
+        """200 callbacks named with 3,000 characters: notes under the limit; the fit completes."""
+        classes = [type("C" * 3000 + str(i), (Tick,), {}) for i in range(200)]
+        learn = Learner(
+            mlp(),
+            batches_dls(3, 1),
+            F.cross_entropy,
+            0.1,
+            [c() for c in classes],
+            profile_hooks=True,
+        )
+        assert learn.fit(1).status is RunStatus.COMPLETED
+        lines = [
+            line for line in learn.audit_path.read_bytes().splitlines() if b'"hook_times"' in line
+        ]
+        assert len(lines) > 3  # the first pass's 600 rows alone take two notes
+        assert max(map(len, lines)) < MAX_NOTE_BYTES
+        total = summed(hook_notes(learn))
+        assert len(total) == 200 * 4
+        assert {total[c.__name__, i, "before_batch"][0] for i, c in enumerate(classes)} == {4}
+        assert the_report(learn).verified
+
+    def test_a_row_no_note_can_hold_is_left_out(self):
+        """A class name of 600,000 characters: its rows are left out, the fit completes."""
+        huge = type("C" * 600_000, (Tick,), {})
+        learn = Learner(
+            mlp(), batches_dls(1, 1), F.cross_entropy, 0.1, [Tick(), huge()], profile_hooks=True
+        )
+        assert learn.fit(1).status is RunStatus.COMPLETED
+        assert {index for _, index, _ in summed(hook_notes(learn))} == {0}
+        assert the_report(learn).verified

@@ -37,6 +37,7 @@ from fsm_learner.audit.codec import (
     note_fields,
     route_keys,
 )
+from fsm_learner.callback import Override
 from fsm_learner.machine import Hook, RunKind, State, Trigger
 
 SCHEMA_FILE = resources.files("fsm_learner.audit").joinpath("record.schema.json")
@@ -55,6 +56,7 @@ def generated(schema: dict[str, Any]) -> dict[str, Any]:
     defs["trigger"]["enum"] = [t.value for t in Trigger]
     defs["state"]["enum"] = [s.value for s in State]
     defs["hook"]["enum"] = [h.value for h in Hook]
+    defs["override"]["enum"] = [o.value for o in Override]
     defs["run_start"]["properties"][Field.KIND]["enum"] = [k.value for k in RunKind]
     ended = [s.value for s in RunStatus if s is not RunStatus.TRUNCATED]
     defs["run_end"]["properties"][Field.STATUS]["enum"] = ended
@@ -188,7 +190,11 @@ STOCK_NOTES = {
         "error": "ValueError: boom (in after_loss of Boom)",
     },
     "hook_times": {
-        "hooks": [["MetricsCB", 0, "after_batch", 22, 1_234_567], ["SlowCB", 1, "after_fit", 1, 0]]
+        "hooks": [
+            ["MetricsCB", 0, "after_batch", 22, 1_234_567],
+            ["SlowCB", 1, "after_fit", 1, 0],
+            ["SlowCB", 1, "step", 16, 80_000_000],
+        ]
     },
     "single_batch": {"reason": "SingleBatchCB stops after one training batch"},
     "terminate_on_nan": {"reason": "non-finite loss", "loss": math.nan, "batches_checked": 1},
@@ -257,7 +263,7 @@ VALUES = st.sampled_from(POOL)
 
 class TestTheFileIsCurrent:
     def test_generated_parts_match_the_code(self):
-        """Triggers, states, hooks, kinds and statuses are the code's: regenerate, don't edit."""
+        """Triggers, states, hooks, overrides, kinds, statuses are the code's: regenerate them."""
         text = SCHEMA_FILE.read_text()
         assert text == render(generated(json.loads(text))), (
             "record.schema.json is stale: run `python tests/test_record_schema.py`"
@@ -490,6 +496,7 @@ class TestInvalidRecords:
             ("hook_times", "hooks", [["MetricsCB", 0, "after_batch", 0, 5]]),  # no call
             ("hook_times", "hooks", [["MetricsCB", -1, "after_batch", 1, 5]]),
             ("hook_times", "hooks", [["MetricsCB", 0, "after_batches", 1, 5]]),
+            ("hook_times", "hooks", [["MetricsCB", 0, "zero_grad", 1, 5]]),  # no override
             ("hook_times", "hooks", [["MetricsCB", 0, "after_batch", 1, 5.5]]),
             ("hook_times", "hooks", [["MetricsCB", 0, "after_batch", 1]]),
             ("hook_times", "hooks", [["MetricsCB", 0, "after_batch", 1, 5, 6]]),

@@ -22,8 +22,11 @@ counts, machine idle, a status its last transition gives: ``end_fit``, or a vali
 predict run's ``end_epoch``, completed, ``cancel_*`` cancelled, ``fail`` failed; hook time
 that fits). A run that profiled its hooks (``Learner(profile_hooks=True)``) has
 ``hook_times`` notes: each row must be well formed and name a callback as the header's
-``cbs`` does (class name at that index), no (callback, hook) twice in a note, and their
-time must fit in the footer's hook time; the report adds them up per (callback, hook).
+``cbs`` does (class name at that index), no (callback, column) twice in a note, each pair's
+calls at most what the replay counted since the last note of what runs it (a hook: its
+transitions, one per cancel or failure, one more; an override: its batches), the hook
+rows' time must fit in the footer's hook time and all rows' time in the run's time so far;
+the report adds them up per (callback, hook or override).
 A line that is no record, or a record of another run, cuts the block it is in: that
 block was never sealed. ``RunSet`` checks the runs taken together: no (run id, rank) twice, each
 expected chain head ending exactly one run (a run's head is its last seal).
@@ -86,7 +89,9 @@ from fsm_learner.audit.files import (
     open_log,
     read_chunks,
 )
+from fsm_learner.callback import Override
 from fsm_learner.machine import (
+    HOOK_OF,
     TIMING_OF,
     TRANSITION_TABLE,
     Hook,
@@ -232,6 +237,11 @@ class _KindTables:
     """Its routes of each trigger, in a training pass or not."""
     ends: Mapping[str, RunStatus]
     """The triggers its runs end with (their last transition), and the status each gives."""
+    fires: tuple[tuple[str, ...], ...]
+    """Per route index: the hooks its transition runs (its own, its cleanups) and, for
+    ``begin_batch``, the overrides its batch may run: what ``hook_times`` rows may count."""
+    aborts: frozenset[int]
+    """Its cancel and fail routes: each follows at most one hook call cut short per pair."""
 
 
 _CANCEL_TRIGGERS: Final = frozenset(spec.trigger.value for spec in TRANSITION_TABLE if spec.cancel)
@@ -264,7 +274,27 @@ def _kind_tables(kind: RunKind, keys: tuple[RouteKey, ...]) -> _KindTables:
         ),
         by_trigger={key: tuple(found) for key, found in by_trigger.items()},
         ends=MappingProxyType(ends),
+        fires=tuple(_fired(kind, key) for key in keys),
+        aborts=frozenset(
+            index
+            for index in allowed
+            if keys[index][0] in _CANCEL_TRIGGERS or keys[index][0] == _FAIL
+        ),
     )
+
+
+def _fired(kind: RunKind, key: RouteKey) -> tuple[str, ...]:
+    """Return what a transition by ``key`` runs in a run of ``kind``: hooks, then overrides."""
+    trigger, source, dest, training = key
+    hooks = (HOOK_OF[Trigger(trigger)], *cleanup_hooks(State(source), State(dest), kind))
+    work: list[Override] = []
+    if trigger == Trigger.BEGIN_BATCH.value:
+        work.append(Override.PREDICT)
+        if kind is not RunKind.PREDICT:
+            work.append(Override.COMPUTE_LOSS)
+        if training:
+            work += (Override.BACKWARD, Override.STEP)
+    return tuple(column.value for column in (*hooks, *work))
 
 
 def _status_given(trigger: str) -> RunStatus:
@@ -443,8 +473,8 @@ class RunReport:
 def sorted_hook_times(
     times: Mapping[tuple[str, int, str], tuple[int, int]],
 ) -> list[tuple[tuple[str, int, str], tuple[int, int]]]:
-    """Return a report's hook times, the longest first (ties: by callback index, then hook)."""
-    order = {hook.value: index for index, hook in enumerate(Hook)}
+    """Return a report's hook times, the longest first (ties: by callback index, then column)."""
+    order = {column.value: index for index, column in enumerate((*Hook, *Override))}
     return sorted(times.items(), key=lambda item: (-item[1][1], item[0][1], order[item[0][2]]))
 
 
@@ -493,7 +523,19 @@ class _Tally:
     hook_times_own: bool = True
     """Whether ``hook_times`` is this tally's own (a block's copy shares it until it adds)."""
     hook_times_ns: int = 0
-    """The time of every hook_times row (left out or not): at most the footer's hook_ns."""
+    """The time of every hook row (left out or not; no override row): at most the footer's
+    hook_ns."""
+    profiled_ns: int = 0
+    """The time of every hook_times row, overrides' too: at most the run's time so far."""
+    noted_routes: Counter[int] = attrs.Factory(Counter)
+    """``routes`` at the last hook_times note (replaced, never changed in place)."""
+    noted_at: int = -1
+    """``transitions`` at the last hook_times note (-1: none yet)."""
+    window_start: Counter[int] = attrs.Factory(Counter)
+    """``routes`` when the notes' current window began: the hook calls of the notes since
+    are of the transitions since (replaced, never changed in place)."""
+    window_calls: dict[tuple[int, str], int] = attrs.Factory(dict)
+    """The calls the notes of the current window give each (callback index, column)."""
     hook_times_left_out: int = 0
 
     def copy(self) -> _Tally:
@@ -503,6 +545,7 @@ class _Tally:
             route_ns=self.route_ns.copy(),
             slow=list(self.slow),
             hook_times_own=False,
+            window_calls=dict(self.window_calls),
         )
 
 
@@ -666,7 +709,8 @@ def _callback_names(cbs: object) -> tuple[str, ...] | None:
 def _replay_note(tally: _Tally, note: Note, line: int) -> None:
     _before(tally, note.t_ns, line)
     if note.name == HOOK_TIMES:
-        _add_hook_times(tally, _hook_time_rows(note.fields, tally.callbacks, line))
+        rows = _hook_time_rows(note.fields, tally.callbacks, line)
+        _add_hook_times(tally, rows, note.t_ns, line)
     tally.notes += 1
     tally.records += 1
     tally.last_ns = note.t_ns
@@ -675,7 +719,9 @@ def _replay_note(tally: _Tally, note: Note, line: int) -> None:
 _HookRow = tuple[int, str, int, int]
 """A hook_times row as the replay keeps it: callback index, hook, calls, ns."""
 _HOOKS: Final = frozenset(hook.value for hook in Hook)
-_ROW_SHAPE: Final = "[callback class name, index in cbs, hook, calls >= 1, ns >= 0]"
+_OVERRIDES: Final = frozenset(override.value for override in Override)
+_COLUMNS: Final = _HOOKS | _OVERRIDES
+_ROW_SHAPE: Final = "[callback class name, index in cbs, hook or override, calls >= 1, ns >= 0]"
 _ROW_LENGTH: Final = 5
 
 
@@ -715,7 +761,7 @@ def _hook_row_problem(row: object, callbacks: tuple[str, ...]) -> str | None:
         and type(row[0]) is str
         and all(type(value) is int and value >= 0 for value in (row[1], row[3], row[4]))
         and type(row[2]) is str
-        and row[2] in _HOOKS
+        and row[2] in _COLUMNS
         and row[3] >= 1
     ):
         return f"{shown(row)} is no {_ROW_SHAPE}"
@@ -728,20 +774,85 @@ def _hook_row_problem(row: object, callbacks: tuple[str, ...]) -> str | None:
     return None
 
 
-def _add_hook_times(tally: _Tally, rows: list[_HookRow]) -> None:
-    """Add a note's rows to the run's; beyond ``MAX_HOOK_TIMES_KEPT`` pairs, count them only."""
+def _add_hook_times(tally: _Tally, rows: list[_HookRow], t_ns: int, line: int) -> None:
+    """Add a note's rows to the run's, checking they could have happened by the note's time.
+
+    Each pair's calls in the notes of the current window are at most what the replay
+    counted in it of what runs it (``_call_bounds``); all the rows' time, added up, at
+    most the run's time so far. Beyond ``MAX_HOOK_TIMES_KEPT`` pairs, a row is checked
+    alone, and counted only.
+    """
     if not tally.hook_times_own:
         tally.hook_times, tally.hook_times_own = dict(tally.hook_times), True
-    times = tally.hook_times
-    for index, hook, calls, ns in rows:
-        tally.hook_times_ns += ns
-        before = times.get((index, hook))
+    times, window = tally.hook_times, _window_calls(tally)
+    bounds = _call_bounds(tally)
+    for number, (index, column, calls, ns) in enumerate(rows):
+        pair = (index, column)
+        seen = window.get(pair, 0) + calls
+        if seen > bounds[column]:
+            raise _Invalid(line, _too_many_calls(number, index, column, seen, bounds[column]))
+        if pair in window or len(window) < MAX_HOOK_TIMES_KEPT:
+            window[pair] = seen
+        tally.profiled_ns += ns
+        if column in _HOOKS:
+            tally.hook_times_ns += ns
+        before = times.get(pair)
         if before is not None:
-            times[index, hook] = (before[0] + calls, before[1] + ns)
+            times[pair] = (before[0] + calls, before[1] + ns)
         elif len(times) < MAX_HOOK_TIMES_KEPT:
-            times[index, hook] = (calls, ns)
+            times[pair] = (calls, ns)
         else:
             tally.hook_times_left_out += 1
+    elapsed = t_ns - tally.start_ns
+    if tally.profiled_ns > elapsed:
+        msg = (
+            f"the hook_times notes so far give callbacks {tally.profiled_ns:,} ns, but only "
+            f"{elapsed:,} ns of the run have passed by this note"
+        )
+        raise _Invalid(line, msg)
+
+
+def _window_calls(tally: _Tally) -> dict[tuple[int, str], int]:
+    """Return the calls of the notes' current window, starting a new one after transitions.
+
+    The learner notes what ran since its last note; a note it splits is several notes in
+    a row. So a window is the transitions since the hook_times note before them, and the
+    notes after them, up to the next transition.
+    """
+    if tally.transitions != tally.noted_at:
+        tally.window_start, tally.window_calls = tally.noted_routes, {}
+        tally.noted_routes, tally.noted_at = tally.routes.copy(), tally.transitions
+    return tally.window_calls
+
+
+def _call_bounds(tally: _Tally) -> Counter[str]:
+    """Return how many calls each hook or override may have had in the window, per callback.
+
+    A hook: the window's transitions that run it, plus one per cancel or failure in it
+    (a before-change hook cut short: its transition never came), plus one (a failure whose
+    record is still to come). An override: the window's batches that run it, once each.
+    """
+    tables = _tables().kinds[tally.kind]
+    bounds: Counter[str] = Counter()
+    aborts = 1
+    for route, n in (tally.routes - tally.window_start).items():
+        for column in tables.fires[route]:
+            bounds[column] += n
+        if route in tables.aborts:
+            aborts += n
+    for hook in _HOOKS:
+        bounds[hook] += aborts
+    return bounds
+
+
+def _too_many_calls(number: int, index: int, column: str, calls: int, bound: int) -> str:
+    what = (
+        "batch(es) that run it" if column in _OVERRIDES else "call(s) the run's transitions allow"
+    )
+    return (
+        f"hook_times note, row {number}: {column} of callback {index} with {calls:,} call(s) "
+        f"since the last note, but the replay counts at most {bound:,} {what} since"
+    )
 
 
 def _replay_odd(tally: _Tally, record: Transition, line: int) -> None:
@@ -809,7 +920,10 @@ def _check_status(tally: _Tally, status: RunStatus, line: int) -> None:
 
 
 def _check_hook_times(tally: _Tally, footer: Footer, line: int) -> None:
-    """Each profiled hook call is timed inside the footer's hook time: the notes fit in it."""
+    """Each profiled hook call is timed inside the footer's hook time: the hook rows fit in it.
+
+    The overrides' rows do not count: the footer's hook time has no override in it.
+    """
     hooks_ns = sum(sum(pair) for pair in footer.hook_ns.values())
     if tally.hook_times_ns > hooks_ns:
         raise _Invalid(

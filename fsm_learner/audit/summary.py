@@ -18,6 +18,7 @@ from fsm_learner._display import printable, shown
 from fsm_learner.audit.codec import FailureField
 from fsm_learner.audit.ranks import ranges_text, rank_ranges
 from fsm_learner.audit.replay import MAX_HOOK_TIMES_KEPT, Work, sorted_hook_times
+from fsm_learner.callback import Override
 from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
@@ -120,20 +121,23 @@ def _work_table(report: RunReport) -> Table:
     return Table("where the time went", ("work", "ms", "%"), tuple(rows), frozenset({1, 2}))
 
 
+_OVERRIDES: Final = frozenset(override.value for override in Override)
 _HOOK_ROWS_SHOWN: Final = 20
 """The (callback, hook) pairs the time-per-callback table lists, the longest first."""
 _NAME_SHOWN: Final = 40
 
 
 def _hook_times_table(report: RunReport) -> Table:
-    """Tabulate the time per callback and hook (``hook_times`` notes): calls, total, mean, share.
+    """Tabulate the time per callback and hook or override (``hook_times`` notes).
 
-    The share is of the run's hook time (the footer's ``hook_ns``, the ``hooks`` work);
-    without a footer, of the time the notes give.
+    Calls, total, mean, and share of the callbacks' time: the run's hook time (the
+    footer's ``hook_ns``, the ``hooks`` work; without a footer, the time the hook rows
+    give) and the overrides' self time, which is in the work they did (step, backward...).
     """
     ranked = sorted_hook_times(report.hook_times)
-    noted = sum(ns for _, (_, ns) in ranked)
-    total = report.time_by_work_ns[Work.HOOKS] or noted or 1
+    overrides = sum(ns for (_, _, column), (_, ns) in ranked if column in _OVERRIDES)
+    hooks = report.time_by_work_ns[Work.HOOKS] or sum(ns for _, (_, ns) in ranked) - overrides
+    total = hooks + overrides or 1
     rows = [
         (
             str(index),
@@ -151,7 +155,7 @@ def _hook_times_table(report: RunReport) -> Table:
         calls, ns = sum(c for _, (c, _) in rest), sum(n for _, (_, n) in rest)
         more = f"{len(rest):,} more"
         rows.append(("", more, "", f"{calls:,}", _ms(ns), "", f"{100 * ns / total:.1f}"))
-    columns = ("cbs", "callback", "hook", "calls", "total ms", "mean µs", "% of hooks")
+    columns = ("cbs", "callback", "hook", "calls", "total ms", "mean µs", "% of cb time")
     return Table("time per callback", columns, tuple(rows), frozenset({0, 3, 4, 5, 6}))
 
 
