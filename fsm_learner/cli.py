@@ -19,7 +19,13 @@ import orjson
 
 from fsm_learner._display import file_name, printable
 from fsm_learner.audit.codec import KEY_ENV, derive_key
-from fsm_learner.audit.diff import ChosenRun, diff_runs, render_diff, runs_by_id, runs_in_files
+from fsm_learner.audit.diff import (
+    ChosenRun,
+    diff_runs,
+    render_diff,
+    runs_by_id,
+    runs_in_files,
+)
 from fsm_learner.audit.files import file_kind, log_files
 from fsm_learner.audit.lineage import LineageReport, Lineages, RunKey, run_key, was_killed
 from fsm_learner.audit.ranks import DistributedReport, DistributedRuns
@@ -43,11 +49,13 @@ from fsm_learner.diagram import (
     table_view,
     write_docs,
 )
-from fsm_learner.exceptions import ConfigurationError, FsmLearnerError
+from fsm_learner.exceptions import ConfigurationError, FsmLearnerError, NoRunError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping, Sequence
     from collections.abc import Set as AbstractSet
+
+    from fsm_learner.report import RunPage
 
 __all__ = ["main"]
 
@@ -87,13 +95,16 @@ def _audit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help=(
             "compare two runs: without PATH, A and B are log files (the run begun last in "
             "each); with PATHs, run ids found in those logs (a fit across ranks: its lowest "
-            "rank's log). "
-            "Both are audited: one that does not verify is named and fails the diff. Shows "
-            "whether the table digests match, the header fields that differ (wall and prev "
-            "left out), the first transition where the paths part (trigger, epoch, pass, "
-            "batch) and the metrics notes' values per epoch and pass with b - a. Exit 0 when "
-            "both verify and the paths are identical (settings and metrics may differ), 1 "
-            "otherwise, 2 on a usage error"
+            "rank's log; a directory only as PATH). "
+            "The files are audited as fsm-learner audit of them would (lineages and ranks "
+            "too): a run it does not verify is named and fails the diff. Says when the kinds "
+            "differ (metrics then not compared) and when a run resumes another (its path, "
+            "and the other's, compared from the resume point). Shows whether the table "
+            "digests match, the header fields that differ (wall and prev left out), the "
+            "first transition where the paths part (trigger, epoch, pass, batch) and the "
+            "metrics notes' values per epoch and pass with b - a. Exit 0 when both verify, "
+            "are of one kind and the paths are identical (settings and metrics may differ), "
+            "1 otherwise (a log of no run too), 2 on a usage error"
         ),
     )
     parser.add_argument(
@@ -413,6 +424,9 @@ def _run_diff(args: argparse.Namespace) -> int:
     except (_KeyError, ConfigurationError) as exc:
         _write(sys.stderr, f"fsm-learner audit --diff: {printable(str(exc))}\n")
         return EXIT_USAGE
+    except NoRunError as exc:  # a log of no run: its audit fails too
+        _write(sys.stderr, f"fsm-learner audit --diff: {printable(str(exc))}\n")
+        return EXIT_FAILED
     except OSError as exc:  # a log gone or unreadable since its audit
         _write(sys.stderr, f"fsm-learner audit --diff: cannot read: {exc.strerror or exc}\n")
         return EXIT_FAILED
@@ -421,8 +435,8 @@ def _run_diff(args: argparse.Namespace) -> int:
     else:
         _write(sys.stdout, render_diff(diff) + "\n")
         for side in (diff.a, diff.b):
-            if side.problem is not None:
-                _write(sys.stderr, f"fsm-learner audit --diff: {printable(str(side.problem))}\n")
+            for problem in side.problems:
+                _write(sys.stderr, f"fsm-learner audit --diff: {printable(str(problem))}\n")
     return EXIT_OK if diff.identical else EXIT_FAILED
 
 
@@ -804,10 +818,13 @@ def _report_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
             "timeline of its passes, cancels and failure, where its time went, its metrics per "
             "epoch (MetricsCB's notes), the slowest transitions, and the time per callback when "
             "it noted hook_times. LOG is a log file (the run begun last in it, or --run-id's) "
-            "or a directory (its newest log, or the newest holding --run-id). A fit across "
-            "ranks writes a log per rank: the page shows the rank whose log is given. Exit 0 "
-            "when the page is written and the run verifies, 1 when it is written and the run "
-            "does not verify, 2 on a usage error."
+            "or a directory (its newest log, or the newest holding --run-id). The verdict is "
+            "fsm-learner audit's of the same files: of a directory, every log in it, so that a "
+            "killed run that a later run resumed is accounted for by their lineage. A fit "
+            "across ranks writes a log per rank: the page shows the rank whose log is given. "
+            "Exit 0 when the page is written and the run verifies, 1 when the run does not "
+            "verify (the page is written) or the log holds no run (none is), 2 on a usage "
+            "error (no such LOG or run id, bad options, a page that cannot be written)."
         ),
     )
     parser.add_argument("log", metavar="LOG")  # str: Path("") would be "."
@@ -855,6 +872,9 @@ def _run_report(args: argparse.Namespace) -> int:
     except (_KeyError, ConfigurationError) as exc:
         _write(sys.stderr, f"fsm-learner report: {printable(str(exc))}\n")
         return EXIT_USAGE
+    except NoRunError as exc:  # read, but nothing to verify: the audit fails it too
+        _write(sys.stderr, f"fsm-learner report: {printable(str(exc))}\n")
+        return EXIT_FAILED
     text = render_page(page)
     if output == "-":
         _write(sys.stdout, text)
@@ -865,15 +885,23 @@ def _run_report(args: argparse.Namespace) -> int:
             said = f"cannot write {file_name(output)}: {exc.strerror or exc}"
             _write(sys.stderr, f"fsm-learner report: {said}\n")
             return EXIT_USAGE
-        verdict = "verified" if page.verified else "DOES NOT VERIFY"
-        run = printable(page.report.run_id[:64])
-        said = f"run {run} of {file_name(page.path)} ({page.report.status.value}, {verdict})"
-        _write(sys.stdout, f"wrote {file_name(output)}: {said}\n")
+        _write(sys.stdout, f"wrote {file_name(output)}: {_page_said(page)}\n")
     if page.verified:
         return EXIT_OK
     said = "the run does not verify" if page.problem is None else str(page.problem)
     _write(sys.stderr, f"fsm-learner report: {printable(said)}\n")
     return EXIT_FAILED
+
+
+def _page_said(page: RunPage) -> str:
+    """Say which run the page shows, how it ended and whether it verifies, in one line."""
+    verdict = "verified" if page.verified else "DOES NOT VERIFY"
+    if page.verified and page.resumed_by is not None:
+        resumer = printable(page.resumed_by[:64])
+        verdict = f"killed, and resumed by run {resumer}: the lineage verifies"
+    run = printable(page.report.run_id[:64])
+    said = f"run {run} of {file_name(page.path)} ({page.report.status.value}, {verdict})"
+    return said if page.choice_said is None else f"{said}; {page.choice_said}"
 
 
 def build_parser() -> argparse.ArgumentParser:

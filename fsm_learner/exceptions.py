@@ -53,6 +53,7 @@ __all__ = [
     "InvalidCallbackError",
     "InvalidDataLoadersError",
     "InvalidTransitionError",
+    "NoRunError",
     "PartialResultWarning",
     "RankFailedError",
     "RankLostError",
@@ -138,6 +139,13 @@ class TerminatedError(FsmLearnerError, RuntimeError):
 
     torchrun sends it to every worker of a node once one fails; the log still closes,
     and the other ranks are told.
+    """
+
+
+class NoRunError(FsmLearnerError, LookupError):
+    """A log given to read one run from holds no run at all: a failed check, as its audit fails.
+
+    ``fsm-learner audit --diff`` exits 1 for it (a check failed), not 2 (a usage error).
     """
 
 

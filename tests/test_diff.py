@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
@@ -18,11 +19,16 @@ from audit_logs import reseal, tiny_run
 from helpers import digits_dls, mlp
 from torchmetrics.classification import MulticlassAccuracy
 
-from callbacks import MetricsCB
+from callbacks import CheckpointCB, MetricsCB
 from fsm_learner import Callback, CancelBatchException, Learner
+from fsm_learner.audit import diff as diff_module
 from fsm_learner.audit.codec import Field
 from fsm_learner.audit.diff import (
+    HEADER_ROWS_SHOWN,
     METRIC_ROWS_SHOWN,
+    HeaderDifference,
+    MetricDifference,
+    Pass,
     diff_runs,
     render_diff,
     runs_by_id,
@@ -206,7 +212,9 @@ class TestChangedSeed:
         """Seeds 0 and 1: the header lists seed alone, and the paths are the same (exit 0)."""
         a, b = logs["base"][0], logs["seed"][0]
         code, found = audit_json("--diff", str(a), str(b), capsys=capsys)
-        assert found["header_differences"] == [{"field": "seed", "a": 0, "b": 1}]
+        differences = found["header_differences"]
+        assert differences[0] == {"field": "seed", "a": 0, "b": 1}
+        assert {d["field"] for d in differences[1:]} <= {"rng"}  # the RNG state's digest
         assert (code, found["paths_identical"], found["identical"]) == (0, True, True)
 
     def test_metric_differences_are_the_notes(self, logs, capsys):
@@ -397,11 +405,15 @@ class TestJson:
             "a",
             "b",
             "left_out",
+            "kinds_same",
+            "resumes",
             "table_same",
             "header_differences",
             "paths_identical",
+            "compared_from",
             "first_difference",
             "metrics",
+            "metrics_left_out",
             "identical",
         ]
         assert found["a"] == {
@@ -412,6 +424,8 @@ class TestJson:
             "status": "completed",
             "verified": True,
             "problem": None,
+            "problems": [],
+            "continued_by": None,
             "transitions": len(transitions(a)),
             "chosen": None,
         }
@@ -492,7 +506,13 @@ class TestUsageErrors:
         ("args", "message"),
         [
             (["--diff", "missing.jsonl", "x"], "missing.jsonl: no such file; without PATH"),
-            (["--diff", ".", "x"], ". is a directory, not a log file"),
+            (
+                ["--diff", ".", "x"],
+                (
+                    ". is a directory, not a log file: give it as PATH with two of its run ids "
+                    "(fsm-learner audit . --diff RUN_A RUN_B)"
+                ),
+            ),
             (["--diff", "", "x"], "'': the empty path names no log"),
             (["", "--diff", "x", "y"], "'': the empty path names no log"),
             (["missing", "--diff", "x", "y"], "missing: no such file or directory"),
@@ -695,3 +715,288 @@ class TestReproducibilityHeader:
             {"field": "threads", "a": [before, interop], "b": [before + 1, interop]},
         ]
         assert (code, found["paths_identical"]) == (0, True)
+
+
+def tiny_fit(run_id: str, **header: Any) -> bytes:
+    """A tiny fit's sealed bytes, with ``header`` fields besides the usual ones."""
+    return tiny_run(run_id, header={Field.KIND: "fit", **header})[0]
+
+
+class TestTheAuditsVerdict:
+    """The diff never vouches for a run that fsm-learner audit of the same files fails."""
+
+    @pytest.mark.unchecked_records("a malformed resumed_from, as a forger writes it")
+    @pytest.mark.parametrize("resumed_from", ["bogus", {}], ids=["string", "empty"])
+    def test_a_malformed_resumed_from(self, tmp_path, resumed_from, capsys):
+        """A run whose header's resumed_from is malformed: the audit fails it, so does the diff
+        of the file with itself, naming the audit's problem."""
+        log = tmp_path / "run.jsonl"
+        log.write_bytes(tiny_fit("aaaaaaaaaaaa", resumed_from=resumed_from))
+        code, _, audit_err = audit(str(log), capsys=capsys)
+        assert code == 1
+        code, out, err = audit("--diff", str(log), str(log), capsys=capsys)
+        assert code == 1
+        assert "header field 'resumed_from'" in err
+        assert "header field 'resumed_from'" in audit_err
+        assert out.splitlines()[-1] == (
+            "not identical: run a and run b do not verify, so the diff cannot be trusted"
+        )
+
+    def test_a_link_to_a_seal_its_parent_never_had(self, tmp_path, capsys):
+        """A child in its parent's file, resuming it at a seal it never had: the run verifies
+        on its own, but its lineage does not; the diff says so, as the audit does."""
+        parent, head = tiny_run("parent000000", header={Field.KIND: "fit"})
+        link = {
+            "run": "parent000000",
+            "records": 2,
+            "head": "ab" * 16,
+            "sha256": "cd" * 32,
+            "path": "ck.pt",
+            "at": {"ep": 0, "tr": True, "it": 0},
+        }
+        child, _ = tiny_run(
+            "child0000000", prev=head, header={Field.KIND: "fit", Field.RESUMED_FROM: link}
+        )
+        log = tmp_path / "both.jsonl"
+        log.write_bytes(parent + child)
+        assert audit(str(log), capsys=capsys)[0] == 1
+        code, found = audit_json(str(log), "--diff", "child0000000", "child0000000", capsys=capsys)
+        assert (code, found["identical"], found["b"]["verified"]) == (1, False, False)
+        assert "which is no seal of run 'parent000000'" in found["b"]["problem"]["reason"]
+        code, out, err = audit(str(log), "--diff", "child0000000", "child0000000", capsys=capsys)
+        assert code == 1
+        assert "which is no seal of run 'parent000000'" in err
+        assert "not identical: run a and run b do not verify" in out
+
+    def test_one_file_given_twice_is_audited_once(self, logs, capsys):
+        """The same log as A and B: its run is not taken for a run id found twice."""
+        a = str(logs["base"][0])
+        code, found = audit_json("--diff", a, a, capsys=capsys)
+        assert (code, found["identical"], found["a"]["problems"]) == (0, True, [])
+
+
+BIG = 18446744073709551615  # 2**64 - 1: a uint64, beyond JSON parsers' int64
+
+
+class TestNumbers:
+    """Every number is written: NaN and the infinities as the log writes them, big ints as text."""
+
+    def test_a_metric_beyond_int64(self, logs, tmp_path, capsys):
+        """--json of a metric value of 2**64 - 1 against a small one: no crash; the value and
+        b - a written as their digits."""
+        a = logs["base"][0]
+        batches = metric_notes(a)[0, "train"]["batches"]
+        forged = tmp_path / "big.jsonl"
+        old = f'"batches":{batches}'.encode()
+        data = a.read_bytes().replace(old, f'"batches":{BIG}'.encode(), 1)
+        forged.write_bytes(reseal(data))
+        code, found = audit_json("--diff", str(a), str(forged), capsys=capsys)
+        [changed] = [m for m in found["metrics"] if m["diff"] not in (0, 0.0)]
+        assert changed == {
+            "epoch": 0,
+            "pass": "train",
+            "name": "batches",
+            "a": batches,
+            "b": str(BIG),
+            "diff": str(BIG - batches),
+        }
+        assert code == 1  # b is a copy of a's run: one run id twice
+        code, out, _ = audit("--diff", str(forged), str(a), capsys=capsys)
+        assert "1.84467e+19" in out
+        assert "-1.84467e+19" in out
+
+    def test_a_header_beyond_int64(self, tmp_path, capsys):
+        """A seed of 2**64 - 1 (torch.initial_seed() can be): the header difference is written."""
+        (tmp_path / "a.jsonl").write_bytes(tiny_fit("aaaaaaaaaaaa", seed=BIG))
+        (tmp_path / "b.jsonl").write_bytes(tiny_fit("bbbbbbbbbbbb", seed=0))
+        code, found = audit_json(
+            "--diff", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), capsys=capsys
+        )
+        assert found["header_differences"] == [{"field": "seed", "a": str(BIG), "b": 0}]
+        assert code == 0
+
+    @pytest.mark.parametrize(
+        ("a", "b", "diff", "differs"),
+        [
+            (BIG, 1.5, -math.inf, True),  # past a float's range? no: 2**64 is a float
+            (10**400, 1.5, -math.inf, True),
+            (-(10**400), 10**400, 2 * 10**400, True),
+            (math.inf, math.inf, None, False),  # inf - inf: NaN
+            (math.nan, math.nan, None, False),
+            (math.inf, 10**400, None, True),
+        ],
+        ids=["uint64-float", "huge-float", "huge-ints", "inf", "nan", "inf-huge"],
+    )
+    def test_differences_of_any_numbers(self, a, b, diff, differs):
+        """b - a never raises: exact for two ints, else floats (a huge int an infinity)."""
+        metric = MetricDifference(0, Pass.TRAIN, "loss", a, b)
+        assert metric.differs is differs
+        got = metric.diff
+        if diff is None:
+            assert math.isnan(got)
+        elif isinstance(diff, int):
+            assert got == diff
+        else:
+            assert got == pytest.approx(b - float(a)) if a == BIG else got == diff
+        orjson.dumps(metric.to_json())
+
+
+class TestKinds:
+    def test_a_fit_against_a_validate_run(self, tmp_path, capsys):
+        """fit then validate in one log: the kinds are said at the top, no metric is compared
+        (a validate run's one pass is not a fit's epoch 0), and they are never identical."""
+        log = tmp_path / "both.jsonl"
+        learn, _ = fit(log, n_epochs=2)
+        learn.validate()
+        fit_id, validate_id = (r["run"] for r in records(log) if r["ev"] == "run_start")
+        code, found = audit_json(str(log), "--diff", fit_id, validate_id, capsys=capsys)
+        assert (found["a"]["kind"], found["b"]["kind"]) == ("fit", "validate")
+        assert (found["kinds_same"], found["metrics"], found["identical"]) == (False, [], False)
+        assert code == 1
+        code, out, _ = audit(str(log), "--diff", fit_id, validate_id, capsys=capsys)
+        assert out.splitlines()[2] == (
+            "KINDS DIFFER: a is a fit, b a validate run: their passes are not comparable "
+            "(metrics not compared)"
+        )
+        assert "metrics: not compared (the runs are of different kinds)" in out
+        assert out.splitlines()[-1] == "not identical: a is a fit, b a validate run"
+
+
+def checkpointed_fit(log: Path, directory: Path, *cbs: Callback, resume_from: Path | None = None):
+    """fit() of the MLP with a checkpoint every 2 batches; resumed from ``resume_from``."""
+    learn = Learner(
+        mlp(0),
+        digits_dls(64, 320, 128),
+        F.cross_entropy,
+        0.1,
+        [MetricsCB(), CheckpointCB(directory, 2, 1, keep=None), *cbs],
+        audit_log=log,
+    )
+    learn.fit(N_EPOCHS, resume_from=resume_from)
+    return learn
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> tuple[Path, Path, Path, str]:
+    """A whole fit, a fit resumed from its checkpoint after 3 batches of epoch 1's training
+    pass, and one resumed there that cancels the batch after the next: their logs, a's id."""
+    directory = tmp_path_factory.mktemp("resumed")
+    whole = checkpointed_fit(directory / "whole.jsonl", directory / "ck")
+    [checkpoint] = (directory / "ck").glob(f"ckpt_e0001_train_b000003_{whole.run_id}.pt")
+    checkpointed_fit(directory / "resumed.jsonl", directory / "ck2", resume_from=checkpoint)
+    checkpointed_fit(
+        directory / "cancel.jsonl", directory / "ck3", CancelBatchAt(1, 4), resume_from=checkpoint
+    )
+    return (
+        directory / "whole.jsonl",
+        directory / "resumed.jsonl",
+        directory / "cancel.jsonl",
+        (whole.run_id),
+    )
+
+
+class TestResumed:
+    def test_identical_from_the_resume_point(self, resumed, capsys):
+        """b resumes a at epoch 1, train batch 3: said, and both paths compared from there;
+        identical, so exit 0; metrics of the passes both have."""
+        whole, again, _, run_id = resumed
+        code, found = audit_json("--diff", str(whole), str(again), capsys=capsys)
+        assert found["resumes"] == [
+            {"run": "b", "resumes": run_id, "at": {"ep": 1, "tr": True, "it": 3}}
+        ]
+        start_a, start_b = found["compared_from"]
+        steps_a, steps_b = transitions(whole), transitions(again)
+        assert [s["ev"] for s in steps_b[:start_b]] == ["begin_fit", "begin_epoch"]
+        assert (steps_a[start_a]["ev"], steps_a[start_a]["ep"], steps_a[start_a]["it"]) == (
+            "begin_batch",
+            1,
+            3,
+        )
+        assert len(steps_a) - start_a == len(steps_b) - start_b
+        assert {(m["epoch"], m["pass"]) for m in found["metrics"]} == {
+            (epoch, name) for epoch in range(1, N_EPOCHS) for name in ("train", "valid")
+        }
+        assert (code, found["paths_identical"], found["identical"]) == (0, True, True)
+        code, out, _ = audit("--diff", str(whole), str(again), capsys=capsys)
+        assert (
+            f"b resumes run {run_id} at epoch 1, train batch 3: its path begins there; compare "
+            "the lineage's runs with `fsm-learner audit DIR`"
+        ) in out
+        assert out.splitlines()[-1] == "identical from the resume point"
+        assert code == 0
+
+    def test_by_ids_with_the_lineage(self, resumed, capsys):
+        """Both logs as PATH: the lineage is audited too, and verifies."""
+        whole, again, _, run_id = resumed
+        other = header(again)["run"]
+        code, found = audit_json(str(whole), str(again), "--diff", other, run_id, capsys=capsys)
+        assert found["resumes"][0]["run"] == "a"
+        assert (code, found["identical"]) == (0, True)
+
+    def test_a_difference_after_the_resume_point(self, resumed, capsys):
+        """A batch cancelled after the resume point: where the paths part, counted from it."""
+        whole, _, cancel, _ = resumed
+        code, found = audit_json("--diff", str(whole), str(cancel), capsys=capsys)
+        difference = found["first_difference"]
+        assert (difference["b"]["trigger"], difference["b"]["epoch"], difference["b"]["batch"]) == (
+            "cancel_batch",
+            1,
+            4,
+        )
+        start_a, start_b = found["compared_from"]
+        index = difference["index"]
+        assert index > 0
+        assert transitions(whole)[start_a + index]["ev"] == difference["a"]["trigger"]
+        assert transitions(cancel)[start_b + index]["ev"] == "cancel_batch"
+        assert code == 1
+        _, out, _ = audit("--diff", str(whole), str(cancel), capsys=capsys)
+        assert out.splitlines()[-1] == "not identical: the paths differ from the resume point"
+
+
+class TestExitCodes:
+    @pytest.mark.parametrize("content", [b"", b"hello\n"], ids=["empty", "not-json"])
+    def test_a_log_of_no_run_fails(self, logs, tmp_path, content, capsys):
+        """A file that exists but holds no run: exit 1 (a check failed), as its audit."""
+        empty = tmp_path / "none.jsonl"
+        empty.write_bytes(content)
+        assert audit(str(empty), capsys=capsys)[0] == 1
+        code, out, err = audit("--diff", str(empty), str(logs["base"][0]), capsys=capsys)
+        assert (code, out) == (1, "")
+        assert "none.jsonl holds no run to compare" in err
+
+
+class TestHeaderText:
+    def diff_with(self, logs, *header: HeaderDifference):
+        diff = diff_runs(*runs_in_files(str(logs["base"][0]), str(logs["same"][0]), key=None))
+        return attrs.evolve(diff, header=header)
+
+    def test_nested_fields_by_their_leaves(self, logs):
+        """An object or list field that differs: a row per leaf that differs, named by its path
+        (3 levels deep at most, then the value as a whole)."""
+        a = {"torch": "0123", "numpy": "same", "groups": [{"lr": 0.1, "betas": [0.9, 0.99]}]}
+        b = {"torch": "4567", "numpy": "same", "groups": [{"lr": 0.2, "betas": [0.9, 0.999]}]}
+        text = render_diff(self.diff_with(logs, HeaderDifference("rng", a, b)), rich=False)
+        rows = [line.split() for line in text.splitlines()]
+        names = [row[0] for row in rows if row and row[0].startswith("rng")]
+        assert names == ["rng.torch", "rng.groups[0].lr", "rng.groups[0].betas"]  # 3 deep
+        assert "[0.9, 0.99]" in text
+
+    def test_at_most_so_many_rows(self, logs):
+        """A list of many differing values: HEADER_ROWS_SHOWN rows, and a line saying so."""
+        many = HeaderDifference("many", list(range(100)), list(range(1, 101)))
+        text = render_diff(self.diff_with(logs, many), rich=False)
+        assert len([line for line in text.splitlines() if line.strip().startswith("many[")]) == (
+            HEADER_ROWS_SHOWN
+        )
+        assert f"({HEADER_ROWS_SHOWN} of 100 shown; every field in --json)" in text
+
+
+class TestMetricsBounded:
+    def test_values_beyond_the_limit_are_counted(self, logs, monkeypatch):
+        """At most METRIC_VALUES_KEPT values of a run are kept, the first passes'."""
+        monkeypatch.setattr(diff_module, "METRIC_VALUES_KEPT", 4)
+        diff = diff_runs(*runs_in_files(str(logs["base"][0]), str(logs["short"][0]), key=None))
+        assert len(diff.metrics) == 4
+        total = sum(len(fields) - 1 for fields in metric_notes(logs["base"][0]).values())
+        total += sum(len(fields) - 1 for fields in metric_notes(logs["short"][0]).values())
+        assert diff.metrics_left_out == total - 8

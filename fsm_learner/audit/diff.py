@@ -3,20 +3,27 @@ r"""Comparing two runs: their set-ups, the first transition where their paths pa
 ``fsm-learner audit --diff A B`` compares two runs. Without PATH, A and B are two log
 files, each standing for its last run (the one begun last in it, as ``fsm-learner
 report`` takes it; the diff says so when the file holds more than one);
-``runs_in_files`` chooses them. With PATHs (files, or directories of
-``*.jsonl``), A and B are run ids, exactly as the audit prints them, looked up in those
-logs (``runs_by_id``): two runs of one file, or of two. A run id found nowhere, or found
-twice, is a usage error naming what was found; the only exception is a fit across
-ranks, found once per rank's log: its lowest rank's log is compared (the ranks' paths
-are the same, which a plain audit of their logs checks).
+``runs_in_files`` chooses them. A directory is refused there: give it as PATH with two
+run ids. With PATHs (files, or directories of ``*.jsonl``), A and B are run ids,
+exactly as the audit prints them, looked up in those logs (``runs_by_id``): two runs of
+one file, or of two. A run id found nowhere, or found twice, is a usage error naming
+what was found; the only exception is a fit across ranks, found once per rank's log: its
+lowest rank's log is compared (the ranks' paths are the same, which a plain audit of
+their logs checks). A log that holds no run at all is no usage error but a failed check
+(``NoRunError``), as ``fsm-learner audit`` of it fails.
 
-Both runs are audited first (``FileAudit``). A run that does not verify (its file not
-either) is reported with its problem, and the diff fails: a diff of a log that does not
-verify cannot be trusted. What its records say is still compared and shown, read as
-they are (``runlog.read_runs``), since it is often why one looks.
+The files involved (A and B, or the PATHs) are audited first, together, as ``fsm-learner
+audit`` of them audits them (``verdict.audit_files``): each run's own problem, a run id
+twice, the lineages of resumed fits, the ranks of a distributed fit. A run the audit
+does not verify (or accounts for: a killed run a verified lineage continues) is reported
+with its problems, and the diff fails: the diff never vouches for a run the audit
+rejects. What its records say is still compared and shown, read as they are
+(``runlog.read_run``, the run the audit reported), since it is often why one looks.
 
 ``diff_runs`` compares, in order:
 
+- the kinds: a fit against a validate or predict run is said first, and their metrics
+  are not compared (their passes are not comparable), nor are they ever identical;
 - the table digest: the same, or not; runs written by different tables took routes of
   different machines, so their paths are not compared step by step (``paths_identical``
   is None); a table other than this fsm_learner's never verifies anyway;
@@ -24,59 +31,77 @@ they are (``runlog.read_runs``), since it is often why one looks.
   envelope's ``schema`` and ``keyed`` included): every field whose value differs, or
   that one run lacks, with both values, compared as JSON (so ``1`` is not ``true``, and
   ``cbs``, the callbacks and their orders, is compared as a list: same callbacks in
-  another order differ). Left out, because they differ from run to run whatever the
-  set-up: ``wall`` (when it started) and ``prev`` (the seal before it in its file); the
-  run ids are shown, never compared;
+  another order differ). The text shows a differing object or list field by the leaves
+  that differ (``rng.torch``, ``opt_groups[0].lr``). Left out, because they differ from
+  run to run whatever the set-up: ``wall`` (when it started) and ``prev`` (the seal
+  before it in its file); the run ids are shown, never compared;
 - the paths: the two sequences of transitions as (trigger, source, dest, training,
   epoch, iter), and the first index where they differ, with what each run did there
   (trigger, route, epoch, pass, batch), or that it had ended (a run whose path is a
-  prefix of the other's);
+  prefix of the other's). When a run resumes another (its header's ``resumed_from``),
+  its path begins where the checkpoint re-enters (``at``: epoch, pass, batches begun):
+  both paths are compared from that position (the later one when both resume), each
+  from its first transition between batches of that pass with that many batches begun;
+  the verdict is then "identical from the resume point". A run that never reaches that
+  position differs there, as a run that had ended;
 - the metrics: the ``metrics`` notes (``MetricsCB``'s, the last of each pass) matched by
-  (epoch, pass); for every field that holds a number (``train_loss``, ``valid_accuracy``,
+  (epoch, pass), all passes of either run (only those both have when a run resumes
+  another); for every field that holds a number (``train_loss``, ``valid_accuracy``,
   ``batches``...; the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` are the floats
-  they name) in either run, both values and ``b - a``; a value only one run has is shown
-  alone. Other notes are not compared.
+  they name) in either run, both values and ``b - a`` (exact for two ints; else as
+  floats, an int beyond a float's range being an infinity); a value only one run has is
+  shown alone. At most ``METRIC_VALUES_KEPT`` values of each run are kept (the first
+  passes'); the rest are counted. Other notes are not compared.
 
-The runs are identical (``RunDiff.identical``, the command's exit 0) when both verify
-and their paths are: set-ups and metrics may differ (the same path under another seed is
-exactly what a reproducibility check wants to see). ``render_diff`` is the text report:
-the passes' differing values up to ``METRIC_ROWS_SHOWN`` rows and the largest ``|b - a|``
-(everything is in ``RunDiff.to_json``). Everything shown of a log is made printable and
-bounded: logs are untrusted input. Nothing here imports torch.
+The runs are identical (``RunDiff.identical``, the command's exit 0) when the audit
+verifies both, they are of one kind, and their paths are (from the resume point): set-ups
+and metrics may differ (the same path under another seed is exactly what a
+reproducibility check wants to see). ``render_diff`` is the text report: the passes'
+differing values up to ``METRIC_ROWS_SHOWN`` rows and the largest ``|b - a|``
+(everything is in ``RunDiff.to_json``). ``RunDiff.to_json`` is plain JSON: NaN and the
+infinities are the strings the log writes, and an integer beyond int64 (which JSON
+parsers commonly cannot hold) is the string of its decimal digits. Everything shown of a
+log is made printable and bounded: logs are untrusted input. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-import orjson
 
 from fsm_learner._compat import StrEnum
 from fsm_learner._display import file_name, printable, shown
 from fsm_learner.audit.codec import Field, json_value
 from fsm_learner.audit.files import file_kind
+from fsm_learner.audit.lineage import PassPosition
 from fsm_learner.audit.ranks import world_size_of
-from fsm_learner.audit.replay import FileAudit, Problem, RunReport, RunSet
-from fsm_learner.audit.runlog import RunLog, Step, read_runs
+from fsm_learner.audit.runlog import RunLog, Step, Steps, read_run
 from fsm_learner.audit.summary import Table, render_table
-from fsm_learner.exceptions import ConfigurationError
-from fsm_learner.machine import RunKind, State
+from fsm_learner.audit.verdict import Audited, Verdict, audit_files
+from fsm_learner.exceptions import ConfigurationError, NoRunError
+from fsm_learner.machine import RunKind, State, Trigger
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+    from fsm_learner.audit.replay import Problem, RunReport
+
 __all__ = [
+    "HEADER_ROWS_SHOWN",
     "LEFT_OUT",
     "METRICS_NOTE",
     "METRIC_ROWS_SHOWN",
+    "METRIC_VALUES_KEPT",
     "ChosenRun",
     "HeaderDifference",
     "MetricDifference",
     "Pass",
     "PathDifference",
+    "Resume",
     "RunDiff",
     "StepAt",
     "diff_runs",
@@ -91,10 +116,19 @@ METRICS_NOTE: Final = "metrics"
 """The notes whose numbers are compared (what ``MetricsCB`` writes at each pass end)."""
 METRIC_ROWS_SHOWN: Final = 20
 """The most differing metric values the text report lists; ``--json`` has them all."""
+METRIC_VALUES_KEPT: Final = 100_000
+"""The most metric values kept of one run (its first passes'); the rest are counted."""
+HEADER_ROWS_SHOWN: Final = 30
+"""The most differing header values (leaves of objects and lists) the text report lists."""
 _IDS_LISTED: Final = 8
 _PLACES_LISTED: Final = 3
+_PROBLEMS_SHOWN: Final = 3
 _ID_SHOWN: Final = 64
 _VALUE_SHOWN: Final = 60
+_HEADER_DEPTH: Final = 3
+"""How deep the text follows a differing object or list to the leaves that differ."""
+_INT64: Final = range(-(1 << 63), 1 << 63)
+_INT_SHOWN: Final = 20
 _NON_FINITE: Final = frozenset({"NaN", "Infinity", "-Infinity"})
 _BETWEEN_PASSES: Final = frozenset({State.IDLE.value, State.FIT.value})
 _PASS_LEVEL: Final = frozenset({*_BETWEEN_PASSES, State.EPOCH.value})
@@ -102,6 +136,7 @@ _FILES_OR_IDS: Final = (
     "without PATH, --diff A B takes two log files; with PATHs, two run ids found in them "
     "(fsm-learner audit runs/ --diff RUN_A RUN_B)"
 )
+_KIND_NAMES: Final = {RunKind.FIT: "a fit", RunKind.VALIDATE: "a validate run"}
 
 
 class Pass(StrEnum):
@@ -124,29 +159,43 @@ def _clip(text: str, limit: int = _ID_SHOWN) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _kind_name(kind: RunKind | None) -> str:
+    if kind is None:
+        return "a run of unknown kind"
+    return _KIND_NAMES.get(kind, f"a {kind.value} run")
+
+
 # -- choosing the two runs --------------------------------------------------------------------
 
 
 @attrs.frozen
 class ChosenRun:
-    """One side of a diff: the run's audit report, the log it is in, and how it was chosen."""
+    """One side of a diff: the run's audit report and verdict, its log, how it was chosen."""
 
     path: Path
     report: RunReport
+    verdict: Verdict
+    """What ``fsm-learner audit`` of the files involved says of the run."""
     file_problem: Problem | None
     """The problem of its file as a whole (a line of no run, say), if any."""
     chosen: str = ""
     """How it was chosen, when that is worth saying: "the last of 3 runs in its file"."""
 
     @property
+    def problems(self) -> tuple[Problem, ...]:
+        """Every reason the run cannot be trusted: the audit's verdict's, then its file's."""
+        of_file = () if self.file_problem is None else (self.file_problem,)
+        return self.verdict.problems + of_file
+
+    @property
     def problem(self) -> Problem | None:
-        """Why the run cannot be trusted: its own problem, else its file's; None if neither."""
-        return self.report.problem or self.file_problem
+        """The first reason the run cannot be trusted; None if there is none."""
+        return next(iter(self.problems), None)
 
     @property
     def verified(self) -> bool:
-        """Whether the run verifies, in a file that verifies."""
-        return self.report.verified and self.file_problem is None
+        """Whether the audit verifies the run (or accounts for it), in a file that verifies."""
+        return not self.problems
 
     @property
     def rank(self) -> int | None:
@@ -156,29 +205,36 @@ class ChosenRun:
 
 
 def runs_in_files(a: str, b: str, *, key: bytes | None) -> tuple[ChosenRun, ChosenRun]:
-    """Choose each log's last run (the one begun last in it), audited with ``key``.
+    """Choose each log's last run (the one begun last in it); both files audited with ``key``.
 
-    Raises ConfigurationError when a path is no log file or the log holds no run.
+    Raises ConfigurationError when a path is no log file, NoRunError when a log holds
+    no run.
     """
-    return _last_run(a, key), _last_run(b, key)
+    path_a, path_b = _log_file(a), _log_file(b)
+    if path_b != path_a and _same_file(path_a, path_b):
+        path_b = path_a  # one file audited twice would hold every run id twice
+    audited = audit_files(list(dict.fromkeys((path_a, path_b))), key=key)
+    return _last_run(path_a, audited), _last_run(path_b, audited)
 
 
-def _last_run(text: str, key: bytes | None) -> ChosenRun:
-    path = _log_file(text)
-    audit, runs = FileAudit(path, key=key), RunSet()
-    last: RunReport | None = None
-    count = 0
-    for report in audit:  # streamed: only the one begun last is kept
-        runs.add(report)  # a run id twice in the file is a problem of the second
-        count += 1
-        if last is None or report.first_line > last.first_line:
-            last = report
-    if last is None:
-        why = "" if audit.problem is None else f" ({audit.problem})"
-        msg = f"{audit.name} holds no run to compare{why}"
-        raise ConfigurationError(msg)
-    chosen = f"the last of {count} runs in its file" if count > 1 else ""
-    return ChosenRun(path, last, audit.problem, chosen)
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def _last_run(path: Path, audited: Audited) -> ChosenRun:
+    reports = [report for file, report in audited.runs if file == path]
+    name = file_name(path)
+    file_problem = next((p for p in audited.file_problems if p.path == name), None)
+    if not reports:
+        why = "" if file_problem is None else f" ({file_problem})"
+        msg = f"{name} holds no run to compare{why}"
+        raise NoRunError(msg)
+    last = max(reports, key=lambda report: report.first_line)
+    chosen = f"the last of {len(reports)} runs in its file" if len(reports) > 1 else ""
+    return ChosenRun(path, last, audited.verdict(last), file_problem, chosen)
 
 
 def _log_file(text: str) -> Path:
@@ -195,6 +251,13 @@ def _log_file(text: str) -> Path:
     except OSError as exc:
         msg = f"{file_name(path)[:200]}: {exc.strerror or exc}"
         raise ConfigurationError(msg) from None
+    if kind is not None and path.is_dir():  # which of its runs? the ids say
+        name = file_name(path)[:200]
+        msg = (
+            f"{name} is {kind}, not a log file: give it as PATH with two of its run ids "
+            f"(fsm-learner audit {name} --diff RUN_A RUN_B), or two log files"
+        )
+        raise ConfigurationError(msg)
     if kind is not None:
         msg = f"{file_name(path)[:200]} is {kind}, not a log file; {_FILES_OR_IDS}"
         raise ConfigurationError(msg)
@@ -209,20 +272,16 @@ def runs_by_id(
     Raises ConfigurationError when an id names no run of the logs, or several runs that
     are not the ranks of one fit (its lowest rank's log is chosen then).
     """
+    audited = audit_files(files, key=key)
     found: dict[str, list[ChosenRun]] = {a: [], b: []}
     listed: dict[str, None] = {}
-    total = 0
-    for path in files:
-        audit = FileAudit(path, key=key)
-        here = []
-        for report in audit:  # streamed: only the runs asked for are kept
-            total += 1
-            if len(listed) < _IDS_LISTED:
-                listed[_clip(report.run_id) or "''"] = None
-            if report.run_id in found:
-                here.append(report)
-        for report in here:  # the file's problem is known once it is read to its end
-            found[report.run_id].append(ChosenRun(path, report, audit.problem))
+    for path, report in audited.runs:
+        if len(listed) < _IDS_LISTED:
+            listed[_clip(report.run_id) or "''"] = None
+        if report.run_id in found:
+            problem = next((p for p in audited.file_problems if p.path == report.path), None)
+            found[report.run_id].append(ChosenRun(path, report, audited.verdict(report), problem))
+    total = len(audited.runs)
     more = f" and {total - len(listed)} more" if total > len(listed) else ""
     ids = f"{', '.join(listed)}{more}" if listed else "none"
     return _one(a, found[a], len(files), ids), _one(b, found[b], len(files), ids)
@@ -281,9 +340,9 @@ class HeaderDifference:
         """Return the field and each run's value; a run that lacks the field has no key for it."""
         out: dict[str, Any] = {"field": self.field}
         if self.in_a:
-            out["a"] = self.a
+            out["a"] = _json_safe(self.a)
         if self.in_b:
-            out["b"] = self.b
+            out["b"] = _json_safe(self.b)
         return out
 
 
@@ -318,7 +377,8 @@ class StepAt:
 class PathDifference:
     """Where two paths part: after ``index`` common transitions, what each run did next.
 
-    None on a side means that run had ended: its path is a prefix of the other's.
+    ``index`` counts from where the paths are compared (``RunDiff.compared_from``). None
+    on a side means that run had ended: its path is a prefix of the other's.
     """
 
     index: int
@@ -332,6 +392,22 @@ class PathDifference:
             "a": None if self.a is None else self.a.to_json(),
             "b": None if self.b is None else self.b.to_json(),
         }
+
+
+@attrs.frozen
+class Resume:
+    """A run of the diff that resumes another: its header's ``resumed_from``."""
+
+    side: str
+    """Which run of the diff resumes: "a" or "b"."""
+    parent: str
+    """The run it resumes."""
+    at: PassPosition
+    """Where it re-enters: a pass, and how many of its batches were begun."""
+
+    def to_json(self) -> dict[str, Any]:
+        """Return which run resumes which, and where (``at`` as the log writes it)."""
+        return {"run": self.side, "resumes": self.parent, "at": self.at.to_json()}
 
 
 Number = int | float
@@ -349,10 +425,13 @@ class MetricDifference:
 
     @property
     def diff(self) -> Number | None:
-        """``b - a``; None when a run lacks the value."""
-        if self.a is None or self.b is None:
+        """``b - a``: exact for two ints, else as floats (a huge int is an infinity)."""
+        a, b = self.a, self.b
+        if a is None or b is None:
             return None
-        return self.b - self.a
+        if isinstance(a, int) and isinstance(b, int):
+            return b - a
+        return _as_float(b) - _as_float(a)
 
     @property
     def differs(self) -> bool:
@@ -360,22 +439,56 @@ class MetricDifference:
         a, b = self.a, self.b
         if a is None or b is None:
             return True
-        return a != b and not (math.isnan(a) and math.isnan(b))
+        return a != b and not (_is_nan(a) and _is_nan(b))
 
     def to_json(self) -> dict[str, Any]:
         """Return the value's place and name, both values and ``diff``.
 
-        NaN and infinities are written as the log writes them; a run that lacks the value
-        has no key for it, and ``diff`` is then null.
+        NaN and infinities are written as the log writes them, an int beyond int64 as
+        its digits; a run that lacks the value has no key for it, and ``diff`` is then null.
         """
         out: dict[str, Any] = {"epoch": self.epoch, "pass": self.pass_.value, "name": self.name}
         if self.a is not None:
-            out["a"] = json_value("a", self.a)
+            out["a"] = _json_safe(self.a)
         if self.b is not None:
-            out["b"] = json_value("b", self.b)
-        diff = self.diff
-        out["diff"] = None if diff is None else json_value("diff", diff)
+            out["b"] = _json_safe(self.b)
+        out["diff"] = _json_safe(self.diff)
         return out
+
+
+def _as_float(value: Number) -> float:
+    """Return ``value`` as a float; an int beyond a float's range as the infinity of its sign."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _is_nan(value: Number) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _json_safe(value: object) -> object:
+    """Return ``value`` as data any JSON writer takes: non-finite floats and big ints as text."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value if value in _INT64 else _int_text(value)
+    if isinstance(value, float):
+        return json_value("value", value)
+    if isinstance(value, list | tuple):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    return shown(value)
+
+
+def _int_text(value: int) -> str:
+    """Return an int's decimal digits; an infinity's name past what ``str`` converts."""
+    try:
+        return str(value)
+    except ValueError:  # past sys.get_int_max_str_digits()
+        return "Infinity" if value > 0 else "-Infinity"
 
 
 @attrs.frozen
@@ -391,7 +504,15 @@ class RunDiff:
     first_difference: PathDifference | None
     """Where the paths part; None when they are identical or were not compared."""
     metrics: tuple[MetricDifference, ...]
-    """Every value of either run's ``metrics`` notes, by epoch, pass and name."""
+    """The values of the runs' ``metrics`` notes compared, by epoch, pass and name."""
+    kinds_same: bool = True
+    """Whether both runs are of one kind (fit, validate, predict); else no metric is compared."""
+    resumes: tuple[Resume, ...] = ()
+    """Each run of the two that resumes another."""
+    compared_from: tuple[int, int] = (0, 0)
+    """The index in each run's path from which the paths are compared (the resume point)."""
+    metrics_left_out: int = 0
+    """Metric values beyond ``METRIC_VALUES_KEPT`` of a run: not compared."""
 
     @property
     def paths_identical(self) -> bool | None:
@@ -402,22 +523,27 @@ class RunDiff:
 
     @property
     def identical(self) -> bool:
-        """The verdict: both runs verify and their paths are the same."""
-        return self.a.verified and self.b.verified and self.paths_identical is True
+        """The verdict: both verify, are of one kind, and their paths are the same."""
+        both = self.a.verified and self.b.verified
+        return both and self.kinds_same and self.paths_identical is True
 
     def to_json(self) -> dict[str, Any]:
-        """Everything found, as JSON-able data."""
+        """Everything found, as JSON-able data (ints beyond int64 as their digits)."""
         return {
             "a": _side_json(self.a, self.transitions[0]),
             "b": _side_json(self.b, self.transitions[1]),
             "left_out": [field.value for field in LEFT_OUT],
+            "kinds_same": self.kinds_same,
+            "resumes": [resume.to_json() for resume in self.resumes],
             "table_same": self.table_same,
             "header_differences": [difference.to_json() for difference in self.header],
             "paths_identical": self.paths_identical,
+            "compared_from": list(self.compared_from),
             "first_difference": (
                 None if self.first_difference is None else self.first_difference.to_json()
             ),
             "metrics": [metric.to_json() for metric in self.metrics],
+            "metrics_left_out": self.metrics_left_out,
             "identical": self.identical,
         }
 
@@ -432,6 +558,8 @@ def _side_json(side: ChosenRun, transitions: int) -> dict[str, Any]:
         "status": report.status.value,
         "verified": side.verified,
         "problem": None if problem is None else attrs.asdict(problem),
+        "problems": [attrs.asdict(each) for each in side.problems],
+        "continued_by": side.verdict.continued_by,
         "transitions": transitions,
         "chosen": side.chosen or None,
     }
@@ -449,6 +577,12 @@ def diff_runs(a: ChosenRun, b: ChosenRun) -> RunDiff:
     table_same = _same(
         a.report.header.get(Field.TABLE.value), b.report.header.get(Field.TABLE.value)
     )
+    kinds_same = a.report.kind is b.report.kind
+    resumes = _resumes(a, b)
+    at = max((r.at for r in resumes), key=_position_order, default=None)
+    start = (_start(log_a.steps, at), _start(log_b.steps, at))
+    metrics_a, left_a = _metrics(log_a)
+    metrics_b, left_b = _metrics(log_b)
     return RunDiff(
         a=a,
         b=b,
@@ -456,26 +590,51 @@ def diff_runs(a: ChosenRun, b: ChosenRun) -> RunDiff:
         table_same=table_same,
         header=tuple(_header_differences(a.report.header, b.report.header)),
         first_difference=(
-            _first_difference(log_a, log_b, a.report.kind, b.report.kind) if table_same else None
+            _first_difference(log_a.steps, log_b.steps, start, (a.report.kind, b.report.kind))
+            if table_same
+            else None
         ),
-        metrics=tuple(_metric_differences(_metrics(log_a), _metrics(log_b))),
+        metrics=(
+            tuple(_metric_differences(metrics_a, metrics_b, both_only=bool(resumes)))
+            if kinds_same
+            else ()
+        ),
+        kinds_same=kinds_same,
+        resumes=resumes,
+        compared_from=start,
+        metrics_left_out=left_a + left_b,
     )
 
 
 def _records(a: ChosenRun, b: ChosenRun) -> tuple[RunLog, RunLog]:
-    """Read both runs' records: one reading when they share a file."""
-    id_a, id_b = a.report.run_id, b.report.run_id
-    if a.path == b.path:
-        runs = read_runs(a.path, {id_a, id_b})
-        return runs.get(id_a, RunLog(id_a)), runs.get(id_b, RunLog(id_b))
-    runs_a, runs_b = read_runs(a.path, {id_a}), read_runs(b.path, {id_b})
-    return runs_a.get(id_a, RunLog(id_a)), runs_b.get(id_b, RunLog(id_b))
+    """Read both runs' records, each the run the audit reported (once when they are one)."""
+    log_a = read_run(a.path, a.report.run_id, a.report.first_line)
+    if (b.path, b.report.run_id, b.report.first_line) == (
+        a.path,
+        a.report.run_id,
+        a.report.first_line,
+    ):
+        return log_a, log_a
+    return log_a, read_run(b.path, b.report.run_id, b.report.first_line)
 
 
 def _same(a: object, b: object) -> bool:
-    """Whether two values the audit kept are the same JSON (``1`` is not ``1.0`` or ``true``)."""
-    option = orjson.OPT_SORT_KEYS
-    return type(a) is type(b) and orjson.dumps(a, option=option) == orjson.dumps(b, option=option)
+    """Whether two values the audit kept are the same JSON (``1`` is not ``1.0`` or ``true``).
+
+    Objects are the same whatever the order of their keys; NaN is the same as NaN, and
+    ``0.0`` is not ``-0.0``.
+    """
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(value, b[name]) for name, value in a.items())
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        if math.isnan(a) or math.isnan(b):
+            return math.isnan(a) and math.isnan(b)
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    return a == b
 
 
 _MISSING: Final = object()
@@ -498,21 +657,80 @@ def _header_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> Iterator[
             )
 
 
+def _resumes(a: ChosenRun, b: ChosenRun) -> tuple[Resume, ...]:
+    """Each of the runs whose header says it resumes another (a well-formed ``resumed_from``)."""
+    found = []
+    for name, side in (("a", a), ("b", b)):
+        value = side.report.header.get(Field.RESUMED_FROM.value)
+        if not isinstance(value, dict):
+            continue
+        parent, at = value.get("run"), _pass_position(value.get("at"))
+        if isinstance(parent, str) and at is not None:
+            found.append(Resume(name, parent, at))
+    return tuple(found)
+
+
+def _pass_position(value: object) -> PassPosition | None:
+    if not isinstance(value, dict):
+        return None
+    epoch, training, it = value.get("ep"), value.get("tr"), value.get("it")
+    if type(epoch) is not int or type(training) is not bool or type(it) is not int:
+        return None
+    return PassPosition(epoch, training, it) if epoch >= 0 and it >= 0 else None
+
+
+def _position_order(at: PassPosition) -> tuple[int, int, int]:
+    """Order positions as a fit reaches them: epoch, its training pass first, batches begun."""
+    return at.epoch, 0 if at.training else 1, at.it
+
+
+def _start(steps: Steps, at: PassPosition | None) -> int:
+    """Return the index of the first transition at ``at`` (0 without one; the end if never).
+
+    That is the first transition out of state ``epoch`` in pass ``at`` once ``at.it``
+    of its batches were begun: where a run resumed there takes its first step of its own.
+    """
+    if at is None:
+        return 0
+    pass_key: tuple[int, bool] | None = None
+    begun = 0
+    for index, step in enumerate(steps):
+        if step.source == State.EPOCH.value and pass_key == at.pass_key and begun == at.it:
+            return index
+        if step.trigger == Trigger.BEGIN_EPOCH.value:  # a resumed pass begins at its batch
+            pass_key, begun = (step.epoch, step.training), step.iter
+        elif step.trigger == Trigger.BEGIN_BATCH.value:
+            begun += 1
+    return len(steps)
+
+
 def _key(step: Step) -> tuple[str, str, str, bool, int, int]:
     return step.trigger, step.source, step.dest, step.training, step.epoch, step.iter
 
 
 def _first_difference(
-    a: RunLog, b: RunLog, kind_a: RunKind | None, kind_b: RunKind | None
+    a: Steps,
+    b: Steps,
+    start: tuple[int, int],
+    kinds: tuple[RunKind | None, RunKind | None],
 ) -> PathDifference | None:
-    """Return where the two paths part (None: they are the same)."""
-    index = next(
-        (i for i, (x, y) in enumerate(zip(a.steps, b.steps, strict=False)) if _key(x) != _key(y)),
-        min(len(a.steps), len(b.steps)),
-    )
-    if index == len(a.steps) == len(b.steps):
+    """Return where the paths part from ``start`` (None: the same).
+
+    The paths are walked in lockstep, one transition of each at a time: no list of them
+    is built. One run compared with itself is the same path, not walked.
+    """
+    start_a, start_b = start
+    if a is b and start_a == start_b:
         return None
-    return PathDifference(index, _step_at(a.steps, index, kind_a), _step_at(b.steps, index, kind_b))
+    rest_a, rest_b = itertools.islice(a, start_a, None), itertools.islice(b, start_b, None)
+    pairs = zip(rest_a, rest_b, strict=False)  # one may be longer: it differs where the other ends
+    common = min(len(a) - start_a, len(b) - start_b)
+    index = next((i for i, (x, y) in enumerate(pairs) if _key(x) != _key(y)), common)
+    if start_a + index == len(a) and start_b + index == len(b):
+        return None
+    return PathDifference(
+        index, _step_at(a, start_a + index, kinds[0]), _step_at(b, start_b + index, kinds[1])
+    )
 
 
 def _step_at(steps: Sequence[Step], index: int, kind: RunKind | None) -> StepAt | None:
@@ -549,23 +767,45 @@ def _number(value: object) -> Number | None:
     return None
 
 
-def _metrics(run: RunLog) -> dict[_PassKey, dict[str, Number]]:
-    """Each pass's numbers, from its last ``metrics`` note."""
+def _metrics(run: RunLog) -> tuple[dict[_PassKey, dict[str, Number]], int]:
+    """Each pass's numbers, from its last ``metrics`` note; and how many were left out.
+
+    At most ``METRIC_VALUES_KEPT`` values are kept, the first passes' (a pass's last note
+    replaces the values its earlier notes gave).
+    """
     passes: dict[_PassKey, dict[str, Number]] = {}
+    kept = left_out = 0
     for note in run.notes:
-        if note.name == METRICS_NOTE:
-            numbers = {name: _number(value) for name, value in note.fields.items()}
-            passes[note.epoch, note.training] = {
-                name: number for name, number in numbers.items() if number is not None
-            }
-    return passes
+        if note.name != METRICS_NOTE:
+            continue
+        old = passes.pop((note.epoch, note.training), {})
+        kept -= len(old)
+        numbers: dict[str, Number] = {}
+        for name, value in note.fields.items():
+            number = _number(value)
+            if number is None:
+                continue
+            if kept + len(numbers) >= METRIC_VALUES_KEPT:
+                left_out += 1
+                continue
+            numbers[name] = number
+        kept += len(numbers)
+        passes[note.epoch, note.training] = numbers
+    return passes, left_out
 
 
 def _metric_differences(
-    a: Mapping[_PassKey, Mapping[str, Number]], b: Mapping[_PassKey, Mapping[str, Number]]
+    a: Mapping[_PassKey, Mapping[str, Number]],
+    b: Mapping[_PassKey, Mapping[str, Number]],
+    *,
+    both_only: bool,
 ) -> Iterator[MetricDifference]:
-    """Yield every value of either run, pass by pass (epoch, then training before validation)."""
-    for epoch, training in sorted(a.keys() | b.keys(), key=lambda key: (key[0], not key[1])):
+    """Yield every value of either run, pass by pass (epoch, then training before validation).
+
+    Only the passes both runs have, with ``both_only``.
+    """
+    keys = a.keys() & b.keys() if both_only else a.keys() | b.keys()
+    for epoch, training in sorted(keys, key=lambda key: (key[0], not key[1])):
         values_a, values_b = a.get((epoch, training), {}), b.get((epoch, training), {})
         for name in dict.fromkeys([*values_a, *values_b]):
             yield MetricDifference(
@@ -581,14 +821,17 @@ def _metric_differences(
 
 
 def render_diff(diff: RunDiff, *, rich: bool | None = None) -> str:
-    """Render the diff for people: the runs, table, header, path, metrics, then the verdict.
+    """Render the diff for people: the runs, kinds, resumes, table, header, path, metrics, verdict.
 
     Boxed tables when rich is installed (or ``rich``), as the audit's summary draws them.
     """
-    lines = [*_side_lines("a", diff.a), *_side_lines("b", diff.b), _table_line(diff)]
+    lines = [*_side_lines("a", diff.a), *_side_lines("b", diff.b)]
+    lines += _kind_lines(diff)
+    lines += _resume_lines(diff)
+    lines.append(_table_line(diff))
     lines += _header_lines(diff, rich)
     lines += _path_lines(diff, rich)
-    lines += _metric_lines(diff.metrics, rich)
+    lines += _metric_lines(diff, rich)
     lines.append(_verdict(diff))
     return "\n".join(lines)
 
@@ -596,14 +839,49 @@ def render_diff(diff: RunDiff, *, rich: bool | None = None) -> str:
 def _side_lines(name: str, side: ChosenRun) -> list[str]:
     report = side.report
     verdict = "verified" if side.verified else "DOES NOT VERIFY"
+    if side.verified and side.verdict.continued_by is not None:
+        verdict = f"killed, continued by run {_clip(side.verdict.continued_by)} (accounted for)"
     kind = "kind unknown" if report.kind is None else report.kind.value
     chosen = f"  ({side.chosen})" if side.chosen else ""
     run_id = _clip(report.run_id) or "?"
     lines = [
         f"{name}: {report.path}  run {run_id}  {kind}  {report.status.value}  {verdict}{chosen}"
     ]
-    if side.problem is not None:
-        lines.append(f"   problem: {printable(str(side.problem))}")
+    problems = side.problems
+    lines += [f"   problem: {printable(str(p))}" for p in problems[:_PROBLEMS_SHOWN]]
+    if len(problems) > _PROBLEMS_SHOWN:
+        lines.append(f"   ({len(problems) - _PROBLEMS_SHOWN} more problems: fsm-learner audit)")
+    return lines
+
+
+def _kind_lines(diff: RunDiff) -> list[str]:
+    if diff.kinds_same:
+        return []
+    kind_a, kind_b = _kind_name(diff.a.report.kind), _kind_name(diff.b.report.kind)
+    return [
+        (
+            f"KINDS DIFFER: a is {kind_a}, b {kind_b}: their passes are not comparable "
+            "(metrics not compared)"
+        )
+    ]
+
+
+def _resume_lines(diff: RunDiff) -> list[str]:
+    lines = []
+    for resume in diff.resumes:
+        at = resume.at
+        pass_ = _pass(RunKind.FIT, training=at.training).value
+        lines.append(
+            f"{resume.side} resumes run {_clip(resume.parent)} at epoch {at.epoch}, {pass_} "
+            f"batch {at.it}: its path begins there; compare the lineage's runs with "
+            "`fsm-learner audit DIR`"
+        )
+    if lines:
+        start_a, start_b = diff.compared_from
+        lines.append(
+            f"   paths compared from the resume point (a's transition {start_a}, b's "
+            f"{start_b}); metrics of the passes both runs have"
+        )
     return lines
 
 
@@ -628,29 +906,57 @@ def _header_lines(diff: RunDiff, rich: bool | None) -> list[str]:
     count = len(diff.header)
     if not count:
         return [f"header: no field differs (not compared: {left_out})"]
-    rows = tuple(
-        (_clip(difference.field), _header_value(difference, "a"), _header_value(difference, "b"))
-        for difference in diff.header
-    )
+    rows = [row for difference in diff.header for row in _header_rows(difference)]
     fields = "field differs" if count == 1 else "fields differ"
-    return [
+    lines = [
         f"header: {count} {fields} (not compared: {left_out})",
-        render_table(Table("header fields that differ", ("field", "a", "b"), rows), rich=rich),
+        render_table(
+            Table(
+                "header values that differ", ("field", "a", "b"), tuple(rows[:HEADER_ROWS_SHOWN])
+            ),
+            rich=rich,
+        ),
     ]
+    if len(rows) > HEADER_ROWS_SHOWN:
+        lines.append(f"({HEADER_ROWS_SHOWN} of {len(rows)} shown; every field in --json)")
+    return lines
 
 
-def _header_value(difference: HeaderDifference, side: str) -> str:
-    present = difference.in_a if side == "a" else difference.in_b
-    if not present:
-        return "(absent)"
-    value = difference.a if side == "a" else difference.b
+def _header_rows(difference: HeaderDifference) -> Iterator[tuple[str, str, str]]:
+    """Yield the rows of a field: one, or a row per leaf that differs of an object or list."""
+    a = difference.a if difference.in_a else _MISSING
+    b = difference.b if difference.in_b else _MISSING
     if difference.field == Field.CALLBACKS.value:
-        return _callbacks_text(value)
-    return _value_text(value)
+        yield _clip(difference.field), _callbacks_text(a), _callbacks_text(b)
+        return
+    for name, value_a, value_b in _leaves(_clip(difference.field, 40), a, b, 0):
+        yield _clip(name), _shown_value(value_a), _shown_value(value_b)
+
+
+def _leaves(name: str, a: object, b: object, depth: int) -> Iterator[tuple[str, object, object]]:
+    """Yield (name, a, b) for each leaf that differs, following objects and equal-length lists."""
+    if depth < _HEADER_DEPTH and isinstance(a, dict) and isinstance(b, dict):
+        for key in dict.fromkeys([*a, *b]):
+            value_a, value_b = a.get(key, _MISSING), b.get(key, _MISSING)
+            if not _same(value_a, value_b):
+                yield from _leaves(f"{name}.{_clip(str(key), 40)}", value_a, value_b, depth + 1)
+        return
+    if depth < _HEADER_DEPTH and isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for index, (value_a, value_b) in enumerate(zip(a, b, strict=True)):
+            if not _same(value_a, value_b):
+                yield from _leaves(f"{name}[{index}]", value_a, value_b, depth + 1)
+        return
+    yield name, a, b
+
+
+def _shown_value(value: object) -> str:
+    return "(absent)" if value is _MISSING else _value_text(value)
 
 
 def _callbacks_text(value: object) -> str:
     """Show ``cbs`` as ``name order, ...`` when it is a list of [name, order] pairs."""
+    if value is _MISSING:
+        return "(absent)"
     if not isinstance(value, list) or not all(_is_callback(item) for item in value):
         return shown(value, _VALUE_SHOWN)
     return ", ".join(f"{_clip(name, 40)} {order}" for name, order in value) or "none"
@@ -670,13 +976,20 @@ def _path_lines(diff: RunDiff, rich: bool | None) -> list[str]:
     if diff.paths_identical is None:
         return [f"path: not compared ({count_a} and {count_b} transitions)"]
     first = diff.first_difference
-    if first is None:
+    where = " from the resume point" if diff.resumes else ""
+    if first is None and not diff.resumes:
         return [f"path: identical, {count_a} transitions"]
+    if first is None:
+        compared = count_a - diff.compared_from[0]
+        return [f"path: identical{where}, {compared} transitions (a has {count_a}, b {count_b})"]
     rows = (_step_row("a", first.a, count_a), _step_row("b", first.b, count_b))
     columns = ("run", "trigger", "transition", "epoch", "pass", "batch")
     table = Table("where the paths part", columns, rows, frozenset({3, 5}))
     return [
-        f"path: differs after {first.index} common transitions (a has {count_a}, b {count_b})",
+        (
+            f"path: differs after {first.index} common transitions{where} (a has {count_a}, "
+            f"b {count_b})"
+        ),
         render_table(table, rich=rich),
     ]
 
@@ -694,12 +1007,21 @@ def _step_row(name: str, step: StepAt | None, count: int) -> tuple[str, ...]:
     )
 
 
-def _metric_lines(metrics: Sequence[MetricDifference], rich: bool | None) -> list[str]:
+def _metric_lines(diff: RunDiff, rich: bool | None) -> list[str]:
+    if not diff.kinds_same:
+        return ["metrics: not compared (the runs are of different kinds)"]
+    metrics = diff.metrics
+    left_out = (
+        f" ({diff.metrics_left_out} more values not compared: over {METRIC_VALUES_KEPT} a run)"
+        if diff.metrics_left_out
+        else ""
+    )
     if not metrics:
-        return ["metrics: none (neither run has a metrics note: MetricsCB writes them)"]
+        none = "no pass both runs have" if diff.resumes else "neither run has a metrics note"
+        return [f"metrics: none ({none}: MetricsCB writes them){left_out}"]
     passes = len({(metric.epoch, metric.pass_) for metric in metrics})
     differing = [metric for metric in metrics if metric.differs]
-    head = f"metrics: {len(metrics)} values in {passes} passes"
+    head = f"metrics: {len(metrics)} values in {passes} passes{left_out}"
     if not differing:
         return [f"{head}, all equal"]
     lines = [f"{head}, {len(differing)} differ{_largest(differing)}"]
@@ -745,12 +1067,17 @@ def _metric_row(metric: MetricDifference) -> tuple[str, ...]:
 
 
 def _number_text(value: Number | None) -> str:
+    """Show a number in at most about 20 characters: a long int as ``1.84467e+19``."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.6g}"
-    text = str(value)
-    return text if len(text) <= 20 else f"{value:.6g}"
+    text = _int_text(value)
+    if len(text) <= _INT_SHOWN or not text.lstrip("-").isdigit():
+        return text
+    sign, digits = ("-", text[1:]) if text.startswith("-") else ("", text)
+    mantissa = f"{digits[0]}.{digits[1:6]}".rstrip("0").rstrip(".")
+    return f"{sign}{mantissa}e+{len(digits) - 1}"
 
 
 def _verdict(diff: RunDiff) -> str:
@@ -759,8 +1086,12 @@ def _verdict(diff: RunDiff) -> str:
         runs = " and ".join(f"run {name}" for name in unverified)
         verb = "do" if len(unverified) > 1 else "does"
         return f"not identical: {runs} {verb} not verify, so the diff cannot be trusted"
+    if not diff.kinds_same:
+        kind_a, kind_b = _kind_name(diff.a.report.kind), _kind_name(diff.b.report.kind)
+        return f"not identical: a is {kind_a}, b {kind_b}"
     if diff.paths_identical is None:
         return "not identical: the tables differ"
+    where = " from the resume point" if diff.resumes else ""
     if diff.paths_identical:
-        return "identical paths"
-    return "not identical: the paths differ"
+        return f"identical{where}" if diff.resumes else "identical paths"
+    return f"not identical: the paths differ{where}"
