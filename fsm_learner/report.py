@@ -8,12 +8,17 @@ where its time went (``RunReport.time_by_work_ns``), the curves of the ``metrics
 MetricsCB writes per pass, the cancels and the failure listed, the slowest transitions,
 and, when the run noted ``hook_times``, the time per callback.
 
-``load_run`` audits the log (``FileAudit``: the verdict and what the run adds up to) and
-reads the chosen run's records (``runlog.read_runs``); ``render_page`` draws them. The
-page is inline SVG drawn here (no Graphviz), a stylesheet and no script: it loads
+``load_run`` audits the files as ``fsm-learner audit`` of them would (``audit_files``: a
+log alone, or every log of a directory, with lineages and ranks) and takes the audit's
+verdict on the chosen run; it reads that run's records, and only those
+(``runlog.read_run``, by the line of its header: never a copy under the same id).
+``render_page`` draws them, reading the transitions once (``_Walk``): a run of millions of
+batches keeps its passes and a bounded sample of its events, never a list of transitions.
+The page is inline SVG drawn here (no Graphviz), a stylesheet and no script: it loads
 nothing, and its Content-Security-Policy forbids it to. Drawing never emits an element
 per batch: passes are bars (grouped when there are many), cancels are binned along time,
-curves are one polyline each (thinned when long).
+curves are one polyline each (thinned when long), on value axes reckoned in decimal, so
+that any finite float (1.7e308, 5e-324) is charted.
 
 A log is hostile input: every text taken from it (a run id, a callback's name, a metric's
 name, an exception's message) is made printable (``_display.printable``), cut to length
@@ -21,28 +26,32 @@ and HTML-escaped where it is placed, and only numbers of the right type are draw
 is built with ``_el``, which escapes every string it is given but the markup it built.
 
 One log file, one run: a fit across ranks writes one log per rank, and the page shows
-the rank whose log it is given (``fsm-learner audit`` checks the ranks together).
+the rank whose log it is given (its verdict takes the other ranks' logs in, when they are
+read: a directory).
 """
 
 from __future__ import annotations
 
 import html
 import math
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
 from fsm_learner._display import file_name, printable, shown
 from fsm_learner.audit.codec import FailureField, Field, RunStatus
-from fsm_learner.audit.files import log_files
+from fsm_learner.audit.files import NotRegularError, log_files
 from fsm_learner.audit.lineage import was_killed
-from fsm_learner.audit.replay import FileAudit, Problem, RunReport, RunSet, Work
-from fsm_learner.audit.runlog import PassSpan, RunLog, Step, passes, read_runs
-from fsm_learner.exceptions import ConfigurationError
+from fsm_learner.audit.replay import Problem, RunReport, Work
+from fsm_learner.audit.runlog import PassSpan, RunLog, Step, read_run
+from fsm_learner.audit.verdict import Audited, Verdict, audit_files
+from fsm_learner.exceptions import ConfigurationError, NoRunError
 from fsm_learner.machine import TRANSITION_TABLE, RunKind, State, Trigger
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Set as AbstractSet
     from pathlib import Path
 
     from fsm_learner.audit.codec import Note
@@ -55,23 +64,43 @@ __all__ = ["RunPage", "load_run", "render_page"]
 
 @attrs.frozen
 class RunPage:
-    """One run of a log as the page shows it: the audit's report and the run's records."""
+    """One run of a log as the page shows it: the audit's verdict and report, and its records."""
 
     path: Path
     report: RunReport
     log: RunLog
+    verdict: Verdict = attrs.field(factory=lambda: Verdict(()))
+    """What ``fsm-learner audit`` of the files read says of the run (``audit_files``)."""
     file_problem: Problem | None = None
-    """What the audit found wrong with the file beyond the run, if anything."""
+    """What the audit found wrong with the run's file beyond its runs, if anything."""
+    runs_in_file: int = 1
+    """How many runs the run's file holds."""
+    by_default: bool = True
+    """The run was chosen as the last begun in its file (no ``--run-id``)."""
+    alone: bool = True
+    """The run's file was read alone (LOG was a file), not with the other logs beside it."""
 
     @property
     def verified(self) -> bool:
-        """True when the run verifies and so does the rest of its file."""
-        return self.report.verified and self.file_problem is None
+        """True when the audit names no problem of the run, nor of its file."""
+        return self.verdict.verified and self.file_problem is None
 
     @property
     def problem(self) -> Problem | None:
-        """Why the page's run does not verify: its own problem, else its file's."""
-        return self.report.problem or self.file_problem
+        """Why the page's run does not verify: the first problem the audit names."""
+        return self.verdict.problems[0] if self.verdict.problems else self.file_problem
+
+    @property
+    def resumed_by(self) -> str | None:
+        """The run that resumed this killed one, when the lineage that says so verifies."""
+        return self.verdict.continued_by
+
+    @property
+    def choice_said(self) -> str | None:
+        """Say that the file holds other runs, when the run was chosen as its last."""
+        if not self.by_default or self.runs_in_file < 2:
+            return None
+        return f"the last of {self.runs_in_file:,} runs in its file; --run-id picks another"
 
 
 _RUN_IDS_LISTED: Final = 8
@@ -81,24 +110,34 @@ def load_run(path: Path, *, run_id: str | None = None, key: bytes | None = None)
     """Audit the log ``path`` and read one of its runs: ``run_id``, or the run begun last.
 
     ``path`` may be a directory: its newest log (by modification time) is read, or with
-    ``run_id`` the newest that holds that run. Raise ConfigurationError, in one line,
-    when there is no such log or run.
+    ``run_id`` the newest that holds that run; every log in it is audited, as
+    ``fsm-learner audit`` of the directory does (the lineage of a resumed run, the ranks
+    of a distributed one). Raise, in one line, ConfigurationError when there is no such log
+    or no run ``run_id``, NoRunError when the log holds no run (as its audit fails it).
     """
     files, errors = log_files([path])
     if not files:
         raise ConfigurationError(errors[0] if errors else f"{file_name(path)}: no audit log")
-    ids: list[str] = []
-    candidates = _newest_first(files)
-    for candidate in candidates if run_id is not None else candidates[:1]:
-        page = _page(candidate, run_id, key, ids, alone=len(candidates) == 1)
-        if page is not None:
-            return page
-    listed = ", ".join(ids[:_RUN_IDS_LISTED]) + (" ..." if len(ids) > _RUN_IDS_LISTED else "")
-    where = (
-        file_name(files[0]) if len(files) == 1 else f"the {len(files)} logs of {file_name(path)}"
+    audited = audit_files(files, key=key)
+    found = _choose(audited, _newest_first(files), run_id)
+    if found is None:
+        raise ConfigurationError(_no_such_run(audited, path, files, str(run_id)))
+    file, report, runs_in_file = found
+    try:
+        log = read_run(file, report.run_id, report.first_line)
+    except (OSError, NotRegularError) as exc:  # changed since its audit
+        msg = f"{file_name(file)}: {exc}; no run to report"
+        raise NoRunError(msg) from None
+    return RunPage(
+        file,
+        report,
+        log,
+        audited.verdict(report),
+        _file_problem(audited, file),
+        runs_in_file,
+        by_default=run_id is None,
+        alone=not path.is_dir(),
     )
-    msg = f"{where} has no run {shown(run_id)}; its runs: {listed or 'none'}"
-    raise ConfigurationError(msg)
 
 
 def _newest_first(files: Sequence[Path]) -> list[Path]:
@@ -111,36 +150,49 @@ def _newest_first(files: Sequence[Path]) -> list[Path]:
     return sorted(files, key=modified, reverse=True)
 
 
-def _page(
-    path: Path, run_id: str | None, key: bytes | None, ids: list[str], *, alone: bool
-) -> RunPage | None:
-    """Audit one log; return the page of its run ``run_id`` (default: begun last), if it has it.
+def _choose(
+    audited: Audited, files: Sequence[Path], run_id: str | None
+) -> tuple[Path, RunReport, int] | None:
+    """Find the run to draw, and how many runs its file holds; None when no run is ``run_id``.
 
-    Add the ids of its runs to ``ids``. A log with no run at all (empty, unreadable, no log)
-    is an error when it is the one log to read (``alone``) or the newest; else passed over.
+    Raise NoRunError when the newest log (or, with ``run_id``, every log) holds no run.
+
+    The run is ``run_id``'s first in the newest log holding it, or the newest log's last begun.
     """
-    audit, runs = FileAudit(path, key=key), RunSet()
-    chosen: RunReport | None = None
-    for report in audit:  # streamed: only the chosen run's report is kept
-        runs.add(report)
-        if len(ids) <= _RUN_IDS_LISTED:
-            ids.append(_clip(printable(report.run_id), 64))
-        if run_id is None:
-            if chosen is None or report.first_line > chosen.first_line:
-                chosen = report
-        elif chosen is None and report.run_id == run_id:
-            chosen = report
-    if chosen is None:
-        if (run_id is None or alone) and audit.problem is not None:
-            msg = f"{audit.problem}; no run to report"
-            raise ConfigurationError(msg)
-        return None
-    try:
-        log = read_runs(path, {chosen.run_id}).get(chosen.run_id, RunLog(chosen.run_id))
-    except OSError as exc:
-        msg = f"{file_name(path)}: {exc}"
-        raise ConfigurationError(msg) from None
-    return RunPage(path, chosen, log, audit.problem)
+    by_file: dict[Path, list[RunReport]] = {}
+    for file, report in audited.runs:
+        by_file.setdefault(file, []).append(report)
+    if run_id is None:
+        runs = by_file.get(files[0], [])
+        if not runs:
+            raise NoRunError(_no_run_said(audited, files[0]))
+        return files[0], max(runs, key=lambda r: r.first_line), len(runs)
+    for file in files:
+        matches = [r for r in by_file.get(file, []) if r.run_id == run_id]
+        if matches:
+            return file, min(matches, key=lambda r: r.first_line), len(by_file[file])
+    if not audited.runs:
+        raise NoRunError(_no_run_said(audited, files[0]))
+    return None
+
+
+def _no_run_said(audited: Audited, file: Path) -> str:
+    problem = _file_problem(audited, file)
+    return f"{file_name(file)}: no run in it" if problem is None else f"{problem}; no run to report"
+
+
+def _no_such_run(audited: Audited, path: Path, files: Sequence[Path], run_id: str) -> str:
+    ids = [_clip(printable(report.run_id), 64) for _, report in audited.runs]
+    listed = ", ".join(ids[:_RUN_IDS_LISTED]) + (" ..." if len(ids) > _RUN_IDS_LISTED else "")
+    where = (
+        file_name(files[0]) if len(files) == 1 else f"the {len(files)} logs of {file_name(path)}"
+    )
+    return f"{where} has no run {shown(run_id)}; its runs: {listed}"
+
+
+def _file_problem(audited: Audited, file: Path) -> Problem | None:
+    name = file_name(file)
+    return next((p for p in audited.file_problems if p.path == name), None)
 
 
 # -- markup --------------------------------------------------------------------------------------
@@ -258,24 +310,66 @@ def _plural(count: int, one: str, many: str) -> str:
     return f"{count:,} {one if count == 1 else many}"
 
 
-def _nice_step(span: float, count: int) -> float:
-    raw = span / max(count, 1)
-    magnitude = 10.0 ** math.floor(math.log10(raw))
-    return next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+_ROUND_STEPS: Final = tuple(Decimal(m) for m in ("1", "2", "2.5", "5", "10"))
 
 
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round values from ``low`` to ``high`` (inclusive where round), about ``count`` of them."""
-    step = _nice_step(high - low if high > low else 1.0, count)
-    first = math.ceil(low / step - 1e-9) * step
-    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+def _nice_step(span: Decimal, count: int) -> Decimal:
+    """Return a round step (1, 2, 2.5 or 5 times a power of ten) of about ``span / count``.
+
+    Reckoned in decimal, where no finite float overflows or underflows: a span of 3.6e308
+    or of 5e-324 gets its step as 0.25 does.
+    """
+    raw = span / count
+    magnitude = Decimal(1).scaleb(raw.adjusted())
+    return next(m * magnitude for m in _ROUND_STEPS if m * magnitude >= raw)
 
 
-def _tick_text(value: float, step: float) -> str:
-    """Write a tick's value with as many decimals as its step needs (0.25: two)."""
-    decimals = next((d for d in range(7) if abs(step * 10**d - round(step * 10**d)) < 1e-6), 6)
-    text = f"{value:.{decimals}f}"
-    return "0" if text.strip("-0.") == "" else text
+def _ticks(low: Decimal, high: Decimal, count: int) -> tuple[Decimal, list[Decimal]]:
+    """Round values from ``low`` to ``high`` (inclusive where round), about ``count``; the step."""
+    step = _nice_step(high - low if high > low else Decimal(1), count)
+    return step, _steps(low, high, step)
+
+
+def _steps(low: Decimal, high: Decimal, step: Decimal) -> list[Decimal]:
+    """Return the multiples of ``step`` from ``low`` to ``high``, both included."""
+    tick = (low / step).to_integral_value(rounding=ROUND_CEILING) * step
+    ticks = []
+    while tick <= high:
+        ticks.append(tick)
+        tick += step
+    return ticks
+
+
+def _tick_text(value: Decimal, step: Decimal) -> str:
+    """Write a tick's value with the decimals its step needs (0.25: two).
+
+    An exponent where that would take more than six decimals or ten digits (2.5e-07, 4.5e+307).
+    """
+    if value == 0:
+        return "0"
+    decimals = next((d for d in range(7) if step.scaleb(d) == step.scaleb(d).to_integral()), None)
+    if decimals is None or abs(value) >= _PLAIN_BELOW:
+        digits = max(1, min(17, value.adjusted() - step.adjusted() + 2))
+        mantissa, _, exponent = f"{value:.{digits}e}".partition("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{exponent}"
+    return f"{value:.{decimals}f}"
+
+
+_PLAIN_BELOW: Final = Decimal("1e10")
+
+
+@attrs.frozen
+class _Axis:
+    """A chart's value axis: its ends and round ticks, in decimal (any finite floats fit)."""
+
+    low: Decimal
+    high: Decimal
+    step: Decimal
+    ticks: tuple[Decimal, ...]
+
+    def share(self, value: float | Decimal) -> float:
+        """Where ``value`` lies along the axis: 0 at ``low``, 1 at ``high``."""
+        return float((Decimal(value) - self.low) / (self.high - self.low))
 
 
 def _number_value(value: object) -> float | None:
@@ -291,17 +385,17 @@ def _number_value(value: object) -> float | None:
 
 def render_page(page: RunPage) -> str:
     """Render the run's page: one HTML document that loads nothing."""
-    spans = list(passes(page.log))
+    walk = _walk(page)
     report = page.report
     sections = [
-        _banner(page),
-        _section("run", "Run", _summary(page)),
+        _banner(page, walk),
+        _section("run", "Run", _summary(page, walk)),
         _section("path", "The path it took", *_diagram_parts(report)),
-        _section("timeline", "Timeline", *_timeline_parts(page, spans)),
+        _section("timeline", "Timeline", *_timeline_parts(page, walk)),
         _section("time", "Where the time went", *_time_parts(page)),
         _hook_times_section(page.log, report),
         _metrics_section(page.log),
-        _events_section(page),
+        _events_section(page, walk),
         _slowest_section(report),
     ]
     title = f"{_kind(report)} run {_clip(report.run_id, 40)} ({report.status}) - fsm_learner"
@@ -342,26 +436,65 @@ def _pass_name(kind: RunKind | None, *, training: bool) -> str:
 # -- the verdict ---------------------------------------------------------------------------------
 
 
-def _banner(page: RunPage) -> _Html:
+def _banner(page: RunPage, walk: _Walk) -> _Html:
     report = page.report
     run = _clip(report.run_id, 64) or "?"
-    heading = _el("h1", f"{_kind(report)} run ", _el("code", run), " ", _status_badge(report))
-    outcome = _el("p", _outcome(page), class_="outcome")
-    problem = page.problem
+    heading = _el("h1", f"{_kind(report)} run ", _el("code", run), " ", _status_badge(page))
+    outcome = _el("p", _outcome(page, walk), class_="outcome")
+    asides = [_el("p", said, class_="aside") for said in _asides(page)]
     if page.verified:
-        verdict = _el("p", "✓ Verified. ", _chain_text(report), class_="verdict")
-        return _el("header", heading, outcome, verdict, class_="banner ok")
+        verdict = _el("p", *_verified_said(page), class_="verdict")
+        return _el("header", heading, outcome, verdict, *asides, class_="banner ok")
     if was_killed(report):
         what = "✗ Killed: the log ends inside the run (truncated), so it does not verify."
     else:
         what = "✗ Does not verify."
+    problems = page.verdict.problems or (() if page.problem is None else (page.problem,))
     lines = [outcome, _el("p", what, class_="verdict")]
-    if problem is not None:
-        lines.append(_el("p", _el("code", _clip(str(problem), 2000)), class_="problem"))
-    return _el("header", heading, *lines, class_="banner bad")
+    lines += [_el("p", _el("code", _clip(str(p), 2000)), class_="problem") for p in problems[:3]]
+    if len(problems) > 3:
+        lines.append(_el("p", f"... and {len(problems) - 3:,} more problems.", class_="problem"))
+    if was_killed(report) and page.alone:
+        lines.append(_el("p", _resumer_hint(page), class_="aside"))
+    return _el("header", heading, *lines, *asides, class_="banner bad")
 
 
-def _outcome(page: RunPage) -> str:
+def _verified_said(page: RunPage) -> tuple[str, ...]:
+    if page.resumed_by is None:
+        return "✓ Verified. ", _chain_text(page.report)
+    resumer = _clip(page.resumed_by, 64)
+    said = (
+        f"✓ Killed, and resumed by run {resumer} (the lineage verifies): its records verify up "
+        "to where its log ends, and the run that resumed it goes on from a checkpoint it sealed."
+    )
+    return (said,)
+
+
+def _asides(page: RunPage) -> list[str]:
+    """Say what else the page's file holds: other runs, another run of the same id."""
+    said = []
+    if page.choice_said is not None:
+        said.append(f"This is {page.choice_said}.")
+    if page.log.repeated:
+        said.append(
+            f"Another run of {file_name(page.path)} has the id {_clip(page.report.run_id, 64)}: "
+            f"this page shows the run whose header is on line {page.report.first_line:,}, and "
+            "none of the other's records; fsm-learner audit fails the copy."
+        )
+    return said
+
+
+def _resumer_hint(page: RunPage) -> str:
+    folder = file_name(page.path.parent)
+    run = _clip(page.report.run_id, 64)
+    return (
+        f"If a later run resumed it from a checkpoint, fsm-learner audit {folder} checks the "
+        f"two together (and fsm-learner report {folder} --run-id {run} draws it so): the run "
+        "is accounted for when that lineage verifies."
+    )
+
+
+def _outcome(page: RunPage, walk: _Walk) -> str:
     """Say in one sentence how the run ended, and where; or why what follows is unverified."""
     report, steps = page.report, page.log.steps
     if was_killed(report):
@@ -372,19 +505,33 @@ def _outcome(page: RunPage) -> str:
     last = steps[-1] if steps else None
     where = "" if last is None else f" in {_where(last, report.kind)}"
     if report.status is RunStatus.COMPLETED:
-        train, valid = report.batches
-        if report.kind is RunKind.FIT:
-            epochs = _plural(report.epochs, "epoch", "epochs")
-            done = f"{epochs}, {train:,} training and {valid:,} validation batches"
-        else:
-            done = _plural(valid, "batch", "batches")
-        return f"Completed {done} in {took}."
+        return f"Completed {_done(report, page.report.header)} in {took}."
     if report.status is RunStatus.FAILED:
         failure = report.failure or {}
         error = _log_text(failure.get(FailureField.TYPE.value, "an exception"), 120)
         return f"Failed with {error}{where}, after {took}: see Cancels and failures below."
     how = "" if last is None else f" by {last.trigger}"
-    return f"{report.status.value.capitalize()}{how}{where}, after {took}."
+    why = "" if last is None else _why(walk, last)
+    return f"{report.status.value.capitalize()}{how}{where}, after {took}{why}."
+
+
+def _done(report: RunReport, header: Mapping[str, Any]) -> str:
+    train, valid = report.batches
+    if report.kind is not RunKind.FIT:
+        return _plural(valid, "batch", "batches")
+    resume = _resume(header)
+    resumed = "" if resume is None else f" (resumed at epoch {resume.epoch})"
+    epochs = _plural(report.epochs, "epoch", "epochs")
+    return f"{epochs}{resumed}, {train:,} training and {valid:,} validation batches"
+
+
+def _why(walk: _Walk, last: Step) -> str:
+    """Name the notes written just before the run's last transition, when it is an event."""
+    event = walk.last
+    if event is None or event.step != last or not event.reasons:
+        return ""
+    names = ", ".join(_clip(note.name, 60) for note in event.reasons)
+    return f"; just before, the run noted {names} (see Cancels and failures below)"
 
 
 def _killed_said(page: RunPage) -> str:
@@ -419,9 +566,12 @@ def _chain_text(report: RunReport) -> str:
     return f"{sealed}; the chain is unkeyed: anyone can recompute its seals."
 
 
-def _status_badge(report: RunReport) -> _Html:
+def _status_badge(page: RunPage) -> _Html:
     """Name how the run ended, as the audit says; a run that does not verify is unverified."""
-    if report.problem is not None and not was_killed(report):
+    report = page.report
+    if page.resumed_by is not None and page.verified:
+        return _el("span", "killed, resumed", class_="badge resumed")
+    if not page.verified and not was_killed(report):
         return _el("span", "unverified", class_="badge failed")
     return _el("span", report.status.value, class_=f"badge {report.status.value}")
 
@@ -429,7 +579,7 @@ def _status_badge(report: RunReport) -> _Html:
 # -- the run's header ----------------------------------------------------------------------------
 
 
-def _summary(page: RunPage) -> _Html:
+def _summary(page: RunPage, walk: _Walk) -> _Html:
     report, header = page.report, page.report.header
     rows = [
         ("run id", _clip(report.run_id, 200) or "-"),
@@ -438,7 +588,7 @@ def _summary(page: RunPage) -> _Html:
         ("took", _duration(report.wall_ns)),
         ("model", _model(header)),
         ("optimizer", _optimizer(header)),
-        ("epochs", _epochs(report, header)),
+        ("epochs", _epochs(report, header, walk.spans)),
         ("batches", _batches(report)),
         ("callbacks", _callbacks(header.get(Field.CALLBACKS.value))),
         ("device", _field(header, Field.DEVICE)),
@@ -455,7 +605,7 @@ def _summary(page: RunPage) -> _Html:
         rank = _field(header, Field.RANK)
         rows.append(("rank", f"{rank} of {world}: this page shows this rank's log only"))
     if Field.RESUMED_FROM.value in header:
-        rows.append(("resumed from", _log_text(header[Field.RESUMED_FROM.value], 300)))
+        rows.append(("resumes", _resume_said(header, report.kind)))
     items = [_el("div", _el("dt", name), _el("dd", value)) for name, value in rows]
     return _el("dl", *items, class_="facts")
 
@@ -484,12 +634,54 @@ def _optimizer(header: Mapping[str, Any]) -> str:
     return ("none" if optimizer == "-" else optimizer) + rate
 
 
-def _epochs(report: RunReport, header: Mapping[str, Any]) -> str:
+def _epochs(report: RunReport, header: Mapping[str, Any], spans: Sequence[PassSpan]) -> str:
     asked = _field(header, Field.N_EPOCHS)
     if report.kind is not RunKind.FIT:
         return f"{asked} (a {_kind(report)} run: one pass, no training)"
+    resume, trained = _resume(header), [span.epoch for span in spans if span.training]
+    if resume is not None and trained:
+        first, last = min(trained), max(trained)
+        epochs = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+        return f"{epochs} of {asked}: resumed at epoch {resume.epoch}"
     begun = _plural(report.epochs, "training pass", "training passes")
     return f"{begun} begun, of {asked} asked for"
+
+
+@attrs.frozen
+class _Resume:
+    """A header's ``resumed_from``, as far as the page shows it."""
+
+    run: str
+    epoch: int
+    training: bool
+    batch: int
+    """How many batches of the pass were begun: the next to run."""
+    checkpoint: str
+    """The checkpoint file's sha256."""
+
+
+def _resume(header: Mapping[str, Any]) -> _Resume | None:
+    """Read the header's ``resumed_from``; None when it has none of the right shape."""
+    value = header.get(Field.RESUMED_FROM.value)
+    if not isinstance(value, dict):
+        return None
+    run, checkpoint, at = value.get("run"), value.get("sha256"), value.get("at")
+    if not isinstance(run, str) or not isinstance(checkpoint, str) or not isinstance(at, dict):
+        return None
+    epoch, training, batch = at.get("ep"), at.get("tr"), at.get("it")
+    if type(epoch) is not int or type(training) is not bool or type(batch) is not int:
+        return None
+    return _Resume(run, epoch, training, batch, checkpoint)
+
+
+def _resume_said(header: Mapping[str, Any], kind: RunKind | None) -> str:
+    """Say where the run resumed: ``resumes run X at epoch 2, train batch 12 (checkpoint ...)``."""
+    resume = _resume(header)
+    if resume is None:  # the audit names what is wrong with it
+        return _log_text(header[Field.RESUMED_FROM.value], 300)
+    where = f"epoch {resume.epoch}, {_pass_name(kind, training=resume.training)} batch"
+    checkpoint = f"(checkpoint {_clip(resume.checkpoint, 13)})"
+    return f"resumes run {_clip(resume.run, 64)} at {where} {resume.batch} {checkpoint}"
 
 
 def _batches(report: RunReport) -> str:
@@ -900,26 +1092,20 @@ def _end_ns(page: RunPage) -> int:
     return max(ends)
 
 
-def _events(log: RunLog) -> list[Step]:
-    return [step for step in log.steps if step.trigger in _EVENTS]
-
-
-def _timeline_parts(page: RunPage, spans: Sequence[PassSpan]) -> list[str]:
-    events = _events(page.log)
-    if not spans and not events:
+def _timeline_parts(page: RunPage, walk: _Walk) -> list[str]:
+    spans, scale = walk.spans, walk.scale
+    if not spans and not walk.triggers:
         return [_el("p", "The run began no pass.", class_="note")]
-    start = page.log.start_ns or 0
-    scale = _Scale(start, max(_end_ns(page) - start, 1))
     kind = page.report.kind
     lanes = [training for training in (True, False) if any(s.training is training for s in spans)]
-    rows = len(lanes) + bool(events)
+    rows = len(lanes) + bool(walk.triggers)
     height = 10 + rows * _LANE_H + 30
     content = [_grid(scale, height)]
     for row, training in enumerate(lanes):
         lane = [span for span in spans if span.training is training]
         content.append(_lane(row, _pass_name(kind, training=training), lane, scale))
-    if events:
-        content.append(_event_lane(len(lanes), events, scale, kind))
+    if walk.triggers:
+        content.append(_event_lane(len(lanes), walk, kind))
     svg = _el(
         "svg",
         _el("title", "the run's passes along time"),
@@ -932,16 +1118,15 @@ def _timeline_parts(page: RunPage, spans: Sequence[PassSpan]) -> list[str]:
     return [
         _el("p", _passes_said(spans, kind), class_="note"),
         svg,
-        _timeline_legend(spans, events, kind),
+        _timeline_legend(spans, walk.triggers, kind),
     ]
 
 
 def _timeline_legend(
-    spans: Sequence[PassSpan], events: Sequence[Step], kind: RunKind | None
+    spans: Sequence[PassSpan], triggers: AbstractSet[str], kind: RunKind | None
 ) -> _Html:
     """Name what the timeline shows: its kinds of pass, how they ended, its events."""
     ended = {_ENDED.get(span.ended, "cancelled") for span in spans}
-    triggers = {step.trigger for step in events}
     items = [
         ("train", "training pass", any(span.training for span in spans)),
         (
@@ -982,11 +1167,10 @@ def _passes_said(spans: Sequence[PassSpan], kind: RunKind | None) -> str:
 
 def _grid(scale: _Scale, height: int) -> _Html:
     unit, suffix = _time_unit(scale.span)
-    ticks = _ticks(0, scale.span / unit, 8)
-    step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
+    step, ticks = _ticks(Decimal(0), Decimal(scale.span) / Decimal(unit), 8)
     parts = []
     for tick in ticks:
-        x = scale.x(scale.start + round(tick * unit))
+        x = scale.x(scale.start + round(tick * Decimal(unit)))
         parts.append(_leaf("line", x1=x, x2=x, y1=6, y2=height - 26, class_="gridline"))
         parts.append(
             _el(
@@ -1091,13 +1275,11 @@ _STOPS: Final = frozenset({Trigger.FAIL.value, Trigger.CANCEL_FIT.value, Trigger
 """The events that end a run: a dashed line across the lanes marks each."""
 
 
-def _event_lane(row: int, events: Sequence[Step], scale: _Scale, kind: RunKind | None) -> _Html:
+def _event_lane(row: int, walk: _Walk, kind: RunKind | None) -> _Html:
     """Mark the cancels and the failure along time; those close together as one mark."""
     y = 10 + row * _LANE_H
-    bins: dict[tuple[str, int], list[Step]] = {}
-    for step in events:
-        bins.setdefault((step.trigger, int(scale.x(step.t_ns) / _EVENT_BIN)), []).append(step)
-    marks = [_event_mark(steps, scale, kind, y) for steps in bins.values()]
+    scale = walk.scale
+    marks = [_event_mark(marks, scale, kind, y) for marks in walk.marks.values()]
     lines = [
         _leaf(
             "line",
@@ -1107,11 +1289,10 @@ def _event_lane(row: int, events: Sequence[Step], scale: _Scale, kind: RunKind |
             y2=y - 4,
             class_=f"stop {_mark_class(step.trigger)}",
         )
-        for step in events
-        if step.trigger in _STOPS
+        for step in walk.stops
     ]
     label = _el("text", "events", x=float(_TL_LEFT - 10), y=y + _BAR_H / 2 + 4, class_="lane-name")
-    return _el("g", label, *lines[:8], *marks, class_="events")
+    return _el("g", label, *lines, *marks, class_="events")
 
 
 def _mark_class(trigger: str) -> str:
@@ -1120,8 +1301,8 @@ def _mark_class(trigger: str) -> str:
     return "mark-preempt" if trigger == Trigger.PREEMPT.value else "mark-cancel"
 
 
-def _event_mark(steps: Sequence[Step], scale: _Scale, kind: RunKind | None, y: int) -> _Html:
-    first, last = steps[0], steps[-1]
+def _event_mark(marks: _Marks, scale: _Scale, kind: RunKind | None, y: int) -> _Html:
+    first, last = marks.first, marks.last
     x = scale.x(first.t_ns)
     middle = y + _BAR_H / 2
     if first.trigger == Trigger.FAIL.value:  # a cross
@@ -1142,8 +1323,8 @@ def _event_mark(steps: Sequence[Step], scale: _Scale, kind: RunKind | None, y: i
     else:  # a triangle
         shape = _path("M", x, middle - 7, "L", x + 6, middle + 6, "L", x - 6, middle + 6, "Z")
     where = _where(first, kind)
-    if len(steps) > 1:
-        where = f"{len(steps):,} times from {where} to {_where(last, kind)}"
+    if marks.count > 1:
+        where = f"{marks.count:,} times from {where} to {_where(last, kind)}"
     said = f"{first.trigger} at {_duration(first.t_ns - scale.start)}: {where}"
     return _el(
         "g",
@@ -1154,6 +1335,168 @@ def _event_mark(steps: Sequence[Step], scale: _Scale, kind: RunKind | None, y: i
 
 def _where(step: Step, kind: RunKind | None) -> str:
     return f"epoch {step.epoch}, {_pass_name(kind, training=step.training)} batch {step.iter}"
+
+
+# -- the run's transitions, read once ------------------------------------------------------------
+
+_IN_PASS: Final = frozenset(State) - {State.IDLE, State.FIT}
+"""The states inside a pass: a transition from one of them to another state ends the pass."""
+_PASS_ENDS: Final = {
+    Trigger.END_EPOCH.value: "completed",
+    Trigger.CANCEL_EPOCH.value: "cancelled",
+}
+_BOOKKEEPING: Final = frozenset({"metrics", "hook_times"})
+"""Notes every pass writes at its end: never the reason for a cancel that follows them."""
+_REASONS_KEPT: Final = 4
+_STOPS_DRAWN: Final = 8
+
+
+@attrs.frozen
+class _Event:
+    """A cancel, preempt or failure, and the notes written just before it: its reasons."""
+
+    step: Step
+    reasons: tuple[Note, ...] = ()
+
+
+@attrs.define
+class _Marks:
+    """The events of one trigger close together along the timeline: drawn as one mark."""
+
+    first: Step
+    last: Step
+    count: int = 1
+
+
+@attrs.define
+class _Walk:
+    """What the page draws from the run's transitions, gathered in one pass over them.
+
+    A run of millions of batches is read once, as it comes: the page keeps its passes,
+    the first events listed, the events binned along the timeline and the stops, never a
+    list of its transitions. ``notes`` are read alongside, in time order, so that each
+    event gets the notes written since the transition before it (``reasons``).
+    """
+
+    scale: _Scale
+    notes: Sequence[Note]
+    spans: list[PassSpan] = attrs.Factory(list)
+    listed: list[_Event] = attrs.Factory(list)
+    events: int = 0
+    """The cancels and preempts (failures are the failure card's): all, not only those listed."""
+    marks: dict[tuple[str, int], _Marks] = attrs.Factory(dict)
+    stops: list[Step] = attrs.Factory(list)
+    triggers: set[str] = attrs.Factory(set)
+    last: _Event | None = None
+    """The run's last event, with its reasons: the outcome says why the run stopped."""
+    _open: Step | None = None
+    _batches: int = 0
+    _cancelled: int = 0
+    _last_ns: int = 0
+    _note: int = 0
+
+    def take(self, step: Step) -> None:
+        """Add one transition, the next in order."""
+        self._last_ns = step.t_ns
+        first_note = self._note
+        while self._note < len(self.notes) and self.notes[self._note].t_ns <= step.t_ns:
+            self._note += 1
+        if step.trigger in _EVENTS:
+            self._event(step, self.notes[first_note : self._note])
+        self._pass(step)
+
+    def finish(self) -> None:
+        """Close the pass the log ends in, if any: it is ``open``."""
+        start = self._open
+        if start is not None:
+            self.spans.append(
+                PassSpan(
+                    start.epoch,
+                    start.training,
+                    start.t_ns,
+                    self._last_ns,
+                    self._batches,
+                    self._cancelled,
+                    "open",
+                )
+            )
+
+    def _pass(self, step: Step) -> None:
+        start = self._open
+        if step.trigger == Trigger.BEGIN_EPOCH.value:
+            self._open, self._batches, self._cancelled = step, 0, 0
+        elif start is None:
+            return
+        elif step.trigger == Trigger.BEGIN_BATCH.value:
+            self._batches += 1
+        elif step.trigger == Trigger.CANCEL_BATCH.value:
+            self._cancelled += 1
+        elif step.source in _IN_PASS and step.dest not in _IN_PASS:
+            ended = _PASS_ENDS.get(step.trigger, step.trigger)
+            span = PassSpan(
+                start.epoch,
+                start.training,
+                start.t_ns,
+                step.t_ns,
+                self._batches,
+                self._cancelled,
+                ended,
+            )
+            self.spans.append(span)
+            self._open = None
+
+    def _event(self, step: Step, notes: Sequence[Note]) -> None:
+        reasons = tuple(
+            note
+            for note in notes
+            if note.name not in _BOOKKEEPING
+            and note.epoch == step.epoch
+            and note.training == step.training
+        )[-_REASONS_KEPT:]
+        event = _Event(step, reasons)
+        self.last = event
+        self.triggers.add(step.trigger)
+        if step.trigger != Trigger.FAIL.value:
+            self.events += 1
+            if len(self.listed) < _EVENTS_LISTED:
+                self.listed.append(event)
+        if step.trigger in _STOPS and len(self.stops) < _STOPS_DRAWN:
+            self.stops.append(step)
+        key = (step.trigger, int(self.scale.x(step.t_ns) / _EVENT_BIN))
+        marks = self.marks.get(key)
+        if marks is None:
+            self.marks[key] = _Marks(step, step)
+        else:
+            marks.last, marks.count = step, marks.count + 1
+
+
+def _walk(page: RunPage) -> _Walk:
+    """Read the run's transitions once: its passes and events, placed on the timeline."""
+    start = page.log.start_ns or 0
+    walk = _Walk(_Scale(start, max(_end_ns(page) - start, 1)), page.log.notes)
+    for step in page.log.steps:
+        walk.take(step)
+    walk.finish()
+    return walk
+
+
+def _reasons_said(event: _Event) -> str:
+    """Say what the notes before an event say: ``early_stopping: monitor valid_loss, ...``."""
+    return "; ".join(_note_said(note) for note in event.reasons)
+
+
+def _note_said(note: Note) -> str:
+    fields = list(note.fields.items())
+    said = ", ".join(f"{_clip(str(k), 40)} {_value_said(v)}" for k, v in fields[:12])
+    more = f", and {len(fields) - 12} more" if len(fields) > 12 else ""
+    return f"{_clip(note.name, 60)}: {said}{more}" if said else _clip(note.name, 60)
+
+
+def _value_said(value: object) -> str:
+    number = _number_value(value)
+    if number is not None and isinstance(value, float):
+        return f"{number:.4g}"
+    return _log_text(value, 80)
 
 
 # -- where the time went -------------------------------------------------------------------------
@@ -1239,14 +1582,39 @@ def _work_bar(by_work: Mapping[Work, int], total: int) -> _Html:
     )
 
 
+_FIT_LEVEL: Final = frozenset(
+    trigger.value
+    for trigger in (
+        Trigger.BEGIN_FIT,
+        Trigger.END_FIT,
+        Trigger.CANCEL_FIT,
+        Trigger.PREEMPT,
+        Trigger.FAIL,
+    )
+)
+"""Transitions whose hooks run for the fit, not for a pass (after_fit, after_cancel_fit...):
+the footer's [training, validation] pair splits time by the training flag, which for these
+says only where the fit was, so their time is the fit's."""
+
+
 def _hook_ns_table(hook_ns: Mapping[str, Sequence[int]]) -> _Html:
     totals = sorted(hook_ns.items(), key=lambda item: -sum(item[1]))
-    rows = [
-        (trigger, *(_duration(ns) if ns else "-" for ns in (pair[0], pair[1], sum(pair))))
-        for trigger, pair in totals[:12]
-        if sum(pair)
-    ]
-    return _table(("transition", "training", "validation", "total"), rows, {1, 2, 3})
+    rows = []
+    for trigger, (training, validation) in totals[:12]:
+        total = training + validation
+        if not total:
+            continue
+        if trigger in _FIT_LEVEL:
+            cells = ("-", "-", _duration(total))
+        else:
+            cells = (_ns_cell(training), _ns_cell(validation), "-")
+        rows.append((trigger, *cells, _duration(total)))
+    columns = ("transition", "in training passes", "in validation passes", "for the fit", "total")
+    return _table(columns, rows, {1, 2, 3, 4})
+
+
+def _ns_cell(ns: int) -> str:
+    return _duration(ns) if ns else "-"
 
 
 # -- metric curves -------------------------------------------------------------------------------
@@ -1322,14 +1690,21 @@ def _thinned(points: Sequence[_Point]) -> list[_Point]:
     return [points[i] for i in keep]
 
 
-def _domain(values: Sequence[float], count: int) -> tuple[float, float, list[float]]:
-    low, high = min(values), max(values)
-    if high - low < 1e-12:
-        pad = max(abs(low) * 0.05, 1e-3)
+_SAME: Final = Decimal("1e-9")
+"""Values this close (relative to the largest) are one value: the axis is padded around it."""
+
+
+def _domain(values: Sequence[float], count: int) -> _Axis:
+    """Fit an axis with about ``count`` round ticks around ``values`` (finite floats)."""
+    low, high = Decimal(min(values)), Decimal(max(values))
+    if high - low <= max(abs(low), abs(high)) * _SAME:
+        pad = max(abs(low) / 20, Decimal("0.001"))
         low, high = low - pad, high + pad
     step = _nice_step(high - low, count)
-    low, high = math.floor(low / step + 1e-9) * step, math.ceil(high / step - 1e-9) * step
-    return low, high, _ticks(low, high, count)
+    low = (low / step).to_integral_value(rounding=ROUND_FLOOR) * step
+    high = (high / step).to_integral_value(rounding=ROUND_CEILING) * step
+    step, ticks = _ticks(low, high, count)  # the ends rounded, the ticks as round as they
+    return _Axis(low, high, step, tuple(ticks))
 
 
 def _chart(name: str, series: Mapping[bool, Sequence[_Point]]) -> _Html:
@@ -1337,20 +1712,19 @@ def _chart(name: str, series: Mapping[bool, Sequence[_Point]]) -> _Html:
         training: _thinned(points) for training, points in sorted(series.items(), reverse=True)
     }
     epochs = [p.epoch for points in drawn.values() for p in points]
-    low_x, high_x = min(epochs) - 0.5, max(epochs) + 0.5
-    if high_x - low_x > 2:
-        low_x, high_x = min(epochs), max(epochs)
-    low_y, high_y, y_ticks = _domain([p.value for points in drawn.values() for p in points], 4)
+    first, last = min(epochs), max(epochs)
+    pad = Decimal("0.5") if last - first < 2 else Decimal(0)  # one or two epochs: centred
+    axis = _domain([p.value for points in drawn.values() for p in points], 4)
     plot_w, plot_h = _CH_W - _CH_LEFT - _CH_RIGHT, _CH_H - _CH_TOP - _CH_BOTTOM
 
-    def x(epoch: float) -> float:
-        return _CH_LEFT + (epoch - low_x) / (high_x - low_x) * plot_w
+    def x(epoch: int) -> float:  # exact: epochs as large as 2**62 are still apart
+        return _CH_LEFT + float((epoch - first + pad) / (last - first + 2 * pad)) * plot_w
 
-    def y(value: float) -> float:
-        return _CH_TOP + (high_y - value) / (high_y - low_y) * plot_h
+    def y(value: float | Decimal) -> float:
+        return _CH_TOP + (1 - axis.share(value)) * plot_h
 
     shown_name = _clip(name, 40)
-    axes = _chart_axes(shown_name, (low_x, high_x, x), (y_ticks, y))
+    axes = _chart_axes(shown_name, (first, last, x), (axis, y))
     lines = [_series(name, training, points, x, y) for training, points in drawn.items()]
     return _el(
         "figure",
@@ -1371,29 +1745,28 @@ def _chart(name: str, series: Mapping[bool, Sequence[_Point]]) -> _Html:
 
 def _chart_axes(
     name: str,
-    x_axis: tuple[float, float, Any],
-    y_axis: tuple[Sequence[float], Any],
+    x_axis: tuple[int, int, Any],
+    y_axis: tuple[_Axis, Any],
 ) -> _Html:
-    low_x, high_x, x = x_axis
-    y_ticks, y = y_axis
+    first, last, x = x_axis
+    axis, y = y_axis
     bottom, right = _CH_H - _CH_BOTTOM, _CH_W - _CH_RIGHT
-    step = y_ticks[1] - y_ticks[0] if len(y_ticks) > 1 else 1.0
     parts = [_el("text", name, x=float(_CH_LEFT), y=18.0, class_="chart-title")]
-    for tick in y_ticks:
+    for tick in axis.ticks:
         parts.append(
             _leaf("line", x1=_CH_LEFT, x2=right, y1=y(tick), y2=y(tick), class_="gridline")
         )
         parts.append(
             _el(
                 "text",
-                _tick_text(tick, step),
+                _tick_text(tick, axis.step),
                 x=float(_CH_LEFT - 6),
                 y=y(tick) + 4,
                 class_="tick y",
             )
         )
-    x_step = max(1, math.ceil(_nice_step(max(high_x - low_x, 1), 6)))
-    for epoch in range(math.ceil(low_x), math.floor(high_x) + 1, x_step):
+    x_step = max(1, math.ceil(_nice_step(Decimal(max(last - first, 1)), 6)))
+    for epoch in range(first, last + 1, x_step):
         parts.append(
             _leaf("line", x1=x(epoch), x2=x(epoch), y1=bottom, y2=bottom + 4, class_="tickmark")
         )
@@ -1461,26 +1834,27 @@ def _chart_legend(drawn: Mapping[bool, Sequence[_Point]]) -> _Html:
 _EVENTS_LISTED: Final = 100
 
 
-def _events_section(page: RunPage) -> _Html:
+def _events_section(page: RunPage, walk: _Walk) -> _Html:
     report = page.report
     parts: list[str | None] = [_failure_card(report)]
-    events = [step for step in _events(page.log) if step.trigger != Trigger.FAIL.value]
-    if events:
-        start = page.log.start_ns or 0
-        kind = report.kind
+    if walk.listed:
+        start, kind = page.log.start_ns or 0, report.kind
         rows = [
             (
-                step.trigger,
-                str(step.epoch),
-                str(step.iter),
-                _pass_name(kind, training=step.training),
-                _duration(step.t_ns - start),
+                event.step.trigger,
+                str(event.step.epoch),
+                str(event.step.iter),
+                _pass_name(kind, training=event.step.training),
+                _duration(event.step.t_ns - start),
+                _reasons_said(event) or "-",
             )
-            for step in events[:_EVENTS_LISTED]
+            for event in walk.listed
         ]
-        parts.append(_table(("what", "epoch", "batch", "pass", "at"), rows, {1, 2, 4}))
-        if len(events) > _EVENTS_LISTED:
-            parts.append(_el("p", f"... and {len(events) - _EVENTS_LISTED:,} more.", class_="note"))
+        columns = ("what", "epoch", "batch", "pass", "at", "why: the notes written just before")
+        parts.append(_table(columns, rows, {1, 2, 4}))
+        if walk.events > len(walk.listed):
+            more = walk.events - len(walk.listed)
+            parts.append(_el("p", f"... and {more:,} more.", class_="note"))
     counts = ", ".join(f"{n:,} {trigger}" for trigger, n in report.cancels.items() if n)
     said = f"Cancels: {counts}." if counts else "No cancel."
     if report.failure is None and report.failed_at is None:
@@ -1661,6 +2035,7 @@ font-weight:600}
 .badge.completed{background:#dcfce7;color:#166534}.badge.cancelled{background:#ffedd5;color:#9a3412}
 .badge.failed,.badge.truncated{background:#fee2e2;color:#991b1b}
 .badge.preempted{background:#ede9fe;color:#5b21b6}
+.badge.resumed{background:#dbeafe;color:#1e40af}
 .facts{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:2px 24px;margin:0}
 .facts div{display:flex;gap:12px;padding:4px 0;border-bottom:1px solid var(--line)}
 .facts dt{flex:0 0 96px;color:var(--muted)}.facts dd{margin:0;overflow-wrap:anywhere}

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from audit_logs import BATCH, VALID_BATCH, header_line, seal_blocks
 from helpers import digits_dls, mlp
 from torchmetrics.classification import MulticlassAccuracy
 
-from callbacks import MetricsCB
+from callbacks import CheckpointCB, EarlyStoppingCB, MetricsCB
 from fsm_learner import Callback, CancelBatchException, CancelFitException, Learner
 from fsm_learner.audit.codec import Encoder, Field, RunStatus
 from fsm_learner.audit.replay import RunReport, Work
@@ -70,11 +73,16 @@ def learner(log: Path, *cbs: Callback) -> Learner:
 
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One log per kind of run: completed, cancelled, failed fits, a validate and a predict run."""
+    """One log per kind of run: completed, cancelled, early-stopped, failed fits, a validate
+    and a predict run."""
     folder = tmp_path_factory.mktemp("logs")
-    found = {name: folder / f"{name}.jsonl" for name in ("completed", "cancelled", "failed")}
+    names = ("completed", "cancelled", "early_stopped", "failed")
+    found = {name: folder / f"{name}.jsonl" for name in names}
     learner(found["completed"]).fit(EPOCHS)
     learner(found["cancelled"], CancelsSome()).fit(EPOCHS + 2)
+    # a falling loss never improves on the first epoch's in mode max: stops after epoch 1
+    stops = EarlyStoppingCB("valid_loss", mode="max", patience=0)
+    learner(found["early_stopped"], stops).fit(EPOCHS + 2)
     with pytest.raises(ValueError, match="boom"):
         learner(found["failed"], FailsInValidation()).fit(EPOCHS)
     for kind in ("validate", "predict"):
@@ -82,6 +90,31 @@ def logs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         learn = learner(found[kind])
         learn.validate() if kind == "validate" else learn.get_preds()
     return found
+
+
+@attrs.frozen
+class Lineage:
+    """A fit killed in epoch 2 and the fit that resumed it, a log each in one directory."""
+
+    folder: Path
+    killed: str
+    resumer: str
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory: pytest.TempPathFactory) -> Lineage:
+    """The first fit checkpoints every 10 batches, its log is cut (in epoch 2), and the second
+    resumes it from its checkpoint at epoch 1, training batch 11."""
+    folder = tmp_path_factory.mktemp("lineage")
+    (folder / "log").mkdir()
+    first = learner(
+        folder / "log" / "a.jsonl", CheckpointCB(folder / "ck", every_n_batches=10, keep=None)
+    )
+    killed_id = first.fit(EPOCHS).run_id
+    killed(folder / "log" / "a.jsonl", folder / "log" / "a.jsonl")
+    [checkpoint] = (folder / "ck").glob("ckpt_e0001_train_b000011_*.pt")
+    second = learner(folder / "log" / "b.jsonl", CheckpointCB(folder / "ck2", every_n_batches=10))
+    return Lineage(folder, killed_id, second.fit(EPOCHS, resume_from=checkpoint).run_id)
 
 
 def killed(log: Path, into: Path) -> Path:
@@ -112,8 +145,11 @@ def synthetic_fit(
     header: dict[Field, Any] | None = None,
     metric: str = "accuracy",
     hook_times: bool = False,
+    losses: Sequence[float] = (),
 ) -> bytes:
     """A sealed fit of ``epochs`` epochs, metrics noted per pass, 1 µs per transition.
+
+    ``losses``: the loss each pass notes, in turn (by default one that falls by epoch).
 
     ``hook_times``: the header lists two callbacks, and each pass notes their hooks' time
     as Learner(profile_hooks=True) does (Slow's after_batch 300 ns a batch, MetricsCB's 20).
@@ -145,6 +181,8 @@ def synthetic_fit(
                     add(trigger, source, dest, training, epoch, it)
             prefix = "train" if training else "valid"
             loss = 2.3 * math.exp(-epoch / 3) + (0 if training else 0.1)
+            if losses:
+                loss = losses[(2 * epoch + (not training)) % len(losses)]
             values = {f"{prefix}_loss": loss, f"{prefix}_{metric}": 1 - loss / 2.5}
             note("metrics", {"batches": n, "complete": True, **values}, epoch, n, training)
             if hook_times:
@@ -286,6 +324,17 @@ def report(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, st
     return code, out, err
 
 
+def table_rows(html: str, after: str) -> dict[str, list[str]]:
+    """The rows of the first table after the text ``after``: first cell -> the others."""
+    table = html.split(after, 1)[1].split("</table>", 1)[0]
+    rows = {}
+    for row in re.findall(r"<tr>(.*?)</tr>", table):
+        cells = [unescape(cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+        if cells:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
 def taken(report_: RunReport) -> dict[str, int]:
     """The transitions a run took, as the diagram names them: trigger:source:dest -> count."""
     return {f"{t}:{s}:{d}": n for (t, s, d), n in report_.edges.items() if n}
@@ -373,6 +422,14 @@ class TestCompletedFit:
         assert len(run.report.slowest) == 5
         for slow in run.report.slowest:
             assert f"{slow.source} → {slow.dest}" in text
+
+    def test_fit_hooks_are_the_fits_not_a_pass(self, logs):
+        """begin_fit's and end_fit's hook time in the fit's column; a pass's in its pass's."""
+        cells = table_rows(page_of(logs["completed"])[1], "Time in hooks")
+        assert cells["begin_fit"][:2] == ["-", "-"]
+        assert cells["begin_fit"][2] == cells["begin_fit"][3] != "-"
+        assert "-" not in cells["end_batch"][:2]
+        assert cells["end_batch"][2] == "-"
 
     def test_no_cancel_no_failure_and_no_time_per_callback_section(self, logs):
         """A run without hook_times notes has no time-per-callback section."""
@@ -479,6 +536,136 @@ class TestRunsThatDoNotVerify:
         assert "✓ Verified" not in text
 
 
+class TestTheVerdictIsTheAudits:
+    """The page says what `fsm-learner audit` of the same files says of the run, no more."""
+
+    @pytest.mark.unchecked_records("a resumed_from that is no object, as a forger writes it")
+    def test_a_header_the_audit_fails(self, tmp_path, capsys):
+        """A resumed_from that is no object: the audit fails the run, and so does the page."""
+        data = synthetic_fit("0123456789ab", 1, 2, 1, header={Field.RESUMED_FROM: "bogus"})
+        (tmp_path / "log.jsonl").write_bytes(data)
+        code, out, err = report("log.jsonl", "-o", "r.html", capsys=capsys)
+        assert main(["audit", "log.jsonl"]) == 1
+        assert code == 1
+        assert "(completed, DOES NOT VERIFY)" in out
+        assert "header field 'resumed_from' must be an object, got 'bogus'" in err
+        text = Page(Path("r.html").read_text(encoding="utf-8")).text
+        assert "✗ Does not verify." in text
+        assert "✓ Verified" not in text
+        assert "'resumed_from' must be an object" in text
+
+    def test_a_resume_link_the_audit_fails(self, tmp_path, capsys):
+        """A run that verifies alone, whose link names no seal of its parent: a directory's
+        page fails it, as the audit of the directory does."""
+        (tmp_path / "runs").mkdir()
+        (tmp_path / "runs" / "a.jsonl").write_bytes(synthetic_fit("aaaaaaaaaaaa", 2, 2, 1))
+        link = {
+            "run": "aaaaaaaaaaaa",
+            "records": 10,
+            "head": "ab" * 16,
+            "sha256": "cd" * 32,
+            "path": "ckpt.pt",
+            "at": {"ep": 1, "tr": True, "it": 0},
+        }
+        child = synthetic_fit("bbbbbbbbbbbb", 2, 2, 1, header={Field.RESUMED_FROM: link})
+        (tmp_path / "runs" / "b.jsonl").write_bytes(child)
+        code, _, err = report("runs", "--run-id", "bbbbbbbbbbbb", "-o", "r.html", capsys=capsys)
+        assert code == 1
+        assert "run 'bbbbbbbbbbbb' resumes run 'aaaaaaaaaaaa'" in err
+        text = Page(Path("r.html").read_text(encoding="utf-8")).text
+        assert "✗ Does not verify." in text
+        assert (
+            "resumes run aaaaaaaaaaaa at epoch 1, train batch 0 (checkpoint cdcdcdcdcdcd…)" in text
+        )
+
+    def test_a_copy_under_the_same_id_is_never_drawn(self, tmp_path, capsys):
+        """--run-id draws the first run of the id, none of the copy's records, and says there
+        is a copy; the default (the run begun last) draws the copy, which does not verify."""
+        run = "0123456789ab"
+        first = synthetic_fit(run, 2, 3, 1, header={Field.MODEL: "First"})
+        copy = synthetic_fit(run, 3, 2, 1, header={Field.MODEL: "Copy"}, losses=[1234.5])
+        (tmp_path / "two.jsonl").write_bytes(first + copy)
+        code, _, _ = report("two.jsonl", "--run-id", run, "-o", "a.html", capsys=capsys)
+        assert code == 0
+        text = Page(Path("a.html").read_text(encoding="utf-8")).text
+        assert "model First" in text
+        assert "Copy" not in text
+        assert "1234.5" not in text
+        assert "4 passes (2 train, 2 valid)" in text
+        assert (
+            f"Another run of two.jsonl has the id {run}: this page shows the run whose header "
+            "is on line 1, and none of the other's records; fsm-learner audit fails the copy."
+        ) in text
+        code, _, _ = report("two.jsonl", "-o", "b.html", capsys=capsys)
+        assert code == 1
+        text = Page(Path("b.html").read_text(encoding="utf-8")).text
+        assert "model Copy" in text
+        assert "6 passes (3 train, 3 valid)" in text
+        assert "✗ Does not verify." in text
+        second = len(first.splitlines()) + 1
+        assert f"whose header is on line {second}," in text
+
+
+class TestKilledAndResumed:
+    """A killed run that a later run resumed, and the run that resumed it."""
+
+    def test_the_directory_accounts_for_the_killed_run(self, lineage, capsys, monkeypatch):
+        """Its lineage verifies: exit 0, the page says who resumed it, in green."""
+        monkeypatch.chdir(lineage.folder)
+        code, out, err = report("log", "--run-id", lineage.killed, "-o", "k.html", capsys=capsys)
+        assert (code, err) == (0, "")
+        said = f"killed, and resumed by run {lineage.resumer}: the lineage verifies"
+        assert f"(truncated, {said})" in out
+        page = Page(Path("k.html").read_text(encoding="utf-8"))
+        assert page.find("header", "banner")[0].classes == {"banner", "ok"}
+        assert f"✓ Killed, and resumed by run {lineage.resumer} (the lineage verifies)" in page.text
+        assert "does not verify" not in page.text.lower()
+
+    def test_the_killed_log_alone_says_how_to_check_it(self, lineage, capsys, monkeypatch):
+        """Given alone, it does not verify; the page names the command that checks the lineage."""
+        monkeypatch.chdir(lineage.folder)
+        code, _, err = report("log/a.jsonl", "-o", "k.html", capsys=capsys)
+        assert code == 1
+        assert "truncated (a killed run?)" in err
+        text = Page(Path("k.html").read_text(encoding="utf-8")).text
+        assert "✗ Killed" in text
+        assert (
+            "If a later run resumed it from a checkpoint, fsm-learner audit log checks the two "
+            f"together (and fsm-learner report log --run-id {lineage.killed} draws it so)"
+        ) in text
+
+    def test_the_resumed_run_says_where_it_resumed(self, lineage, capsys, monkeypatch):
+        """Where it took over, and which epochs it ran: not a short run, not a raw dict."""
+        monkeypatch.chdir(lineage.folder)
+        code, _, _ = report("log", "--run-id", lineage.resumer, "-o", "r.html", capsys=capsys)
+        assert code == 0
+        text = Page(Path("r.html").read_text(encoding="utf-8")).text
+        assert f"resumes resumes run {lineage.killed} at epoch 1, train batch 11 (checkpoint " in (
+            text
+        )
+        assert f"epochs epochs 1-{EPOCHS - 1} of {EPOCHS}: resumed at epoch 1" in text
+        assert "Completed 2 epochs (resumed at epoch 1)" in text
+        assert "{'" not in text
+
+
+class TestWhyAFitWasCancelled:
+    def test_the_note_before_the_cancel_is_shown(self, logs):
+        """EarlyStoppingCB's note, with its fields, beside the cancel_fit it raised."""
+        text = Page(page_of(logs["early_stopped"])[1]).text
+        assert "; just before, the run noted early_stopping (see Cancels and failures below)" in (
+            text
+        )
+        assert "cancel_fit 1 6 valid" in text
+        assert "early_stopping: monitor valid_loss, mode max, value " in text
+        assert "best_epoch 0, patience 0, min_delta 0" in text
+
+    def test_a_cancel_with_no_note_says_none(self, logs):
+        """A callback that cancels without a note: no reason is made up."""
+        text = Page(page_of(logs["cancelled"])[1]).text
+        assert "just before, the run noted" not in text
+        assert "MetricsCB" not in text.split("Cancels and failures")[1].split("Slowest")[0]
+
+
 @pytest.mark.unchecked_records("a run id, model, callback and metric names written as markup")
 class TestHostileLog:
     def test_nothing_from_the_log_becomes_markup(self, tmp_path, capsys):
@@ -511,6 +698,35 @@ class TestHostileLog:
         page = Page(render_page(load_run(tmp_path / "odd.jsonl")))  # does not verify: edited
         metrics = [e.attrs["data-metric"] for e in page.find("svg", "chart")]
         assert metrics == ["loss", "z", "accuracy"]
+
+
+class TestExtremeValues:
+    @pytest.mark.parametrize(
+        "losses",
+        [[1.79e308], [1.7e308, -1.7e308], [1e308, 0.0], [5e-324, 1e-323], [5e-324, 0.0], [0.0]],
+        ids=["huge", "both-huge", "huge-and-0", "subnormal", "subnormal-and-0", "all-0"],
+    )
+    def test_any_finite_values_are_charted(self, losses, tmp_path):
+        """Distinct round ticks, every point inside the plot; the larger value drawn higher."""
+        (tmp_path / "x.jsonl").write_bytes(synthetic_fit("0123456789ab", 3, 2, 1, losses=losses))
+        run, html = page_of(tmp_path / "x.jsonl")
+        assert run.verified
+        chart = html.split('data-metric="loss"', 1)[1].split("</svg>", 1)[0]
+        ticks = re.findall(r'class="tick y">([^<]*)<', chart)
+        assert len(ticks) >= 2
+        assert len(set(ticks)) == len(ticks)
+        assert all(math.isfinite(float(tick)) or abs(float(tick)) > 1e308 for tick in ticks)
+        heights = {}
+        for line in re.findall(r'<polyline points="([^"]*)" class="series (\w+)"', chart):
+            points, series = line
+            ys = {float(point.split(",")[1]) for point in points.split()}
+            assert all(34 <= y <= 192 for y in ys)  # the plot: top 34, bottom 236 - 44
+            heights[series] = ys
+        assert set(heights) == {"train", "valid"}
+        train, valid = losses[0], losses[-1]  # each pass's loss, by the pass
+        if train != valid:
+            higher, lower = ("train", "valid") if train > valid else ("valid", "train")
+            assert max(heights[higher]) < min(heights[lower])  # y grows downwards
 
 
 class TestHugeRuns:
@@ -576,10 +792,19 @@ class TestChoosingTheRun:
     def test_the_last_run_by_default_and_another_by_id(self, tmp_path, capsys):
         """The run begun last in the file; --run-id picks the other."""
         first, second = two_runs(tmp_path / "two.jsonl")
-        assert report("two.jsonl", capsys=capsys)[0] == 0
-        assert f"run id {second}" in Page(Path("report.html").read_text()).text
-        assert report("two.jsonl", "--run-id", first, "--output", "a.html", capsys=capsys)[0] == 0
-        assert f"run id {first}" in Page(Path("a.html").read_text()).text
+        code, out, _ = report("two.jsonl", capsys=capsys)
+        assert code == 0
+        said = "the last of 2 runs in its file; --run-id picks another"
+        assert out.endswith(f"(completed, verified); {said}\n")
+        text = Page(Path("report.html").read_text()).text
+        assert f"run id {second}" in text
+        assert f"This is {said}." in text
+        code, out, _ = report("two.jsonl", "--run-id", first, "--output", "a.html", capsys=capsys)
+        assert code == 0
+        assert out.endswith("(completed, verified)\n")
+        text = Page(Path("a.html").read_text()).text
+        assert f"run id {first}" in text
+        assert "runs in its file" not in text
 
     def test_an_unknown_run_id_names_the_runs(self, tmp_path, capsys):
         """Exit 2, one line: the id asked for, and the runs there are."""
@@ -634,7 +859,6 @@ class TestChoosingTheRun:
         [
             (["missing.jsonl"], "missing.jsonl: no such file or directory"),
             ([""], "'': the empty path names no log"),
-            (["empty.jsonl"], "empty file: no run in it"),
             (
                 ["log.jsonl", "-o", "no/such/dir/r.html"],
                 "-o no/such/dir/r.html: no directory no/such/dir",
@@ -652,6 +876,24 @@ class TestChoosingTheRun:
         assert said in err
         assert len(err.splitlines()) == 1
         assert not list(tmp_path.glob("*.html"))
+
+    @pytest.mark.parametrize(
+        ("content", "said"),
+        [
+            (b"", "log.jsonl:0: empty file: no run in it"),
+            (b"not json\n", "log.jsonl:1: not JSON"),
+        ],
+    )
+    def test_a_log_of_no_run_fails_as_its_audit_does(self, content, said, tmp_path, capsys):
+        """A log that was read but holds no run: exit 1, as fsm-learner audit exits; no page."""
+        (tmp_path / "log.jsonl").write_bytes(content)
+        code, out, err = report("log.jsonl", capsys=capsys)
+        assert (code, out) == (1, "")
+        assert err.startswith(f"fsm-learner report: {said}")
+        assert err.endswith("; no run to report\n")
+        assert len(err.splitlines()) == 1
+        assert main(["audit", "log.jsonl"]) == 1
+        assert not Path("report.html").exists()
 
     def test_an_unwritable_output(self, tmp_path, capsys):
         """A page that cannot be written: exit 2, the reason."""
@@ -800,10 +1042,11 @@ def screenshot(opened: Opened, path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def pages(logs, tmp_path_factory) -> dict[str, tuple[RunPage, Path]]:
-    """The page of each real run, of a killed, a huge and a hostile one, written to files."""
+def pages(logs, lineage, tmp_path_factory) -> dict[str, tuple[RunPage, Path]]:
+    """The page of each real run, of a killed, a huge and a hostile one, and of a killed run
+    and the run that resumed it (their directory read), written to files."""
     folder = tmp_path_factory.mktemp("pages")
-    sources = dict(logs)
+    sources: dict[str, Path] = dict(logs)
     sources["killed"] = killed(logs["completed"], folder / "killed.jsonl")
     (folder / "huge.jsonl").write_bytes(
         synthetic_fit("0123456789ab", 2, 3000, 500, hook_times=True)
@@ -811,9 +1054,11 @@ def pages(logs, tmp_path_factory) -> dict[str, tuple[RunPage, Path]]:
     sources["huge"] = folder / "huge.jsonl"
     (folder / "hostile.jsonl").write_bytes(hostile_run())
     sources["hostile"] = folder / "hostile.jsonl"
+    chosen = {"killed-resumed": lineage.killed, "resumed": lineage.resumer}
+    sources |= dict.fromkeys(chosen, lineage.folder / "log")
     found = {}
     for name, log in sources.items():
-        run, html = page_of(log)
+        run, html = page_of(log, run_id=chosen.get(name))
         (folder / f"report-{name}.html").write_text(html, encoding="utf-8")
         found[name] = (run, folder / f"report-{name}.html")
     return found
@@ -832,7 +1077,19 @@ class TestInABrowser:
 
     @pytest.mark.parametrize(
         "name",
-        ["completed", "cancelled", "failed", "validate", "predict", "killed", "huge", "hostile"],
+        [
+            "completed",
+            "cancelled",
+            "early_stopped",
+            "failed",
+            "validate",
+            "predict",
+            "killed",
+            "killed-resumed",
+            "resumed",
+            "huge",
+            "hostile",
+        ],
     )
     def test_the_page_draws_without_errors_or_requests(self, browser, pages, name, tmp_path):
         """No console error, no page error, no request; the diagram and the curves drawn."""
