@@ -7,10 +7,13 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from audit_logs import SharedFile, training_blocks
 from helpers import digits_dls, mlp
 
 from callbacks import MetricsCB
 from fsm_learner import Callback, CancelEpochException, CancelFitException, Learner
+from fsm_learner.audit import runlog
+from fsm_learner.audit.codec import decode
 from fsm_learner.audit.runlog import PassSpan, Step, Steps, passes, read_run, read_runs
 from fsm_learner.machine import Trigger
 
@@ -130,6 +133,48 @@ class TestReadRuns:
         transition = next(line for line in lines if b'"ev":"begin_batch"' in line)
         log.write_bytes(b"".join(lines) + transition)
         assert list(read_runs(log)[learn.run_id].steps) == list(run.steps)
+
+
+class TestBulkReading:
+    """One run wanted: its transition lines read in bulk, the same as line by line."""
+
+    def test_bulk_and_line_by_line_agree_on_a_real_fit(self, tmp_path, monkeypatch):
+        decoded = []
+        monkeypatch.setattr(runlog, "decode", lambda line: decoded.append(line) or decode(line))
+        log = tmp_path / "runs.jsonl"
+        learn = _learner(log, [_CancelEpoch()])
+        learn.fit(2)
+        first = learn.run_id
+        learn.fit(1)
+        for run_id in (first, learn.run_id):
+            by_line = read_runs(log)[run_id]  # several runs wanted: line by line
+            decoded.clear()
+            bulk = read_runs(log, {run_id})[run_id]
+            assert list(bulk.steps) == list(by_line.steps)
+            assert len(bulk.steps) > 10
+            mine = f'"run":"{run_id}"'.encode()
+            transitions = sum(1 for line in decoded if b'"src"' in line and mine in line)
+            assert transitions < len(bulk.steps) / 4  # the rest were read in bulk
+            assert bulk.notes == by_line.notes
+            assert bulk.footer == by_line.footer
+
+    def test_blocks_of_two_runs_interleaved(self, tmp_path):
+        """A file two writers share: each run's lines are its own, whatever the reading."""
+        shared = SharedFile()
+        blocks = {run: training_blocks(run, 30, block=7) for run in ("aaaa", "bbbb")}
+        for pair in itertools.zip_longest(*blocks.values()):
+            for run, block in zip(blocks, pair, strict=True):
+                if block is not None:
+                    shared.append(run, block)
+        log = tmp_path / "shared.jsonl"
+        log.write_bytes(bytes(shared.data))
+        both = read_runs(log)
+        for run, written in blocks.items():
+            alone = read_runs(log, {run})[run]
+            assert list(alone.steps) == list(both[run].steps)
+            assert len(alone.steps) == sum(
+                1 for block in written for line in block if b'"src"' in line
+            )
 
 
 class TestSteps:

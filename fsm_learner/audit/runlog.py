@@ -16,7 +16,18 @@ from typing import TYPE_CHECKING, Any, Final, overload
 
 import attrs
 
-from fsm_learner.audit.codec import Footer, Header, Note, RecordError, Transition, decode
+from fsm_learner.audit.codec import (
+    Footer,
+    Header,
+    Note,
+    RecordError,
+    RecordKind,
+    Transition,
+    TransitionReader,
+    Transitions,
+    decode,
+    route_keys,
+)
 from fsm_learner.audit.files import Overlong, Unreadable, open_log, read_chunks
 from fsm_learner.machine import State, Trigger
 
@@ -48,10 +59,20 @@ class Steps(Sequence[Step]):
     """
 
     def __init__(self) -> None:
-        """Start empty."""
-        self._routes: list[tuple[str, str, str, bool]] = []
-        self._route_index: dict[tuple[str, str, str, bool], int] = {}
+        """Start empty: the table's routes are indexed as ``route_keys()`` orders them."""
+        self._routes: list[tuple[str, str, str, bool]] = list(route_keys())
+        self._route_index = {route: i for i, route in enumerate(self._routes)}
         self._columns = (array("q"), array("q"), array("q"), array("q"))
+
+    def extend(self, batch: Transitions) -> None:
+        """Add transitions read in bulk (``codec.TransitionReader``: routes of the table)."""
+        routes, epochs, iters, times = self._columns
+        numbers = batch.numbers
+        routes.extend(batch.routes)
+        for column, values in ((epochs, numbers[0::3]), (iters, numbers[1::3])):
+            column.extend(values if max(values) <= _INT64 else map(_clamped, values))
+        stamps = numbers[2::3]
+        times.extend(stamps if max(stamps) <= _INT64 else map(_clamped, stamps))
 
     def append(self, step: Step) -> None:
         """Add a transition at the end."""
@@ -89,6 +110,8 @@ class Steps(Sequence[Step]):
 
 
 _INT64: Final = (1 << 63) - 1
+_NOT_TRANSITIONS: Final = tuple(b'{"ev":"' + kind.value.encode() + b'"' for kind in RecordKind)
+"""How the writer begins the lines that are no transitions: they are taken one by one."""
 
 
 def _clamped(value: int) -> int:
@@ -147,6 +170,9 @@ class _Reader:
         self.open: dict[str, RunLog] = {}
         self.chosen: RunLog | None = None
         self.line = 0
+        self.bulk_id = next(iter(wanted)) if wanted is not None and len(wanted) == 1 else ""
+        self.bulk = TransitionReader(self.bulk_id) if self.bulk_id else None
+        """One run wanted: its transition lines are read in bulk, as the audit reads them."""
 
     def read(self, path: Path) -> None:
         with open_log(path) as fh:
@@ -156,9 +182,40 @@ class _Reader:
                 if isinstance(chunk, Overlong):
                     self.line += 1
                     continue
-                for line in chunk.splitlines():
-                    self.line += 1
-                    self._take(line)
+                self._chunk(chunk.splitlines(keepends=True))
+
+    def _chunk(self, lines: list[bytes]) -> None:
+        """Take a chunk's lines: runs of transition lines in bulk where they read so."""
+        bulk = self.bulk
+        if bulk is None:
+            for line in lines:
+                self.line += 1
+                self._take(line)
+            return
+        group: list[bytes] = []
+        for line in lines:
+            if line.startswith(_NOT_TRANSITIONS):
+                self._group(group, bulk)
+                group = []
+                self.line += 1
+                self._take(line)
+            else:
+                group.append(line)
+        self._group(group, bulk)
+
+    def _group(self, group: list[bytes], bulk: TransitionReader) -> None:
+        """Take consecutive lines that may be transitions: in bulk if all are the run's."""
+        if not group:
+            return
+        run = self.open.get(self.bulk_id)
+        batch = bulk.read(b"".join(group)) if run is not None else None
+        if run is None or batch is None or not group[-1].endswith(b"\n"):
+            for line in group:
+                self.line += 1
+                self._take(line)
+            return
+        run.steps.extend(batch)
+        self.line += len(group)
 
     def _take(self, line: bytes) -> None:
         try:
