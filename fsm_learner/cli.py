@@ -27,9 +27,7 @@ from fsm_learner.audit.diff import (
     runs_in_files,
 )
 from fsm_learner.audit.files import file_kind, log_files
-from fsm_learner.audit.lineage import LineageReport, Lineages, RunKey, run_key, was_killed
-from fsm_learner.audit.ranks import DistributedReport, DistributedRuns
-from fsm_learner.audit.replay import FileAudit, Problem, RunReport, RunSet
+from fsm_learner.audit.lineage import LineageReport, RunKey, run_key, was_killed
 from fsm_learner.audit.summary import (
     render_distributed,
     render_distributed_totals,
@@ -38,6 +36,7 @@ from fsm_learner.audit.summary import (
     render_report,
     render_totals,
 )
+from fsm_learner.audit.verdict import audit_into
 from fsm_learner.diagram import (
     DiagramFormat,
     DiagramView,
@@ -55,6 +54,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping, Sequence
     from collections.abc import Set as AbstractSet
 
+    from fsm_learner.audit.ranks import DistributedReport
+    from fsm_learner.audit.replay import Problem, RunReport
     from fsm_learner.report import RunPage
 
 __all__ = ["main"]
@@ -256,7 +257,7 @@ class _TextSummary:
     def close(self) -> None:
         self.killed.close()
 
-    def run(self, report: RunReport) -> None:
+    def run(self, _path: Path, report: RunReport) -> None:
         self.runs += 1
         self.verified += report.verified
         _write(sys.stdout, render_report(report) + "\n\n")
@@ -341,7 +342,7 @@ class _JsonSummary:
     def close(self) -> None:
         self.problems.close()
 
-    def run(self, report: RunReport) -> None:
+    def run(self, _path: Path, report: RunReport) -> None:
         separator = "," if self.runs else ""
         _write(sys.stdout, f"{separator}\n    " + _json(report.to_json()).replace("\n", "\n    "))
         self.runs += 1
@@ -465,24 +466,7 @@ def _audit(
     summary: _TextSummary | _JsonSummary,
 ) -> None:
     """Replay every file, run by run; then check the lineages, the distributed runs, the heads."""
-    runs = RunSet(expected_heads)
-    lineages = Lineages(key=key)
-    distributed = DistributedRuns()
-    for path in files:
-        audit = FileAudit(path, key=key)
-        for report in audit:
-            runs.add(report)
-            lineages.add(report, path)
-            distributed.add(report, path)
-            summary.run(report)
-        if audit.problem is not None:
-            summary.problem(audit.problem)
-    for lineage in lineages.check(files):
-        summary.lineage(lineage)
-    for run in distributed.check(files):
-        summary.distributed(run)
-    for problem in runs.missing():
-        summary.problem(problem)
+    audit_into(files, summary, key=key, expected_heads=expected_heads)
 
 
 def _diagram_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -10,7 +10,7 @@ that verifies continues is accounted for, as the audit says: its death is no pro
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
@@ -19,10 +19,10 @@ from fsm_learner.audit.ranks import DistributedReport, DistributedRuns
 from fsm_learner.audit.replay import FileAudit, Problem, RunReport, RunSet
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
     from pathlib import Path
 
-__all__ = ["Audited", "Verdict", "audit_files"]
+__all__ = ["AuditSink", "Audited", "Verdict", "audit_files", "audit_into"]
 
 
 @attrs.frozen
@@ -47,7 +47,23 @@ class Audited:
     runs: list[tuple[Path, RunReport]] = attrs.Factory(list)
     file_problems: list[Problem] = attrs.Factory(list)
     lineages: list[LineageReport] = attrs.Factory(list)
-    distributed: list[DistributedReport] = attrs.Factory(list)
+    distributed_runs: list[DistributedReport] = attrs.Factory(list)
+
+    def run(self, path: Path, report: RunReport) -> None:
+        """Keep a run's report."""
+        self.runs.append((path, report))
+
+    def problem(self, problem: Problem) -> None:
+        """Keep a problem of a file or of the runs together."""
+        self.file_problems.append(problem)
+
+    def lineage(self, lineage: LineageReport) -> None:
+        """Keep a lineage."""
+        self.lineages.append(lineage)
+
+    def distributed(self, report: DistributedReport) -> None:
+        """Keep a distributed run."""
+        self.distributed_runs.append(report)
 
     def verdict(self, report: RunReport) -> Verdict:
         """Return what the audit says of ``report``'s run (one of ``runs``)."""
@@ -62,7 +78,7 @@ class Audited:
         )
         of_ranks = tuple(
             problem
-            for distributed in self.distributed
+            for distributed in self.distributed_runs
             if distributed.run_id == report.run_id
             for problem in distributed.all_problems()
         )
@@ -76,10 +92,35 @@ class Audited:
         return None
 
 
-def audit_files(files: Sequence[Path], *, key: bytes | None = None) -> Audited:
-    """Audit ``files`` as ``fsm-learner audit`` does; keep every run's report."""
-    audited = Audited()
-    runs = RunSet()
+class AuditSink(Protocol):
+    """What receives an audit's findings, in order: each run, then lineages and ranks."""
+
+    def run(self, path: Path, report: RunReport) -> None:
+        """Take a run's report, as soon as the run is replayed."""
+
+    def problem(self, problem: Problem) -> None:
+        """Take a problem of a file, or of the runs taken together."""
+
+    def lineage(self, lineage: LineageReport) -> None:
+        """Take a lineage of resumed runs, once every file is read."""
+
+    def distributed(self, report: DistributedReport) -> None:
+        """Take a distributed run, once every file is read."""
+
+
+def audit_into(
+    files: Sequence[Path],
+    sink: AuditSink,
+    *,
+    key: bytes | None = None,
+    expected_heads: Iterable[str] = (),
+) -> None:
+    """Audit ``files`` as ``fsm-learner audit`` does, telling ``sink`` what it finds.
+
+    Every file replayed run by run (no run twice), then the lineages, the distributed
+    runs and the expected heads not found.
+    """
+    runs = RunSet(expected_heads)
     lineages = Lineages(key=key)
     distributed = DistributedRuns()
     for path in files:
@@ -88,9 +129,19 @@ def audit_files(files: Sequence[Path], *, key: bytes | None = None) -> Audited:
             runs.add(report)
             lineages.add(report, path)
             distributed.add(report, path)
-            audited.runs.append((path, report))
+            sink.run(path, report)
         if audit.problem is not None:
-            audited.file_problems.append(audit.problem)
-    audited.lineages = lineages.check(files)
-    audited.distributed = distributed.check(files)
+            sink.problem(audit.problem)
+    for lineage in lineages.check(files):
+        sink.lineage(lineage)
+    for run in distributed.check(files):
+        sink.distributed(run)
+    for problem in runs.missing():
+        sink.problem(problem)
+
+
+def audit_files(files: Sequence[Path], *, key: bytes | None = None) -> Audited:
+    """Audit ``files`` as ``fsm-learner audit`` does; keep every run's report."""
+    audited = Audited()
+    audit_into(files, audited, key=key)
     return audited
