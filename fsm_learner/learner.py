@@ -137,7 +137,7 @@ from fsm_learner.machine import (
     table_routes,
 )
 from fsm_learner.optim import BaseHypers, held_ids
-from fsm_learner.run import Run, callable_name, optimizer_groups
+from fsm_learner.run import Run, callable_name, json_setting, optimizer_groups
 from fsm_learner.work import DEFAULT_WORK
 
 __all__ = ["DataLoaders", "Failure", "FitResult", "Learner", "OptimizerFactory", "ParamGroups"]
@@ -1744,15 +1744,16 @@ class Learner:
         """Return what the run's header says of this learner and this run."""
         params = list(self.model.parameters())
         fitting = self._kind is RunKind.FIT
+        opt = self.opt if fitting else None
         return {
             Field.KIND: self._kind.value,
             Field.CALLBACKS: [[type(cb).__name__, cb.order] for cb in self.cbs],
             Field.MODEL: type(self.model).__name__,
-            Field.OPTIMIZER: type(self.opt).__name__ if fitting else None,
+            Field.OPTIMIZER: type(opt).__name__ if fitting else None,
             Field.PARAMS: sum(p.numel() for p in params),
             Field.N_EPOCHS: self._n_epochs if fitting else 0,
-            Field.LR: self.opt.param_groups[0]["lr"] if fitting and self.opt else self.lr,
-            Field.OPT_GROUPS: optimizer_groups(self.opt) if fitting and self.opt else None,
+            Field.LR: self.lr if opt is None else json_setting(opt.param_groups[0]["lr"]),
+            Field.OPT_GROUPS: None if opt is None else optimizer_groups(opt),
             Field.LOSS: callable_name(self.loss_func),
             Field.DEVICE: str(params[0].device) if params else "cpu",
             Field.TORCH: torch.__version__,

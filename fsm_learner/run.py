@@ -119,20 +119,21 @@ def optimizer_groups(opt: torch.optim.Optimizer) -> list[dict[str, Any]]:
     At most 64 groups (a header stays small).
     """
     return [
-        {str(key): _json_setting(value) for key, value in group.items() if key != "params"}
+        {str(key): json_setting(value) for key, value in group.items() if key != "params"}
         for group in opt.param_groups[:_MAX_GROUPS]
     ]
 
 
-def _json_setting(value: object) -> object:
+def json_setting(value: object) -> object:
+    """Return a setting as a header holds it (see ``optimizer_groups``)."""
     if value is None or isinstance(value, bool | int | str):
         return value if not isinstance(value, str) else value[:_MAX_TEXT]
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, tuple | list) and len(value) <= _MAX_GROUPS:
-        return [_json_setting(item) for item in value]
+        return [json_setting(item) for item in value]
     if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return _json_setting(value.item())
+        return json_setting(value.item())
     return repr(value)[:_MAX_TEXT]
 
 

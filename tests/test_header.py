@@ -71,3 +71,13 @@ class TestSetUp:
         header = header_of(learn)
         assert header["opt_groups"] is None
         assert header["kind"] == "validate"
+
+    def test_a_rate_held_as_a_tensor_is_written_as_its_number(self):
+        """A tensor lr (capturable optimizers hold one) used to fail the run's header."""
+
+        def opt(params, lr):
+            return torch.optim.SGD(params, lr=torch.tensor(lr))
+
+        header = fitted(lr=0.25, opt_func=opt)
+        assert header["lr"] == 0.25
+        assert header["opt_groups"][0]["lr"] == 0.25
