@@ -35,7 +35,8 @@ which names the fit's audit log too):
 Without a metrics callback it writes the learning rates, the seconds and the
 hyperparameters. Validate and predict runs write nothing. Nothing here syncs with the
 device per batch: the rates are Python floats (a rate held as a tensor, as capturable
-optimizers may, is read with ``float()``), and the metrics are the floats the metrics
+optimizers may, is copied on its device at the step and read back at the pass's end), and
+the metrics are the floats the metrics
 callback computed once per pass. ``log_dir`` is checked when the callback is
 constructed (an existing path that is not a directory is refused), and the run directory
 is created at ``before_fit`` (on rank 0), so a place that cannot be written fails the fit
@@ -74,6 +75,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
+import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -85,6 +87,8 @@ from fsm_learner.exceptions import CheckpointError
 from fsm_learner.machine import RunKind
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from torch.optim import Optimizer
     from torch.utils.hooks import RemovableHandle
     from torch.utils.tensorboard import SummaryWriter
@@ -131,6 +135,28 @@ def _session_start(hparams: dict[str, HParam]) -> object:
 
     _experiment, start, _end = cast("_SessionStart", summaries)(hparams, {})
     return start
+
+
+def _kept_rate(lr: object) -> float | torch.Tensor:
+    """Keep a param group's rate as the step used it: a float, or a copy of its tensor.
+
+    A tensor is copied on its device (no sync) and read back when the rates are written.
+    """
+    if isinstance(lr, torch.Tensor):
+        return lr.detach().clone()
+    return float(cast("float", lr))
+
+
+def _as_floats(rates: list[float | torch.Tensor]) -> Iterator[float]:
+    """Return the rates as floats, the tensors among them read back in one transfer."""
+    tensors = [
+        rate.reshape(()).to(torch.float64) for rate in rates if isinstance(rate, torch.Tensor)
+    ]
+    if len({t.device for t in tensors}) > 1:  # groups on several devices: one read each
+        read: Iterator[float] = (t.item() for t in tensors)
+    else:
+        read = iter(torch.stack(tensors).tolist() if tensors else [])
+    return (next(read) if isinstance(rate, torch.Tensor) else rate for rate in rates)
 
 
 def _check_log_dir(log_dir: object) -> Path:
@@ -310,7 +336,7 @@ class TensorBoardCB(Callback):
         self._fit_hparams: dict[str, HParam] = {}
         self._writer: SummaryWriter | None = None
         self._hook: RemovableHandle | None = None
-        self._pending: list[tuple[int, list[float]]] = []
+        self._pending: list[tuple[int, list[float | torch.Tensor]]] = []
         """The rates of the optimizer steps not written yet: (step, rate of each group)."""
         self._made: Path | None = None
         """The run directory ``before_fit`` created, until the fit writes there."""
@@ -344,15 +370,20 @@ class TensorBoardCB(Callback):
         """Keep each param group's rate at this step (the step hook of the optimizer; no I/O)."""
         step, self._steps = self._steps, self._steps + 1
         if self._main:
-            self._pending.append((step, [float(group["lr"]) for group in opt.param_groups]))
+            self._pending.append((step, [_kept_rate(group["lr"]) for group in opt.param_groups]))
 
     def before_epoch(self, learn: Learner) -> None:
         """Start the pass's clock."""
         self._pass_start = time.perf_counter()
 
     def after_batch(self, learn: Learner) -> None:
-        """Write the rates of the optimizer steps taken since the last write."""
-        self._write_rates()
+        """Write the rates of the optimizer steps taken since the last write.
+
+        A rate held as a tensor (on the device, as capturable optimizers hold it) waits for
+        the pass's end: reading it back here would sync with the device every batch.
+        """
+        if not any(isinstance(rate, torch.Tensor) for _, rates in self._pending for rate in rates):
+            self._write_rates()
 
     def cleanup_epoch(self, learn: Learner) -> None:
         """Write a fit's pass that ended by any route but failure: its values and seconds."""
@@ -411,9 +442,10 @@ class TensorBoardCB(Callback):
         if not pending:
             return
         writer = self._open()
+        floats = _as_floats([rate for _, rates in pending for rate in rates])
         for step, rates in pending:
-            for i, rate in enumerate(rates):
-                writer.add_scalar(f"lr/group{i}", rate, step)
+            for i in range(len(rates)):
+                writer.add_scalar(f"lr/group{i}", next(floats), step)
 
     def _forget_made_dir(self) -> None:
         """Remove the run directory ``before_fit`` made when nothing was written there."""

@@ -160,6 +160,27 @@ class TestScalars:
 
         assert reads(2) == reads(6)
 
+    def test_a_rate_held_as_a_tensor_is_read_once_a_pass(self, tmp_path):
+        """A tensor rate (capturable optimizers hold one) is read back at the pass end, not
+        at every step: what the callback adds to the reads (SGD reads a tensor rate itself)
+        is the same for 6 batches a pass as for 2, and every step's rate is written."""
+
+        def opt(params, lr):
+            return torch.optim.SGD(params, lr=torch.tensor(lr))
+
+        def reads(n_train: int, cbs: list[Callback]) -> int:
+            learn = Learner(mlp(), batches_dls(n_train, 1), F.cross_entropy, 0.05, cbs, opt)
+            with HostReads() as counter:
+                learn.fit(2)
+            return counter.count
+
+        def added(n_train: int) -> int:
+            return reads(n_train, [TensorBoardCB(tmp_path / str(n_train))]) - reads(n_train, [])
+
+        assert added(2) == added(6)
+        run = events(tmp_path / "6" / next(p.name for p in (tmp_path / "6").iterdir()))
+        assert points(run, "lr/group0") == list(enumerate(as_float32([0.05] * 12)))
+
     def test_validate_and_predict_write_nothing(self, tmp_path):
         """Runs that are not fits leave the run directory as the fit left it."""
         learn = one_cycle_two_groups(tmp_path)
