@@ -335,3 +335,69 @@ class TestNoEmptyLogs:
         assert "while closing the audit log" in notes
         monkeypatch.undo()
         assert learn.fit(1).status == "completed"
+
+
+def _open_fds_under(root) -> list[str]:
+    """The files under ``root`` this process holds open (Linux's /proc/self/fd)."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = str(fd.readlink())
+        except OSError:
+            continue
+        if target.startswith(f"{root}{os.sep}"):
+            found.append(target)
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+class TestInterruptedOpen:
+    """Ctrl-C anywhere while the log file is opened leaves no descriptor open."""
+
+    @pytest.mark.filterwarnings("ignore::ResourceWarning")
+    @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+    def test_every_event_of_the_open(self, tmp_path):
+        """A KeyboardInterrupt at each line, call and return event of the opening code (as the
+        fault-injection trials place Ctrl-C), one trial per event: no descriptor is left.
+
+        At a return event the FileIO being returned is dropped, and closed as it goes (the
+        warnings it gives then are ignored here): what must never happen is a descriptor
+        that nothing owns, as an opener's return left one."""
+        import fsm_learner.audit.writer as writer_module
+
+        codes = {
+            f.__code__
+            for f in vars(writer_module).values()
+            if callable(f) and hasattr(f, "__code__") and "open" in f.__name__
+        }
+        codes |= {writer_module._file_io.__code__}
+        trial = 0
+        while True:
+            path = tmp_path / f"t{trial}" / "log.jsonl"
+            path.parent.mkdir()
+            seen = [0]
+
+            def tracer(frame, event, _arg, target=trial, seen=seen):
+                if frame.f_code in codes:
+                    if seen[0] == target:
+                        seen[0] += 1
+                        raise KeyboardInterrupt
+                    seen[0] += 1
+                return tracer
+
+            sys.settrace(tracer)
+            try:
+                JsonlFile(path)._fh.close()
+                interrupted = False
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                sys.settrace(None)
+            assert _open_fds_under(path.parent) == [], f"interrupt at event {trial}"
+            if not interrupted:
+                break
+            trial += 1
+        assert trial > 5  # the opening code was interrupted at each of its events

@@ -316,16 +316,36 @@ def _check_regular(path: Path, fh: io.FileIO) -> None:
 
 
 def _file_io(path: Path) -> io.FileIO:
+    """Open the descriptor and hand it to a FileIO in this frame, whatever interrupts.
+
+    No function of ours runs between ``os.open`` and the FileIO taking the descriptor (an
+    opener's return was a place where Ctrl-C left it open); until the FileIO has it, an
+    interrupt closes it here.
+    """
+    fd: int | None = None
+    fh: io.FileIO | None = None
     try:
-        return io.FileIO(path, "a+", opener=_open_flags)
-    except OSError as exc:
-        try:
-            mode = path.stat().st_mode
-        except OSError:
-            raise exc from None
-        if not stat.S_ISREG(mode):
-            raise _not_regular(path, mode) from None
+        fd = os.open(path, _OPEN_FLAGS, 0o644)
+        fh = io.FileIO(fd, "a+")
+        return fh  # noqa: RET504, TRY300 (the return is inside: an interrupt there closes it)
+    except BaseException as exc:
+        if fh is not None:
+            fh.close()
+        elif fd is not None:
+            os.close(fd)
+        if isinstance(exc, OSError) and fd is None:
+            _refuse_unopened(path)
         raise
+
+
+def _refuse_unopened(path: Path) -> None:
+    """Raise the clearer error for a path that could not be opened: not a regular file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode) from None
 
 
 def _open_making_dirs(path: Path) -> io.FileIO:
@@ -334,10 +354,6 @@ def _open_making_dirs(path: Path) -> io.FileIO:
     except FileNotFoundError:  # the first run in a new directory
         path.parent.mkdir(parents=True, exist_ok=True)
         return open_log_file(path)
-
-
-def _open_flags(path: str, _flags: int) -> int:
-    return os.open(path, _OPEN_FLAGS, 0o644)
 
 
 def last_seal(data: bytes) -> bytes:
