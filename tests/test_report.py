@@ -8,10 +8,12 @@ request but the page's own aborted) where one is installed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -993,12 +995,38 @@ def browser():
             "open the report in the system browser, and never download one"
         )
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright: the dev extra")
-    with sync_api.sync_playwright() as playwright:
+    with _bounded(DRIVER_START_S, "Playwright's driver and the browser did not start"):
+        playwright = sync_api.sync_playwright().start()
         launched = playwright.chromium.launch(
             executable_path=chromium, args=["--no-sandbox"], timeout=BROWSER_TIMEOUT_MS
         )
+    try:
         yield launched
-        launched.close()
+    finally:
+        with _bounded(DRIVER_START_S, "the browser and Playwright's driver did not stop"):
+            launched.close()
+            playwright.stop()
+
+
+DRIVER_START_S = 90
+
+
+@contextlib.contextmanager
+def _bounded(seconds: int, what: str):
+    """Raise TimeoutError in the main thread when the block takes longer than ``seconds``:
+    starting Playwright's driver takes no timeout of its own, and CI must never hang."""
+
+    def expired(_signum, _frame):
+        msg = f"{what} within {seconds} s"
+        raise TimeoutError(msg)
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @attrs.define
