@@ -45,28 +45,11 @@ def shown_outputs() -> dict[str, str]:
 
 
 # Long commands run shortened here (same code paths, less work); the README shows full runs.
+SHORT_BENCH = ["--pairs", "2", "--warmup", "0", "--epochs", "1", "--audit-records", "2000"]
 QUICK = {
-    "fsm-learner bench": [
-        "--pairs",
-        "2",
-        "--warmup",
-        "0",
-        "--epochs",
-        "1",
-        "--audit-records",
-        "2000",
-    ],
+    "fsm-learner bench": SHORT_BENCH,
     "fsm-learner demo": ["--epochs", "2"],
-    "fsm-learner bench --agreement": [
-        "--pairs",
-        "2",
-        "--warmup",
-        "0",
-        "--epochs",
-        "1",
-        "--audit-records",
-        "2000",
-    ],
+    "fsm-learner bench --agreement": SHORT_BENCH,
 }
 
 
